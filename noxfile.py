@@ -1,0 +1,63 @@
+"""Vulcan image tooling: everything a Vulcan host needs to boot a sandbox.
+
+Sessions (``nox -l``; the logic lives in scripts/, this file only wires):
+  download        pinned Firecracker, jailer and guest kernel -> bin/
+  tests           the test suite (offline; local HTTP mirrors on 127.0.0.1)
+  lint            ruff and mypy
+
+Arguments after ``--`` go to the scripts, e.g. ``nox -s download -- --arch aarch64``.
+Overrides: VULCAN_PINS (another pins file), VULCAN_MIRROR (fetch https://HOST/PATH as
+$VULCAN_MIRROR/HOST/PATH), VULCAN_CACHE (download cache), VULCAN_OUT (where bin/ and images/ go).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.10.9"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["download"]
+
+ROOT = Path(__file__).parent
+
+
+def _install(session: nox.Session, requirements: str) -> None:
+    """Install pinned requirements once per venv: a no-op run must not touch pip."""
+    req = ROOT / requirements
+    wanted = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(ROOT.glob("requirements*.txt")))).hexdigest()
+    marker = Path(session.virtualenv.location) / f".vulcan-{req.stem}.sha256"
+    if marker.exists() and marker.read_text() == wanted:
+        return
+    session.install("-r", str(req))
+    marker.write_text(wanted)
+
+
+def _scripts(session: nox.Session, command: str, *args: str) -> None:
+    _install(session, "requirements.txt")
+    session.run("python", "-m", "scripts", command, *args, *session.posargs, external=False, silent=False)
+
+
+@nox.session
+def download(session: nox.Session) -> None:
+    """Download the pinned Firecracker, jailer and guest kernel into bin/ (verified)."""
+    _scripts(session, "download")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (offline; serves upstream-shaped mirrors on 127.0.0.1)."""
+    _install(session, "requirements-dev.txt")
+    session.run("pytest", *(session.posargs or ["-q", "tests"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check the code with ruff and mypy (the noxfile included)."""
+    _install(session, "requirements-dev.txt")
+    session.run("ruff", "check", "scripts", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "scripts", "tests", "noxfile.py")
+    session.run("mypy", "scripts", "noxfile.py")

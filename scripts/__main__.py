@@ -1,0 +1,36 @@
+"""Entry point: ``python -m scripts COMMAND [ARGS]``; the nox sessions call this."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+
+from .errors import VulcanError
+
+COMMANDS = {
+    "download": "vmm",
+}
+
+
+def main(argv: list[str]) -> int:
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m scripts {{{','.join(COMMANDS)}}} [--debug] [ARGS]", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"scripts.{COMMANDS[argv[0]]}")
+    try:
+        return int(module.main(argv[1:]))
+    except VulcanError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"vulcan: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vulcan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

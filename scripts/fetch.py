@@ -1,0 +1,215 @@
+"""The one download() every step uses, and the content-addressed cache built on it.
+
+- requests with connect/read timeouts; bounded retries with exponential backoff on connection
+  errors, timeouts, truncated bodies and 5xx; never on 4xx.
+- Resumes an interrupted ``<name>.part`` with an HTTP Range request when the server allows it
+  (206), else starts over.
+- Hashes while streaming, verifies, and only then ``os.replace``-s the file into place: a
+  failed or interrupted download never leaves anything that looks finished.
+- One ``fcntl.flock`` lock per artifact, so concurrent runs neither corrupt nor double-fetch.
+- ``$VULCAN_MIRROR=http://host:port/prefix`` fetches every upstream ``https://HOST/PATH`` as
+  ``$VULCAN_MIRROR/HOST/PATH`` (air-gapped users, and our tests).
+
+Model: cibuildwheel's download() and pip's adjacent temp file + rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+import urllib3
+
+from . import log
+from .errors import ChecksumError, DownloadError
+from .paths import cache_dir
+
+ATTEMPTS = 4
+BACKOFF_S = 0.5
+TIMEOUT_S = (15.0, 60.0)  # (connect, read between bytes)
+CHUNK = 1 << 20
+
+_local = threading.local()
+request_log: list[str] = []  # every URL requested by this process (for "zero requests" checks)
+
+
+class _Transient(Exception):
+    """Worth retrying: the next attempt may succeed."""
+
+
+def mirror_url(url: str) -> str:
+    mirror = os.environ.get("VULCAN_MIRROR")
+    if not mirror:
+        return url
+    parts = urlsplit(url)
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{mirror.rstrip('/')}/{parts.netloc}{parts.path}{query}"
+
+
+def _session() -> requests.Session:
+    sess = getattr(_local, "session", None)
+    if sess is None:
+        sess = requests.Session()
+        sess.headers["User-Agent"] = "vulcan-images"
+        _local.session = sess
+    return sess
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock for one artifact; lock files are kept (deleting them would race)."""
+    lock = target.with_name(target.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _attempt(real: str, part: Path, progress: log.Progress) -> hashlib._Hash:
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    request_log.append(real)
+    try:
+        with _session().get(real, stream=True, timeout=TIMEOUT_S, headers=headers) as resp:
+            if resp.status_code == 416:  # our .part is stale or complete: start over
+                part.unlink(missing_ok=True)
+                raise _Transient("server refused the resume range")
+            if 400 <= resp.status_code < 500:
+                raise DownloadError(f"HTTP {resp.status_code} {resp.reason}")
+            if resp.status_code >= 500:
+                raise _Transient(f"HTTP {resp.status_code} {resp.reason}")
+            h = hashlib.sha256()
+            if resp.status_code == 206 and have:
+                with open(part, "rb") as f:  # hash the prefix we already have
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+                mode = "ab"
+                progress.update(have)
+            else:
+                have, mode = 0, "wb"
+            length = resp.headers.get("Content-Length")
+            expected = have + int(length) if length and length.isdigit() else None
+            progress.total = expected
+            got = have
+            with open(part, mode) as f:
+                # raw bytes exactly as served: never let a Content-Encoding header rewrite them
+                for chunk in resp.raw.stream(CHUNK, decode_content=False):
+                    f.write(chunk)
+                    h.update(chunk)
+                    got += len(chunk)
+                    progress.update(len(chunk))
+            if expected is not None and got != expected:
+                raise _Transient(f"connection closed after {got} of {expected} bytes")
+            return h
+    except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as exc:
+        raise _Transient(_describe(exc)) from None
+
+
+def _describe(exc: Exception) -> str:
+    """One readable phrase instead of urllib3's nested reprs."""
+    text = str(exc)
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or "timed out" in text:
+        return "timed out"
+    errno = re.search(r"\[Errno -?\d+\] ([^)'\"]+)", text)
+    if errno:
+        return f"connection failed: {errno.group(1).strip()}"
+    if "IncompleteRead" in text or "Connection broken" in text:
+        return "connection closed in the middle of the body"
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    verify: Callable[[Path], None] | None = None,
+) -> str:
+    """Fetch ``url`` (through the mirror, if set) to ``dest``; return its sha256.
+
+    ``sha256``, if given, must match; ``verify`` may inspect the complete file and raise.
+    The caller holds the lock for ``dest`` when other processes may write it.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    real = mirror_url(url)
+    shown = url if real == url else f"{url} (via {real})"
+    log.info(f"downloading {shown}")
+    start = time.monotonic()
+    progress = log.Progress(Path(urlsplit(url).path).name, None)
+    try:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                h = _attempt(real, part, progress)
+                break
+            except DownloadError as exc:
+                raise DownloadError(
+                    f"cannot download {shown}: {exc.message}",
+                    hint="check the URL in the pins file, or that VULCAN_MIRROR serves this path",
+                ) from None
+            except _Transient as exc:
+                if attempt == ATTEMPTS:
+                    raise DownloadError(
+                        f"cannot download {shown}: {exc} (gave up after {ATTEMPTS} attempts)",
+                        hint="check the network (or VULCAN_MIRROR) and run again; finished downloads are kept",
+                    ) from None
+                delay = BACKOFF_S * 2 ** (attempt - 1)
+                name = Path(urlsplit(url).path).name
+                log.warn(f"{name}: {exc}; retrying in {delay:.1f}s (attempt {attempt + 1}/{ATTEMPTS})")
+                time.sleep(delay)
+    finally:
+        progress.close()
+    actual = h.hexdigest()
+    if sha256 is not None and actual != sha256:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(
+            f"checksum mismatch for {shown}\n  expected sha256: {sha256}\n  actual sha256:   {actual}",
+            hint="the bad download was deleted; if upstream really changed, re-pin with 'nox -s update_pins'",
+        )
+    if verify is not None:
+        try:
+            verify(part)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+    os.replace(part, dest)
+    size = dest.stat().st_size
+    log.info(f"downloaded {Path(urlsplit(url).path).name}: {log.human(size)} in {time.monotonic() - start:.1f}s")
+    return actual
+
+
+def cached(url: str, sha256: str) -> Path:
+    """The verified cache entry for ``sha256``, downloading it from ``url`` only if needed.
+
+    Entries are re-hashed on every use: a tampered entry is deleted and fetched again.
+    """
+    path = cache_dir() / "sha256" / sha256[:2] / sha256
+    with file_lock(path):
+        if path.exists():
+            actual = sha256_file(path)
+            if actual == sha256:
+                return path
+            log.warn(f"cache entry {path} is corrupt (sha256 {actual}); fetching it again")
+            path.unlink()
+        download(url, path, sha256=sha256)
+    return path

@@ -1,0 +1,172 @@
+"""pins.json: the single source of versions, URLs, checksums and trusted keys.
+
+Loading validates everything and reports the file, the JSON path and the problem, e.g.
+``pins.json: kernel.sha256.aarch64: expected 64 hex characters``. A pin without a checksum is
+an error: nothing is ever trusted on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import PinError
+
+ARCHES = ("x86_64", "aarch64")
+GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+SCHEMA_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+UPDATE_HINT = "run 'nox -s update_pins' to fetch and pin it (nothing is trusted on first use)"
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def check_arch(arch: str) -> str:
+    if arch not in ARCHES:
+        raise PinError(f"unknown architecture {arch!r}", hint=f"use one of: {', '.join(ARCHES)}")
+    return arch
+
+
+def pins_path() -> Path:
+    """``$VULCAN_PINS`` or the repository's pins.json."""
+    env = os.environ.get("VULCAN_PINS")
+    return Path(env) if env else REPO_ROOT / "pins.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A versioned download with one sha256 per architecture (Firecracker, kernel, Go)."""
+
+    name: str
+    version: str
+    url: str
+    sha256: Mapping[str, str]
+
+    def url_for(self, arch: str) -> str:
+        # {arch} is the kernel's spelling (x86_64, aarch64), {goarch} Go's (amd64, arm64).
+        return self.url.format(version=self.version, arch=arch, goarch=GOARCH[arch])
+
+    def sha256_for(self, arch: str) -> str:
+        return self.sha256[arch]
+
+    def entry(self, arch: str) -> dict[str, str]:
+        """The pin entry one build used (recorded in stamps)."""
+        return {"version": self.version, "url": self.url_for(arch), "sha256": self.sha256_for(arch)}
+
+
+@dataclass(frozen=True)
+class Pins:
+    path: Path
+    raw: Mapping[str, Any]
+    firecracker: Artifact
+    kernel: Artifact
+    go: Artifact | None
+    digest: str  # sha256 of the canonical JSON, for manifests
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        value = self.raw.get(name)
+        if not isinstance(value, dict):
+            raise PinError(f"{self.path.name}: {name}: missing section")
+        return value
+
+
+class _Checker:
+    def __init__(self, path: Path) -> None:
+        self.label = path.name
+
+    def fail(self, where: str, problem: str, hint: str | None = None) -> PinError:
+        return PinError(f"{self.label}: {where}: {problem}", hint=hint)
+
+    def obj(self, parent: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+        if key not in parent:
+            raise self.fail(where, "missing")
+        value = parent[key]
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected an object, got {type(value).__name__}")
+        return value
+
+    def text(self, parent: Mapping[str, Any], key: str, where: str) -> str:
+        if key not in parent:
+            raise self.fail(where, "missing")
+        value = parent[key]
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(where, "expected a non-empty string")
+        return value
+
+    def hex64(self, parent: Mapping[str, Any], key: str, where: str) -> str:
+        if key not in parent or parent[key] in ("", None):
+            raise self.fail(where, "missing checksum", hint=UPDATE_HINT)
+        value = parent[key]
+        if not isinstance(value, str) or not HEX64.match(value):
+            raise self.fail(where, "expected 64 hex characters (lower-case sha256)")
+        return value
+
+    def url(self, parent: Mapping[str, Any], key: str, where: str, allowed: set[str]) -> str:
+        value = self.text(parent, key, where)
+        if not value.startswith("https://"):
+            raise self.fail(where, f"expected an https:// URL, got {value!r}")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise self.fail(where, f"bad URL template: {exc}") from None
+        unknown = fields - allowed
+        if unknown:
+            raise self.fail(
+                where,
+                f"unknown placeholder {{{sorted(unknown)[0]}}}",
+                hint=f"allowed: {', '.join('{' + a + '}' for a in sorted(allowed))}",
+            )
+        return value
+
+    def artifact(self, raw: Mapping[str, Any], name: str) -> Artifact:
+        sec = self.obj(raw, name, name)
+        version = self.text(sec, "version", f"{name}.version")
+        url = self.url(sec, "url", f"{name}.url", {"version", "arch", "goarch"})
+        sums = self.obj(sec, "sha256", f"{name}.sha256")
+        for key in sums:
+            if key not in ARCHES:
+                raise self.fail(f"{name}.sha256.{key}", f"unknown architecture; use {', '.join(ARCHES)}")
+        checked = {arch: self.hex64(sums, arch, f"{name}.sha256.{arch}") for arch in ARCHES}
+        return Artifact(name, version, url, checked)
+
+
+def load(path: Path | None = None) -> Pins:
+    """Read and validate a pins file; raise PinError naming the JSON path of any problem."""
+    path = path or pins_path()
+    chk = _Checker(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PinError(f"{path}: no such pins file", hint="set VULCAN_PINS to an existing file or unset it") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PinError(f"{path}: cannot read: {exc}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PinError(f"{chk.label}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise chk.fail("(top level)", "expected an object")
+    if "schema_version" not in raw:
+        raise chk.fail("schema_version", "missing")
+    if raw["schema_version"] != SCHEMA_VERSION:
+        raise chk.fail(
+            "schema_version",
+            f"unsupported value {raw['schema_version']!r}; this tool reads version {SCHEMA_VERSION}",
+        )
+    firecracker = chk.artifact(raw, "firecracker")
+    kernel = chk.artifact(raw, "kernel")
+    go = chk.artifact(raw, "go") if "go" in raw else None
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return Pins(path, raw, firecracker, kernel, go, digest)

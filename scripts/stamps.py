@@ -1,0 +1,91 @@
+"""Is this output up to date? Stamps are JSON manifests of a step's inputs and outputs.
+
+A stamp records the inputs a step used (pin entries, lock, hashes of sources, tool versions)
+and each output's sha256, size and mtime. A step is skipped when the inputs are unchanged and
+every output is intact; otherwise the first difference is the reason logged for rebuilding.
+Stamps are written last and atomically. Model: mkosi's cache manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import TOOL_VERSION
+from .fetch import sha256_file
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key in value:  # declaration order: the first difference is the most telling
+            out.update(_flatten(value[key], f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _intact(path: Path, record: Mapping[str, Any]) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    if st.st_size != record.get("size"):
+        return False
+    if st.st_mtime_ns == record.get("mtime_ns"):
+        return True  # unchanged since we wrote it: no need to read it again
+    return sha256_file(path) == record.get("sha256")
+
+
+def outdated(stamp: Path, inputs: Mapping[str, Any], base: Path) -> str | None:
+    """None when up to date, else why the step must run (the first differing input or output)."""
+    try:
+        data = json.loads(stamp.read_text())
+    except FileNotFoundError:
+        return "not built yet"
+    except (OSError, ValueError):
+        return f"stamp {stamp} is unreadable"
+    if data.get("tool_version") != TOOL_VERSION:
+        return f"tool version changed ({data.get('tool_version')} -> {TOOL_VERSION})"
+    old, new = _flatten(data.get("inputs", {})), _flatten(json.loads(json.dumps(inputs)))
+    for key in [*new, *(k for k in old if k not in new)]:
+        if old.get(key) != new.get(key):
+            return f"input {key} changed: {_short(old.get(key))} -> {_short(new.get(key))}"
+    for rel, record in sorted(data.get("outputs", {}).items()):
+        path = base / rel
+        if not path.exists():
+            return f"{path} is missing"
+        if not _intact(path, record):
+            return f"{path} was modified since it was built"
+    return None
+
+
+def output_sha256(stamp: Path, rel: str) -> str | None:
+    try:
+        return str(json.loads(stamp.read_text())["outputs"][rel]["sha256"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def write(stamp: Path, inputs: Mapping[str, Any], base: Path, outputs: list[Path]) -> None:
+    data = {
+        "tool_version": TOOL_VERSION,
+        "inputs": inputs,
+        "outputs": {str(p.relative_to(base)): file_record(p) for p in sorted(outputs)},
+    }
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stamp.with_name(stamp.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, stamp)
