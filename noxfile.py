@@ -2,6 +2,7 @@
 
 Sessions (``nox -l``; the logic lives in scripts/, this file only wires):
   download        pinned Firecracker, jailer and guest kernel -> bin/
+  guest           the static vulcan-guest agent (guest/) -> bin/vulcan-guest
   tests           the test suite (offline; local HTTP mirrors on 127.0.0.1)
   lint            ruff and mypy
 
@@ -20,7 +21,7 @@ import nox
 nox.needs_version = ">=2024.10.9"
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["download"]
+nox.options.sessions = ["download", "guest"]
 
 ROOT = Path(__file__).parent
 
@@ -45,6 +46,12 @@ def _scripts(session: nox.Session, command: str, *args: str) -> None:
 def download(session: nox.Session) -> None:
     """Download the pinned Firecracker, jailer and guest kernel into bin/ (verified)."""
     _scripts(session, "download")
+
+
+@nox.session
+def guest(session: nox.Session) -> None:
+    """Build the static, reproducible vulcan-guest agent into bin/ (VULCAN_GO: local Go)."""
+    _scripts(session, "guest")
 
 
 @nox.session

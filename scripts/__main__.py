@@ -10,6 +10,7 @@ from .errors import VulcanError
 
 COMMANDS = {
     "download": "vmm",
+    "guest": "guest",
 }
 
 

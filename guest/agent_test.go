@@ -1,0 +1,180 @@
+package main
+
+import (
+	"bufio"
+	"encoding/base64"
+	"encoding/json"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+// client talks to handleConn over an in-memory connection, exactly as a host would.
+type client struct {
+	t    *testing.T
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+func newClient(t *testing.T) *client {
+	a, b := net.Pipe()
+	go handleConn(b)
+	t.Cleanup(func() { a.Close() })
+	return &client{t: t, conn: a, r: bufio.NewReaderSize(a, 4<<20)}
+}
+
+func (c *client) send(line string) map[string]any {
+	c.t.Helper()
+	c.conn.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := c.conn.Write([]byte(line + "\n")); err != nil {
+		c.t.Fatalf("write: %v", err)
+	}
+	out, err := c.r.ReadBytes('\n')
+	if err != nil {
+		c.t.Fatalf("read: %v", err)
+	}
+	var reply map[string]any
+	if err := json.Unmarshal(out, &reply); err != nil {
+		c.t.Fatalf("reply is not JSON: %q", out)
+	}
+	return reply
+}
+
+func (c *client) exec(req map[string]any) map[string]any {
+	req["op"] = "exec"
+	if _, ok := req["cwd"]; !ok {
+		req["cwd"] = os.TempDir()
+	}
+	data, _ := json.Marshal(req)
+	return c.send(string(data))
+}
+
+func TestPing(t *testing.T) {
+	r := newClient(t).send(`{"op":"ping","id":7}`)
+	if r["ok"] != true || r["version"] != version || r["id"] != float64(7) {
+		t.Fatalf("bad ping reply: %v", r)
+	}
+	if _, ok := r["uptime_ms"].(float64); !ok {
+		t.Fatalf("no uptime: %v", r)
+	}
+}
+
+func TestExecEchoAndStdin(t *testing.T) {
+	c := newClient(t)
+	r := c.exec(map[string]any{"argv": []string{"echo", "hi"}})
+	if r["ok"] != true || r["stdout"] != "hi\n" || r["exit_code"] != float64(0) || r["encoding"] != "utf-8" {
+		t.Fatalf("echo: %v", r)
+	}
+	r = c.exec(map[string]any{"argv": []string{"sh", "-c", "tr a-z A-Z; echo err >&2; exit 3"}, "stdin": "hello"})
+	if r["stdout"] != "HELLO" || r["stderr"] != "err\n" || r["exit_code"] != float64(3) {
+		t.Fatalf("stdin/exit code: %v", r)
+	}
+	r = c.exec(map[string]any{"argv": []string{"sh", "-c", "echo $FOO"}, "env": map[string]string{"FOO": "bar"}})
+	if r["stdout"] != "bar\n" {
+		t.Fatalf("env: %v", r)
+	}
+}
+
+func TestTimeoutKillsTheWholeProcessGroup(t *testing.T) {
+	c := newClient(t)
+	start := time.Now()
+	// The background sleep keeps stdout open: only killing the group lets the reply come back.
+	r := c.exec(map[string]any{"argv": []string{"sh", "-c", "sleep 30 & sleep 30"}, "timeout_ms": 300})
+	if r["timed_out"] != true || r["exit_code"] != float64(137) {
+		t.Fatalf("timeout: %v", r)
+	}
+	if time.Since(start) > 10*time.Second {
+		t.Fatalf("timeout took %v", time.Since(start))
+	}
+}
+
+func TestLargeOutputIsCappedAndBinarySurvives(t *testing.T) {
+	c := newClient(t)
+	r := c.exec(map[string]any{"argv": []string{"sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"}})
+	if r["truncated"] != true || len(r["stdout"].(string)) != OutputCap {
+		t.Fatalf("cap: truncated=%v len=%d", r["truncated"], len(r["stdout"].(string)))
+	}
+	r = c.exec(map[string]any{"argv": []string{"printf", "\\377\\000\\001"}})
+	if r["encoding"] != "base64" {
+		t.Fatalf("binary: %v", r)
+	}
+	got, _ := base64.StdEncoding.DecodeString(r["stdout"].(string))
+	if string(got) != "\xff\x00\x01" {
+		t.Fatalf("binary bytes: %q", got)
+	}
+	r = c.exec(map[string]any{"argv": []string{"cat"}, "stdin_base64": base64.StdEncoding.EncodeToString([]byte{0, 255})})
+	got, _ = base64.StdEncoding.DecodeString(r["stdout"].(string))
+	if string(got) != "\x00\xff" {
+		t.Fatalf("binary stdin: %v", r)
+	}
+}
+
+func TestBadRequestsGetErrorsAndTheConnectionStaysUsable(t *testing.T) {
+	c := newClient(t)
+	for line, want := range map[string]string{
+		`{not json`:                      "malformed JSON",
+		`{"op":"dance"}`:                 `unknown op "dance"`,
+		`{"argv":["true"]}`:              `missing "op"`,
+		`{"op":"exec"}`:                  `non-empty "argv"`,
+		`{"op":"exec","argv":["/nope"]}`: "cannot start /nope",
+		`{"op":"exec","argv":["true"],"cwd":"/does/not/exist"}`: "not a directory",
+		`{"op":"exec","argv":["true"],"user":"mallory"}`:        "unknown user",
+		`[1,2,3]`: "malformed JSON",
+	} {
+		r := c.send(line)
+		if r["ok"] != false || !strings.Contains(r["error"].(string), want) {
+			t.Errorf("%s -> %v, want error containing %q", line, r, want)
+		}
+	}
+	if r := c.send(`{"op":"ping"}`); r["ok"] != true {
+		t.Fatalf("connection unusable after errors: %v", r)
+	}
+}
+
+func TestOverlongLineIsRejectedAndSkipped(t *testing.T) {
+	c := newClient(t)
+	go func() {
+		c.conn.Write([]byte(`{"op":"ping","pad":"` + strings.Repeat("a", maxLine+10) + "\"}\n"))
+	}()
+	out, err := c.r.ReadBytes('\n')
+	if err != nil || !strings.Contains(string(out), "longer than 16 MiB") {
+		t.Fatalf("overlong: %q %v", out, err)
+	}
+	if r := c.send(`{"op":"ping"}`); r["ok"] != true {
+		t.Fatalf("unusable after overlong line: %v", r)
+	}
+}
+
+func TestCmdlineAndListen(t *testing.T) {
+	f := t.TempDir() + "/cmdline"
+	os.WriteFile(f, []byte("console=ttyS0 vulcan.port=1024 vulcan.smoke=1 quiet\n"), 0o644)
+	k := readCmdline(f)
+	if k["vulcan.port"] != "1024" || k["vulcan.smoke"] != "1" {
+		t.Fatalf("cmdline: %v", k)
+	}
+	ln, port, err := listen("tcp:127.0.0.1:0", k)
+	if err != nil || port == 0 {
+		t.Fatalf("listen: %v", err)
+	}
+	ln.Close()
+	if _, _, err := listen("", map[string]string{"vulcan.port": "x"}); err == nil {
+		t.Fatal("bad vulcan.port accepted")
+	}
+	if _, _, err := listen("udp:1", k); err == nil {
+		t.Fatal("bad -listen accepted")
+	}
+}
+
+func TestSmokeReportsOkAndFail(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(dir+"/check.json", []byte(`["sh","-c","echo Python 3.14.7"]`), 0o644)
+	if code := smoke(options{configDir: dir, poweroff: "false"}); code != 0 {
+		t.Fatalf("smoke ok path returned %d", code)
+	}
+	os.WriteFile(dir+"/check.json", []byte(`["sh","-c","exit 4"]`), 0o644)
+	if code := smoke(options{configDir: dir, poweroff: "false"}); code == 0 {
+		t.Fatal("failing check reported ok")
+	}
+}

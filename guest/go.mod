@@ -1,0 +1,3 @@
+module vulcan/guest
+
+go 1.22

@@ -1,0 +1,165 @@
+"""The guest agent: `nox -s guest` builds it static and reproducibly; it speaks the protocol."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts.elf import read_elf
+from scripts.pins import host_arch
+from tests.conftest import REPO, World, sha256
+
+ARCH = host_arch()
+
+
+def find_go() -> str:
+    for cand in [os.environ.get("VULCAN_GO"), shutil.which("go"), *sorted(glob.glob("/usr/lib/go-*/bin/go"))]:
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    pytest.skip("no Go toolchain (Debian: apt-get install golang-go, or set VULCAN_GO)")
+
+
+@pytest.fixture
+def go() -> str:
+    return find_go()
+
+
+def sha_file(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_go_unit_tests_of_the_agent_pass(go: str, tmp_path: Path) -> None:
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "", "GOCACHE": str(tmp_path / "c"), "CGO_ENABLED": "0"}
+    proc = subprocess.run(
+        [go, "test", "-count=1", "./..."], cwd=REPO / "guest", env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_build_is_static_and_reproducible_across_directories(world: World, go: str) -> None:
+    world.run("guest", check=True, VULCAN_GO=go)
+    first = world.out / "bin/vulcan-guest"
+    info = read_elf(first)
+    assert info.machine == ARCH and info.static
+    # A second, independent build: other output directory, other cache (so no shared Go build cache).
+    world.run(
+        "guest",
+        check=True,
+        VULCAN_GO=go,
+        VULCAN_OUT=str(world.tmp / "b"),
+        VULCAN_CACHE=str(world.tmp / "c2"),
+        VULCAN_GOCACHE=str(world.tmp / "c2/go-build"),
+    )
+    assert sha_file(first) == sha_file(world.tmp / "b/bin/vulcan-guest")
+    stamp = json.loads((world.out / "bin/.stamps/guest.json").read_text())
+    assert stamp["inputs"]["toolchain"]["kind"] == "local (VULCAN_GO)"
+
+
+def test_second_run_is_a_no_op_and_a_source_change_rebuilds(world: World, go: str, tmp_path: Path) -> None:
+    src = tmp_path / "agent"
+    shutil.copytree(REPO / "guest", src)
+    world.pins["guest"] = {"source": str(src), "package": "."}
+    world.run("guest", check=True, VULCAN_GO=go)
+    out = world.out / "bin/vulcan-guest"
+    mtime = out.stat().st_mtime_ns
+    proc = world.run("guest", check=True, VULCAN_GO=go)
+    assert "up to date" in proc.stderr and out.stat().st_mtime_ns == mtime
+    main = src / "main.go"
+    main.write_text(main.read_text().replace('version     = "0.1.0"', 'version     = "0.1.1"'))
+    proc = world.run("guest", check=True, VULCAN_GO=go)
+    assert "input source.sha256 changed" in proc.stderr
+    assert subprocess.run([out, "-version"], capture_output=True, text=True).stdout.strip() == "vulcan-guest 0.1.1"
+
+
+def test_cross_build_aarch64_gives_an_aarch64_elf(world: World, go: str) -> None:
+    other = "aarch64" if ARCH == "x86_64" else "x86_64"
+    world.run("guest", "--arch", other, check=True, VULCAN_GO=go)
+    info = read_elf(world.out / "bin" / other / "vulcan-guest")
+    assert info.machine == other and info.static
+
+
+def test_pinned_toolchain_is_downloaded_verified_and_cached(world: World, go: str) -> None:
+    # A small Go-release-shaped tarball whose go/bin/go hands over to the real toolchain.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = f'#!/bin/sh\nexec {go} "$@"\n'.encode()
+        info = tarfile.TarInfo("go/bin/go")
+        info.size, info.mode = len(data), 0o755
+        tar.addfile(info, io.BytesIO(data))
+    tgz = buf.getvalue()
+    pin = world.pins["go"]
+    pin["sha256"][ARCH] = sha256(tgz)
+    world.mirror.add(
+        pin["url"].format(version=pin["version"], goarch={"x86_64": "amd64", "aarch64": "arm64"}[ARCH]), tgz
+    )
+    world.run("guest", check=True)
+    assert world.mirror.count(".tar.gz") == 1
+    stamp = json.loads((world.out / "bin/.stamps/guest.json").read_text())
+    assert stamp["inputs"]["toolchain"] == {"kind": "pinned", "version": pin["version"], "sha256": pin["sha256"][ARCH]}
+    (world.out / "bin/vulcan-guest").unlink()
+    world.run("guest", check=True)
+    assert world.mirror.count(".tar.gz") == 1  # toolchain came from the cache
+
+
+def test_bad_toolchain_and_source_are_clear_errors(world: World, tmp_path: Path) -> None:
+    proc = world.run("guest", VULCAN_GO=str(tmp_path / "nope"))
+    assert proc.returncode == 1 and "VULCAN_GO=" in proc.stderr and "not an executable" in proc.stderr
+    proc = world.run("guest", VULCAN_GO="/bin/true", VULCAN_GUEST_SOURCE=str(tmp_path))
+    assert proc.returncode == 1 and "has no go.mod" in proc.stderr
+
+
+class Agent:
+    def __init__(self, binary: Path) -> None:
+        self.proc = subprocess.Popen(
+            [binary, "-listen", "tcp:127.0.0.1:0", "-cmdline", "/dev/null"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("vulcan-guest: ready port="), line
+        self.sock = socket.create_connection(("127.0.0.1", int(line.split("port=")[1])), timeout=30)
+        self.file = self.sock.makefile("rwb")
+
+    def send(self, obj: object) -> dict:  # type: ignore[type-arg]
+        raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.file.write(raw + b"\n")
+        self.file.flush()
+        return json.loads(self.file.readline())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def agent(world: World, go: str) -> Iterator[Agent]:
+    world.run("guest", check=True, VULCAN_GO=go)
+    a = Agent(world.out / "bin/vulcan-guest")
+    yield a
+    a.close()
+
+
+def test_built_agent_runs_programs_over_the_protocol(agent: Agent, tmp_path: Path) -> None:
+    cwd = str(tmp_path) if os.getuid() != 0 else "/tmp"
+    pong = agent.send({"op": "ping"})
+    assert pong["ok"] and pong["version"] == "0.1.0"
+    r = agent.send({"op": "exec", "argv": ["echo", "hi"], "cwd": cwd})
+    assert (r["ok"], r["exit_code"], r["stdout"], r["timed_out"]) == (True, 0, "hi\n", False)
+    r = agent.send({"op": "exec", "argv": ["sleep", "30"], "cwd": cwd, "timeout_ms": 200})
+    assert r["timed_out"] is True and r["duration_ms"] < 5000
+    r = agent.send(b"{this is not json")
+    assert r["ok"] is False and "malformed JSON" in r["error"]
+    assert agent.send({"op": "ping"})["ok"]  # still usable
