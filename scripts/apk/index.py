@@ -1,0 +1,227 @@
+"""APKINDEX text: package records and dependency strings (pure parsing, no I/O).
+
+Field letters from apk-tools' src/package.c (apk_pkg_add_info) and the APKINDEX format page
+of the Alpine wiki: C checksum, P name, V version, A arch, S size, I installed size,
+T description, U url, L license, o origin, m maintainer, t build time, c commit, D depends,
+p provides, i install_if, k provider_priority, r replaces, q replaces_priority.
+Unknown lower-case fields are ignored; an unknown upper-case field makes the package
+unusable (apk-tools' rule: a newer format the reader does not understand).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+
+from . import version as V
+
+KNOWN = set("CPVASITULomtcDpikrq")
+_OPS = re.compile(r"(><|<=|>=|<~|>~|[<>=~])")
+
+
+@dataclass(frozen=True)
+class Dep:
+    """``[!]name[@tag][op version]``; name may be ``so:...``, ``cmd:...``, ``pc:...`` or a path."""
+
+    name: str
+    mask: int = V.ANY
+    version: str = ""
+    conflict: bool = False
+    tag: str = ""
+
+    def matches_version(self, version: str) -> bool:
+        if self.mask == V.CHECKSUM:
+            return False  # checksum pins are matched by the caller (needs the package's C:)
+        return V.matches(version, self.mask, self.version)
+
+    def __str__(self) -> str:
+        op = "" if self.mask == V.ANY else V.op_string(self.mask)
+        tag = f"@{self.tag}" if self.tag else ""
+        return f"{'!' if self.conflict else ''}{self.name}{tag}{op}{self.version}"
+
+
+def parse_dep(text: str) -> Dep:
+    conflict = text.startswith("!")
+    body = text[1:] if conflict else text
+    m = _OPS.search(body)
+    if m:
+        name, op, ver = body[: m.start()], m.group(1), body[m.end() :]
+        mask = V.CHECKSUM if op == "><" else V.op_mask(op)
+    else:
+        name, mask, ver = body, V.ANY, ""
+    tag = ""
+    if "@" in name:
+        name, tag = name.split("@", 1)
+    if not name:
+        raise ValueError(f"bad dependency {text!r}")
+    return Dep(name, mask, ver, conflict, tag)
+
+
+def parse_provide(text: str) -> tuple[str, str | None]:
+    """``name=version`` (versioned provide) or ``name`` (unversioned)."""
+    if "=" in text:
+        name, ver = text.split("=", 1)
+        return name, ver
+    return text, None
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    arch: str = ""
+    checksum: str = ""  # C: "Q1" + base64(sha1(control gzip member))
+    size: int = 0
+    installed_size: int = 0
+    description: str = ""
+    url: str = ""
+    license: str = ""
+    origin: str = ""
+    maintainer: str = ""
+    build_time: int = 0
+    commit: str = ""
+    depends: tuple[Dep, ...] = ()
+    provides: tuple[tuple[str, str | None], ...] = ()
+    install_if: tuple[Dep, ...] = ()
+    provider_priority: int | None = None
+    replaces: tuple[str, ...] = ()
+    replaces_priority: int = 0
+    repo: str = ""  # which repository it came from ("main", "community", ...)
+    repo_index: int = 0  # position of that repository in the configured list
+    extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}-{self.version}.apk"
+
+    @property
+    def ident(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+@dataclass(frozen=True)
+class ParsedIndex:
+    packages: tuple[Package, ...]
+    unusable: tuple[str, ...]  # "name-version: unknown field X"
+
+
+def _ints(value: str, letter: str, where: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{where}: field {letter}: not a number: {value!r}") from None
+
+
+def _record(fields: list[tuple[str, str]], repo: str, repo_index: int) -> Package | str:
+    kw: dict[str, object] = {"repo": repo, "repo_index": repo_index}
+    unknown = [k for k, _ in fields if k.isupper() and k not in KNOWN]
+    values = dict(fields)
+    where = f"{values.get('P', '?')}-{values.get('V', '?')}"
+    if unknown:
+        return f"{where}: unknown field {unknown[0]}"
+    if "P" not in values or "V" not in values:
+        return f"{where}: record without P: or V:"
+    for k, v in fields:
+        if k == "C":
+            kw["checksum"] = v
+        elif k == "P":
+            kw["name"] = v
+        elif k == "V":
+            kw["version"] = v
+        elif k == "A":
+            kw["arch"] = v
+        elif k == "S":
+            kw["size"] = _ints(v, k, where)
+        elif k == "I":
+            kw["installed_size"] = _ints(v, k, where)
+        elif k == "T":
+            kw["description"] = v
+        elif k == "U":
+            kw["url"] = v
+        elif k == "L":
+            kw["license"] = v
+        elif k == "o":
+            kw["origin"] = v
+        elif k == "m":
+            kw["maintainer"] = v
+        elif k == "t":
+            kw["build_time"] = _ints(v, k, where)
+        elif k == "c":
+            kw["commit"] = v
+        # D, p, i and r may repeat; apk appends (e.g. two p: lines in one record)
+        elif k == "D":
+            kw["depends"] = (*kw.get("depends", ()), *(parse_dep(d) for d in v.split()))  # type: ignore[misc]
+        elif k == "p":
+            kw["provides"] = (*kw.get("provides", ()), *(parse_provide(p) for p in v.split()))  # type: ignore[misc]
+        elif k == "i":
+            kw["install_if"] = (*kw.get("install_if", ()), *(parse_dep(d) for d in v.split()))  # type: ignore[misc]
+        elif k == "k":
+            kw["provider_priority"] = _ints(v, k, where)
+        elif k == "r":
+            kw["replaces"] = (*kw.get("replaces", ()), *v.split())  # type: ignore[misc]
+        elif k == "q":
+            kw["replaces_priority"] = _ints(v, k, where)
+    return Package(**kw)  # type: ignore[arg-type]
+
+
+def checksum_key(checksum: str) -> bytes | str:
+    """The identity apk gives a package: its decoded checksum. Two "Q1" strings that differ
+    only in base64 padding bits are the same package (apk-tools hashes packages by checksum)."""
+    if checksum.startswith("Q1"):
+        try:
+            return base64.b64decode(checksum[2:], validate=True)
+        except (binascii.Error, ValueError):
+            return checksum
+    return checksum
+
+
+def dedupe(packages: list[Package]) -> list[Package]:
+    """Keep the first record of each checksum, as apk does when it loads indexes."""
+    seen: set[bytes | str] = set()
+    out = []
+    for p in packages:
+        key = checksum_key(p.checksum) if p.checksum else f"{p.name}-{p.version}-{p.repo_index}"
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(p)
+    return out
+
+
+def parse_index(text: str, repo: str = "", repo_index: int = 0) -> ParsedIndex:
+    """Parse APKINDEX (or installed-db) text: records separated by blank lines, ``X:value`` lines."""
+    packages: list[Package] = []
+    unusable: list[str] = []
+    fields: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        if fields:
+            rec = _record(fields, repo, repo_index)
+            if isinstance(rec, str):
+                unusable.append(rec)
+            else:
+                packages.append(rec)
+            fields.clear()
+
+    for line in text.splitlines():
+        if not line.strip():
+            flush()
+            continue
+        if len(line) < 2 or line[1] != ":":
+            continue  # not a field line (apk skips these too)
+        fields.append((line[0], line[2:]))
+    flush()
+    return ParsedIndex(tuple(packages), tuple(unusable))
+
+
+def parse_pkginfo(text: str) -> dict[str, list[str]]:
+    """``.PKGINFO``: ``key = value`` lines; keys like depend/provides repeat."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or " = " not in line:
+            continue
+        key, value = line.split(" = ", 1)
+        out.setdefault(key.strip(), []).append(value)
+    return out

@@ -1,0 +1,330 @@
+"""Dependency resolution: from a world (``python3 musl>=1.2`` ...) to the exact package set.
+
+A depth-first search with backtracking over candidate packages, preferring what apk prefers:
+an already chosen package, then a package with the dependency's own name, then higher
+``provider_priority`` (``k:``), then the newer version, then the earlier repository.
+Constraints: one package per name; one package per *versioned* provided name (``p:so:x=1``
+by two packages is a clash; unversioned provides may coexist); conflicts (``!name``) against
+every other package; the target architecture. Dependencies on real package names are
+resolved before virtual ones, and names that only have unversioned providers last, so that
+an explicitly requested provider wins over an arbitrary one. A virtual name with only
+unversioned providers and no ``k:`` is an error unless something chosen already provides it
+(apk: "please select one of the 'provided by' packages explicitly"). ``install_if`` packages
+are added when their conditions hold for the solved set, re-solving with each. The result is
+deterministic, and the installation order puts dependencies first.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import VulcanError
+from . import version as V
+from .index import Dep, Package, dedupe, parse_dep
+
+MAX_STEPS = 200_000
+
+
+class ResolveError(VulcanError):
+    """The world cannot be satisfied; the message shows the chain that failed."""
+
+
+@dataclass(frozen=True)
+class _Item:
+    cls: int
+    seq: int
+    dep: Dep
+    path: tuple[str, ...]  # who asked: ("world", "python3-3.10.8-r0")
+
+
+@dataclass
+class _State:
+    by_name: dict[str, Package] = field(default_factory=dict)  # P: name -> chosen package
+    vprov: dict[str, Package] = field(default_factory=dict)  # versioned provided name -> package
+    conflicts: list[tuple[Dep, str]] = field(default_factory=list)  # (!dep, owner name or "")
+    order: list[Package] = field(default_factory=list)
+
+    def copy(self) -> _State:
+        return _State(dict(self.by_name), dict(self.vprov), list(self.conflicts), list(self.order))
+
+
+def check_world_dep(text: str) -> Dep:
+    """A world entry, validated like apk does ('foo=' and 'foo=invalid' are errors)."""
+    try:
+        dep = parse_dep(text)
+    except ValueError:
+        dep = None
+    if dep is None or (dep.mask != V.ANY and (not dep.version or not V.valid(dep.version))):
+        raise ResolveError(
+            f"'{text}' is not a valid world dependency, format is name([<>~=]version)",
+            hint="e.g. python3, python3~3.14, musl>=1.2.6",
+        )
+    return dep
+
+
+class Solver:
+    def __init__(self, packages: Iterable[Package], arch: str, repos: Sequence[str] = ()) -> None:
+        self.arch = arch
+        self.repos = list(repos)
+        self.packages = sorted(dedupe(list(packages)), key=lambda p: (p.name, V.sort_key(p.version), p.repo_index))
+        self.providers: dict[str, list[tuple[Package, str | None]]] = {}
+        self.real: set[str] = set()
+        for p in self.packages:
+            self.providers.setdefault(p.name, []).append((p, p.version))
+            self.real.add(p.name)
+            for name, ver in p.provides:
+                self.providers.setdefault(name, []).append((p, ver))
+        self.broken: dict[Package, str] = {}
+        for p in self.packages:
+            reason = self._why_uninstallable(p)
+            if reason:
+                self.broken[p] = reason
+        self.steps = 0
+        self.seq = 0
+        self.failure: tuple[int, str] | None = None
+
+    def _why_uninstallable(self, p: Package) -> str | None:
+        if p.arch not in ("", "noarch", self.arch):
+            return f"built for arch {p.arch}"
+        if any(d.tag for d in p.depends):
+            return "depends on a tagged repository"
+        if any(name == p.name for name, _ in p.provides):
+            return "provides its own name (conflicts with itself)"
+        vnames = [n for n, v in p.provides if v is not None]
+        if len(vnames) != len(set(vnames)):
+            return "provides one name twice"
+        return None
+
+    # -- matching ---------------------------------------------------------------------------
+
+    def _provides(self, p: Package, dep: Dep) -> bool:
+        """Does package ``p`` satisfy the (positive form of) ``dep``?"""
+        if dep.mask == V.CHECKSUM:
+            return p.name == dep.name and p.checksum == dep.version
+        if p.name == dep.name and dep.matches_version(p.version):
+            return True
+        for name, ver in p.provides:
+            if name != dep.name:
+                continue
+            if ver is None:
+                if dep.mask == V.ANY:
+                    return True
+            elif dep.matches_version(ver):
+                return True
+        return False
+
+    def _dep_class(self, dep: Dep) -> int:
+        if dep.name in self.real:
+            return 0
+        if any(v is not None for _, v in self.providers.get(dep.name, [])):
+            return 1
+        return 2
+
+    def _satisfied(self, st: _State, dep: Dep) -> bool:
+        return any(self._provides(p, dep) for p in st.by_name.values())
+
+    def _candidates(self, dep: Dep) -> list[Package]:
+        seen: list[Package] = []
+        for p, _ver in self.providers.get(dep.name, []):
+            if p in self.broken or p in seen or not self._provides(p, dep):
+                continue
+            seen.append(p)
+        if dep.name not in self.real and not any(v is not None for _, v in self.providers.get(dep.name, [])):
+            # only unversioned providers: apk picks one automatically only by provider_priority
+            seen = [p for p in seen if p.provider_priority is not None]
+
+        def key(p: Package) -> tuple[object, ...]:
+            return (
+                p.name != dep.name,
+                -(p.provider_priority or 0),
+                _Desc(p.version),
+                p.repo_index,
+            )
+
+        return sorted(seen, key=key)
+
+    # -- search -----------------------------------------------------------------------------
+
+    def _fail(self, depth: int, message: str) -> None:
+        if self.failure is None or depth >= self.failure[0]:
+            self.failure = (depth, message)
+
+    def _chain(self, item: _Item) -> str:
+        return " -> ".join([*item.path, str(item.dep)])
+
+    def _can_add(self, st: _State, p: Package) -> str | None:
+        other = st.by_name.get(p.name)
+        if other is not None and other != p:
+            return f"{p.ident} clashes with {other.ident} (one version per name)"
+        for name, ver in [(p.name, p.version), *p.provides]:
+            if ver is None:
+                continue
+            holder = st.vprov.get(name)
+            if holder is not None and holder != p:
+                return f"{p.ident} and {holder.ident} both provide {name}"
+        for dep, owner in st.conflicts:
+            if owner != p.name and self._provides(p, dep):
+                return f"{p.ident} breaks {owner or 'world'}[{dep}]"
+        for dep in p.depends:
+            if dep.conflict:
+                for q in st.by_name.values():
+                    if q.name != p.name and self._provides(q, dep):
+                        return f"{q.ident} breaks {p.ident}[{dep}]"
+        return None
+
+    def _add(self, st: _State, p: Package) -> _State:
+        new = st.copy()
+        new.by_name[p.name] = p
+        for name, ver in [(p.name, p.version), *p.provides]:
+            if ver is not None:
+                new.vprov[name] = p
+        for dep in p.depends:
+            if dep.conflict:
+                new.conflicts.append((dep, p.name))
+        new.order.append(p)
+        return new
+
+    def _search(self, st: _State, queue: list[_Item]) -> _State | None:
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise ResolveError("dependency resolution is taking too long (over 200,000 steps)")
+        if not queue:
+            return st
+        i = min(range(len(queue)), key=lambda k: (queue[k].cls, queue[k].seq))
+        item = queue[i]
+        rest = queue[:i] + queue[i + 1 :]
+        dep = item.dep
+        depth = len(item.path)
+        if self._satisfied(st, dep):
+            return self._search(st, rest)
+        cands = self._candidates(dep)
+        if not cands:
+            self._fail(depth, self._no_candidate(item))
+            return None
+        for p in cands:
+            why = self._can_add(st, p)
+            if why:
+                self._fail(depth, f"{self._chain(item)}: {why}")
+                continue
+            new = self._add(st, p)
+            more = [self._item(d, (*item.path, p.ident)) for d in p.depends if not d.conflict]
+            result = self._search(new, rest + more)
+            if result is not None:
+                return result
+        return None
+
+    def _item(self, dep: Dep, path: tuple[str, ...]) -> _Item:
+        self.seq += 1
+        return _Item(self._dep_class(dep), self.seq, dep, path)
+
+    def _no_candidate(self, item: _Item) -> str:
+        dep = item.dep
+        chain = self._chain(item)
+        provs = [p for p, _ in self.providers.get(dep.name, [])]
+        where = ", ".join(self.repos) if self.repos else "the repositories"
+        if not provs:
+            return f"{chain} -> no provider in {where}"
+        usable = [p for p in provs if p not in self.broken]
+        if not usable:
+            reasons = "; ".join(f"{p.ident}: {self.broken[p]}" for p in provs)
+            return f"{chain} -> uninstallable ({reasons})"
+        if dep.name not in self.real and all(p.provider_priority is None for p in usable):
+            names = " ".join(sorted({p.name for p in usable}))
+            return f"{chain} -> virtual, provided by {names}: select one of them explicitly"
+        versions = " ".join(sorted({p.ident for p in usable}))
+        return f"{chain} -> no version matches (available: {versions})"
+
+    def solve(self, world: Sequence[str | Dep]) -> list[Package]:
+        deps = [w if isinstance(w, Dep) else check_world_dep(w) for w in world]
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 20_000))
+        try:
+            st = self._solve_deps(deps)
+            if st is None:
+                raise ResolveError(
+                    "unable to select packages: " + (self.failure[1] if self.failure else "no solution"),
+                )
+            # install_if: add packages whose conditions hold, re-solving with each, to a fixed point
+            extra: list[Dep] = []
+            rejected: set[Package] = set()
+            while True:
+                added = False
+                for p in self._install_if_candidates(st, rejected):
+                    trial = self._solve_deps(deps + extra + [Dep(p.name, V.EQUAL, p.version)])
+                    if trial is None:
+                        rejected.add(p)
+                        continue
+                    extra.append(Dep(p.name, V.EQUAL, p.version))
+                    st = trial
+                    added = True
+                    break
+                if not added:
+                    break
+        finally:
+            sys.setrecursionlimit(limit)
+        return self._install_order(st)
+
+    def _solve_deps(self, deps: list[Dep]) -> _State | None:
+        queue = [self._item(d, ("world",)) for d in deps if not d.conflict]
+        st = _State()
+        st.conflicts = [(d, "") for d in deps if d.conflict]
+        return self._search(st, queue)
+
+    def _install_if_candidates(self, st: _State, rejected: set[Package]) -> list[Package]:
+        out = []
+        for p in self.packages:
+            if not p.install_if or p in rejected or p in self.broken or p.name in st.by_name:
+                continue
+            ok = True
+            for cond in p.install_if:
+                holds = self._satisfied(st, Dep(cond.name, cond.mask, cond.version, False, cond.tag))
+                if holds == cond.conflict:
+                    ok = False
+                    break
+            if ok:
+                out.append(p)
+        # deterministic: by name, the newest version first (an older one is tried if it fails)
+        return sorted(out, key=lambda p: (p.name, _Desc(p.version), p.repo_index))
+
+    def _install_order(self, st: _State) -> list[Package]:
+        """Dependencies first; otherwise the order in which the search chose packages."""
+        chosen = list(st.order)
+        done: set[str] = set()
+        out: list[Package] = []
+        visiting: set[str] = set()
+
+        def visit(p: Package) -> None:
+            if p.name in done or p.name in visiting:
+                return
+            visiting.add(p.name)
+            for d in p.depends:
+                if d.conflict:
+                    continue
+                for q in chosen:
+                    if self._provides(q, d):
+                        visit(q)
+                        break
+            visiting.discard(p.name)
+            done.add(p.name)
+            out.append(p)
+
+        for p in chosen:
+            visit(p)
+        return out
+
+
+class _Desc:
+    """Sort key wrapper: newer apk versions first."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: str) -> None:
+        self.v = v
+
+    def __lt__(self, other: _Desc) -> bool:
+        return V.compare(self.v, other.v) == V.GREATER
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Desc) and V.compare(self.v, other.v) == V.EQUAL

@@ -1,0 +1,101 @@
+"""Trusted keys and signatures: APKINDEX.tar.gz and .apk signature members.
+
+An APKINDEX.tar.gz is a gzip member holding a tar entry ``.SIGN.RSA.<key name>`` (RSA PKCS#1
+v1.5 over SHA-1) or ``.SIGN.RSA256.<key name>`` (over SHA-256), followed by the gzip
+member(s) of the index; the signature covers the raw bytes of everything after the first
+member (apk-tools src/adb... v2 format: abuild-sign, apk_sign_ctx in src/package.c).
+Keys are trusted by the SHA-256 of their DER SubjectPublicKeyInfo, so PEM formatting cannot
+matter. RSA is done by the ``cryptography`` library, never by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from ..errors import VulcanError
+
+
+class TrustError(VulcanError):
+    """A signature or checksum link of the trust chain is broken."""
+
+
+def fingerprint(pem: bytes) -> str:
+    """SHA-256 of the key's DER SubjectPublicKeyInfo."""
+    key = serialization.load_pem_public_key(pem)
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+@dataclass(frozen=True)
+class Keyring:
+    keys: Mapping[str, rsa.RSAPublicKey]  # key file name -> key
+
+    @classmethod
+    def from_pems(cls, pems: Mapping[str, bytes]) -> Keyring:
+        loaded = {}
+        for name, pem in pems.items():
+            key = serialization.load_pem_public_key(pem)
+            if not isinstance(key, rsa.RSAPublicKey):
+                raise TrustError(f"key {name} is not an RSA public key")
+            loaded[name] = key
+        return cls(loaded)
+
+
+@dataclass(frozen=True)
+class Signature:
+    algorithm: str  # "RSA" (SHA-1) or "RSA256"
+    key_name: str
+    blob: bytes
+
+
+def read_signatures(sig_member: bytes) -> list[Signature]:
+    """The ``.SIGN.*`` entries of a decompressed signature tar (no end-of-archive blocks)."""
+    sigs = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(sig_member), mode="r:") as tar:
+            for m in tar:
+                if not m.isfile() or not m.name.startswith(".SIGN."):
+                    continue
+                kind, _, key = m.name[len(".SIGN.") :].partition(".")
+                if kind not in ("RSA", "RSA256") or not key:
+                    continue
+                f = tar.extractfile(m)
+                assert f is not None
+                sigs.append(Signature(kind, key, f.read()))
+    except tarfile.TarError:
+        return []
+    return sigs
+
+
+def verify(sigs: list[Signature], digests: Mapping[str, bytes], keyring: Keyring, what: str) -> str:
+    """Accept if any signature by a trusted key verifies; return that key's name.
+
+    ``digests`` maps "RSA"/"RSA256" to the SHA-1/SHA-256 digest of the signed bytes (hashed
+    while streaming, so a large file is never held in memory).
+    """
+    if not sigs:
+        raise TrustError(f"{what}: not signed (no .SIGN.RSA or .SIGN.RSA256 entry in the first gzip member)")
+    trusted = [s for s in sigs if s.key_name in keyring.keys]
+    if not trusted:
+        names = ", ".join(sorted({s.key_name for s in sigs}))
+        raise TrustError(
+            f"{what}: signed by {names}, which is not a trusted key",
+            hint="trust it by adding it to alpine.keys in pins.json (with its fingerprint) if you mean to",
+        )
+    for sig in sorted(trusted, key=lambda s: s.algorithm != "RSA256"):  # prefer SHA-256
+        algo: hashes.HashAlgorithm = hashes.SHA256() if sig.algorithm == "RSA256" else hashes.SHA1()
+        try:
+            keyring.keys[sig.key_name].verify(sig.blob, digests[sig.algorithm], padding.PKCS1v15(), Prehashed(algo))
+            return sig.key_name
+        except InvalidSignature:
+            continue
+    raise TrustError(f"{what}: the signature by {trusted[0].key_name} does not verify (the file was altered)")
