@@ -3,6 +3,7 @@
 Sessions (``nox -l``; the logic lives in scripts/, this file only wires):
   download        pinned Firecracker, jailer and guest kernel -> bin/
   guest           the static vulcan-guest agent (guest/) -> bin/vulcan-guest
+  lock            resolve every runtime's Alpine packages -> alpine.lock.json (on request)
   tests           the test suite (offline; local HTTP mirrors on 127.0.0.1)
   lint            ruff and mypy
 
@@ -52,6 +53,12 @@ def download(session: nox.Session) -> None:
 def guest(session: nox.Session) -> None:
     """Build the static, reproducible vulcan-guest agent into bin/ (VULCAN_GO: local Go)."""
     _scripts(session, "guest")
+
+
+@nox.session(default=False)
+def lock(session: nox.Session) -> None:
+    """Resolve each runtime's Alpine packages for each arch into alpine.lock.json."""
+    _scripts(session, "lock")
 
 
 @nox.session

@@ -11,6 +11,7 @@ from .errors import VulcanError
 COMMANDS = {
     "download": "vmm",
     "guest": "guest",
+    "lock": "lock",
 }
 
 

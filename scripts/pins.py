@@ -67,13 +67,50 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class AlpineKey:
+    name: str
+    url: str
+    sha256: str  # of the DER SubjectPublicKeyInfo, not of the file
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    world: tuple[str, ...]
+    check: tuple[str, ...]  # argv run inside the image to prove the runtime works
+    binary: str  # path of the runtime's main binary inside the image
+    headroom_mib: int | None
+
+
+@dataclass(frozen=True)
+class Alpine:
+    mirror: str
+    branch: str
+    repositories: tuple[str, ...]
+    keys: tuple[AlpineKey, ...]
+    base: tuple[str, ...]
+    runtimes: Mapping[str, Runtime]
+    headroom_mib: int
+
+    def repo_url(self, repo: str, arch: str) -> str:
+        return f"{self.mirror.rstrip('/')}/{self.branch}/{repo}/{arch}"
+
+
+@dataclass(frozen=True)
 class Pins:
     path: Path
     raw: Mapping[str, Any]
     firecracker: Artifact
     kernel: Artifact
     go: Artifact | None
+    alpine_pins: Alpine | None
     digest: str  # sha256 of the canonical JSON, for manifests
+
+    @property
+    def alpine(self) -> Alpine:
+        if self.alpine_pins is None:
+            raise PinError(f"{self.path.name}: alpine: missing", hint="see README.md, 'The pins file'")
+        return self.alpine_pins
 
     def section(self, name: str) -> Mapping[str, Any]:
         value = self.raw.get(name)
@@ -141,6 +178,55 @@ class _Checker:
         checked = {arch: self.hex64(sums, arch, f"{name}.sha256.{arch}") for arch in ARCHES}
         return Artifact(name, version, url, checked)
 
+    def strings(self, parent: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+        value = parent.get(key)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(where, "expected a non-empty list of strings")
+        return tuple(value)
+
+    def count(self, parent: Mapping[str, Any], key: str, where: str) -> int:
+        value = parent.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise self.fail(where, "expected a non-negative integer")
+        return value
+
+    def alpine(self, raw: Mapping[str, Any]) -> Alpine:
+        sec = self.obj(raw, "alpine", "alpine")
+        mirror = self.url(sec, "mirror", "alpine.mirror", set())
+        branch = self.text(sec, "branch", "alpine.branch")
+        repos = self.strings(sec, "repositories", "alpine.repositories")
+        keys_sec = self.obj(sec, "keys", "alpine.keys")
+        if not keys_sec:
+            raise self.fail("alpine.keys", "no trusted keys", hint="pin at least one key with its fingerprint")
+        keys = []
+        for name in sorted(keys_sec):
+            entry = self.obj(keys_sec, name, f"alpine.keys.{name}")
+            url = self.url(entry, "url", f"alpine.keys.{name}.url", set())
+            keys.append(AlpineKey(name, url, self.hex64(entry, "sha256", f"alpine.keys.{name}.sha256")))
+        base = self.strings(sec, "base", "alpine.base")
+        headroom = self.count(sec, "headroom_mib", "alpine.headroom_mib")
+        rts = self.obj(sec, "runtimes", "alpine.runtimes")
+        runtimes = {}
+        for name in rts:
+            where = f"alpine.runtimes.{name}"
+            if not re.match(r"^[a-z][a-z0-9_]*$", name):
+                raise self.fail(where, "runtime names are lower-case letters, digits and _ (they name sessions)")
+            rt = self.obj(rts, name, where)
+            own = self.count(rt, "headroom_mib", f"{where}.headroom_mib") if "headroom_mib" in rt else None
+            binary = self.text(rt, "binary", f"{where}.binary")
+            if not binary.startswith("/"):
+                raise self.fail(f"{where}.binary", "expected an absolute path inside the image")
+            runtimes[name] = Runtime(
+                name,
+                self.strings(rt, "world", f"{where}.world"),
+                self.strings(rt, "check", f"{where}.check"),
+                binary,
+                own,
+            )
+        if not runtimes:
+            raise self.fail("alpine.runtimes", "no runtimes")
+        return Alpine(mirror, branch, repos, tuple(keys), base, runtimes, headroom)
+
 
 def load(path: Path | None = None) -> Pins:
     """Read and validate a pins file; raise PinError naming the JSON path of any problem."""
@@ -168,5 +254,6 @@ def load(path: Path | None = None) -> Pins:
     firecracker = chk.artifact(raw, "firecracker")
     kernel = chk.artifact(raw, "kernel")
     go = chk.artifact(raw, "go") if "go" in raw else None
+    alpine = chk.alpine(raw) if "alpine" in raw else None
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return Pins(path, raw, firecracker, kernel, go, digest)
+    return Pins(path, raw, firecracker, kernel, go, alpine, digest)

@@ -20,6 +20,8 @@ class Mirror:
     faults: dict[str, list[str]] = field(default_factory=dict)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
     delay_s: float = 0.0  # pause mid-body (to make concurrent runs overlap)
+    inflight: int = 0
+    max_inflight: int = 0  # most requests served at the same time
     url: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -47,9 +49,18 @@ def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
+            try:
+                self._get()
+            finally:
+                with mirror.lock:
+                    mirror.inflight -= 1
+
+        def _get(self) -> None:
             path = urlsplit(self.path).path
             rng = self.headers.get("Range")
             with mirror.lock:
+                mirror.inflight += 1
+                mirror.max_inflight = max(mirror.max_inflight, mirror.inflight)
                 mirror.requests.append(("GET", path, rng))
                 queue = mirror.faults.get(path) or []
                 fault = queue.pop(0) if queue else None

@@ -1,0 +1,23 @@
+"""`nox -s lock`: resolve every runtime's world for each architecture into alpine.lock.json."""
+
+from __future__ import annotations
+
+import argparse
+
+from .apk.repo import lock_all, lock_path
+from .pins import ARCHES
+from .pins import load as load_pins
+
+
+def main(argv: list[str]) -> int:
+    pins = load_pins()
+    parser = argparse.ArgumentParser(
+        prog="nox -s lock --",
+        description="Resolve each runtime's Alpine world (base + runtime) against the pinned branch and record "
+        f"the exact closure in {lock_path(pins).name}. Builds use the lock.",
+    )
+    parser.add_argument("--arch", action="append", choices=ARCHES, help="only this architecture (repeatable)")
+    parser.add_argument("--runtime", action="append", help="only this runtime (repeatable)")
+    args = parser.parse_args(argv)
+    lock_all(pins, args.runtime or list(pins.alpine.runtimes), args.arch or list(ARCHES))
+    return 0
