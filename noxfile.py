@@ -4,6 +4,8 @@ Sessions (``nox -l``; the logic lives in scripts/, this file only wires):
   download        pinned Firecracker, jailer and guest kernel -> bin/
   guest           the static vulcan-guest agent (guest/) -> bin/vulcan-guest
   lock            resolve every runtime's Alpine packages -> alpine.lock.json (on request)
+  rootfs-<rt>     one ext4 image per runtime in pins.json (go, node, python) -> images/
+  rootfs_all      all of them (tag: rootfs)
   tests           the test suite (offline; local HTTP mirrors on 127.0.0.1)
   lint            ruff and mypy
 
@@ -15,6 +17,8 @@ $VULCAN_MIRROR/HOST/PATH), VULCAN_CACHE (download cache), VULCAN_OUT (where bin/
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import nox
@@ -22,9 +26,21 @@ import nox
 nox.needs_version = ">=2024.10.9"
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["download", "guest"]
+nox.options.sessions = ["download", "rootfs_all"]
 
 ROOT = Path(__file__).parent
+
+
+def _runtimes() -> list[str]:
+    """Runtime names from the pins file: adding one there adds its session here."""
+    try:
+        pins = json.loads(Path(os.environ.get("VULCAN_PINS", ROOT / "pins.json")).read_text())
+        return sorted(pins["alpine"]["runtimes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # a broken pins file is reported by the sessions themselves
+
+
+RUNTIMES = _runtimes()
 
 
 def _install(session: nox.Session, requirements: str) -> None:
@@ -53,6 +69,24 @@ def download(session: nox.Session) -> None:
 def guest(session: nox.Session) -> None:
     """Build the static, reproducible vulcan-guest agent into bin/ (VULCAN_GO: local Go)."""
     _scripts(session, "guest")
+
+
+def _rootfs_session(runtime: str) -> None:
+    @nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs"])
+    def rootfs(session: nox.Session) -> None:
+        _scripts(session, "rootfs", "--runtime", runtime)
+
+    rootfs.__doc__ = f"Build images/{runtime}.ext4 (+ manifest, SPDX SBOM) from the lock."
+
+
+for _rt in RUNTIMES:
+    _rootfs_session(_rt)
+
+
+@nox.session(requires=[f"rootfs-{rt}" for rt in RUNTIMES], tags=["rootfs"])
+def rootfs_all(session: nox.Session) -> None:
+    """Build every runtime's image (the rootfs-* sessions)."""
+    session.log(f"images for: {', '.join(RUNTIMES)}")
 
 
 @nox.session(default=False)

@@ -12,6 +12,7 @@ COMMANDS = {
     "download": "vmm",
     "guest": "guest",
     "lock": "lock",
+    "rootfs": "rootfs.build",
 }
 
 

@@ -10,7 +10,6 @@ GOTOOLCHAIN=local so Go never fetches another toolchain).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -18,14 +17,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from . import log, paths, stamps
+from . import cli, log, paths, stamps
 from .elf import check_static_binary
 from .errors import ArchiveError, PinError
 from .fetch import cached, file_lock
 from .pins import GOARCH, REPO_ROOT, Pins
 from .pins import load as load_pins
 from .run import minimal_env, run
-from .vmm import add_arch_argument
 
 LDFLAGS = "-s -w -buildid="
 BUILD_FLAGS = ["-trimpath", "-buildvcs=false", f"-ldflags={LDFLAGS}"]
@@ -149,11 +147,8 @@ def build(pins: Pins, arch: str) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="nox -s guest --",
-        description="Build the static vulcan-guest agent into bin/ (reproducibly, from pinned inputs).",
-    )
-    add_arch_argument(parser)
-    args = parser.parse_args(argv)
+    args = cli.parser(
+        "guest", "Build the static vulcan-guest agent into bin/ (reproducibly, from pinned inputs)."
+    ).parse_args(argv)
     build(load_pins(), args.arch)
     return 0

@@ -11,7 +11,6 @@ no checksum is published next to them, so pins.json carries our own.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -19,10 +18,10 @@ import tarfile
 from pathlib import Path
 from typing import IO
 
-from . import log, paths, stamps
+from . import cli, log, paths, stamps
 from .errors import ArchiveError, ChecksumError
 from .fetch import cached
-from .pins import ARCHES, Pins, host_arch
+from .pins import Pins
 from .pins import load as load_pins
 
 EXECUTABLE = 0o755
@@ -113,21 +112,9 @@ def download(pins: Pins, arch: str) -> list[Path]:
     return outputs
 
 
-def add_arch_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--arch",
-        default=host_arch(),
-        choices=ARCHES,
-        help=f"target architecture: x86_64 or aarch64 (default: this host, {host_arch()})",
-    )
-
-
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="nox -s download --",
-        description="Download the pinned Firecracker, jailer and guest kernel into bin/ (verified).",
-    )
-    add_arch_argument(parser)
-    args = parser.parse_args(argv)
+    args = cli.parser(
+        "download", "Download the pinned Firecracker, jailer and guest kernel into bin/ (verified)."
+    ).parse_args(argv)
     download(load_pins(), args.arch)
     return 0

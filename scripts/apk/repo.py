@@ -16,7 +16,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +248,7 @@ def fetch_one(pins: Pins, p: Locked, arch: str) -> Verified:
         url = f"{alpine.repo_url(p.repo, arch)}/{p.filename}"
         verified: list[Verified] = []
         download(url, path, verify=lambda part: verified.append(verify_package(part, record, None, what)))
-        return verified[0]
+        return replace(verified[0], path=path)  # it was checked as <name>.part, then renamed
 
 
 class PackageGone(LockError):

@@ -1,0 +1,241 @@
+"""What apk's install scripts would have done, done by us without running them (as apko
+does), plus what makes an image a Vulcan guest: accounts, the agent, /work and an init.
+
+Every install script of every resolved package is looked at and recorded in the manifest as
+``replicated`` (we do its effect here), ``not needed`` (no effect on a fresh image) or
+``not supported`` (its effect is missing from the image; the manifest says so).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .tree import Tree
+
+SANDBOX_UID = 1000
+SHADOW_GID = 42  # alpine-baselayout .pre-install: addgroup -S -g 42 shadow
+FIRST_SYSTEM_ID = 100  # busybox adduser/addgroup -S: first free id from 100
+
+# Applets for busybox builds without /etc/busybox-paths.d/busybox (a fallback, as apko keeps).
+FALLBACK_APPLETS = {
+    "bin": "ash cat chgrp chmod chown cp date dd df dmesg echo false grep gunzip gzip hostname kill ln "
+    "login ls mkdir mknod mktemp more mount mv netstat ping ps pwd rm rmdir sed sh sleep stat stty su "
+    "sync tar touch true umount uname zcat",
+    "sbin": "halt ifconfig init ip mdev modprobe poweroff reboot route sysctl syslogd",
+    "usr/bin": "awk basename cut dirname du env find free head id install less md5sum nproc printf "
+    "readlink realpath seq sha256sum sort tail tee test time top tr uniq unzip uptime vi wc wget which xargs yes",
+    "usr/sbin": "addgroup adduser chroot crond delgroup deluser",
+}
+
+INITTAB = """\
+# /etc/inittab written by vulcan-images: busybox init (PID 1) reaps zombies and respawns the agent.
+::sysinit:/etc/vulcan/rc.init
+::respawn:/usr/local/bin/vulcan-guest
+::ctrlaltdel:/sbin/reboot
+::shutdown:/bin/sync
+"""
+
+RC_INIT = """\
+#!/bin/sh
+# Early boot for a Vulcan guest (run once by busybox init before the agent starts).
+[ -e /proc/self ] || mount -t proc -o nosuid,nodev,noexec proc /proc
+mounted() { grep -q " $1 " /proc/mounts; }
+mounted /sys || mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mounted /dev || mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mounted /dev/pts || mount -t devpts -o gid=5,mode=0620,nosuid,noexec devpts /dev/pts
+mounted /dev/shm || mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm
+mounted /tmp || mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+mounted /run || mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
+hostname -F /etc/hostname 2>/dev/null
+ip link set lo up 2>/dev/null
+exit 0
+"""
+
+
+@dataclass(frozen=True)
+class ScriptReport:
+    package: str
+    script: str
+    action: str  # replicated, not needed, not supported
+    detail: str
+
+
+# (package, script) -> (action, what we did about it)
+KNOWN: dict[tuple[str, str], tuple[str, str]] = {
+    ("alpine-baselayout", ".pre-install"): ("replicated", "group shadow (gid 42) added to /etc/group"),
+    ("alpine-baselayout", ".post-install"): (
+        "replicated",
+        "/etc/shadow made root:shadow 0640; vserver rcL/rcK and color_prompt fix-ups not needed (no OpenRC, fresh)",
+    ),
+    ("busybox", ".post-install"): (
+        "replicated",
+        "applet symlinks from /etc/busybox-paths.d/busybox (busybox --install -s); klogd group and user added",
+    ),
+    ("busybox", ".trigger"): ("replicated", "busybox --install -s: the same applet symlinks"),
+    ("ca-certificates", ".post-install"): ("not needed", "ca-certificates-bundle ships the generated bundle"),
+    ("ca-certificates", ".trigger"): ("not needed", "ca-certificates-bundle ships the generated bundle"),
+    ("alpine-keys", ".post-install"): ("not needed", "keys are files in the package"),
+}
+
+
+def review_scripts(scripts: Mapping[str, Sequence[str]]) -> list[ScriptReport]:
+    """scripts: package name -> names of its control scripts (.pre-install, .trigger, ...)."""
+    out = []
+    for pkg in sorted(scripts):
+        for script in sorted(scripts[pkg]):
+            if (pkg, script) in KNOWN:
+                action, detail = KNOWN[(pkg, script)]
+            elif script.endswith(("-upgrade", "-deinstall")):
+                action, detail = "not needed", "fresh image: nothing is upgraded or removed"
+            else:
+                action, detail = "not supported", "its effect is not in the image"
+            out.append(ScriptReport(pkg, script, action, detail))
+    return out
+
+
+def busybox_links(tree: Tree) -> int:
+    """Absolute symlinks to /bin/busybox for every applet path busybox lists."""
+    if "bin/busybox" not in tree.nodes:
+        return 0
+    listing = tree.read("etc/busybox-paths.d/busybox")
+    if listing is not None:
+        paths = [line.strip().lstrip("/") for line in listing.decode().splitlines() if line.strip()]
+    else:
+        paths = [f"{d}/{a}" for d, names in FALLBACK_APPLETS.items() for a in names.split()]
+    made = 0
+    for path in paths:
+        if path and path not in tree.nodes and path != "bin/busybox":
+            tree.put_generated(path, "symlink", 0o777, linkname="/bin/busybox")
+            made += 1
+    return made
+
+
+def _lines(tree: Tree, path: str) -> list[str]:
+    data = tree.read(path)
+    return data.decode().splitlines() if data else []
+
+
+def _write(tree: Tree, path: str, lines: list[str], mode: int = 0o644, gid: int = 0) -> None:
+    old = tree.nodes.get(path)
+    mode = old.mode if old is not None and gid == 0 and mode == 0o644 else mode
+    tree.put_generated(path, "file", mode, ("\n".join(lines) + "\n").encode(), gid=gid)
+
+
+def _free_id(used: set[int]) -> int:
+    n = FIRST_SYSTEM_ID
+    while n in used:
+        n += 1
+    return n
+
+
+def accounts(tree: Tree, has_busybox: bool) -> None:
+    passwd, group, shadow = _lines(tree, "etc/passwd"), _lines(tree, "etc/group"), _lines(tree, "etc/shadow")
+    names = {g.split(":")[0] for g in group}
+    if "shadow" not in names:
+        group.append(f"shadow:x:{SHADOW_GID}:")
+    if has_busybox and "klogd" not in names:
+        gid = _free_id({int(g.split(":")[2]) for g in group if g.count(":") >= 2 and g.split(":")[2].isdigit()})
+        group.append(f"klogd:x:{gid}:")
+        users = {int(p.split(":")[2]) for p in passwd if p.count(":") >= 3 and p.split(":")[2].isdigit()}
+        if not any(p.startswith("klogd:") for p in passwd):
+            passwd.append(f"klogd:x:{_free_id(users)}:{gid}:klogd:/dev/null:/sbin/nologin")
+            shadow.append("klogd:!::0:::::")
+    if not any(p.startswith("sandbox:") for p in passwd):
+        passwd.append(f"sandbox:x:{SANDBOX_UID}:{SANDBOX_UID}:Vulcan sandbox:/work:/bin/sh")
+        shadow.append("sandbox:!::0:::::")
+    if "sandbox" not in names:
+        group.append(f"sandbox:x:{SANDBOX_UID}:")
+    if not any(s.startswith("root:") for s in shadow):
+        shadow.insert(0, "root:*::0:::::")
+    _write(tree, "etc/passwd", passwd)
+    _write(tree, "etc/group", group)
+    _write(tree, "etc/shadow", shadow, mode=0o640, gid=SHADOW_GID)
+
+
+def vulcan(tree: Tree, runtime_check: Sequence[str], runtime: str, guest: bytes) -> None:
+    """The agent, /work, the runtime check, busybox init and the nodes early boot needs."""
+    tree.put_generated("usr/local/bin/vulcan-guest", "file", 0o755, guest)
+    tree.put_generated("work", "dir", 0o755, uid=SANDBOX_UID, gid=SANDBOX_UID)
+    tree.put_generated("etc/vulcan/check.json", "file", 0o644, (json.dumps(list(runtime_check)) + "\n").encode())
+    tree.put_generated("etc/vulcan/runtime", "file", 0o644, f"{runtime}\n".encode())
+    tree.put_generated("etc/vulcan/rc.init", "file", 0o755, RC_INIT.encode())
+    tree.put_generated("etc/inittab", "file", 0o644, INITTAB.encode())
+    tree.put_generated("etc/hostname", "file", 0o644, b"vulcan\n")
+    for d in ("proc", "sys", "dev", "tmp", "run"):
+        if d not in tree.nodes:
+            tree.put_generated(d, "dir", 0o1777 if d == "tmp" else 0o755)
+    # for kernels that do not mount devtmpfs before init
+    tree.put_generated("dev/console", "char", 0o600, devmajor=5, devminor=1)
+    tree.put_generated("dev/null", "char", 0o666, devmajor=1, devminor=3)
+
+
+@dataclass(frozen=True)
+class InstalledPackage:
+    """What lib/apk/db/installed says of one package."""
+
+    checksum: str
+    pkginfo: Mapping[str, Sequence[str]]
+    repo: str
+
+
+def apk_database(
+    tree: Tree,
+    installed: Sequence[InstalledPackage],
+    world: Sequence[str],
+    repositories: Sequence[str],
+    keys: Mapping[str, bytes],
+    arch: str,
+) -> None:
+    """lib/apk/db/installed, etc/apk/world, repositories, arch and keys: apk in the guest
+    then knows what is installed (format: apk-tools' installed database, as in Alpine)."""
+    owned: dict[str, list[str]] = {}
+    for path, node in tree.nodes.items():
+        owned.setdefault(node.owner, []).append(path)
+    out: list[str] = []
+    for pkg in installed:
+        info = pkg.pkginfo
+        name = info["pkgname"][0]
+
+        def one(key: str, info: Mapping[str, Sequence[str]] = info) -> str:
+            return info.get(key, [""])[0]
+
+        out += [f"C:{pkg.checksum}", f"P:{name}", f"V:{one('pkgver')}", f"A:{one('arch')}"]
+        out += [f"S:{one('size')}", f"I:{one('size')}", f"T:{one('pkgdesc')}", f"U:{one('url')}"]
+        out += [f"L:{one('license')}", f"o:{one('origin')}", f"m:{one('maintainer')}", f"t:{one('builddate')}"]
+        if one("commit"):
+            out.append(f"c:{one('commit')}")
+        for key, letter in (("depend", "D"), ("provides", "p"), ("install_if", "i"), ("replaces", "r")):
+            if info.get(key):
+                out.append(f"{letter}:{' '.join(info[key])}")
+        if one("provider_priority"):
+            out.append(f"k:{one('provider_priority')}")
+        current_dir = None
+        for path in sorted(owned.get(name, [])):
+            node = tree.nodes[path]
+            if node.kind == "dir":
+                out.append(f"F:{path}")
+                if (node.uid, node.gid, node.mode) != (0, 0, 0o755):
+                    out.append(f"M:{node.uid}:{node.gid}:{node.mode:o}")
+                current_dir = path
+                continue
+            d, _, base = path.rpartition("/")
+            if d != current_dir:
+                out.append(f"F:{d}")
+                current_dir = d
+            out.append(f"R:{base}")
+            if (node.uid, node.gid, node.mode) != (0, 0, 0o644):
+                out.append(f"a:{node.uid}:{node.gid}:{node.mode:o}")
+            if node.sha1:
+                out.append(f"Z:Q1{base64.b64encode(bytes.fromhex(node.sha1)).decode()}")
+        out.append("")
+    tree.put_generated("lib/apk/db/installed", "file", 0o644, ("\n".join(out) + "\n").encode())
+    tree.put_generated("etc/apk/world", "file", 0o644, ("\n".join(world) + "\n").encode())
+    tree.put_generated("etc/apk/repositories", "file", 0o644, ("\n".join(repositories) + "\n").encode())
+    tree.put_generated("etc/apk/arch", "file", 0o644, f"{arch}\n".encode())
+    for name, pem in sorted(keys.items()):
+        if f"etc/apk/keys/{name}" not in tree.nodes:  # alpine-keys may already link it
+            tree.put_generated(f"etc/apk/keys/{name}", "file", 0o644, pem)

@@ -1,0 +1,328 @@
+"""The merged root tree of an image, and its normalised tar stream (pure logic + scratch files).
+
+Each package's data member is decompressed once into a scratch tar (seekable); the tree
+keeps only metadata and where each file's bytes are. The output stream is sorted by path,
+with owners, modes, links, device nodes and xattrs from the package tars (never from the
+host) and mtimes clamped to SOURCE_DATE_EPOCH, so the same packages give the same bytes.
+
+Safety: entry names with ``..`` or a leading ``/`` are rejected, and so are entries whose
+path goes through a symlink that leads out of the root; a path through a symlink that stays
+inside is written where the link points, as apk would. Nothing from a package is ever
+extracted onto the host file system.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from ..apk.package import CHUNK
+from ..errors import BuildError
+
+# A PAX header apk-tools writes per file: not file metadata, so it is not copied.
+APK_CHECKSUM_PAX = "APK-TOOLS.checksum.SHA1"
+
+
+class UnsafePackage(BuildError):
+    """A package tries to write outside the image root."""
+
+
+@dataclass
+class Node:
+    path: str  # "usr/bin/python3" (no leading "/" or "./")
+    kind: str  # file, dir, symlink, hardlink, char, block, fifo
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    size: int = 0
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, str] = field(default_factory=dict)
+    owner: str = ""  # package name, or "vulcan" for what we generate
+    source: tuple[int, int] | bytes | None = None  # (package index, data offset) or literal bytes
+    sha1: str = ""  # hex, from the package's APK-TOOLS.checksum.SHA1 header when present
+
+
+@dataclass
+class _Pkg:
+    name: str
+    replaces: frozenset[str]
+    tar: Path
+
+
+class Tree:
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.nodes: dict[str, Node] = {}
+        self.packages: list[_Pkg] = []
+        self._files: dict[int, BinaryIO] = {}
+
+    # -- paths --------------------------------------------------------------------------------
+
+    @staticmethod
+    def clean_name(name: str, pkg: str) -> str:
+        raw = name
+        if name.startswith("/"):
+            raise UnsafePackage(f"package {pkg}: absolute path {raw!r} in its data", hint="refusing the package")
+        while name.startswith("./"):
+            name = name[2:]
+        name = name.rstrip("/")
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if any(p == ".." for p in parts):
+            raise UnsafePackage(f"package {pkg}: path {raw!r} contains '..'", hint="refusing the package")
+        return "/".join(parts)
+
+    def resolve_parent(self, path: str, pkg: str) -> str:
+        """``path`` with its directory part resolved through symlinks of the tree."""
+        parent, _, base = path.rpartition("/")
+        if not parent:
+            return path
+        resolved: list[str] = []
+        todo = parent.split("/")
+        hops = 0
+        while todo:
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not resolved:
+                    raise UnsafePackage(
+                        f"package {pkg}: {path!r} goes through a symlink that leads out of the root",
+                        hint="refusing the package",
+                    )
+                resolved.pop()
+                continue
+            here = "/".join([*resolved, part])
+            node = self.nodes.get(here)
+            if node is not None and node.kind == "symlink":
+                hops += 1
+                if hops > 40:
+                    raise UnsafePackage(f"package {pkg}: {path!r}: too many levels of symlinks")
+                target = node.linkname
+                if target.startswith("/"):
+                    resolved = []
+                todo = [p for p in target.split("/") if p] + todo
+                continue
+            if node is not None and node.kind != "dir":
+                raise BuildError(f"package {pkg}: {path!r}: {here} is a {node.kind}, not a directory")
+            resolved.append(part)
+        return "/".join([*resolved, base])
+
+    # -- adding packages ----------------------------------------------------------------------
+
+    def add_package(self, name: str, apk: Path, data_offset: int, replaces: set[str]) -> None:
+        """Decompress the package's data member to scratch and merge its entries."""
+        index = len(self.packages)
+        tar_path = self.scratch / f"{index:04d}-{name}.tar"
+        with open(apk, "rb") as src, open(tar_path, "wb") as dst:
+            src.seek(data_offset)
+            d = zlib.decompressobj(31)
+            while chunk := src.read(CHUNK):
+                dst.write(d.decompress(chunk))
+                if d.eof:
+                    break
+            dst.write(d.flush())
+        self.packages.append(_Pkg(name, frozenset(replaces), tar_path))
+        with tarfile.open(tar_path, "r:") as tar:
+            for info in tar:
+                self._add_entry(info, index, name)
+
+    def _add_entry(self, info: tarfile.TarInfo, index: int, pkg: str) -> None:
+        path = self.clean_name(info.name, pkg)
+        if not path:
+            return  # the root itself: ours, not the package's
+        if path.startswith(".SIGN.") or path in (".PKGINFO",):
+            return
+        path = self.resolve_parent(path, pkg)
+        xattrs = {k[len("SCHILY.xattr.") :]: v for k, v in info.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+        node = Node(
+            path=path,
+            kind="file",
+            mode=info.mode & 0o7777,
+            uid=info.uid,
+            gid=info.gid,
+            mtime=int(info.mtime),
+            xattrs=xattrs,
+            owner=pkg,
+            sha1=info.pax_headers.get(APK_CHECKSUM_PAX, ""),
+        )
+        if info.isreg():
+            node.size, node.source = info.size, (index, info.offset_data)
+        elif info.isdir():
+            node.kind = "dir"
+        elif info.issym():
+            node.kind, node.linkname = "symlink", info.linkname
+        elif info.islnk():
+            target = self.resolve_parent(self.clean_name(info.linkname, pkg), pkg)
+            if self.nodes.get(target) is None or self.nodes[target].kind != "file":
+                raise BuildError(f"package {pkg}: hard link {path!r} to {info.linkname!r}, which is not a file")
+            node.kind, node.linkname = "hardlink", target
+        elif info.ischr() or info.isblk():
+            node.kind = "char" if info.ischr() else "block"
+            node.devmajor, node.devminor = info.devmajor, info.devminor
+        elif info.isfifo():
+            node.kind = "fifo"
+        else:
+            raise BuildError(f"package {pkg}: unsupported tar entry type for {path!r}")
+        self._parents(path, pkg)
+        self._put(node)
+
+    def _parents(self, path: str, owner: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in self.nodes:
+                self.nodes[d] = Node(d, "dir", 0o755, owner=owner)
+
+    def _put(self, node: Node) -> None:
+        old = self.nodes.get(node.path)
+        if old is None:
+            self.nodes[node.path] = node
+            return
+        if old.kind == "dir" and node.kind == "dir":
+            return  # first owner's metadata wins, as with apk
+        if old.kind == "dir" or node.kind == "dir":
+            raise BuildError(f"{node.path}: a {node.kind} in {node.owner} and a {old.kind} in {old.owner}")
+        pkg = next((p for p in self.packages if p.name == node.owner), None)
+        if old.owner == node.owner or (pkg is not None and old.owner in pkg.replaces):
+            self.nodes[node.path] = node
+            return
+        raise BuildError(
+            f"file conflict: {node.path} is in both {old.owner} and {node.owner}",
+            hint=f"apk would refuse this too unless {node.owner} declares 'replaces = {old.owner}'",
+        )
+
+    # -- what we add --------------------------------------------------------------------------
+
+    def put_generated(self, path: str, kind: str, mode: int, data: bytes = b"", **kw: object) -> None:
+        """Add or replace an entry we generate (config files, links, the agent)."""
+        self._parents(path, "vulcan")
+        node = Node(path, kind, mode, owner="vulcan", **kw)  # type: ignore[arg-type]
+        if kind == "file":
+            node.size, node.source = len(data), data
+        self.nodes[path] = node
+
+    def read(self, path: str) -> bytes | None:
+        node = self.nodes.get(path)
+        if node is None or node.kind != "file":
+            return None
+        return b"".join(self._chunks(node))
+
+    def _chunks(self, node: Node) -> Iterator[bytes]:
+        if isinstance(node.source, bytes):
+            yield node.source
+            return
+        assert node.source is not None
+        index, offset = node.source
+        f = self._files.get(index)
+        if f is None:
+            f = self._files[index] = open(self.packages[index].tar, "rb")  # noqa: SIM115 - closed in close()
+        f.seek(offset)
+        left = node.size
+        while left:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                raise BuildError(f"{node.path}: package {node.owner} is truncated")
+            left -= len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    def content_size(self) -> int:
+        return sum(n.size for n in self.nodes.values() if n.kind == "file")
+
+    def write_tar(self, out: IO[bytes], epoch: int) -> None:
+        """The normalised stream: sorted paths, numeric owners only, clamped mtimes, PAX."""
+        paths = sorted(self.nodes)
+        # A hard link must follow the file it names: in sorted order the first path of each
+        # link group carries the bytes, the others link to it.
+        group_first: dict[str, str] = {}
+        for p in paths:
+            n = self.nodes[p]
+            target = n.linkname if n.kind == "hardlink" else p if n.kind == "file" else None
+            if target is not None and target not in group_first:
+                group_first[target] = p
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # read whole chunks
+            for p in paths:
+                n = self.nodes[p]
+                info = tarfile.TarInfo(p)
+                info.mode, info.uid, info.gid = n.mode, n.uid, n.gid
+                info.uname = info.gname = ""
+                info.mtime = min(n.mtime, epoch) if n.mtime else epoch
+                if n.xattrs:
+                    info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in sorted(n.xattrs.items())}
+                data: io.RawIOBase | None = None
+                if n.kind in ("file", "hardlink"):
+                    content = self.nodes[n.linkname] if n.kind == "hardlink" else n
+                    first = group_first[n.linkname if n.kind == "hardlink" else p]
+                    if first != p:
+                        info.type, info.linkname = tarfile.LNKTYPE, first
+                    else:
+                        info.size = content.size
+                        data = _Reader(self._chunks(content))
+                        if n.kind == "hardlink":  # its bytes, its own metadata
+                            info.mode, info.uid, info.gid = content.mode, content.uid, content.gid
+                elif n.kind == "dir":
+                    info.type = tarfile.DIRTYPE
+                elif n.kind == "symlink":
+                    info.type, info.linkname = tarfile.SYMTYPE, n.linkname
+                elif n.kind in ("char", "block"):
+                    info.type = tarfile.CHRTYPE if n.kind == "char" else tarfile.BLKTYPE
+                    info.devmajor, info.devminor = n.devmajor, n.devminor
+                elif n.kind == "fifo":
+                    info.type = tarfile.FIFOTYPE
+                tar.addfile(info, data)
+
+
+class _Reader(io.RawIOBase):
+    """A file object over an iterator of chunks (what tarfile.addfile reads from)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        parts = []
+        want = size
+        while want != 0:
+            if not self._buf:
+                chunk = next(self._chunks, b"")
+                if not chunk:
+                    break
+                self._buf = memoryview(chunk)
+            n = len(self._buf) if want < 0 else min(want, len(self._buf))
+            parts.append(self._buf[:n])
+            self._buf = self._buf[n:]
+            if want > 0:
+                want -= n
+        return b"".join(parts)
+
+
+def stream_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def normpath(p: str) -> str:
+    return posixpath.normpath(p).lstrip("/")

@@ -1,0 +1,184 @@
+"""A small Alpine-shaped world for image builds: a base set and three runtimes, with a real
+static busybox (Debian's busybox-static, repackaged here) so the images really boot.
+
+Install scripts of alpine-baselayout and busybox are the real ones, taken from the Alpine
+packages in ../shared/testdata when it is there."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from scripts.apk.package import control_files, verify_package
+from scripts.apk.trust import Keyring
+from tests.apkrepo import Entry, Pkg, alpine_pins, publish
+from tests.conftest import SHARED, World
+
+BUSYBOX = Path("/bin/busybox")
+REAL_BASELAYOUT = SHARED / "chainguard-dev-apko/pkg/apk/apk/testdata/alpine-316/alpine-baselayout-3.2.0-r23.apk"
+REAL_BUSYBOX = SHARED / "jdrouet-inapt/resources/busybox-1.37.0-r14.apk"
+BASE = ["alpine-baselayout", "alpine-keys", "alpine-release", "busybox", "busybox-binsh", "musl",
+        "ca-certificates-bundle"]  # fmt: skip
+RUNTIMES = {
+    "go": {"world": ["go~1.26"], "check": ["go", "version"], "binary": "/usr/bin/go", "headroom_mib": 24},
+    "node": {"world": ["nodejs~24"], "check": ["node", "--version"], "binary": "/usr/bin/node"},
+    "python": {"world": ["python3~3.14"], "check": ["python3", "--version"], "binary": "/usr/bin/python3"},
+}
+
+
+def static_busybox() -> bytes | None:
+    """Debian's busybox-static, if installed (what the boot test needs)."""
+    if not BUSYBOX.is_file():
+        return None
+    out = (
+        subprocess.run(["file", "-b", str(BUSYBOX)], capture_output=True, text=True).stdout
+        if shutil.which("file")
+        else "statically linked"
+    )
+    return BUSYBOX.read_bytes() if "statically linked" in out else None
+
+
+def _real_scripts(apk: Path, fallback: dict[str, bytes]) -> dict[str, bytes]:
+    if not apk.is_file():
+        return fallback
+    keys = SHARED / "csmith-apkutils/keys"
+    ring = Keyring.from_pems({p.name: p.read_bytes() for p in keys.iterdir()})
+    verified = verify_package(apk, None, ring, apk.name)
+    return {k: v for k, v in control_files(verified.control).items() if k != ".PKGINFO"}
+
+
+def packages(arch: str = "x86_64") -> dict[str, list[Pkg]]:
+    musl = f"so:libc.musl-{arch}.so.1"
+    bb = static_busybox() or b"\x7fELF not a real busybox"
+    applets = (
+        subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True).stdout
+        if BUSYBOX.is_file()
+        else "bin/ls\nbin/cat\nsbin/init\nbin/mount\nusr/bin/env\n"
+    )
+    paths_d = "".join(f"/{line}\n" for line in sorted(applets.split()) if line and line != "bin/busybox")
+    dirs = ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "usr/lib", "lib", "etc", "dev", "proc", "sys", "run",
+            "var", "var/log", "home", "media", "mnt", "opt", "srv"]  # fmt: skip
+    baselayout_data = Pkg(
+        "alpine-baselayout-data",
+        "3.7.0-r0",
+        arch,
+        entries=[
+            *(Entry(d, kind="dir", mode=0o755) for d in dirs),
+            Entry("tmp", kind="dir", mode=0o1777),
+            Entry("root", kind="dir", mode=0o700),
+            Entry("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n"),
+            Entry("etc/group", b"root:x:0:root\nusers:x:100:\nnogroup:x:65533:\nnobody:x:65534:\n"),
+            Entry("etc/shadow", b"root:*::0:::::\nnobody:!::0:::::\n", 0o640),
+            Entry("etc/hosts", b"127.0.0.1 localhost\n"),
+            Entry("var/run", kind="symlink", mode=0o777, target="../run"),
+        ],
+        license="GPL-2.0-only",
+    )
+    baselayout = Pkg(
+        "alpine-baselayout",
+        "3.7.0-r0",
+        arch,
+        depends=["alpine-baselayout-data=3.7.0-r0", "/bin/sh"],
+        scripts=_real_scripts(
+            REAL_BASELAYOUT,
+            {
+                ".pre-install": b"#!/bin/sh\naddgroup -S -g 42 shadow 2>/dev/null\nexit 0\n",
+                ".post-install": b"#!/bin/sh\nchown root:shadow /etc/shadow\nchmod 640 /etc/shadow\nexit 0\n",
+            },
+        ),
+        license="GPL-2.0-only",
+    )
+    release = Pkg(
+        "alpine-release",
+        "3.24.0-r0",
+        arch,
+        entries=[
+            Entry("etc/os-release", b'NAME="Alpine Linux"\nID=alpine\nVERSION_ID=3.24.0\n'),
+            Entry("etc/alpine-release", b"3.24.0\n"),
+        ],
+    )
+    keys = Pkg("alpine-keys", "2.6-r0", arch, entries=[Entry("usr/share/apk/keys/README", b"test keys\n")])
+    busybox = Pkg(
+        "busybox",
+        "1.37.0-r31",
+        arch,
+        depends=[musl],
+        provides=["cmd:busybox=1.37.0-r31"],
+        entries=[
+            Entry("bin/busybox", bb, 0o755),
+            Entry("etc/busybox-paths.d/busybox", paths_d.encode()),
+            Entry("etc/securetty", b"console\n"),
+        ],
+        scripts=_real_scripts(REAL_BUSYBOX, {".post-install": b"#!/bin/busybox sh\n/bin/busybox --install -s\n"}),
+        license="GPL-2.0-only",
+    )
+    binsh = Pkg(
+        "busybox-binsh",
+        "1.37.0-r31",
+        arch,
+        depends=["busybox=1.37.0-r31"],
+        provides=["/bin/sh", "cmd:sh=1.37.0-r31"],
+        provider_priority=100,
+        entries=[Entry("bin/sh", kind="symlink", mode=0o777, target="/bin/busybox")],
+    )
+    musl_pkg = Pkg(
+        "musl",
+        "1.2.6-r2",
+        arch,
+        provides=[f"{musl}=1"],
+        entries=[Entry(f"lib/ld-musl-{arch}.so.1", b"\x7fELF musl stand-in", 0o755),
+                 Entry(f"lib/libc.musl-{arch}.so.1", kind="symlink", mode=0o777, target=f"ld-musl-{arch}.so.1")],
+        license="MIT",
+    )  # fmt: skip
+    certs = Pkg(
+        "ca-certificates-bundle",
+        "20250911-r0",
+        arch,
+        entries=[Entry("etc/ssl/certs/ca-certificates.crt", b"-----BEGIN CERTIFICATE-----\ntest\n")],
+        license="MPL-2.0 AND MIT",
+    )
+    python = Pkg(
+        "python3",
+        "3.14.7-r1",
+        arch,
+        depends=[musl, "libffi"],
+        entries=[
+            Entry("usr/bin/python3.14", b'#!/bin/sh\necho "Python 3.14.7"\n', 0o755),
+            Entry("usr/bin/python3", kind="hardlink", target="usr/bin/python3.14"),
+            Entry("usr/bin/python", kind="symlink", mode=0o777, target="python3"),
+            Entry("usr/lib/python3.14/os.py", b"# os\n" * 200, xattrs={"user.vulcan": "test"}),
+            Entry("usr/lib/python3.14/site-packages/README.txt", b"site\n"),
+        ],
+        license="PSF-2.0",
+    )
+    libffi = Pkg("libffi", "3.5.2-r0", arch, depends=[musl], provides=["so:libffi.so.8=8.1.4"],
+                 entries=[Entry("usr/lib/libffi.so.8.1.4", b"ffi" * 100, 0o755)])  # fmt: skip
+    nodejs = Pkg(
+        "nodejs",
+        "24.18.1-r0",
+        arch,
+        depends=[musl, "ca-certificates-bundle"],
+        entries=[Entry("usr/bin/node", b'#!/bin/sh\necho "v24.18.1"\n', 0o755)],
+        license="MIT",
+    )
+    go = Pkg(
+        "go",
+        "1.26.8-r0",
+        arch,
+        depends=[musl],
+        entries=[
+            Entry("usr/lib/go/bin/go", b'#!/bin/sh\necho "go version go1.26.8 linux/amd64"\n', 0o755),
+            Entry("usr/lib/go/src/fmt/print.go", b"package fmt\n" * 1000),
+            Entry("usr/bin/go", kind="symlink", mode=0o777, target="../lib/go/bin/go"),
+        ],
+        license="BSD-3-Clause",
+    )
+    main = [baselayout_data, baselayout, release, keys, busybox, binsh, musl_pkg, certs, python, libffi, nodejs]
+    return {"main": main, "community": [go]}
+
+
+def setup(world: World, arch: str = "x86_64", runtimes: dict | None = None) -> dict[str, bytes]:  # type: ignore[type-arg]
+    world.pins["alpine"] = alpine_pins(runtimes or RUNTIMES, BASE, ["main", "community"])
+    world.write_pins()
+    return publish(world.mirror, packages(arch), arch)
