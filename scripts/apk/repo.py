@@ -42,6 +42,10 @@ class LockError(VulcanError):
 
 
 def keyring(alpine: Alpine) -> Keyring:
+    return Keyring.from_pems(key_pems(alpine))
+
+
+def key_pems(alpine: Alpine) -> dict[str, bytes]:
     """The pinned keys, each fetched once and accepted only if its fingerprint matches."""
     pems: dict[str, bytes] = {}
     for key in alpine.keys:
@@ -59,7 +63,7 @@ def keyring(alpine: Alpine) -> Keyring:
 
                 download(key.url, path, verify=check)
         pems[key.name] = path.read_bytes()
-    return Keyring.from_pems(pems)
+    return pems
 
 
 def _fp(path: Path) -> str | None:

@@ -116,7 +116,7 @@ def build(pins: Pins, runtime: str, arch: str, frozen: bool) -> Path:
         links = configure.busybox_links(tree)
         configure.accounts(tree, "bin/busybox" in tree.nodes)
         configure.vulcan(tree, rt.check, runtime, guest.read_bytes())
-        keys = {k.name: (paths.cache_dir() / "keys" / k.sha256 / k.name).read_bytes() for k in alpine.keys}
+        keys = repo.key_pems(alpine)
         world = [*alpine.base, *rt.world]
         repos = [f"{alpine.mirror.rstrip('/')}/{alpine.branch}/{r}" for r in alpine.repositories]
         configure.apk_database(tree, installed, world, repos, keys, arch)

@@ -1,0 +1,267 @@
+"""`nox -s rootfs_all` against a generated, signed Alpine-shaped mirror; images read with debugfs."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts import ext4
+from tests import imagerepo
+from tests.apkrepo import CDN, Entry, Pkg, publish
+from tests.conftest import BASE_PINS, REPO, World
+from tests.mirror import serve
+from tests.test_guest import find_go
+
+pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None, reason="e2fsprogs (mke2fs) is not installed")
+TAR_OK = shutil.which("mke2fs") is not None and ext4.e2fsprogs_version() >= ext4.TAR_INPUT_VERSION
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """One world with all three images, shared by the inspection tests."""
+    mirror, server = serve()
+    w = World(mirror, tmp_path_factory.mktemp("built"), copy.deepcopy(BASE_PINS), tmp_path_factory.mktemp("gocache"))
+    imagerepo.setup(w)
+    go = find_go()
+    w.run("guest", check=True, VULCAN_GO=go)
+    proc = w.run("rootfs", "--all", check=True)
+    w.log = proc.stderr  # type: ignore[attr-defined]
+    yield w
+    server.shutdown()
+
+
+def image(w: World, runtime: str = "python") -> Path:
+    return w.out / "images" / f"{runtime}.ext4"
+
+
+def test_rootfs_all_writes_three_clean_images_with_manifest_and_sbom(built: World) -> None:
+    for rt in ("go", "node", "python"):
+        img = image(built, rt)
+        ext4.fsck(img)  # raises on any problem
+        manifest = json.loads((built.out / "images" / f"{rt}.manifest.json").read_text())
+        assert manifest["sha256"] == sha(img)
+        assert manifest["reproducible"] == ("yes" if TAR_OK else "no")
+        names = {p["name"] for p in manifest["packages"]}
+        assert {"busybox", "musl", "alpine-baselayout", "alpine-baselayout-data"} <= names
+        assert {"go": "go", "node": "nodejs", "python": "python3"}[rt] in names
+        spdx = json.loads((built.out / "images" / f"{rt}.spdx.json").read_text())
+        assert spdx["spdxVersion"] == "SPDX-2.3" and spdx["dataLicense"] == "CC0-1.0"
+        sbom = {p["name"]: p for p in spdx["packages"]}
+        for p in manifest["packages"]:
+            entry = sbom[p["name"]]
+            assert entry["versionInfo"] == p["version"]
+            assert entry["licenseDeclared"] not in ("", None)
+            assert entry["externalRefs"][0]["referenceLocator"].startswith(f"pkg:apk/alpine/{p['name']}@")
+        assert sbom["ca-certificates-bundle"]["licenseDeclared"] == "MPL-2.0 AND MIT"
+    # the base packages were fetched once for all three images
+    assert built.mirror.count("busybox-1.37.0-r31.apk") == 1
+
+
+def test_image_contents_seen_through_debugfs(built: World) -> None:
+    img = image(built)
+    paths = ["bin/busybox", "bin/sh", "sbin/init", "bin/ls", "usr/local/bin/vulcan-guest", "work", "etc/shadow",
+             "tmp", "root", "dev/console", "usr/bin/python3", "usr/bin/python3.14", "usr/bin/python", "var/run",
+             "etc/vulcan/check.json", "etc/inittab", "etc/vulcan/rc.init"]  # fmt: skip
+    st = ext4.stat_many(img, paths)
+    assert st["bin/busybox"] and st["bin/busybox"].kind == "regular" and st["bin/busybox"].mode & 0o777 == 0o755
+    assert st["bin/sh"] and (st["bin/sh"].kind, st["bin/sh"].target) == ("symlink", "/bin/busybox")
+    assert st["sbin/init"] and st["sbin/init"].target == "/bin/busybox"  # busybox applet link
+    assert st["bin/ls"] and st["bin/ls"].target == "/bin/busybox"
+    agent = st["usr/local/bin/vulcan-guest"]
+    assert agent and agent.mode & 0o777 == 0o755 and agent.uid == 0
+    assert ext4.cat(img, "usr/local/bin/vulcan-guest") == (built.out / "bin/vulcan-guest").read_bytes()
+    work = st["work"]
+    assert work and work.kind == "directory" and (work.uid, work.gid) == (1000, 1000)
+    shadow = st["etc/shadow"]
+    assert shadow and (shadow.uid, shadow.gid, shadow.mode & 0o777) == (0, 42, 0o640)
+    assert st["tmp"] and st["tmp"].mode & 0o7777 == 0o1777
+    assert st["root"] and st["root"].mode & 0o777 == 0o700
+    assert st["dev/console"] and st["dev/console"].kind == "character special"
+    assert st["usr/bin/python3"] and st["usr/bin/python3"].links == 2  # a hard link, kept as one
+    assert st["usr/bin/python"] and st["usr/bin/python"].target == "python3"
+    assert st["var/run"] and st["var/run"].target == "../run"
+    assert json.loads(ext4.cat(img, "etc/vulcan/check.json")) == ["python3", "--version"]
+    assert b"::respawn:/usr/local/bin/vulcan-guest" in ext4.cat(img, "etc/inittab")
+    assert b"mount -t devtmpfs" in ext4.cat(img, "etc/vulcan/rc.init")
+
+
+def test_accounts_and_apk_database(built: World) -> None:
+    img = image(built)
+    group = ext4.cat(img, "etc/group").decode()
+    passwd = ext4.cat(img, "etc/passwd").decode()
+    assert "shadow:x:42:" in group and "sandbox:x:1000:" in group and "klogd:x:101:" in group
+    assert "sandbox:x:1000:1000:Vulcan sandbox:/work:/bin/sh" in passwd
+    assert "root:x:0:0:root:/root:/bin/sh" in passwd  # the package's lines are kept
+    assert "sandbox:!:" in ext4.cat(img, "etc/shadow").decode()
+    db = ext4.cat(img, "lib/apk/db/installed").decode()
+    assert "P:python3\nV:3.14.7-r1" in db and "R:busybox" in db
+    assert ext4.cat(img, "etc/apk/world").decode().split() == [*imagerepo.BASE, "python3~3.14"]
+    assert ext4.cat(img, "etc/apk/repositories").decode().split() == [f"{CDN}/v3.24/main", f"{CDN}/v3.24/community"]
+    assert b"VERSION_ID=3.24.0" in ext4.cat(img, "etc/os-release")
+
+
+def test_manifest_records_every_install_script(built: World) -> None:
+    manifest = json.loads((built.out / "images/python.manifest.json").read_text())
+    scripts = {(s["package"], s["script"]): s["action"] for s in manifest["install_scripts"]}
+    assert scripts[("alpine-baselayout", ".pre-install")] == "replicated"
+    assert scripts[("alpine-baselayout", ".post-install")] == "replicated"
+    assert scripts[("busybox", ".post-install")] == "replicated"
+    if imagerepo.REAL_BUSYBOX.is_file():  # the real Alpine scripts, read from the real package
+        assert scripts[("busybox", ".trigger")] == "replicated"
+        assert scripts[("busybox", ".post-upgrade")] == "not needed"
+    files = {p["name"]: p["files"] for p in manifest["packages"]}
+    assert files["python3"]["usr/lib/python3.14/os.py"] == 1000
+
+
+def test_second_run_rewrites_nothing_and_one_runtime_change_rebuilds_only_it(built: World) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in (built.out / "images").iterdir() if p.is_file()}
+    n = len(built.mirror.requests)
+    proc = built.run("rootfs", "--all", "--frozen", check=True)
+    assert proc.stderr.count("up to date") == 3
+    assert len(built.mirror.requests) == n
+    assert {p.name: p.stat().st_mtime_ns for p in (built.out / "images").iterdir() if p.is_file()} == before
+    built.pins["alpine"]["runtimes"]["node"]["check"] = ["node", "-v"]
+    built.write_pins()
+    proc = built.run("rootfs", "--all", check=True)
+    assert "rootfs node (x86_64): input runtime.check changed" in proc.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (built.out / "images").iterdir() if p.is_file()}
+    assert after["node.ext4"] != before["node.ext4"]
+    assert after["python.ext4"] == before["python.ext4"] and after["go.ext4"] == before["go.ext4"]
+
+
+@pytest.mark.skipif(not TAR_OK, reason="needs e2fsprogs >= 1.47.1 (tar input) for bit-identical images")
+def test_two_builds_in_different_scratch_directories_are_bit_identical(built: World, tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) if not shm.is_dir() else shm
+    out = tmp_path / "again"
+    shutil.copytree(built.out / "bin", out / "bin")  # the same agent: the same input
+    built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(scratch))
+    assert sha(out / "images/python.ext4") == sha(image(built))
+
+
+def test_staging_directory_fallback_gives_the_same_stream_and_a_correct_image(built: World, tmp_path: Path) -> None:
+    out = tmp_path / "fallback"
+    shutil.copytree(built.out / "bin", out / "bin")
+    built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out), VULCAN_MKE2FS_INPUT="dir")
+    a = json.loads((built.out / "images/python.manifest.json").read_text())
+    b = json.loads((out / "images/python.manifest.json").read_text())
+    assert b["tar_sha256"] == a["tar_sha256"]
+    assert (b["reproducible"], b["mke2fs_input"]) == ("no", "staging directory")
+    img = out / "images/python.ext4"
+    ext4.fsck(img)
+    st = ext4.stat_many(img, ["work", "etc/shadow", "bin/sh", "usr/bin/python3"])
+    assert st["work"] and (st["work"].uid, st["work"].gid) == (1000, 1000)
+    assert st["etc/shadow"] and (st["etc/shadow"].gid, st["etc/shadow"].mode & 0o777) == (42, 0o640)
+    assert st["bin/sh"] and st["bin/sh"].target == "/bin/busybox"
+    assert st["usr/bin/python3"] and st["usr/bin/python3"].links == 2
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _system_python_ok() -> bool:
+    if not os.path.exists(SYSTEM_PYTHON):
+        return False
+    code = "import requests, cryptography"
+    return subprocess.run([SYSTEM_PYTHON, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="already an ordinary user: every other test covers it")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux) to drop to another user")
+@pytest.mark.skipif(not _system_python_ok(), reason="needs Debian's python3 with python3-requests/-cryptography")
+@pytest.mark.parametrize("how", ["tar", "dir"])
+def test_ordinary_user_builds_an_image(built: World, tmp_path_factory: pytest.TempPathFactory, how: str) -> None:
+    """As uid 65534 (no root, no sudo, no mount): the tar path directly, the fallback under fakeroot."""
+    if how == "tar" and not TAR_OK:
+        pytest.skip("needs e2fsprogs >= 1.47.1")
+    if how == "dir" and shutil.which("fakeroot") is None:
+        pytest.skip("needs fakeroot")
+    place = Path(f"/tmp/vulcan-user-{os.getpid()}-{how}")
+    shutil.rmtree(place, ignore_errors=True)
+    shutil.copytree(built.out / "bin", place / "out/bin")
+    shutil.copy(built.pins_path, place / "pins.json")
+    shutil.copy(built.tmp / "alpine.lock.json", place / "alpine.lock.json")
+    subprocess.run(["chown", "-R", "65534:65534", str(place)], check=True)
+    env = {**built.env(), "VULCAN_OUT": str(place / "out"), "VULCAN_CACHE": str(place / "cache"),
+           "VULCAN_PINS": str(place / "pins.json"), "VULCAN_MKE2FS_INPUT": how, "HOME": str(place)}  # fmt: skip
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-m", "scripts",
+         "rootfs", "--runtime", "python", "--frozen"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    try:
+        assert proc.returncode == 0, proc.stderr
+        img = place / "out/images/python.ext4"
+        assert img.stat().st_uid == 65534
+        ext4.fsck(img)
+        st = ext4.stat_many(img, ["work", "etc/shadow", "bin/busybox"])
+        assert st["work"] and (st["work"].uid, st["work"].gid) == (1000, 1000)  # owners from the packages
+        assert st["etc/shadow"] and st["etc/shadow"].gid == 42
+        assert st["bin/busybox"] and st["bin/busybox"].uid == 0
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (Entry("../../etc/evil", b"x"), "contains '..'"),
+        (Entry("/etc/evil", b"x"), "absolute path"),
+        (Entry("usr/lib/x/../../../../tmp/evil", b"x"), "contains '..'"),
+    ],
+)
+def test_malicious_package_paths_are_refused_and_no_image_is_written(world: World, entry: Entry, message: str) -> None:
+    _malicious(world, [entry], message)
+
+
+def test_symlink_escape_is_refused(world: World) -> None:
+    _malicious(
+        world,
+        [Entry("usr/lib/out", kind="symlink", mode=0o777, target="../../../../.."), Entry("usr/lib/out/pwned", b"x")],
+        "leads out of the root",
+    )
+
+
+def _malicious(world: World, entries: list[Entry], message: str) -> None:
+    imagerepo.setup(world, runtimes={"evil": {"world": ["evil"], "check": ["true"], "binary": "/bin/busybox"}})
+    pkgs = imagerepo.packages()
+    pkgs["main"].append(Pkg("evil", "1.0-r0", entries=entries))
+    publish(world.mirror, pkgs)
+    world.run("guest", check=True, VULCAN_GO=find_go())
+    proc = world.run("rootfs", "--runtime", "evil")
+    assert proc.returncode == 1, proc.stderr
+    assert "package evil" in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    images = world.out / "images"
+    assert not [p for p in images.rglob("*") if p.is_file() and ".stamps" not in p.parts] if images.exists() else True
+    assert not (world.tmp / "etc").exists()
+
+
+def test_missing_agent_is_a_clear_error(world: World) -> None:
+    imagerepo.setup(world)
+    proc = world.run("rootfs", "--runtime", "python")
+    assert proc.returncode == 1 and "vulcan-guest is missing" in proc.stderr and "nox -s guest" in proc.stderr
+
+
+def test_file_conflict_between_packages_is_refused(world: World) -> None:
+    imagerepo.setup(world, runtimes={"clash": {"world": ["clash"], "check": ["true"], "binary": "/bin/busybox"}})
+    pkgs = imagerepo.packages()
+    pkgs["main"].append(Pkg("clash", "1.0-r0", entries=[Entry("etc/hosts", b"mine\n")]))
+    publish(world.mirror, pkgs)
+    world.run("guest", check=True, VULCAN_GO=find_go())
+    proc = world.run("rootfs", "--runtime", "clash")
+    assert (
+        proc.returncode == 1 and "file conflict: etc/hosts is in both alpine-baselayout-data and clash" in proc.stderr
+    )
