@@ -6,6 +6,9 @@ Sessions (``nox -l``; the logic lives in scripts/, this file only wires):
   lock            resolve every runtime's Alpine packages -> alpine.lock.json (on request)
   rootfs-<rt>     one ext4 image per runtime in pins.json (go, node, python) -> images/
   rootfs_all      all of them (tag: rootfs)
+  verify          check bin/ and images/ against the pins and manifests (--json, --reproduce)
+  boot            boot images and run their runtime (Firecracker, or --vmm qemu) (on request)
+  clean           remove bin/, images/ and stamps; --all also the cache (on request)
   tests           the test suite (offline; local HTTP mirrors on 127.0.0.1)
   lint            ruff and mypy
 
@@ -87,6 +90,24 @@ for _rt in RUNTIMES:
 def rootfs_all(session: nox.Session) -> None:
     """Build every runtime's image (the rootfs-* sessions)."""
     session.log(f"images for: {', '.join(RUNTIMES)}")
+
+
+@nox.session
+def verify(session: nox.Session) -> None:
+    """Check every artifact in bin/ and images/ (table, or --json; --reproduce rebuilds)."""
+    _scripts(session, "verify")
+
+
+@nox.session(default=False)
+def boot(session: nox.Session) -> None:
+    """Boot images and prove the runtime works: Firecracker, or -- --vmm qemu."""
+    _scripts(session, "boot")
+
+
+@nox.session(default=False, venv_backend="none")
+def clean(session: nox.Session) -> None:
+    """Remove bin/, images/ and their stamps; -- --all also removes the download cache."""
+    session.run("python3", "-m", "scripts", "clean", *session.posargs, external=True)
 
 
 @nox.session(default=False)

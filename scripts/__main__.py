@@ -13,6 +13,9 @@ COMMANDS = {
     "guest": "guest",
     "lock": "lock",
     "rootfs": "rootfs.build",
+    "boot": "boot",
+    "verify": "verify",
+    "clean": "clean",
 }
 
 

@@ -80,6 +80,8 @@ class Runtime:
     check: tuple[str, ...]  # argv run inside the image to prove the runtime works
     binary: str  # path of the runtime's main binary inside the image
     headroom_mib: int | None
+    program: tuple[str, ...] = ()  # a program `nox -s boot` runs through the agent ...
+    expect: str = ""  # ... and the output it must print
 
 
 @dataclass(frozen=True)
@@ -216,12 +218,16 @@ class _Checker:
             binary = self.text(rt, "binary", f"{where}.binary")
             if not binary.startswith("/"):
                 raise self.fail(f"{where}.binary", "expected an absolute path inside the image")
+            program = self.strings(rt, "program", f"{where}.program") if "program" in rt else ()
+            expect = self.text(rt, "expect", f"{where}.expect") if "expect" in rt else ""
             runtimes[name] = Runtime(
                 name,
                 self.strings(rt, "world", f"{where}.world"),
                 self.strings(rt, "check", f"{where}.check"),
                 binary,
                 own,
+                program,
+                expect,
             )
         if not runtimes:
             raise self.fail("alpine.runtimes", "no runtimes")

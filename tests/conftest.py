@@ -1,19 +1,23 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from scripts.pins import host_arch
 from tests.mirror import Mirror, serve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,12 +43,26 @@ def mirror() -> Iterator[Mirror]:
     server.server_close()
 
 
+@functools.lru_cache(maxsize=8)
+def version_program(text: str, arch: str) -> bytes:
+    """A static ELF printing ``text`` (like firecracker --version), built with Debian's
+    musl-gcc when it can target ``arch``; otherwise a shell script."""
+    cc = shutil.which("musl-gcc")
+    if cc and arch == host_arch():
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "v.c"
+            src.write_text(f'#include <stdio.h>\nint main(void) {{ puts("{text}"); return 0; }}\n')
+            subprocess.run([cc, "-static", "-Os", "-s", "-o", f"{tmp}/v", str(src)], check=True)
+            return Path(tmp, "v").read_bytes()
+    return f'#!/bin/sh\necho "{text}"\n'.encode()
+
+
 def firecracker_tgz(version: str, arch: str, extra_member: bool = True) -> bytes:
     """A Firecracker-release-shaped archive whose binaries print their version."""
     top = f"release-v{version}-{arch}"
     members = {
-        f"{top}/firecracker-v{version}-{arch}": f'#!/bin/sh\necho "Firecracker v{version}"\n'.encode(),
-        f"{top}/jailer-v{version}-{arch}": f'#!/bin/sh\necho "Jailer v{version}"\n'.encode(),
+        f"{top}/firecracker-v{version}-{arch}": version_program(f"Firecracker v{version}", arch),
+        f"{top}/jailer-v{version}-{arch}": version_program(f"Jailer v{version}", arch),
         f"{top}/seccomp-filter-v{version}-{arch}.json": b"{}\n",
     }
     sums = "".join(f"{sha256(d)}  {n.rsplit('/', 1)[1]}\n" for n, d in members.items())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 from scripts.apk.package import control_files, verify_package
@@ -23,7 +25,13 @@ BASE = ["alpine-baselayout", "alpine-keys", "alpine-release", "busybox", "busybo
 RUNTIMES = {
     "go": {"world": ["go~1.26"], "check": ["go", "version"], "binary": "/usr/bin/go", "headroom_mib": 24},
     "node": {"world": ["nodejs~24"], "check": ["node", "--version"], "binary": "/usr/bin/node"},
-    "python": {"world": ["python3~3.14"], "check": ["python3", "--version"], "binary": "/usr/bin/python3"},
+    "python": {
+        "world": ["python3~3.14"],
+        "check": ["python3", "--version"],
+        "binary": "/usr/bin/python3",
+        "program": ["python3", "-c", "print(6*7)"],
+        "expect": "42",
+    },
 }
 
 
@@ -39,6 +47,28 @@ def static_busybox() -> bytes | None:
     return BUSYBOX.read_bytes() if "statically linked" in out else None
 
 
+MUSL_LOADER = Path("/lib/ld-musl-x86_64.so.1")  # Debian's musl package
+
+
+@lru_cache(maxsize=1)
+def musl_python() -> bytes | None:
+    """A real dynamically linked musl program standing in for python3 (Debian's musl-gcc),
+    so that the image's own loader runs it, in verify and in the VM."""
+    cc = shutil.which("musl-gcc")
+    if cc is None or not MUSL_LOADER.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "python3.c"
+        src.write_text(
+            "#include <stdio.h>\n#include <string.h>\n"
+            "int main(int argc, char **argv) {\n"
+            '  if (argc > 2 && strcmp(argv[1], "-c") == 0) { puts("42"); return 0; }\n'
+            '  puts("Python 3.14.7"); return 0; }\n'
+        )
+        subprocess.run([cc, "-O2", "-o", str(Path(tmp) / "python3"), str(src)], check=True)
+        return (Path(tmp) / "python3").read_bytes()
+
+
 def _real_scripts(apk: Path, fallback: dict[str, bytes]) -> dict[str, bytes]:
     if not apk.is_file():
         return fallback
@@ -46,6 +76,12 @@ def _real_scripts(apk: Path, fallback: dict[str, bytes]) -> dict[str, bytes]:
     ring = Keyring.from_pems({p.name: p.read_bytes() for p in keys.iterdir()})
     verified = verify_package(apk, None, ring, apk.name)
     return {k: v for k, v in control_files(verified.control).items() if k != ".PKGINFO"}
+
+
+def _musl_loader(arch: str) -> bytes:
+    if arch == "x86_64" and MUSL_LOADER.exists():
+        return MUSL_LOADER.read_bytes()
+    return b"\x7fELF musl stand-in"
 
 
 def packages(arch: str = "x86_64") -> dict[str, list[Pkg]]:
@@ -127,7 +163,7 @@ def packages(arch: str = "x86_64") -> dict[str, list[Pkg]]:
         "1.2.6-r2",
         arch,
         provides=[f"{musl}=1"],
-        entries=[Entry(f"lib/ld-musl-{arch}.so.1", b"\x7fELF musl stand-in", 0o755),
+        entries=[Entry(f"lib/ld-musl-{arch}.so.1", _musl_loader(arch), 0o755),
                  Entry(f"lib/libc.musl-{arch}.so.1", kind="symlink", mode=0o777, target=f"ld-musl-{arch}.so.1")],
         license="MIT",
     )  # fmt: skip
@@ -144,7 +180,7 @@ def packages(arch: str = "x86_64") -> dict[str, list[Pkg]]:
         arch,
         depends=[musl, "libffi"],
         entries=[
-            Entry("usr/bin/python3.14", b'#!/bin/sh\necho "Python 3.14.7"\n', 0o755),
+            Entry("usr/bin/python3.14", musl_python() or b'#!/bin/sh\necho "Python 3.14.7"\n', 0o755),
             Entry("usr/bin/python3", kind="hardlink", target="usr/bin/python3.14"),
             Entry("usr/bin/python", kind="symlink", mode=0o777, target="python3"),
             Entry("usr/lib/python3.14/os.py", b"# os\n" * 200, xattrs={"user.vulcan": "test"}),

@@ -1,0 +1,284 @@
+"""`nox -s verify`: is what is in bin/ and images/ exactly what the pins say?
+
+Prints a table (artifact, check, result, detail) and exits non-zero if any check fails;
+``--json`` for CI; ``--reproduce`` rebuilds the images in a scratch directory and compares.
+Images are read without mounting (debugfs, e2fsck -fn)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import ext4, log, paths, stamps
+from .elf import check_static_binary, kernel_arch, read_elf
+from .errors import BuildError, VulcanError
+from .fetch import sha256_file
+from .pins import ARCHES, Pins, host_arch
+from .pins import load as load_pins
+
+
+@dataclass
+class Row:
+    artifact: str
+    check: str
+    result: str  # pass, FAIL, skip, missing
+    detail: str = ""
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+
+    def add(self, artifact: str, check: str, ok: bool | None, detail: str = "") -> bool:
+        self.rows.append(Row(artifact, check, "pass" if ok else "skip" if ok is None else "FAIL", detail))
+        return bool(ok)
+
+    def missing(self, artifact: str, hint: str) -> None:
+        self.rows.append(Row(artifact, "exists", "missing", hint))
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.result == "FAIL"]
+
+    def table(self) -> str:
+        widths = [max(len(getattr(r, f)) for r in [Row("artifact", "check", "result"), *self.rows])
+                  for f in ("artifact", "check", "result")]  # fmt: skip
+        lines = []
+        for r in [Row("artifact", "check", "result", "detail"), *self.rows]:
+            lines.append(
+                f"{r.artifact:<{widths[0]}}  {r.check:<{widths[1]}}  {r.result:<{widths[2]}}  {r.detail}".rstrip()
+            )
+        return "\n".join(lines)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(paths.out_root()))
+    except ValueError:
+        return str(p)
+
+
+def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
+    b = paths.bin_dir(arch)
+    stamp = paths.stamp_path(b, "download")
+    for name in ("firecracker", "jailer"):
+        f = b / name
+        if not f.is_file():
+            rep.missing(_rel(f), "run 'nox -s download'")
+            continue
+        recorded = stamps.output_sha256(stamp, _rel(f))
+        actual = sha256_file(f)
+        rep.add(
+            _rel(f), "sha256 = stamp", recorded == actual, actual if recorded == actual else f"{actual} != {recorded}"
+        )
+        try:
+            machine = read_elf(f).machine
+            rep.add(_rel(f), "ELF machine", machine == arch, machine)
+        except BuildError as exc:
+            rep.add(_rel(f), "ELF machine", False, exc.message)
+        if arch == host_arch():
+            proc = subprocess.run([str(f), "--version"], capture_output=True, text=True, timeout=30)
+            first = (proc.stdout or proc.stderr).strip().splitlines()[:1]
+            want = pins.firecracker.version
+            rep.add(_rel(f), "--version", proc.returncode == 0 and bool(first) and want in first[0], " ".join(first))
+        else:
+            rep.add(_rel(f), "--version", None, f"cannot run {arch} binaries on {host_arch()}")
+    k = b / "vmlinux"
+    if not k.is_file():
+        rep.missing(_rel(k), "run 'nox -s download'")
+    else:
+        actual = sha256_file(k)
+        want = pins.kernel.sha256_for(arch)
+        rep.add(_rel(k), "sha256 = pins", actual == want, actual if actual == want else f"{actual} != {want}")
+        found = kernel_arch(k)
+        kind = "ELF vmlinux" if arch == "x86_64" else "arm64 Image"
+        rep.add(_rel(k), f"is an {kind}", found == arch, f"looks like {found or 'neither'}")
+
+
+def check_guest(rep: Report, arch: str) -> None:
+    g = paths.bin_dir(arch) / "vulcan-guest"
+    if not g.is_file():
+        rep.missing(_rel(g), "run 'nox -s guest'")
+        return
+    try:
+        check_static_binary(g, arch)
+        rep.add(_rel(g), f"static {arch} ELF", True)
+    except BuildError as exc:
+        rep.add(_rel(g), f"static {arch} ELF", False, exc.message)
+    recorded = stamps.output_sha256(paths.stamp_path(g.parent, "guest"), _rel(g))
+    actual = sha256_file(g)
+    rep.add(_rel(g), "sha256 = stamp", recorded == actual, actual if recorded == actual else f"{actual} != {recorded}")
+
+
+def check_image(rep: Report, runtime: str, arch: str, reproduce: bool) -> None:
+    d = paths.images_dir(arch)
+    img, man = d / f"{runtime}.ext4", d / f"{runtime}.manifest.json"
+    name = _rel(img)
+    if not img.is_file():
+        rep.missing(name, f"run 'nox -s rootfs-{runtime}'")
+        return
+    try:
+        manifest: dict[str, Any] = json.loads(man.read_text())
+    except (OSError, ValueError) as exc:
+        rep.add(name, "manifest", False, f"{_rel(man)}: {exc}")
+        return
+    actual = sha256_file(img)
+    rep.add(name, "sha256 = manifest", actual == manifest.get("sha256"), actual)
+    try:
+        ext4.fsck(img)
+        rep.add(name, "e2fsck -fn", True, "clean")
+    except BuildError as exc:
+        rep.add(name, "e2fsck -fn", False, exc.message.splitlines()[-1][:200])
+        return
+    guest = paths.bin_dir(arch) / "vulcan-guest"
+    agent_path = "usr/local/bin/vulcan-guest"
+    runtime_bin = manifest.get("binary", "").lstrip("/")
+    files = {p: size for pkg in manifest.get("packages", []) for p, size in pkg.get("files", {}).items()}
+    wanted = sorted({agent_path, "work", "sbin/init", "etc/inittab", runtime_bin, *files})
+    st = ext4.stat_many(img, wanted)
+    a = st.get(agent_path)
+    if a is None or a.kind != "regular" or not a.mode & 0o111:
+        rep.add(name, "agent present, executable", False, f"/{agent_path}: {a.kind if a else 'missing'}")
+    else:
+        inside = ext4.cat(img, agent_path)
+        same = guest.is_file() and inside == guest.read_bytes()
+        detail = "byte-identical to bin/vulcan-guest" if same else "differs from bin/vulcan-guest"
+        rep.add(name, "agent = bin/vulcan-guest", same, detail if guest.is_file() else "bin/vulcan-guest missing")
+    w = st.get("work")
+    rep.add(name, "/work is a directory", bool(w and w.kind == "directory"), f"uid {w.uid}" if w else "missing")
+    init = st.get("sbin/init")
+    inittab = ext4.cat(img, "etc/inittab").decode(errors="replace") if st.get("etc/inittab") else ""
+    starts = init is not None and "/usr/local/bin/vulcan-guest" in inittab and "respawn" in inittab
+    why = (
+        "busybox init, inittab respawns the agent"
+        if starts
+        else f"/sbin/init {'present' if init else 'missing'}; inittab {'lacks' if inittab else 'missing'} the agent"
+    )
+    rep.add(name, "/sbin/init starts the agent", starts, why)
+    rb = st.get(runtime_bin)
+    rep.add(name, "runtime binary present", rb is not None, f"/{runtime_bin}")
+    bad = []
+    for p, size in files.items():
+        found = st.get(p)
+        if found is None or found.size != size:
+            bad.append(f"/{p} ({'missing' if found is None else f'{found.size} bytes, packaged {size}'})")
+    rep.add(name, "package files intact", not bad, f"{len(files)} files" if not bad else f"{len(bad)} wrong: {bad[:5]}")
+    check_runtime_runs(rep, img, manifest, arch)
+    if reproduce:
+        check_reproduce(rep, runtime, arch, actual)
+
+
+def check_runtime_runs(rep: Report, img: Path, manifest: dict[str, Any], arch: str) -> None:
+    """Run the runtime check from the image's own files, through its musl loader (no root)."""
+    name = _rel(img)
+    if arch != host_arch():
+        rep.add(name, "runtime runs", None, f"cannot run {arch} code on {host_arch()} (no emulation here)")
+        return
+    with tempfile.TemporaryDirectory(prefix="vulcan-verify-") as tmp:
+        root = Path(tmp)
+        binary = manifest.get("binary", "").lstrip("/")
+        for d in ("lib", "usr/lib", Path(binary).parent.as_posix()):
+            (root / d).parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["debugfs", "-R", f"rdump /{d} {(root / d).parent}", str(img)], capture_output=True)
+        target = _resolve_in(root, binary)
+        if target is None or not target.is_file():
+            rep.add(name, "runtime runs", False, f"/{binary} could not be read from the image")
+            return
+        head = target.read_bytes()[:4]
+        if head != b"\x7fELF":
+            rep.add(name, "runtime runs", None, f"/{binary} is a script: it needs the image's whole root to run")
+            return
+        loaders = sorted((root / "lib").glob("ld-musl-*.so.1"))
+        info = read_elf(target)
+        argv = [str(target), *manifest.get("check", [])[1:]]
+        if info.interpreter:
+            if not loaders:
+                rep.add(name, "runtime runs", False, "dynamic binary but no /lib/ld-musl-*.so.1 in the image")
+                return
+            libpath = ":".join(str(root / d) for d in ("lib", "usr/lib"))
+            argv = [str(loaders[0]), "--library-path", libpath, *argv]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp)
+        except OSError as exc:
+            rep.add(name, "runtime runs", False, f"{exc}")
+            return
+        out = (proc.stdout or proc.stderr).strip().splitlines()[:1]
+        rep.add(name, "runtime runs", proc.returncode == 0, f"{' '.join(manifest.get('check', []))}: {' '.join(out)}")
+
+
+def _resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:
+    p = root / rel
+    if depth > 20:
+        return None
+    if p.is_symlink():
+        target = os.readlink(p)
+        nxt = (
+            target.lstrip("/")
+            if target.startswith("/")
+            else os.path.normpath(os.path.join(os.path.dirname(rel), target))
+        )
+        return _resolve_in(root, nxt, depth + 1)
+    return p if p.exists() else None
+
+
+def check_reproduce(rep: Report, runtime: str, arch: str, published: str) -> None:
+    """Rebuild the image in a scratch output directory and compare the sha256."""
+    name = _rel(paths.images_dir(arch) / f"{runtime}.ext4")
+    with tempfile.TemporaryDirectory(prefix="vulcan-reproduce-") as tmp:
+        shutil.copytree(paths.bin_dir(arch), Path(tmp) / paths.bin_dir(arch).relative_to(paths.out_root()))
+        env = {**os.environ, "VULCAN_OUT": tmp}
+        proc = subprocess.run(
+            [sys.executable, "-m", "scripts", "rootfs", "--runtime", runtime, "--arch", arch, "--frozen"],
+            cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            rep.add(name, "--reproduce", False, proc.stderr.strip().splitlines()[-1][:200])
+            return
+        again = sha256_file(Path(tmp) / paths.images_dir(arch).relative_to(paths.out_root()) / f"{runtime}.ext4")
+        rep.add(
+            name,
+            "--reproduce",
+            again == published,
+            f"rebuilt {again}" + ("" if again == published else f" != {published}"),
+        )
+
+
+def verify(pins: Pins, arch: str, reproduce: bool) -> Report:
+    rep = Report()
+    check_vmm(rep, pins, arch)
+    check_guest(rep, arch)
+    for runtime in pins.alpine.runtimes:
+        check_image(rep, runtime, arch, reproduce)
+    return rep
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="nox -s verify --", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--arch", default=host_arch(), choices=ARCHES)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON (for CI)")
+    p.add_argument("--reproduce", action="store_true", help="rebuild each image in a scratch directory and compare")
+    p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        rep = verify(load_pins(), args.arch, args.reproduce)
+    except VulcanError:
+        raise
+    present = [r for r in rep.rows if r.result != "missing"]
+    if args.json:
+        print(json.dumps({"ok": not rep.failed and bool(present), "rows": [asdict(r) for r in rep.rows]}, indent=1))
+    else:
+        print(rep.table())
+        summary = f"{len(rep.rows) - len(rep.failed)} of {len(rep.rows)} checks passed or skipped"
+        log.info(summary + (f"; FAILED: {len(rep.failed)}" if rep.failed else ""))
+    if not present:
+        log.warn("nothing to verify: no artifacts found (run 'nox -s download' and 'nox -s rootfs_all')")
+        return 1
+    return 1 if rep.failed else 0

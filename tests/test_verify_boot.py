@@ -1,0 +1,293 @@
+"""`verify` catches corrupted artifacts; `boot` proves an image boots (QEMU, for real);
+the Firecracker path is covered by its config and vsock/agent protocol, since Firecracker
+cannot boot a normal guest on these machines (their /dev/kvm runs only patched kernels)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import lzma
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts import ext4
+from scripts.agent import AgentClient, vsock_connect
+from scripts.firecracker import config
+from scripts.pins import host_arch
+from tests import imagerepo
+from tests.conftest import BASE_PINS, SHARED, World
+from tests.mirror import serve
+from tests.test_guest import find_go
+
+pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None, reason="e2fsprogs is not installed")
+ARCH = host_arch()
+TEST_KERNEL = SHARED / "kernel/vmlinux.xz"
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    mirror, server = serve()
+    w = World(mirror, tmp_path_factory.mktemp("full"), copy.deepcopy(BASE_PINS), tmp_path_factory.mktemp("gocache"))
+    from tests.conftest import firecracker_tgz, sha256
+
+    fc, kernel = w.pins["firecracker"], w.pins["kernel"]
+    tgz = firecracker_tgz(fc["version"], ARCH)
+    fc["sha256"][ARCH] = sha256(tgz)
+    mirror.add(fc["url"].format(version=fc["version"], arch=ARCH), tgz)
+    vmlinux = lzma.decompress(TEST_KERNEL.read_bytes()) if TEST_KERNEL.is_file() else b"\x7fELF" + b"\2\1" + b"\0" * 58
+    kernel["sha256"][ARCH] = sha256(vmlinux)
+    mirror.add(kernel["url"].format(version=kernel["version"], arch=ARCH), vmlinux)
+    imagerepo.setup(w)
+    w.run("download", check=True)
+    w.run("guest", check=True, VULCAN_GO=find_go())
+    w.run("rootfs", "--all", check=True)
+    yield w
+    server.shutdown()
+
+
+def verify(w: World, *args: str, out: Path | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
+    proc = w.run("verify", "--json", *args, **({"VULCAN_OUT": str(out)} if out else {}))
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def failures(report: dict) -> set[tuple[str, str]]:  # type: ignore[type-arg]
+    return {(r["artifact"], r["check"]) for r in report["rows"] if r["result"] == "FAIL"}
+
+
+def copy_outputs(w: World, dest: Path) -> Path:
+    shutil.copytree(w.out, dest, symlinks=True)
+    return dest
+
+
+def test_verify_passes_on_fresh_outputs(full: World) -> None:
+    code, report = verify(full)
+    assert code == 0, [r for r in report["rows"] if r["result"] not in ("pass", "skip")]
+    rows = {(r["artifact"], r["check"]): r for r in report["rows"]}
+    assert rows[("bin/firecracker", "--version")]["detail"] == "Firecracker v1.17.0"
+    assert rows[("images/python.ext4", "package files intact")]["result"] == "pass"
+    if imagerepo.musl_python():  # a real musl binary: run through the image's own loader
+        assert rows[("images/python.ext4", "runtime runs")] == {
+            "artifact": "images/python.ext4", "check": "runtime runs", "result": "pass",
+            "detail": "python3 --version: Python 3.14.7"}  # fmt: skip
+    proc = full.run("verify")
+    assert "images/python.ext4  sha256 = manifest" in proc.stdout.replace("   ", "  ")
+
+
+def test_flipped_byte_in_an_image_fails(full: World, tmp_path: Path) -> None:
+    out = copy_outputs(full, tmp_path / "o")
+    img = out / "images/node.ext4"
+    data = bytearray(img.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    img.write_bytes(bytes(data))
+    code, report = verify(full, out=out)
+    assert code == 1 and ("images/node.ext4", "sha256 = manifest") in failures(report)
+
+
+def test_replaced_agent_fails(full: World, tmp_path: Path) -> None:
+    out = copy_outputs(full, tmp_path / "o")
+    agent = out / "bin/vulcan-guest"
+    shutil.copyfile("/bin/busybox" if os.path.exists("/bin/busybox") else "/bin/sh", agent)
+    code, report = verify(full, out=out)
+    bad = failures(report)
+    assert code == 1
+    assert ("bin/vulcan-guest", "sha256 = stamp") in bad
+    assert ("images/python.ext4", "agent = bin/vulcan-guest") in bad
+
+
+def test_file_deleted_inside_the_image_fails_and_is_named(full: World, tmp_path: Path) -> None:
+    out = copy_outputs(full, tmp_path / "o")
+    img = out / "images/python.ext4"
+    subprocess.run(["debugfs", "-w", "-R", "rm /usr/lib/python3.14/os.py", str(img)], check=True, capture_output=True)
+    code, report = verify(full, out=out)
+    assert code == 1
+    row = next(r for r in report["rows"] if r["check"] == "package files intact" and "python" in r["artifact"])
+    assert row["result"] == "FAIL" and "/usr/lib/python3.14/os.py (missing)" in row["detail"]
+
+
+def test_swapped_images_fail(full: World, tmp_path: Path) -> None:
+    out = copy_outputs(full, tmp_path / "o")
+    a, b = out / "images/python.ext4", out / "images/go.ext4"
+    tmp = out / "images/x"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    code, report = verify(full, out=out)
+    bad = failures(report)
+    assert code == 1
+    assert ("images/python.ext4", "sha256 = manifest") in bad and ("images/go.ext4", "sha256 = manifest") in bad
+
+
+def test_missing_artifacts_are_reported_and_nothing_is_a_failure(full: World, tmp_path: Path) -> None:
+    code, report = verify(full, out=tmp_path / "empty")
+    assert code == 1  # nothing to verify at all
+    assert {r["result"] for r in report["rows"]} == {"missing"}
+
+
+@pytest.mark.skipif(not ext4.e2fsprogs_version() >= ext4.TAR_INPUT_VERSION if shutil.which("mke2fs") else True,
+                    reason="needs e2fsprogs >= 1.47.1 for bit-identical rebuilds")  # fmt: skip
+def test_reproduce_rebuilds_and_matches(full: World) -> None:
+    code, report = verify(full, "--reproduce")
+    rows = [r for r in report["rows"] if r["check"] == "--reproduce"]
+    assert code == 0 and len(rows) == 3 and all(r["result"] == "pass" for r in rows)
+
+
+def test_clean_removes_outputs_and_is_idempotent(full: World, tmp_path: Path) -> None:
+    out = copy_outputs(full, tmp_path / "o")
+    for _ in range(2):
+        proc = full.run("clean", VULCAN_OUT=str(out))
+        assert proc.returncode == 0
+    assert not (out / "bin").exists() and not (out / "images").exists()
+    assert full.cache.exists()
+    cache = tmp_path / "cache"
+    shutil.copytree(full.cache, cache)
+    full.run("clean", "--all", check=True, VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+    assert not cache.exists()
+
+
+# -- Firecracker: configuration, vsock handshake and agent protocol -----------------------------
+
+# Firecracker's documented --config-file fields (docs/getting-started.md, swagger firecracker.yaml)
+SCHEMA = {
+    "boot-source": {"kernel_image_path": str, "boot_args": str},
+    "drives": {"drive_id": str, "path_on_host": str, "is_root_device": bool, "is_read_only": bool},
+    "machine-config": {"vcpu_count": int, "mem_size_mib": int, "smt": bool},
+    "vsock": {"guest_cid": int, "uds_path": str},
+}
+
+
+def test_firecracker_config_has_the_documented_shape(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "vmlinux", tmp_path / "python.ext4", tmp_path / "v.sock", extra_args="vulcan.port=52")
+    json.dumps(cfg)  # serialisable
+    assert set(cfg) <= {*SCHEMA, "network-interfaces"}
+    for section, fields in SCHEMA.items():
+        items = cfg[section] if isinstance(cfg[section], list) else [cfg[section]]
+        for item in items:
+            for key, typ in fields.items():
+                assert isinstance(item[key], typ), (section, key)
+            assert set(item) <= set(fields), (section, set(item) - set(fields))
+    assert cfg["vsock"]["guest_cid"] >= 3
+    args = cfg["boot-source"]["boot_args"].split()
+    assert {"console=ttyS0", "reboot=k", "panic=1", "vulcan.port=52"} <= set(args)
+    assert not any(a.startswith("root=") for a in args)  # Firecracker adds it for the root drive
+    assert cfg["drives"][0]["is_root_device"] is True
+
+
+class FakeVsockMuxer:
+    """Firecracker's host side of vsock, for the test: a Unix socket that answers
+    ``CONNECT <port>`` with ``OK <n>`` and then relays to the (real) agent over TCP."""
+
+    def __init__(self, path: Path, agent_port: int) -> None:
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(path))
+        self.server.listen(4)
+        self.agent_port = agent_port
+        self.seen: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            line = b""
+            while not line.endswith(b"\n"):
+                line += conn.recv(1)
+            self.seen.append(line)
+            if line != b"CONNECT 52\n":
+                conn.sendall(b"FAILURE\n")
+                conn.close()
+                continue
+            conn.sendall(b"OK 1073741824\n")
+            upstream = socket.create_connection(("127.0.0.1", self.agent_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        while data := a.recv(65536):
+            b.sendall(data)
+        b.shutdown(socket.SHUT_WR)
+
+
+def test_vsock_handshake_and_agent_protocol(full: World, tmp_path: Path) -> None:
+    agent = subprocess.Popen(
+        [full.out / "bin/vulcan-guest", "-listen", "tcp:127.0.0.1:0", "-cmdline", "/dev/null"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert agent.stdout is not None
+        port = int(agent.stdout.readline().split("port=")[1])
+        mux = FakeVsockMuxer(tmp_path / "v.sock", port)
+        client = AgentClient(vsock_connect(str(tmp_path / "v.sock"), 52, timeout=10))
+        assert client.ping()["version"] == "0.1.0"
+        r = client.exec(["sh", "-c", "echo $((6*7))"])
+        assert (r.exit_code, r.stdout) == (0, b"42\n")
+        assert mux.seen == [b"CONNECT 52\n"]
+        client.close()
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_firecracker_without_kvm_or_binary_says_what_is_missing(full: World, tmp_path: Path) -> None:
+    out = copy_outputs(full, tmp_path / "o")
+    (out / "bin/firecracker").unlink()
+    proc = full.run("boot", "--vmm", "firecracker", "python", VULCAN_OUT=str(out))
+    assert proc.returncode == 1 and "cannot boot with Firecracker" in proc.stderr
+    assert "/dev/kvm" in proc.stderr or "bin/firecracker is missing" in proc.stderr
+
+
+def test_no_vmm_at_all_is_an_error_not_a_skip(full: World, tmp_path: Path) -> None:
+    out = copy_outputs(full, tmp_path / "o")
+    (out / "bin/firecracker").unlink()
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    proc = full.run("boot", "python", VULCAN_OUT=str(out), PATH=str(empty))
+    assert (
+        proc.returncode == 1 and "no VMM can run here" in proc.stderr and "qemu-system-x86_64 not found" in proc.stderr
+    )
+
+
+# -- a real boot under QEMU ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(ARCH != "x86_64", reason="the test kernel is x86_64")
+@pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+def test_qemu_boots_the_image_and_the_agent_reports_smoke_ok(full: World) -> None:
+    proc = full.run("boot", "--vmm", "qemu", "python", "go")
+    assert proc.returncode == 0, proc.stderr
+    assert "boot python: ok via qemu" in proc.stderr and "Python 3.14.7" in proc.stderr
+    assert "boot go: ok via qemu" in proc.stderr
+    log_text = (full.out / "images/.boot/python.qemu.console.log").read_text()
+    assert "vulcan-smoke: ok Python 3.14.7" in log_text
+    # the image in images/ was not modified by the VM
+    manifest = json.loads((full.out / "images/python.manifest.json").read_text())
+    from scripts.fetch import sha256_file
+
+    assert sha256_file(full.out / "images/python.ext4") == manifest["sha256"]
+    print("\n" + "\n".join(line for line in proc.stderr.splitlines() if "boot-to-smoke" in line))
+
+
+@pytest.mark.skipif(ARCH != "x86_64", reason="the test kernel is x86_64")
+@pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+def test_qemu_boot_of_a_broken_runtime_fails(world: World) -> None:
+    runtimes = {"broken": {"world": ["python3"], "check": ["false"], "binary": "/usr/bin/python3"}}
+    imagerepo.setup(world, runtimes=runtimes)
+    world.run("guest", check=True, VULCAN_GO=find_go())
+    world.run("rootfs", "--runtime", "broken", check=True)
+    kernel = world.tmp / "vmlinux"
+    kernel.write_bytes(lzma.decompress(TEST_KERNEL.read_bytes()))
+    proc = world.run("boot", "--vmm", "qemu", "--kernel", str(kernel), "broken")
+    assert proc.returncode == 1
+    assert "vulcan-smoke: fail false exited 1" in proc.stderr
