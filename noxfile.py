@@ -9,6 +9,7 @@ Sessions (``nox -l``; the logic lives in scripts/, this file only wires):
   verify          check bin/ and images/ against the pins and manifests (--json, --reproduce)
   boot            boot images and run their runtime (Firecracker, or --vmm qemu) (on request)
   clean           remove bin/, images/ and stamps; --all also the cache (on request)
+  update_pins     newest upstream versions within the pinned lines; --check for CI (on request)
   tests           the test suite (offline; local HTTP mirrors on 127.0.0.1)
   lint            ruff and mypy
 
@@ -75,7 +76,7 @@ def guest(session: nox.Session) -> None:
 
 
 def _rootfs_session(runtime: str) -> None:
-    @nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs"])
+    @nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs", "image"])
     def rootfs(session: nox.Session) -> None:
         _scripts(session, "rootfs", "--runtime", runtime)
 
@@ -116,6 +117,12 @@ def lock(session: nox.Session) -> None:
     _scripts(session, "lock")
 
 
+@nox.session(default=False)
+def update_pins(session: nox.Session) -> None:
+    """Move pins to the newest upstream versions in their lines, then re-lock (--check: report only)."""
+    _scripts(session, "update_pins")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (offline; serves upstream-shaped mirrors on 127.0.0.1)."""
@@ -130,3 +137,5 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "scripts", "tests", "noxfile.py")
     session.run("ruff", "format", "--check", "scripts", "tests", "noxfile.py")
     session.run("mypy", "scripts", "noxfile.py")
+    # the CI workflow, against the GitHub Actions schema that check-jsonschema ships (offline)
+    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", ".github/workflows/images.yml")

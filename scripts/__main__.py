@@ -16,6 +16,8 @@ COMMANDS = {
     "boot": "boot",
     "verify": "verify",
     "clean": "clean",
+    "ci-matrix": "ci",
+    "update_pins": "update_pins",
 }
 
 

@@ -32,6 +32,8 @@ from .pins import load as load_pins
 
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 AGENT_PORT = 52
+STALLED = "\0stalled"
+STALL_S = 60.0  # a guest silent for this long before it is up has hung (seen: TCG timer calibration)
 _kvm_failed: list[str] = []  # KVM that failed once (e.g. nested KVM for patched guests only) is not tried again
 
 
@@ -94,14 +96,21 @@ class _Console:
             self.lines.put(line)
         self.lines.put(None)
 
-    def wait_for(self, markers: tuple[str, ...], deadline: float) -> str | None:
-        """The first console line containing one of ``markers`` (None: VM ended or timed out)."""
+    def wait_for(self, markers: tuple[str, ...], deadline: float, stall: float | None = None) -> str | None:
+        """The first console line containing one of ``markers`` (None: VM ended or timed out).
+
+        With ``stall``, silence on the console for that long counts as a hang: ``STALLED``."""
+        last = time.monotonic()
         while True:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 return None
+            if stall is not None and now - last > stall:
+                return STALLED
             try:
                 line = self.lines.get(timeout=min(left, 1.0))
+                last = time.monotonic()
             except queue.Empty:
                 continue
             if line is None:
@@ -147,7 +156,9 @@ def qemu_command(arch: str, kernel: Path, image: Path, accel: str, args: str) ->
     ]  # fmt: skip
 
 
-def boot_qemu(runtime: str, image: Path, kernel: Path, arch: str, timeout: float, accel: str, logs: Path) -> BootResult:
+def boot_qemu(
+    runtime: str, image: Path, kernel: Path, arch: str, timeout: float, accel: str, logs: Path, retry: bool = True
+) -> BootResult:
     if accel == "auto":
         accel = "kvm" if kvm_usable() is None and not _kvm_failed else "tcg"
     with tempfile.TemporaryDirectory(prefix="vulcan-boot-") as tmp:
@@ -161,12 +172,19 @@ def boot_qemu(runtime: str, image: Path, kernel: Path, arch: str, timeout: float
         console = _Console(proc, console_log)
         try:
             line = console.wait_for(
-                ("vulcan-smoke: ok", "vulcan-smoke: fail", "KVM internal error", "Kernel panic"), start + timeout
+                ("vulcan-smoke: ok", "vulcan-smoke: fail", "KVM internal error", "Kernel panic"),
+                start + timeout,
+                stall=STALL_S,
             )
         finally:
             _kill(proc)
             console.close()
         seconds = time.monotonic() - start
+    if line == STALLED and retry:
+        log.warn(f"boot {runtime}: the guest printed nothing for {STALL_S:.0f}s (hung early); trying once more")
+        return boot_qemu(runtime, image, kernel, arch, timeout, accel, logs, retry=False)
+    if line == STALLED:
+        line = f"the guest hung: no console output for {STALL_S:.0f}s"
     if line and "KVM internal error" in line:
         _kvm_failed.append(line)
         log.warn(f"boot {runtime}: KVM is not usable for this guest here ({line.strip()}); retrying with TCG")

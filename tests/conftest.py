@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import hashlib
 import io
 import json
@@ -69,13 +70,13 @@ def firecracker_tgz(version: str, arch: str, extra_member: bool = True) -> bytes
     if extra_member:
         members[f"{top}/SHA256SUMS"] = sums.encode()
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mode = 0o755
             tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return gzip.compress(buf.getvalue(), mtime=0)  # deterministic: the same bytes every call
 
 
 BASE_PINS = json.loads((REPO / "pins.json").read_text())

@@ -1,0 +1,158 @@
+"""`nox -s update_pins` against a mirror imitating the GitHub API, the S3 listing, go.dev's
+JSON and an Alpine branch: new releases appear, checksums disagree, the network fails."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests import imagerepo
+from tests.apkrepo import KEY_NAME, Entry, Pkg, public_pem, publish
+from tests.conftest import World, firecracker_tgz, sha256
+
+BUCKET = "https://s3.amazonaws.com/spec.ccfc.min"
+OLD_PREFIX = "20260930-a738f18a8db0-0"
+NEW_PREFIX = "20261014-0c1d2e3f4a5b-0"
+
+
+def _listing(objects: list[tuple[str, bytes, bool]]) -> bytes:
+    items = "".join(
+        f"<Contents><Key>{key}</Key><ETag>&quot;{hashlib.md5(data).hexdigest() if good else '0' * 32}&quot;</ETag>"
+        f"<Size>{len(data)}</Size></Contents>"
+        for key, data, good in objects
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        f"<Name>spec.ccfc.min</Name><Prefix>firecracker-ci/</Prefix><IsTruncated>false</IsTruncated>{items}"
+        "</ListBucketResult>"
+    ).encode()
+
+
+def other_key_pem() -> bytes:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.fixture
+def upstream(world: World) -> World:
+    m = world.mirror
+    # Firecracker: the pinned 1.17.0, a new 1.18.0, a prerelease and another major line
+    releases = []
+    for version, pre in (("1.17.0", False), ("1.18.0", False), ("1.19.0-rc1", True), ("2.0.0", False)):
+        assets = []
+        for arch in ("x86_64", "aarch64"):
+            name = f"firecracker-v{version}-{arch}.tgz"
+            url = f"https://github.com/firecracker-microvm/firecracker/releases/download/v{version}/{name}"
+            tgz = firecracker_tgz(version, arch)
+            m.add(url, tgz)
+            m.add(url + ".sha256.txt", f"{sha256(tgz)}  {name}\n".encode())
+            assets += [{"name": name, "browser_download_url": url},
+                       {"name": name + ".sha256.txt", "browser_download_url": url + ".sha256.txt"}]  # fmt: skip
+        releases.append({"tag_name": f"v{version}", "draft": False, "prerelease": pre, "assets": assets})
+    m.add("https://api.github.com/repos/firecracker-microvm/firecracker/releases", json.dumps(releases).encode())
+    # kernels: the pinned prefix, a newer one with both arches, a newest one with x86_64 only, a 6.6 line
+    objects = []
+    for prefix, version, arches in ((OLD_PREFIX, "6.1.186", ("x86_64", "aarch64")),
+                                    (NEW_PREFIX, "6.1.190", ("x86_64", "aarch64")),
+                                    ("20261021-aaaaaaaaaaaa-0", "6.1.191", ("x86_64",)),
+                                    (NEW_PREFIX, "6.6.60", ("x86_64", "aarch64"))):  # fmt: skip
+        for arch in arches:
+            key = f"firecracker-ci/{prefix}/{arch}/vmlinux-{version}"
+            data = f"kernel {version} {arch}".encode() * 100
+            m.add(f"{BUCKET}/{key}", data)
+            objects.append((key, data, True))
+    world.kernel_objects = objects  # type: ignore[attr-defined]
+    m.add(f"{BUCKET}/", _listing(objects))
+    # Go: the pinned 1.26.9, a newer 1.26.10, an unstable 1.26.11rc1 and the 1.27 line
+    go = []
+    for version, stable in (("1.26.9", True), ("1.26.10", True), ("1.26.11rc1", False), ("1.27.0", True)):
+        go.append({"version": f"go{version}", "stable": stable, "files": [
+            {"filename": f"go{version}.linux-{ga}.tar.gz", "os": "linux", "arch": ga, "kind": "archive",
+             "sha256": hashlib.sha256(f"go {version} {ga}".encode()).hexdigest()} for ga in ("amd64", "arm64")]})  # fmt: skip
+    m.add("https://go.dev/dl/", json.dumps(go).encode())
+    # Alpine: the branch's alpine-keys now also ships a new key
+    new_pem = other_key_pem()
+    m.add("https://alpinelinux.org/keys/vulcan-new-1.rsa.pub", new_pem)
+    world.new_key_fp = hashlib.sha256(  # type: ignore[attr-defined]
+        serialization.load_pem_public_key(new_pem).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    ).hexdigest()
+    for arch in ("x86_64", "aarch64"):
+        pkgs = imagerepo.packages(arch)
+        keys_entries = [Entry(f"usr/share/apk/keys/{KEY_NAME}", public_pem()),
+                        Entry("usr/share/apk/keys/vulcan-new-1.rsa.pub", new_pem)]  # fmt: skip
+        for a in ("x86_64", "aarch64"):
+            for n in (KEY_NAME, "vulcan-new-1.rsa.pub"):
+                keys_entries.append(Entry(f"usr/share/apk/keys/{a}/{n}", kind="symlink", mode=0o777, target=f"../{n}"))
+        pkgs["main"] = [p for p in pkgs["main"] if p.name != "alpine-keys"]
+        pkgs["main"].append(Pkg("alpine-keys", "2.6-r0", arch, entries=keys_entries))
+        publish(m, pkgs, arch)
+    world.pins["alpine"] = imagerepo.alpine_pins(imagerepo.RUNTIMES, imagerepo.BASE, ["main", "community"])
+    world.write_pins()
+    return world
+
+
+def test_check_reports_the_diff_and_changes_nothing(upstream: World) -> None:
+    before = upstream.pins_path.read_text()
+    proc = upstream.run("update_pins", "--check")
+    assert proc.returncode == 1, proc.stderr
+    diff = proc.stdout
+    for expected in ('+    "version": "1.18.0"', '+    "version": "6.1.190"', NEW_PREFIX, '+    "version": "1.26.10"',
+                     "vulcan-new-1.rsa.pub"):  # fmt: skip
+        assert expected in diff
+    for never in ("2.0.0", "1.19.0-rc1", "6.6.60", "6.1.191", "1.27.0", "1.26.11rc1"):
+        assert never not in diff
+    assert upstream.pins_path.read_text() == before
+    print("\n" + diff)
+
+
+def test_update_writes_valid_pins_relocks_and_then_is_current(upstream: World) -> None:
+    proc = upstream.run("update_pins", check=True)
+    pins = json.loads(upstream.pins_path.read_text())
+    assert pins["firecracker"]["version"] == "1.18.0"
+    assert pins["firecracker"]["sha256"]["x86_64"] == sha256(firecracker_tgz("1.18.0", "x86_64"))
+    assert pins["kernel"]["url"] == f"{BUCKET}/firecracker-ci/{NEW_PREFIX}/{{arch}}/vmlinux-{{version}}"
+    assert pins["kernel"]["sha256"]["aarch64"] == sha256(b"kernel 6.1.190 aarch64" * 100)
+    assert pins["go"]["version"] == "1.26.10"
+    assert pins["alpine"]["keys"]["vulcan-new-1.rsa.pub"]["sha256"] == upstream.new_key_fp  # type: ignore[attr-defined]
+    lock = json.loads((upstream.tmp / "alpine.lock.json").read_text())
+    assert {"python/x86_64", "python/aarch64", "go/aarch64", "node/x86_64"} <= set(lock["entries"])
+    assert "lock python/aarch64" in proc.stderr
+    upstream.pins = pins  # (World.run writes its pins before each run)
+    again = upstream.run("update_pins", "--check")
+    assert again.returncode == 0 and "pins are current" in again.stderr, again.stdout
+
+
+def test_asset_disagreeing_with_its_checksum_file_is_refused(upstream: World) -> None:
+    before = upstream.pins_path.read_text()
+    url = "https://github.com/firecracker-microvm/firecracker/releases/download/v1.18.0/firecracker-v1.18.0-aarch64.tgz"
+    upstream.mirror.add(url, b"tampered release asset")
+    proc = upstream.run("update_pins")
+    assert proc.returncode == 1 and "disagrees with its .sha256.txt" in proc.stderr
+    assert upstream.pins_path.read_text() == before
+
+
+def test_kernel_not_matching_its_etag_is_refused(upstream: World) -> None:
+    objects = [(k, d, "6.1.190/aarch64" not in k.replace("/vmlinux-", "/").replace(f"{NEW_PREFIX}/", "6.1.190/"))
+               for k, d, _ in upstream.kernel_objects]  # type: ignore[attr-defined]  # fmt: skip
+    upstream.mirror.add(f"{BUCKET}/", _listing(objects))
+    before = upstream.pins_path.read_text()
+    proc = upstream.run("update_pins")
+    assert proc.returncode == 1 and "differs from the object's ETag" in proc.stderr
+    assert upstream.pins_path.read_text() == before
+
+
+@pytest.mark.parametrize("fault", ["404", "500"])
+def test_network_errors_leave_the_pins_unchanged(upstream: World, fault: str) -> None:
+    before = upstream.pins_path.read_text()
+    upstream.mirror.fail(f"{BUCKET}/", *[fault] * 4)
+    proc = upstream.run("update_pins")
+    assert proc.returncode == 1 and "spec.ccfc.min" in proc.stderr and "Traceback" not in proc.stderr
+    assert upstream.pins_path.read_text() == before
+    assert not list(Path(upstream.pins_path.parent).glob(".pins.json.new"))
