@@ -73,7 +73,8 @@ def upstream(world: World) -> World:
     for version, stable in (("1.26.9", True), ("1.26.10", True), ("1.26.11rc1", False), ("1.27.0", True)):
         go.append({"version": f"go{version}", "stable": stable, "files": [
             {"filename": f"go{version}.linux-{ga}.tar.gz", "os": "linux", "arch": ga, "kind": "archive",
-             "sha256": hashlib.sha256(f"go {version} {ga}".encode()).hexdigest()} for ga in ("amd64", "arm64")]})  # fmt: skip
+             "sha256": hashlib.sha256(f"go {version} {ga}".encode()).hexdigest()}
+            for ga in ("amd64", "arm64")]})  # fmt: skip
     m.add("https://go.dev/dl/", json.dumps(go).encode())
     # Alpine: the branch's alpine-keys now also ships a new key
     new_pem = other_key_pem()
