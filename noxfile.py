@@ -10,6 +10,7 @@ Sessions (``nox -l``; the logic lives in scripts/, this file only wires):
   boot            boot images and run their runtime (Firecracker, or --vmm qemu) (on request)
   clean           remove bin/, images/ and stamps; --all also the cache (on request)
   update_pins     newest upstream versions within the pinned lines; --check for CI (on request)
+  bench           benchmarks against their floors, on a local mirror (on request)
   tests           the test suite (offline; local HTTP mirrors on 127.0.0.1)
   lint            ruff and mypy
 
@@ -123,6 +124,13 @@ def update_pins(session: nox.Session) -> None:
     _scripts(session, "update_pins")
 
 
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks: no-op, warm and cold builds, size, memory, boot; vs their floors."""
+    _install(session, "requirements-dev.txt")
+    session.run("python", "bench/bench.py", *session.posargs)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (offline; serves upstream-shaped mirrors on 127.0.0.1)."""
@@ -134,8 +142,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Check the code with ruff and mypy (the noxfile included)."""
     _install(session, "requirements-dev.txt")
-    session.run("ruff", "check", "scripts", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "scripts", "tests", "noxfile.py")
+    session.run("ruff", "check", "scripts", "tests", "bench", "noxfile.py")
+    session.run("ruff", "format", "--check", "scripts", "tests", "bench", "noxfile.py")
     session.run("mypy", "scripts", "noxfile.py")
     # the CI workflow, against the GitHub Actions schema that check-jsonschema ships (offline)
     session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", ".github/workflows/images.yml")

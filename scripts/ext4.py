@@ -44,6 +44,12 @@ MKE2FS_CONF = """\
 \text4 = {
 \t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
 \t}
+\tsmall = {
+\t\tinode_ratio = 16384
+\t}
+\tfloppy = {
+\t\tinode_ratio = 16384
+\t}
 """
 TAR_INPUT_VERSION = (1, 47, 1)
 
@@ -77,12 +83,14 @@ class Layout:
     inodes: int
 
 
-def layout(content_bytes: int, file_blocks: int, entries: int, headroom_mib: int) -> Layout:
-    """Image size: the content in whole blocks, inode tables and journal, plus headroom."""
+def layout(file_blocks: int, dirs: int, entries: int, headroom_mib: int) -> Layout:
+    """Image size: file data in whole blocks, a block per directory (more for big ones),
+    inode tables and journal, plus headroom."""
     headroom = headroom_mib << 20
     inodes = entries + headroom // 16384 + 256
     inodes = (inodes + 255) // 256 * 256
-    meta = inodes * INODE_SIZE + entries * 64  # inode tables, directory entries
+    dir_blocks = dirs + (entries * 48) // BLOCK + 1  # ~48 bytes per directory entry
+    meta = inodes * INODE_SIZE + dir_blocks * BLOCK
     data = file_blocks * BLOCK
     base = int((data + meta) * 1.04) + (4 << 20)  # bitmaps, group descriptors, slack
     blocks = (base + headroom) // BLOCK
@@ -132,6 +140,7 @@ def make_image(tar: Path, image: Path, lay: Layout, uuid: str, hash_seed: str, e
         run(_mke2fs_args(tar, image, lay, uuid, hash_seed, label), env=env)
         return how
     staging = image.with_name("staging")
+    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     args = _mke2fs_args(staging, image, lay, uuid, hash_seed, label)
     helper = [sys.executable, "-m", "scripts.ext4", "stage", str(tar), str(staging), "--", *args]
@@ -249,10 +258,6 @@ def stat_many(image: Path, paths: list[str]) -> dict[str, Inode | None]:
     for path in paths[len(blocks) :]:
         out[path] = None
     return out
-
-
-def stat(image: Path, path: str) -> Inode | None:
-    return stat_many(image, [path])[path]
 
 
 def cat(image: Path, path: str) -> bytes:

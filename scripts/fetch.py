@@ -24,14 +24,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-import requests
-import urllib3
 
 from . import log
 from .errors import ChecksumError, DownloadError
 from .paths import cache_dir
+
+if TYPE_CHECKING:
+    import requests
+
+# requests/urllib3 are imported where they are used: a no-op run never pays for them.
+
+if TYPE_CHECKING:
+    import requests
+
+# requests/urllib3 are imported where they are used: a no-op run never pays for them.
 
 ATTEMPTS = 4
 BACKOFF_S = 0.5
@@ -39,7 +47,6 @@ TIMEOUT_S = (15.0, 60.0)  # (connect, read between bytes)
 CHUNK = 1 << 20
 
 _local = threading.local()
-request_log: list[str] = []  # every URL requested by this process (for "zero requests" checks)
 
 
 class _Transient(Exception):
@@ -56,6 +63,8 @@ def mirror_url(url: str) -> str:
 
 
 def _session() -> requests.Session:
+    import requests
+
     sess = getattr(_local, "session", None)
     if sess is None:
         sess = requests.Session()
@@ -86,9 +95,11 @@ def file_lock(target: Path) -> Iterator[None]:
 
 
 def _attempt(real: str, part: Path, progress: log.Progress) -> hashlib._Hash:
+    import requests
+    import urllib3
+
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
-    request_log.append(real)
     try:
         with _session().get(real, stream=True, timeout=TIMEOUT_S, headers=headers) as resp:
             if resp.status_code == 416:  # our .part is stale or complete: start over
@@ -127,6 +138,9 @@ def _attempt(real: str, part: Path, progress: log.Progress) -> hashlib._Hash:
 
 def _describe(exc: Exception) -> str:
     """One readable phrase instead of urllib3's nested reprs."""
+    import requests
+    import urllib3
+
     text = str(exc)
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or "timed out" in text:
         return "timed out"

@@ -33,12 +33,6 @@ def host_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
-def check_arch(arch: str) -> str:
-    if arch not in ARCHES:
-        raise PinError(f"unknown architecture {arch!r}", hint=f"use one of: {', '.join(ARCHES)}")
-    return arch
-
-
 def pins_path() -> Path:
     """``$VULCAN_PINS`` or the repository's pins.json."""
     env = os.environ.get("VULCAN_PINS")

@@ -32,9 +32,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def file_record(path: Path) -> dict[str, Any]:
+def file_record(path: Path, sha256: str | None = None) -> dict[str, Any]:
     st = path.stat()
-    return {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"sha256": sha256 or sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _intact(path: Path, record: Mapping[str, Any]) -> bool:
@@ -79,11 +79,15 @@ def output_sha256(stamp: Path, rel: str) -> str | None:
         return None
 
 
-def write(stamp: Path, inputs: Mapping[str, Any], base: Path, outputs: list[Path]) -> None:
+def write(
+    stamp: Path, inputs: Mapping[str, Any], base: Path, outputs: list[Path], known: Mapping[Path, str] | None = None
+) -> None:
+    """``known``: sha256 values the caller already computed (an image is not hashed twice)."""
+    known = known or {}
     data = {
         "tool_version": TOOL_VERSION,
         "inputs": inputs,
-        "outputs": {str(p.relative_to(base)): file_record(p) for p in sorted(outputs)},
+        "outputs": {str(p.relative_to(base)): file_record(p, known.get(p)) for p in sorted(outputs)},
     }
     stamp.parent.mkdir(parents=True, exist_ok=True)
     tmp = stamp.with_name(stamp.name + ".tmp")

@@ -234,7 +234,7 @@ def check_reproduce(rep: Report, runtime: str, arch: str, published: str) -> Non
     name = _rel(paths.images_dir(arch) / f"{runtime}.ext4")
     with tempfile.TemporaryDirectory(prefix="vulcan-reproduce-") as tmp:
         shutil.copytree(paths.bin_dir(arch), Path(tmp) / paths.bin_dir(arch).relative_to(paths.out_root()))
-        env = {**os.environ, "VULCAN_OUT": tmp}
+        env = {**os.environ, "VULCAN_OUT": tmp, "VULCAN_REASSEMBLE": "1"}  # from the packages, not a cached stream
         proc = subprocess.run(
             [sys.executable, "-m", "scripts", "rootfs", "--runtime", runtime, "--arch", arch, "--frozen"],
             cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,

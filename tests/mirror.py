@@ -20,6 +20,9 @@ class Mirror:
     faults: dict[str, list[str]] = field(default_factory=dict)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
     delay_s: float = 0.0  # pause mid-body (to make concurrent runs overlap)
+    latency_s: float = 0.0  # before each response (a simulated link)
+    rate: float = 0.0  # bytes/s per connection, 0 = unlimited (a simulated link)
+    bytes_served: int = 0
     inflight: int = 0
     max_inflight: int = 0  # most requests served at the same time
     url: str = ""
@@ -79,6 +82,8 @@ def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
                     return self._send(416, b"")
                 status = 206
             body = data[start:]
+            if mirror.latency_s:
+                time.sleep(mirror.latency_s)
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
@@ -89,6 +94,14 @@ def _handler(mirror: Mirror) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 self.close_connection = True
+                return
+            with mirror.lock:
+                mirror.bytes_served += len(body)
+            if mirror.rate:
+                step = 64 << 10
+                for i in range(0, len(body), step):
+                    self.wfile.write(body[i : i + step])
+                    time.sleep(min(step, len(body) - i) / mirror.rate)
                 return
             half = len(body) // 2
             self.wfile.write(body[:half])

@@ -147,14 +147,20 @@ def test_two_builds_in_different_scratch_directories_are_bit_identical(built: Wo
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) if not shm.is_dir() else shm
     out = tmp_path / "again"
     shutil.copytree(built.out / "bin", out / "bin")  # the same agent: the same input
-    built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(scratch))
+    built.run(
+        "rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(scratch),
+        VULCAN_CACHE=str(tmp_path / "cache"),  # independent: nothing shared with the first build
+    )  # fmt: skip
     assert sha(out / "images/python.ext4") == sha(image(built))
 
 
 def test_staging_directory_fallback_gives_the_same_stream_and_a_correct_image(built: World, tmp_path: Path) -> None:
     out = tmp_path / "fallback"
     shutil.copytree(built.out / "bin", out / "bin")
-    built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out), VULCAN_MKE2FS_INPUT="dir")
+    built.run(
+        "rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out), VULCAN_MKE2FS_INPUT="dir",
+        VULCAN_REASSEMBLE="1",  # the stream is assembled again, not taken from the cache
+    )  # fmt: skip
     a = json.loads((built.out / "images/python.manifest.json").read_text())
     b = json.loads((out / "images/python.manifest.json").read_text())
     assert b["tar_sha256"] == a["tar_sha256"]
@@ -265,3 +271,30 @@ def test_file_conflict_between_packages_is_refused(world: World) -> None:
     assert (
         proc.returncode == 1 and "file conflict: etc/hosts is in both alpine-baselayout-data and clash" in proc.stderr
     )
+
+
+def test_many_small_files_in_many_directories_fit(world: World) -> None:
+    """The size estimate counts a block per directory and per small file (a go-like tree)."""
+    rt = {"many": {"world": ["many"], "check": ["true"], "binary": "/bin/busybox", "headroom_mib": 0}}
+    imagerepo.setup(world, runtimes=rt)
+    pkgs = imagerepo.packages()
+    entries = [Entry(f"usr/lib/many/d{i}/f{j}", b"x" * (j + 1)) for i in range(1500) for j in range(2)]
+    pkgs["main"].append(Pkg("many", "1.0-r0", entries=entries))
+    publish(world.mirror, pkgs)
+    world.run("guest", check=True, VULCAN_GO=find_go())
+    world.run("rootfs", "--runtime", "many", check=True)
+    ext4.fsck(world.out / "images/many.ext4")
+
+
+def test_warm_rebuild_reuses_the_cached_stream_and_a_corrupt_one_is_reassembled(built: World, tmp_path: Path) -> None:
+    out = tmp_path / "warm"
+    shutil.copytree(built.out / "bin", out / "bin")
+    proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))
+    assert "reusing its tar" in proc.stderr
+    assert sha(out / "images/python.ext4") == sha(image(built))
+    for tar in (built.cache / "rootfs").rglob("*.tar"):
+        tar.write_bytes(b"garbage")
+    (out / "images/python.ext4").unlink()
+    proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))
+    assert "is corrupt; assembling it again" in proc.stderr
+    assert sha(out / "images/python.ext4") == sha(image(built))

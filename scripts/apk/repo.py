@@ -31,7 +31,12 @@ from .solver import Solver
 from .trust import Keyring, TrustError, fingerprint
 
 LOCK_VERSION = 1
-FETCH_WORKERS = 4
+
+
+def fetch_workers() -> int:
+    """Parallel package downloads (``VULCAN_FETCH_WORKERS``, default 4)."""
+    env = os.environ.get("VULCAN_FETCH_WORKERS", "4")
+    return max(1, int(env)) if env.isdigit() else 4
 
 
 class LockError(VulcanError):
@@ -261,7 +266,7 @@ class PackageGone(LockError):
 
 def fetch_all(pins: Pins, closure: Sequence[Locked], arch: str) -> list[Verified]:
     """Fetch (or take from the cache) and verify every package, in parallel (bounded)."""
-    with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
+    with ThreadPoolExecutor(max_workers=fetch_workers()) as pool:
         futures = [pool.submit(fetch_one, pins, p, arch) for p in closure]
         results: list[Verified] = []
         errors: list[BaseException] = []

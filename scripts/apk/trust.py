@@ -15,13 +15,14 @@ import io
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from typing import TYPE_CHECKING
 
 from ..errors import VulcanError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+# cryptography is imported where it is used: builds from a cached stream never load it.
 
 
 class TrustError(VulcanError):
@@ -30,6 +31,8 @@ class TrustError(VulcanError):
 
 def fingerprint(pem: bytes) -> str:
     """SHA-256 of the key's DER SubjectPublicKeyInfo."""
+    from cryptography.hazmat.primitives import serialization
+
     key = serialization.load_pem_public_key(pem)
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
@@ -41,6 +44,9 @@ class Keyring:
 
     @classmethod
     def from_pems(cls, pems: Mapping[str, bytes]) -> Keyring:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         loaded = {}
         for name, pem in pems.items():
             key = serialization.load_pem_public_key(pem)
@@ -82,6 +88,11 @@ def verify(sigs: list[Signature], digests: Mapping[str, bytes], keyring: Keyring
     ``digests`` maps "RSA"/"RSA256" to the SHA-1/SHA-256 digest of the signed bytes (hashed
     while streaming, so a large file is never held in memory).
     """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
     if not sigs:
         raise TrustError(f"{what}: not signed (no .SIGN.RSA or .SIGN.RSA256 entry in the first gzip member)")
     trusted = [s for s in sigs if s.key_name in keyring.keys]

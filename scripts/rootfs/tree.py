@@ -13,9 +13,7 @@ extracted onto the host file system.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import posixpath
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -314,15 +312,3 @@ class _Reader(io.RawIOBase):
             if want > 0:
                 want -= n
         return b"".join(parts)
-
-
-def stream_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def normpath(p: str) -> str:
-    return posixpath.normpath(p).lstrip("/")

@@ -1,0 +1,412 @@
+"""Benchmarks: how fast, how big, how close to the floor (``nox -s bench``; not a test).
+
+A local mirror serves realistically sized synthetic runtimes (python-like ~3,000 files / 50 MB,
+node-like ~6,000 / 100 MB, go-like ~12,000 / 200 MB, generated deterministically and cached in
+bench/.cache) on top of the test base (real static busybox and musl from Debian). Each figure
+is the median of several runs, next to its floor, measured in the same run:
+
+1. no-op ``nox -s rootfs_all`` vs an empty nox session; requests made
+2. warm rebuild of each image vs ``mke2fs -d`` of the same tar alone
+3. cold build of all three: bytes fetched / unique bytes needed; parallel vs serial fetch
+   (over a simulated link: latency and per-connection bandwidth)
+4. image size / content size, next to the seed's fixed 512 MiB
+5. peak RSS of the build process (go-like image)
+6. boot-to-smoke under QEMU (TCG) when a kernel is at hand
+
+Prints a table and writes bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests import imagerepo  # noqa: E402
+from tests.apkrepo import Entry, Pkg, publish  # noqa: E402
+from tests.conftest import BASE_PINS, SHARED, World  # noqa: E402
+from tests.mirror import serve  # noqa: E402
+
+GENERATOR = 3  # bump when the synthetic packages change
+RUNTIMES = {  # name: (package, files, total bytes, check binary)
+    "python": ("python3", 3_000, 50 << 20),
+    "node": ("nodejs", 6_000, 100 << 20),
+    "go": ("go", 12_000, 200 << 20),
+}
+WORDS = [
+    "def",
+    "return",
+    "import",
+    "class",
+    "self",
+    "value",
+    "error",
+    "result",
+    "index",
+    "buffer",
+    "stream",
+    "package",
+    "module",
+    "func",
+    "const",
+    "var",
+    "if",
+    "else",
+    "for",
+    "while",
+    "range",
+    "print",
+    "format",
+    "string",
+    "bytes",
+    "list",
+    "dict",
+    "map",
+    "struct",
+    "interface",
+]
+
+
+def synthetic_text(rng: random.Random, size: int) -> bytes:
+    """Source-code-like text: compresses like real runtime files do (about 4-5x)."""
+    out, n = [], 0
+    while n < size:
+        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + f" {rng.getrandbits(32):x}\n"
+        out.append(line)
+        n += len(line)
+    return "".join(out).encode()[:size]
+
+
+def runtime_packages(name: str, pkg: str, files: int, total: int, arch: str, parts: int = 4) -> list[Pkg]:
+    """The runtime split into a main package and parts (as Alpine splits runtimes into -libs,
+    -stdlib, ... subpackages), so a cold fetch has several files to download at once."""
+    rng = random.Random(f"{GENERATOR}-{name}")
+    sizes = [rng.lognormvariate(0, 1.2) for _ in range(files)]
+    scale = total / sum(sizes)
+    buckets: list[list[Entry]] = [[] for _ in range(parts)]
+    for i, s in enumerate(sizes):
+        path = f"usr/lib/{name}/m{i % 97:02d}/f{i}.src"  # ~100 files per directory
+        buckets[i % parts].append(Entry(path, synthetic_text(rng, max(1, int(s * scale)))))
+    binary = imagerepo.musl_python() or b'#!/bin/sh\necho "synthetic runtime"\n'
+    command = {"python3": "python3", "nodejs": "node", "go": "go"}[pkg]
+    version = {"python3": "3.14.7-r1", "nodejs": "24.18.1-r0", "go": "1.26.8-r0"}[pkg]
+    musl = f"so:libc.musl-{arch}.so.1"
+    subs = [Pkg(f"{pkg}-part{k}", version, arch, depends=[musl], entries=buckets[k]) for k in range(1, parts)]
+    main = Pkg(pkg, version, arch, depends=[musl, *(p.name for p in subs)],
+               entries=[*buckets[0], Entry(f"usr/bin/{command}", binary, 0o755)])  # fmt: skip
+    return [main, *subs]
+
+
+def cached_packages(arch: str) -> dict[str, list[Pkg]]:
+    base = imagerepo.packages(arch)
+    base["main"] = [p for p in base["main"] if p.name not in ("python3", "nodejs", "libffi")]
+    base["community"] = []
+    for name, (pkg, files, total) in RUNTIMES.items():
+        (base["community"] if name == "go" else base["main"]).extend(runtime_packages(name, pkg, files, total, arch))
+    return base
+
+
+class Apks:
+    """Builds (once) and caches the synthetic .apk bytes on disk: generation is not measured."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
+
+    def publish(self, mirror: Any, arch: str) -> dict[str, int]:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._persistent_key()
+        stamp = self.cache / f"gen-{GENERATOR}-{arch}.json"
+        if not stamp.exists():
+            print("bench: generating synthetic packages (once; cached in bench/.cache) ...", flush=True)
+            t = time.monotonic()
+            published = publish(mirror, cached_packages(arch), arch)
+            for name, data in published.items():
+                (self.cache / name).write_bytes(data)
+            stamp.write_text(json.dumps(sorted(mirror.files)))
+            print(f"bench: generated in {time.monotonic() - t:.0f}s", flush=True)
+        else:
+            for path in json.loads(stamp.read_text()):
+                name = path.rsplit("/", 1)[1]
+                if name.endswith(".apk"):
+                    mirror.files[path] = (self.cache / name).read_bytes()
+            publish(mirror, {"main": [], "community": []}, arch)  # keys only
+            # the signed indexes were generated with the packages: rebuild them from the .apk records
+            self._reindex(mirror, arch)
+        return {p: len(d) for p, d in mirror.files.items()}
+
+    def _persistent_key(self) -> None:
+        """The cached packages are signed: keep the signing key with them."""
+        from cryptography.hazmat.primitives import serialization
+
+        from tests import apkrepo
+
+        pem = self.cache / "signing-key.pem"
+        if pem.exists():
+            key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
+        else:
+            key = apkrepo.test_key()
+            pem.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+        apkrepo.test_key = lambda: key  # type: ignore[assignment]
+
+    def _reindex(self, mirror: Any, arch: str) -> None:
+        from scripts.apk.package import verify_package
+        from scripts.apk.trust import Keyring  # noqa: F401
+        from tests.apkrepo import index as make_index
+
+        for repo in ("main", "community"):
+            records = []
+            prefix = f"/dl-cdn.alpinelinux.org/alpine/v3.24/{repo}/{arch}/"
+            for path in sorted(p for p in mirror.files if p.startswith(prefix) and p.endswith(".apk")):
+                f = self.cache / path.rsplit("/", 1)[1]
+                v = verify_package(f, None, _keyring(), f.name)
+                info = v.pkginfo
+                rec = [f"C:{v.checksum}", f"P:{info['pkgname'][0]}", f"V:{info['pkgver'][0]}", f"A:{arch}",
+                       f"S:{f.stat().st_size}", f"I:{info['size'][0]}", f"L:{info['license'][0]}",
+                       f"o:{info['origin'][0]}", f"t:{info['builddate'][0]}"]  # fmt: skip
+                for key, letter in (("depend", "D"), ("provides", "p"), ("install_if", "i")):
+                    if info.get(key):
+                        rec.append(f"{letter}:{' '.join(info[key])}")
+                if info.get("provider_priority"):
+                    rec.append(f"k:{info['provider_priority'][0]}")
+                records.append("\n".join(rec) + "\n")
+            mirror.add(
+                f"https://dl-cdn.alpinelinux.org/alpine/v3.24/{repo}/{arch}/APKINDEX.tar.gz", make_index(records)
+            )
+
+
+def _keyring() -> Any:
+    from scripts.apk.trust import Keyring
+    from tests.apkrepo import KEY_NAME, public_pem
+
+    return Keyring.from_pems({KEY_NAME: public_pem()})
+
+
+def timed(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return time.monotonic() - t, proc
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure (median; default 3)")
+    ap.add_argument("--latency-ms", type=float, default=30.0, help="simulated link latency per request")
+    ap.add_argument("--mbps", type=float, default=200.0, help="simulated bandwidth per connection, Mbit/s")
+    ap.add_argument("--no-boot", action="store_true")
+    ap.add_argument("--only-setup", action="store_true", help="build once, print the environment, keep it (profiling)")
+    args = ap.parse_args()
+    nox = shutil.which("nox")
+    go = shutil.which("go") or next(iter(sorted(Path("/usr/lib").glob("go-*/bin/go"))), None)
+    if nox is None or go is None:
+        raise SystemExit("bench: needs nox and a Go toolchain (see README set-up)")
+    arch = "x86_64" if platform.machine() in ("x86_64", "amd64") else "aarch64"
+    mirror, server = serve()
+    work = Path(tempfile.mkdtemp(prefix="vulcan-bench-"))
+    w = World(mirror, work, copy.deepcopy(BASE_PINS), work / "gocache")
+    Apks(ROOT / "bench/.cache").publish(mirror, arch)  # first: it fixes the signing key
+    rts = {name: dict(imagerepo.RUNTIMES[name]) for name in RUNTIMES}
+    w.pins["alpine"] = imagerepo.alpine_pins(rts, imagerepo.BASE, ["main", "community"])
+    w.write_pins()
+    env = {**w.env(), "VULCAN_GO": str(go), "CI": "1"}
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "e2fsprogs": subprocess.run(["mke2fs", "-V"], capture_output=True, text=True).stderr.split()[1],
+        },
+        "runs": args.runs,
+    }
+    py = sys.executable
+
+    if args.only_setup:
+        subprocess.run([py, "-m", "scripts", "guest"], env=env, cwd=ROOT, check=True, capture_output=True)
+        timed([py, "-m", "scripts", "rootfs", "--all"], env)
+        print("\n".join(f"export {k}={v}" for k, v in env.items() if k.startswith("VULCAN_")))
+        print(f"# mirror stays up while this process runs; Ctrl-C to stop ({work})")
+        time.sleep(3600)
+        return 0
+
+    # 3. cold build, parallel vs serial fetch, over a simulated link
+    mirror.latency_s, mirror.rate = args.latency_ms / 1000, args.mbps * 1e6 / 8
+    subprocess.run([py, "-m", "scripts", "guest"], env=env, cwd=ROOT, check=True, capture_output=True)
+    cold: dict[str, list[float]] = {"parallel": [], "serial": []}
+    fetched = needed = 0
+    for run in range(args.runs):
+        for mode, workers in (("parallel", "4"), ("serial", "1")):
+            shutil.rmtree(w.cache / "apk", ignore_errors=True)
+            shutil.rmtree(w.cache / "rootfs", ignore_errors=True)
+            shutil.rmtree(w.out / "images", ignore_errors=True)
+            (w.tmp / "alpine.lock.json").unlink(missing_ok=True)
+            before = mirror.bytes_served
+            n_before = len(mirror.requests)
+            t, _ = timed([py, "-m", "scripts", "rootfs", "--all"], {**env, "VULCAN_FETCH_WORKERS": workers})
+            cold[mode].append(t)
+            if run == 0 and mode == "parallel":
+                fetched = mirror.bytes_served - before
+                paths = {p for _, p, _ in mirror.requests[n_before:]}
+                needed = sum(len(mirror.files[p]) for p in paths if p in mirror.files)
+    mirror.latency_s = mirror.rate = 0.0
+    results["cold"] = {
+        "parallel_s": median(cold["parallel"]), "serial_s": median(cold["serial"]),
+        "speedup": median(cold["serial"]) / median(cold["parallel"]),
+        "bytes_fetched": fetched, "unique_bytes_needed": needed, "fetch_ratio": fetched / needed if needed else None,
+        "link": f"{args.latency_ms:.0f} ms latency, {args.mbps:.0f} Mbit/s per connection",
+    }  # fmt: skip
+
+    # 1. no-op
+    floor_dir = Path(tempfile.mkdtemp(prefix="vulcan-bench-floor-"))
+    (floor_dir / "noxfile.py").write_text(
+        'import nox\nnox.options.default_venv_backend = "uv|virtualenv"\nnox.options.reuse_existing_virtualenvs = True\n'
+        "@nox.session\ndef empty(session):\n    pass\n"
+    )
+    timed([nox, "-s", "empty"], env, cwd=floor_dir)  # create its venv once
+    timed([nox, "-s", "rootfs_all"], env)  # warm the session venvs
+    noop, floor, reqs = [], [], []
+    for _ in range(args.runs):
+        floor.append(timed([nox, "-s", "empty"], env, cwd=floor_dir)[0])
+        n = len(mirror.requests)
+        noop.append(timed([nox, "-s", "rootfs_all"], env)[0])
+        reqs.append(len(mirror.requests) - n)
+    sessions = 5  # guest, rootfs-go, rootfs-node, rootfs-python, rootfs_all
+    results["noop"] = {
+        "rootfs_all_s": median(noop), "empty_session_s": median(floor), "sessions": sessions,
+        "ours_s": median(noop) - median(floor), "ours_per_session_s": (median(noop) - sessions * median(floor)) / sessions,
+        "requests": max(reqs),
+    }  # fmt: skip
+
+    # 2. warm rebuild vs mke2fs of the same tar; 4. size; 5. memory
+    keep = work / "tars"
+    warm: dict[str, Any] = {}
+    for name in RUNTIMES:
+        builds, floors, rss = [], [], []
+        for _ in range(args.runs):
+            (w.out / "images" / f"{name}.ext4").unlink()
+            t, _ = timed([py, "-m", "scripts", "rootfs", "--runtime", name], {**env, "VULCAN_KEEP_TAR": str(keep)})
+            builds.append(t)
+            manifest = json.loads((w.out / "images" / f"{name}.manifest.json").read_text())
+            tar = keep / f"{name}-{arch}.tar"
+            img = work / "floor.ext4"
+            img.unlink(missing_ok=True)
+            with open(img, "wb") as f:
+                f.truncate(manifest["size"])
+            conf = work / "mke2fs.conf"
+            from scripts.ext4 import MKE2FS_CONF
+
+            conf.write_text(MKE2FS_CONF)
+            fs = manifest["filesystem"]
+            cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-N", str(fs["inodes"]), "-U", fs["uuid"],
+                   "-E", f"hash_seed={fs['hash_seed']},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",
+                   "-O", "^orphan_file,^metadata_csum_seed", "-d", str(tar), str(img), f"{manifest['size'] // 1024}k"]  # fmt: skip
+            floors.append(timed(cmd, {**env, "MKE2FS_CONFIG": str(conf), "SOURCE_DATE_EPOCH": "1700000000"})[0])
+        # memory: the full path (fetch from cache, verify, decompress, merge, write the stream)
+        (w.out / "images" / f"{name}.ext4").unlink()
+        wrapper = (
+            "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
+        _, proc = timed([py, "-c", wrapper, py, "-m", "scripts", "rootfs", "--runtime", name],
+                        {**env, "VULCAN_REASSEMBLE": "1"})  # fmt: skip
+        rss.append(int(proc.stdout.strip().splitlines()[-1]) / 1024)
+        content = manifest["filesystem"]["content_bytes"]
+        size = manifest["size"]
+        warm[name] = {
+            "build_s": median(builds), "mke2fs_floor_s": median(floors), "ratio": median(builds) / median(floors),
+            "image_mib": size / 2**20, "content_mib": content / 2**20, "size_ratio": size / content,
+            "size_target_mib": (1.15 * content + (64 << 20)) / 2**20, "seed_fixed_mib": 512,
+            "peak_rss_mib": max(rss), "files": sum(len(p["files"]) for p in manifest["packages"]),
+        }  # fmt: skip
+    results["warm"] = warm
+
+    # 6. boot under QEMU
+    kernel_xz = SHARED / "kernel/vmlinux.xz"
+    if not args.no_boot and kernel_xz.is_file() and shutil.which("qemu-system-x86_64") and arch == "x86_64":
+        import lzma
+
+        kernel = work / "vmlinux"
+        kernel.write_bytes(lzma.decompress(kernel_xz.read_bytes()))
+        times = []
+        for _ in range(args.runs):
+            _, proc = timed(
+                [py, "-m", "scripts", "boot", "--vmm", "qemu", "--accel", "tcg", "--kernel", str(kernel), "python"], env
+            )
+            line = next(x for x in proc.stderr.splitlines() if "boot-to-smoke" in x)
+            times.append(float(line.split("boot-to-smoke ")[1].split("s")[0]))
+        results["boot"] = {"qemu_tcg_boot_to_smoke_s": median(times), "firecracker": "not measurable here (nested KVM)"}
+    else:
+        results["boot"] = {"skipped": "no test kernel / QEMU"}
+
+    server.shutdown()
+    out = ROOT / "bench/results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(report(results))
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(floor_dir, ignore_errors=True)
+    return 0
+
+
+def report(r: dict[str, Any]) -> str:
+    n, c = r["noop"], r["cold"]
+    lines = [
+        f"machine: {r['machine']['cpus']} CPUs, {r['machine']['platform']}, Python {r['machine']['python']}, "
+        f"e2fsprogs {r['machine']['e2fsprogs']}; medians of {r['runs']} runs",
+        "",
+        f"{'figure':<44} {'ours':>10} {'floor':>10} {'ratio':>7}  target",
+        f"{'no-op rootfs_all (5 sessions) vs empty nox':<44} {n['rootfs_all_s']:>9.2f}s {n['empty_session_s']:>9.2f}s "
+        f"{n['rootfs_all_s'] / n['empty_session_s']:>6.1f}x  ours <= 0.3 s: {n['ours_per_session_s']:.2f} s/session "
+        f"beyond nox; {n['requests']} requests",
+    ]
+    for name, wv in r["warm"].items():
+        lines.append(
+            f"{'warm rebuild ' + name + ' vs mke2fs -d alone':<44} {wv['build_s']:>9.2f}s {wv['mke2fs_floor_s']:>9.2f}s "
+            f"{wv['ratio']:>6.2f}x  <= 1.5x"
+        )
+    lines.append(
+        f"{'cold build, all three (parallel fetch)':<44} {c['parallel_s']:>9.2f}s {c['serial_s']:>9.2f}s "
+        f"{c['speedup']:>6.2f}x  serial/parallel ({c['link']})"
+    )
+    lines.append(f"{'bytes fetched / unique bytes needed':<44} {c['bytes_fetched']:>10} {c['unique_bytes_needed']:>10} "
+                 f"{c['fetch_ratio']:>6.2f}   1.00")  # fmt: skip
+    for name, wv in r["warm"].items():
+        lines.append(
+            f"{'size ' + name + ' (' + str(wv['files']) + ' files)':<44} {wv['image_mib']:>8.0f}Mi {wv['content_mib']:>8.0f}Mi "
+            f"{wv['size_ratio']:>6.2f}x  <= {wv['size_target_mib']:.0f} MiB (1.15x content + 64); seed: 512 MiB"
+        )
+    for name, wv in r["warm"].items():
+        lines.append(
+            f"{'peak RSS building ' + name:<44} {wv['peak_rss_mib']:>8.0f}Mi {'':>10} {'':>7}  <= 200 MiB (go)"
+        )
+    b = r["boot"]
+    if "qemu_tcg_boot_to_smoke_s" in b:
+        lines.append(f"{'QEMU (TCG) boot-to-smoke, python':<44} {b['qemu_tcg_boot_to_smoke_s']:>9.2f}s")
+    lines.append("Firecracker boot-to-ready: not measurable on these machines (their KVM runs only patched guests)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
