@@ -276,8 +276,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"ok": not rep.failed and bool(present), "rows": [asdict(r) for r in rep.rows]}, indent=1))
     else:
         print(rep.table())
-        summary = f"{len(rep.rows) - len(rep.failed)} of {len(rep.rows)} checks passed or skipped"
-        log.info(summary + (f"; FAILED: {len(rep.failed)}" if rep.failed else ""))
+        counts = {k: sum(1 for r in rep.rows if r.result == k) for k in ("pass", "skip", "missing", "FAIL")}
+        log.info(", ".join(f"{n} {k.lower() if k != 'FAIL' else 'FAILED'}" for k, n in counts.items() if n))
     if not present:
         log.warn("nothing to verify: no artifacts found (run 'nox -s download' and 'nox -s rootfs_all')")
         return 1
