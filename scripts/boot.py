@@ -139,19 +139,19 @@ def _scratch_copy(image: Path, scratch: Path) -> Path:
     return dest
 
 
+# per arch: QEMU machine (x86_64: microvm with virtio-mmio; aarch64: virt) and serial console
+QEMU_MACHINE = {
+    "x86_64": ("microvm,x-option-roms=off,isa-serial=on,rtc=off", "ttyS0"),
+    "aarch64": ("virt", "ttyAMA0"),
+}
+
+
 def qemu_command(arch: str, kernel: Path, image: Path, accel: str, args: str) -> list[str]:
-    if arch != "x86_64":
-        return [
-            QEMU[arch], "-M", "virt", "-accel", accel, "-cpu", "max" if accel == "tcg" else "host", "-m", "256",
-            "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
-            "-kernel", str(kernel), "-append", f"console=ttyAMA0 {args}",
-            "-drive", f"id=root,file={image},format=raw,if=none", "-device", "virtio-blk-device,drive=root",
-        ]  # fmt: skip
+    machine, console = QEMU_MACHINE[arch]
     return [
-        QEMU[arch], "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", accel,
-        "-cpu", "max" if accel == "tcg" else "host", "-m", "256",
+        QEMU[arch], "-M", machine, "-accel", accel, "-cpu", "max" if accel == "tcg" else "host", "-m", "256",
         "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
-        "-kernel", str(kernel), "-append", f"console=ttyS0 {args}",
+        "-kernel", str(kernel), "-append", f"console={console} {args}",
         "-drive", f"id=root,file={image},format=raw,if=none", "-device", "virtio-blk-device,drive=root",
     ]  # fmt: skip
 

@@ -36,11 +36,6 @@ if TYPE_CHECKING:
 
 # requests/urllib3 are imported where they are used: a no-op run never pays for them.
 
-if TYPE_CHECKING:
-    import requests
-
-# requests/urllib3 are imported where they are used: a no-op run never pays for them.
-
 ATTEMPTS = 4
 BACKOFF_S = 0.5
 TIMEOUT_S = (15.0, 60.0)  # (connect, read between bytes)

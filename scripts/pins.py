@@ -108,12 +108,6 @@ class Pins:
             raise PinError(f"{self.path.name}: alpine: missing", hint="see README.md, 'The pins file'")
         return self.alpine_pins
 
-    def section(self, name: str) -> Mapping[str, Any]:
-        value = self.raw.get(name)
-        if not isinstance(value, dict):
-            raise PinError(f"{self.path.name}: {name}: missing section")
-        return value
-
 
 class _Checker:
     def __init__(self, path: Path) -> None:

@@ -41,6 +41,10 @@ class Report:
         self.rows.append(Row(artifact, check, "pass" if ok else "skip" if ok is None else "FAIL", detail))
         return bool(ok)
 
+    def same(self, artifact: str, check: str, actual: str, want: str | None) -> bool:
+        """A sha256 comparison: the actual value, and the expected one when they differ."""
+        return self.add(artifact, check, actual == want, actual if actual == want else f"{actual} != {want}")
+
     def missing(self, artifact: str, hint: str) -> None:
         self.rows.append(Row(artifact, "exists", "missing", hint))
 
@@ -74,11 +78,7 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
         if not f.is_file():
             rep.missing(_rel(f), "run 'nox -s download'")
             continue
-        recorded = stamps.output_sha256(stamp, _rel(f))
-        actual = sha256_file(f)
-        rep.add(
-            _rel(f), "sha256 = stamp", recorded == actual, actual if recorded == actual else f"{actual} != {recorded}"
-        )
+        rep.same(_rel(f), "sha256 = stamp", sha256_file(f), stamps.output_sha256(stamp, _rel(f)))
         try:
             machine = read_elf(f).machine
             rep.add(_rel(f), "ELF machine", machine == arch, machine)
@@ -95,9 +95,7 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
     if not k.is_file():
         rep.missing(_rel(k), "run 'nox -s download'")
     else:
-        actual = sha256_file(k)
-        want = pins.kernel.sha256_for(arch)
-        rep.add(_rel(k), "sha256 = pins", actual == want, actual if actual == want else f"{actual} != {want}")
+        rep.same(_rel(k), "sha256 = pins", sha256_file(k), pins.kernel.sha256_for(arch))
         found = kernel_arch(k)
         kind = "ELF vmlinux" if arch == "x86_64" else "arm64 Image"
         rep.add(_rel(k), f"is an {kind}", found == arch, f"looks like {found or 'neither'}")
@@ -113,9 +111,9 @@ def check_guest(rep: Report, arch: str) -> None:
         rep.add(_rel(g), f"static {arch} ELF", True)
     except BuildError as exc:
         rep.add(_rel(g), f"static {arch} ELF", False, exc.message)
-    recorded = stamps.output_sha256(paths.stamp_path(g.parent, "guest"), _rel(g))
-    actual = sha256_file(g)
-    rep.add(_rel(g), "sha256 = stamp", recorded == actual, actual if recorded == actual else f"{actual} != {recorded}")
+    rep.same(
+        _rel(g), "sha256 = stamp", sha256_file(g), stamps.output_sha256(paths.stamp_path(g.parent, "guest"), _rel(g))
+    )
 
 
 def check_image(rep: Report, runtime: str, arch: str, reproduce: bool) -> None:

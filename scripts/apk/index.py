@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import version as V
@@ -114,6 +115,17 @@ def _ints(value: str, letter: str, where: str) -> int:
         raise ValueError(f"{where}: field {letter}: not a number: {value!r}") from None
 
 
+_TEXT = {"C": "checksum", "P": "name", "V": "version", "A": "arch", "T": "description", "U": "url",
+         "L": "license", "o": "origin", "m": "maintainer", "c": "commit"}  # fmt: skip
+_NUMBER = {"S": "size", "I": "installed_size", "t": "build_time", "k": "provider_priority", "q": "replaces_priority"}
+_LISTS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "D": ("depends", parse_dep),
+    "p": ("provides", parse_provide),
+    "i": ("install_if", parse_dep),
+    "r": ("replaces", str),
+}
+
+
 def _record(fields: list[tuple[str, str]], repo: str, repo_index: int) -> Package | str:
     kw: dict[str, object] = {"repo": repo, "repo_index": repo_index}
     unknown = [k for k, _ in fields if k.isupper() and k not in KNOWN]
@@ -124,45 +136,13 @@ def _record(fields: list[tuple[str, str]], repo: str, repo_index: int) -> Packag
     if "P" not in values or "V" not in values:
         return f"{where}: record without P: or V:"
     for k, v in fields:
-        if k == "C":
-            kw["checksum"] = v
-        elif k == "P":
-            kw["name"] = v
-        elif k == "V":
-            kw["version"] = v
-        elif k == "A":
-            kw["arch"] = v
-        elif k == "S":
-            kw["size"] = _ints(v, k, where)
-        elif k == "I":
-            kw["installed_size"] = _ints(v, k, where)
-        elif k == "T":
-            kw["description"] = v
-        elif k == "U":
-            kw["url"] = v
-        elif k == "L":
-            kw["license"] = v
-        elif k == "o":
-            kw["origin"] = v
-        elif k == "m":
-            kw["maintainer"] = v
-        elif k == "t":
-            kw["build_time"] = _ints(v, k, where)
-        elif k == "c":
-            kw["commit"] = v
-        # D, p, i and r may repeat; apk appends (e.g. two p: lines in one record)
-        elif k == "D":
-            kw["depends"] = (*kw.get("depends", ()), *(parse_dep(d) for d in v.split()))  # type: ignore[misc]
-        elif k == "p":
-            kw["provides"] = (*kw.get("provides", ()), *(parse_provide(p) for p in v.split()))  # type: ignore[misc]
-        elif k == "i":
-            kw["install_if"] = (*kw.get("install_if", ()), *(parse_dep(d) for d in v.split()))  # type: ignore[misc]
-        elif k == "k":
-            kw["provider_priority"] = _ints(v, k, where)
-        elif k == "r":
-            kw["replaces"] = (*kw.get("replaces", ()), *v.split())  # type: ignore[misc]
-        elif k == "q":
-            kw["replaces_priority"] = _ints(v, k, where)
+        if k in _TEXT:
+            kw[_TEXT[k]] = v
+        elif k in _NUMBER:
+            kw[_NUMBER[k]] = _ints(v, k, where)
+        elif k in _LISTS:  # these may repeat; apk appends (e.g. two p: lines in one record)
+            name, parse = _LISTS[k]
+            kw[name] = (*kw.get(name, ()), *(parse(item) for item in v.split()))  # type: ignore[misc]
     return Package(**kw)  # type: ignore[arg-type]
 
 
