@@ -33,7 +33,7 @@ from .pins import load as load_pins
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 AGENT_PORT = 52
 STALLED = "\0stalled"
-STALL_S = 60.0  # a guest silent for this long before it is up has hung (seen: TCG timer calibration)
+STALL_S = 60.0  # a guest silent for this long before it is up has hung (a safety net: see tcg_kernel_args)
 _kvm_failed: list[str] = []  # KVM that failed once (e.g. nested KVM for patched guests only) is not tried again
 
 
@@ -156,6 +156,35 @@ def qemu_command(arch: str, kernel: Path, image: Path, accel: str, args: str) ->
     ]  # fmt: skip
 
 
+def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+    """The host's TSC rate in kHz as /proc/cpuinfo reports it ("cpu MHz"), or None."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "cpu MHz":
+                return round(float(value) * 1000) or None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def tcg_kernel_args(arch: str) -> str:
+    """Kernel arguments that make an x86_64 guest under TCG boot on a busy host.
+
+    Under TCG the guest's TSC runs at the host's rate, but the kernel measures it against the
+    emulated PIT, which a loaded host cannot emulate in time: calibration fails ("tsc: Unable to
+    calibrate against PIT ... Marking TSC unstable") and the guest then hangs before init (seen
+    4 boots out of 4 with both cores busy). ``tsc_early_khz`` (Linux >= 5.8) gives the rate so
+    the calibration is skipped. Not for KVM, where the hypervisor tells the guest its TSC rate.
+    "cpu MHz" is the TSC rate on VMs and containers; on a laptop with frequency scaling it can be
+    off, which only skews the guest's clock during a smoke boot (the kernel's clocksource
+    watchdog then falls back to jiffies; the agent's smoke check allows 120 s)."""
+    if arch != "x86_64":
+        return ""
+    khz = host_tsc_khz()
+    return f"tsc_early_khz={khz}" if khz else ""
+
+
 def boot_qemu(
     runtime: str, image: Path, kernel: Path, arch: str, timeout: float, accel: str, logs: Path, retry: bool = True
 ) -> BootResult:
@@ -165,6 +194,8 @@ def boot_qemu(
         disk = _scratch_copy(image, Path(tmp))
         console_log = logs / f"{runtime}.qemu.console.log"
         args = "reboot=k panic=1 root=/dev/vda rw vulcan.smoke=1"
+        if accel == "tcg":
+            args = f"{args} {tcg_kernel_args(arch)}".strip()
         cmd = qemu_command(arch, kernel, disk, accel, args)
         log.info(f"boot {runtime}: {' '.join(cmd[:3])} ... (accel {accel}, console log {console_log})")
         start = time.monotonic()
