@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import nox
@@ -50,6 +51,8 @@ RUNTIMES = _runtimes()
 
 def _install(session: nox.Session, requirements: str) -> None:
     """Install pinned requirements once per venv: a no-op run must not touch pip."""
+    if session.venv_backend == "none":  # nox --no-venv: this environment already has them (tests)
+        return
     req = ROOT / requirements
     wanted = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(ROOT.glob("requirements*.txt")))).hexdigest()
     marker = Path(session.virtualenv.location) / f".vulcan-{req.stem}.sha256"
@@ -59,7 +62,21 @@ def _install(session: nox.Session, requirements: str) -> None:
     marker.write_text(wanted)
 
 
+def _up_to_date(command: str, argv: list[str]) -> bool:
+    """Ask the step's own stamp check in this process (scripts/uptodate.py): a no-op session
+    then starts no interpreter. Any doubt, including a nox on an older Python, runs the step."""
+    try:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from scripts import uptodate
+    except Exception:
+        return False
+    return uptodate.check(command, argv)
+
+
 def _scripts(session: nox.Session, command: str, *args: str) -> None:
+    if _up_to_date(command, [*args, *session.posargs]):
+        return
     _install(session, "requirements.txt")
     session.run("python", "-m", "scripts", command, *args, *session.posargs, external=False, silent=False)
 

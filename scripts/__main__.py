@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import traceback
 
 from .errors import VulcanError
 
@@ -32,6 +31,8 @@ def main(argv: list[str]) -> int:
         return int(module.main(argv[1:]))
     except VulcanError as exc:
         if debug:
+            import traceback  # only here: every process start counts (bench: no-op)
+
             traceback.print_exc()
         print(f"vulcan: error: {exc}", file=sys.stderr)
         return exc.exit_code

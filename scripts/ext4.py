@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -168,6 +167,8 @@ def fsck(image: Path) -> None:
 
 def _stage(tar_path: str, dest: str, mke2fs: list[str]) -> int:
     """Inside root/fakeroot: extract our (already validated) stream, then run mke2fs."""
+    import tarfile  # the fallback path only
+
     root = os.path.realpath(dest)
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:

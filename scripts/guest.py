@@ -10,12 +10,13 @@ GOTOOLCHAIN=local so Go never fetches another toolchain).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import shutil
-import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from . import cli, log, paths, stamps
 from .elf import check_static_binary
@@ -63,8 +64,8 @@ def source(pins: Pins) -> tuple[Path, str]:
     return src.resolve(), pkg
 
 
-def toolchain(pins: Pins) -> tuple[Path, dict[str, str]]:
-    """The go binary to use and how to describe it in the stamp."""
+def toolchain(pins: Pins, fetch: bool = True) -> tuple[Path, dict[str, str]] | None:
+    """The go binary to use and how to describe it in the stamp (None: not unpacked, fetch=False)."""
     local = os.environ.get("VULCAN_GO")
     if local:
         go = Path(local)
@@ -80,12 +81,16 @@ def toolchain(pins: Pins) -> tuple[Path, dict[str, str]]:
     sha = pins.go.sha256_for(arch)
     root = paths.cache_dir() / "go" / f"go{pins.go.version}-{GOARCH[arch]}-{sha[:12]}"
     go = root / "go" / "bin" / "go"
+    if not fetch and not go.exists():
+        return None
     with file_lock(root):
         if not go.exists():
             tgz = cached(pins.go.url_for(arch), sha)
             log.info(f"unpacking Go {pins.go.version} into {root}")
             tmp = Path(tempfile.mkdtemp(prefix=".go-", dir=root.parent))
             try:
+                import tarfile  # only when the pinned toolchain is unpacked
+
                 with tarfile.open(tgz, "r:gz") as tar:
                     # sha256-pinned archive; the "data" filter (Python >= 3.11.4) also refuses odd members
                     extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
@@ -99,22 +104,47 @@ def toolchain(pins: Pins) -> tuple[Path, dict[str, str]]:
     return go, {"kind": "pinned", "version": pins.go.version, "sha256": sha}
 
 
-def build(pins: Pins, arch: str) -> Path:
+def _state(pins: Pins, arch: str, fetch: bool = True) -> tuple[Path, str, Path, dict[str, Any]] | None:
+    """Source, package, go binary and the stamp's inputs (None: the pinned Go is not unpacked, fetch=False)."""
     src, pkg = source(pins)
-    go, tool = toolchain(pins)
-    out_dir = paths.bin_dir(arch)
-    base = paths.out_root()
-    output = out_dir / "vulcan-guest"
-    stamp = paths.stamp_path(out_dir, "guest")
+    found = toolchain(pins, fetch)
+    if found is None:
+        return None
+    go, tool = found
     inputs = {
         "arch": arch,
         "toolchain": tool,
         "source": {"path": str(src), "package": pkg, "sha256": tree_digest(src)},
         "flags": BUILD_FLAGS,
     }
+    return src, pkg, go, inputs
+
+
+def up_to_date(argv: list[str]) -> str | None:
+    """For the noxfile's in-process check: the log line if nothing is to be done, else None."""
+    arch = _parser().parse_args(argv).arch
+    state = _state(load_pins(), arch, fetch=False)
+    out_dir, base = paths.bin_dir(arch), paths.out_root()
+    if state is None or stamps.outdated(paths.stamp_path(out_dir, "guest"), state[3], base) is not None:
+        return None
+    return _done(arch)
+
+
+def _done(arch: str) -> str:
+    return f"guest ({arch}): up to date: {(paths.bin_dir(arch) / 'vulcan-guest').relative_to(paths.out_root())}"
+
+
+def build(pins: Pins, arch: str) -> Path:
+    state = _state(pins, arch)
+    assert state is not None  # fetch=True always finds a toolchain
+    src, pkg, go, inputs = state
+    out_dir = paths.bin_dir(arch)
+    base = paths.out_root()
+    output = out_dir / "vulcan-guest"
+    stamp = paths.stamp_path(out_dir, "guest")
     why = stamps.outdated(stamp, inputs, base)
     if why is None:
-        log.info(f"guest ({arch}): up to date: {output.relative_to(base)}")
+        log.info(_done(arch))
         return output
     log.info(f"guest ({arch}): {why}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,9 +178,11 @@ def build(pins: Pins, arch: str) -> Path:
     return output
 
 
+def _parser() -> argparse.ArgumentParser:
+    return cli.parser("guest", "Build the static vulcan-guest agent into bin/ (reproducibly, from pinned inputs).")
+
+
 def main(argv: list[str]) -> int:
-    args = cli.parser(
-        "guest", "Build the static vulcan-guest agent into bin/ (reproducibly, from pinned inputs)."
-    ).parse_args(argv)
+    args = _parser().parse_args(argv)
     build(load_pins(), args.arch)
     return 0

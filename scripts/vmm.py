@@ -11,12 +11,13 @@ no checksum is published next to them, so pins.json carries our own.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from . import cli, log, paths, stamps
 from .errors import ArchiveError, ChecksumError
@@ -89,17 +90,32 @@ def install_kernel(src: Path, dest: Path) -> Path:
     return dest
 
 
-def download(pins: Pins, arch: str) -> list[Path]:
+def _state(pins: Pins, arch: str) -> tuple[Path, dict[str, Any], list[Path], str | None, str]:
+    """The step's stamp check: stamp, inputs, outputs, why it is outdated (None: it is not), log line."""
     out = paths.bin_dir(arch)
     base = paths.out_root()
     stamp = paths.stamp_path(out, "download")
     inputs = {"arch": arch, "firecracker": pins.firecracker.entry(arch), "kernel": pins.kernel.entry(arch)}
     outputs = [out / "firecracker", out / "jailer", out / "vmlinux"]
     why = stamps.outdated(stamp, inputs, base)
+    done = f"download ({arch}): up to date: {', '.join(str(p.relative_to(base)) for p in outputs)}"
+    return stamp, inputs, outputs, why, done
+
+
+def up_to_date(argv: list[str]) -> str | None:
+    """For the noxfile's in-process check: the log line if nothing is to be done, else None."""
+    *_, why, done = _state(load_pins(), _parser().parse_args(argv).arch)
+    return done if why is None else None
+
+
+def download(pins: Pins, arch: str) -> list[Path]:
+    stamp, inputs, outputs, why, done = _state(pins, arch)
+    base = paths.out_root()
     if why is None:
-        log.info(f"download ({arch}): up to date: {', '.join(str(p.relative_to(base)) for p in outputs)}")
+        log.info(done)
         return outputs
     log.info(f"download ({arch}): {why}")
+    out = paths.bin_dir(arch)
     out.mkdir(parents=True, exist_ok=True)
     fc = pins.firecracker
     tgz = cached(fc.url_for(arch), fc.sha256_for(arch))
@@ -112,9 +128,11 @@ def download(pins: Pins, arch: str) -> list[Path]:
     return outputs
 
 
+def _parser() -> argparse.ArgumentParser:
+    return cli.parser("download", "Download the pinned Firecracker, jailer and guest kernel into bin/ (verified).")
+
+
 def main(argv: list[str]) -> int:
-    args = cli.parser(
-        "download", "Download the pinned Firecracker, jailer and guest kernel into bin/ (verified)."
-    ).parse_args(argv)
+    args = _parser().parse_args(argv)
     download(load_pins(), args.arch)
     return 0

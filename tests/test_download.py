@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 from pathlib import Path
 
 from scripts.pins import host_arch
-from tests.conftest import World
+from tests.conftest import REPO, World
 
 ARCH = host_arch()
 FC_TGZ = f"firecracker-v1.17.0-{ARCH}.tgz"
@@ -41,6 +42,27 @@ def test_second_run_makes_no_requests_and_rewrites_nothing(world: World) -> None
     assert bin_files(world) == before
     assert (world.out / "bin/.stamps/download.json").stat().st_mtime_ns == stamp
     assert "up to date" in proc.stderr
+
+
+def test_in_process_check_says_up_to_date_only_when_the_step_would(world: World) -> None:
+    # what the noxfile asks before it starts `python -m scripts` (scripts/uptodate.py)
+    def check(*argv: str) -> subprocess.CompletedProcess[str]:
+        code = "import sys; from scripts.uptodate import check; sys.exit(0 if check(sys.argv[1], sys.argv[2:]) else 3)"
+        return subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, env=world.env(), capture_output=True,
+                              text=True)  # fmt: skip
+
+    assert check("download").returncode == 3  # nothing downloaded yet
+    world.run("download", check=True)
+    n = len(world.mirror.requests)
+    proc = check("download")
+    assert proc.returncode == 0 and f"download ({ARCH}): up to date" in proc.stderr
+    other = "aarch64" if ARCH == "x86_64" else "x86_64"
+    assert check("download", "--arch", other).returncode == 3  # that arch was never downloaded
+    assert check("download", "--arch", "sparc").returncode == 3  # the step itself reports the bad argument
+    assert check("guest").returncode == 3  # no agent built yet
+    (world.out / "bin/jailer").unlink()
+    assert check("download").returncode == 3  # the step restores it
+    assert len(world.mirror.requests) == n  # and the check itself never touches the network
 
 
 def test_deleted_or_modified_output_is_restored_from_cache_without_network(world: World) -> None:

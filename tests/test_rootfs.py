@@ -141,6 +141,39 @@ def test_second_run_rewrites_nothing_and_one_runtime_change_rebuilds_only_it(bui
     assert after["python.ext4"] == before["python.ext4"] and after["go.ext4"] == before["go.ext4"]
 
 
+def test_noop_nox_run_starts_no_step_and_a_hand_edited_image_is_still_rebuilt(built: World) -> None:
+    nox = shutil.which("nox") or pytest.skip("nox is not installed in this environment")
+
+    def nox_rootfs_all() -> str:
+        built.write_pins()
+        proc = subprocess.run(
+            [nox, "--no-venv", "-s", "rootfs_all"], cwd=REPO, env=built.env(VULCAN_GO=find_go()),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout
+        return proc.stdout  # nox's lines and the steps' own, in order
+
+    nox_rootfs_all()  # whatever earlier tests changed is rebuilt here
+    files = [p for p in (built.out / "images").iterdir() if p.is_file()]
+    before = {p.name: p.stat().st_mtime_ns for p in files}
+    n = len(built.mirror.requests)
+    out = nox_rootfs_all()
+    assert "python -m scripts" not in out  # nox logs every command it starts: none
+    for step in ("guest (", "rootfs go (", "rootfs node (", "rootfs python ("):
+        assert out.count(f"vulcan: {step}") == 1 and f"{step}x86_64): up to date" in out
+    assert len(built.mirror.requests) == n
+    assert {p.name: p.stat().st_mtime_ns for p in files} == before
+    # the in-process check only ever skips what the step itself would skip
+    with open(image(built), "r+b") as f:
+        f.seek(4096)
+        f.write(b"edited by hand")
+    out = nox_rootfs_all()
+    assert "nox > python -m scripts rootfs --runtime python" in out
+    assert "images/python.ext4 was modified since it was built" in out
+    assert out.count("python -m scripts") == 1
+    assert sha(image(built)) == json.loads((built.out / "images/python.manifest.json").read_text())["sha256"]
+
+
 @pytest.mark.skipif(not TAR_OK, reason="needs e2fsprogs >= 1.47.1 (tar input) for bit-identical images")
 def test_two_builds_in_different_scratch_directories_are_bit_identical(built: World, tmp_path: Path) -> None:
     shm = Path("/dev/shm")

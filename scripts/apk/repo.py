@@ -12,13 +12,11 @@ import base64
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import log
 from ..errors import DownloadError, PinError, VulcanError
@@ -26,9 +24,12 @@ from ..fetch import download, file_lock
 from ..paths import cache_dir
 from ..pins import Alpine, Pins
 from .index import Package, parse_index
-from .package import Verified, read_index, verify_package
-from .solver import Solver
-from .trust import Keyring, TrustError, fingerprint
+
+# The solver, the trust chain and the thread pool are imported where they are used: a no-op
+# build only reads the lock, and every process start counts (see bench: no-op).
+if TYPE_CHECKING:
+    from .package import Verified
+    from .trust import Keyring
 
 LOCK_VERSION = 1
 
@@ -47,11 +48,15 @@ class LockError(VulcanError):
 
 
 def keyring(alpine: Alpine) -> Keyring:
+    from .trust import Keyring
+
     return Keyring.from_pems(key_pems(alpine))
 
 
 def key_pems(alpine: Alpine) -> dict[str, bytes]:
     """The pinned keys, each fetched once and accepted only if its fingerprint matches."""
+    from .trust import TrustError
+
     pems: dict[str, bytes] = {}
     for key in alpine.keys:
         path = cache_dir() / "keys" / key.sha256 / key.name
@@ -72,6 +77,8 @@ def key_pems(alpine: Alpine) -> dict[str, bytes]:
 
 
 def _fp(path: Path) -> str | None:
+    from .trust import fingerprint
+
     try:
         return fingerprint(path.read_bytes())
     except (OSError, ValueError):
@@ -89,6 +96,10 @@ def load_index(alpine: Alpine, repo: str, arch: str, keys: Keyring) -> list[Pack
     with _memo_lock:
         if memo in _index_memo:
             return _index_memo[memo]
+    import tempfile
+
+    from .package import read_index
+
     what = f"{alpine.branch}/{repo}/{arch}/APKINDEX.tar.gz"
     with tempfile.TemporaryDirectory(prefix="vulcan-index-") as tmp:
         dest = Path(tmp) / "APKINDEX.tar.gz"
@@ -108,6 +119,8 @@ def load_index(alpine: Alpine, repo: str, arch: str, keys: Keyring) -> list[Pack
 
 
 def resolve(pins: Pins, runtime: str, arch: str) -> list[Package]:
+    from .solver import Solver
+
     alpine = pins.alpine
     keys = keyring(alpine)
     packages: list[Package] = []
@@ -243,6 +256,9 @@ def package_cache_path(p: Locked) -> Path:
 
 
 def fetch_one(pins: Pins, p: Locked, arch: str) -> Verified:
+    from .package import verify_package
+    from .trust import TrustError
+
     alpine = pins.alpine
     path = package_cache_path(p)
     record = p.as_package(alpine.repositories.index(p.repo) if p.repo in alpine.repositories else 0)
@@ -266,6 +282,8 @@ class PackageGone(LockError):
 
 def fetch_all(pins: Pins, closure: Sequence[Locked], arch: str) -> list[Verified]:
     """Fetch (or take from the cache) and verify every package, in parallel (bounded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=fetch_workers()) as pool:
         futures = [pool.submit(fetch_one, pins, p, arch) for p in closure]
         results: list[Verified] = []
