@@ -11,7 +11,9 @@ then says what it does and why. ``VULCAN_NO_FASTPATH=1`` always runs the step.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 
 from . import log
@@ -23,9 +25,10 @@ def check(command: str, argv: list[str]) -> bool:
     """True (having logged why) if the step has nothing to do; False: run it."""
     if command not in CHECKS or os.environ.get("VULCAN_NO_FASTPATH"):
         return False
-    try:
-        done = importlib.import_module(f"{__package__}.{CHECKS[command]}").up_to_date(argv)
-    except (Exception, SystemExit):  # argparse errors, bad pins, ...: the step reports them itself
+    try:  # silent: the step itself reports whatever made the check unsure (bad arguments, bad pins, ...)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            done = importlib.import_module(f"{__package__}.{CHECKS[command]}").up_to_date(argv)
+    except (Exception, SystemExit):
         return False
     if done is None:
         return False
