@@ -162,6 +162,7 @@ def assemble(
 
 
 def make(plan: Plan) -> Path:
+    """Assemble the tar stream (or reuse the cached one), write and check the image, publish, stamp."""
     pins, runtime, arch, frozen, closure = plan.pins, plan.runtime, plan.arch, plan.frozen, plan.closure
     guest, guest_sha, epoch, headroom = plan.guest, plan.guest_sha, plan.epoch, plan.headroom_mib
     content_inputs, inputs, stamp, base = plan.content_inputs, plan.inputs, plan.stamp, plan.base
