@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from scripts import ext4
+from scripts.pins import host_arch
 from tests import imagerepo
 from tests.apkrepo import CDN, Entry, Pkg, publish
 from tests.conftest import BASE_PINS, REPO, World
@@ -135,7 +136,7 @@ def test_second_run_rewrites_nothing_and_one_runtime_change_rebuilds_only_it(bui
     built.pins["alpine"]["runtimes"]["node"]["check"] = ["node", "-v"]
     built.write_pins()
     proc = built.run("rootfs", "--all", check=True)
-    assert "rootfs node (x86_64): input runtime.check changed" in proc.stderr
+    assert f"rootfs node ({host_arch()}): input runtime.check changed" in proc.stderr
     after = {p.name: p.stat().st_mtime_ns for p in (built.out / "images").iterdir() if p.is_file()}
     assert after["node.ext4"] != before["node.ext4"]
     assert after["python.ext4"] == before["python.ext4"] and after["go.ext4"] == before["go.ext4"]
@@ -160,7 +161,7 @@ def test_noop_nox_run_starts_no_step_and_a_hand_edited_image_is_still_rebuilt(bu
     out = nox_rootfs_all()
     assert "python -m scripts" not in out  # nox logs every command it starts: none
     for step in ("guest (", "rootfs go (", "rootfs node (", "rootfs python ("):
-        assert out.count(f"vulcan: {step}") == 1 and f"{step}x86_64): up to date" in out
+        assert out.count(f"vulcan: {step}") == 1 and f"{step}{host_arch()}): up to date" in out
     assert len(built.mirror.requests) == n
     assert {p.name: p.stat().st_mtime_ns for p in files} == before
     # the in-process check only ever skips what the step itself would skip
