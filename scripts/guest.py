@@ -104,8 +104,9 @@ def toolchain(pins: Pins, fetch: bool = True) -> tuple[Path, dict[str, str]] | N
     return go, {"kind": "pinned", "version": pins.go.version, "sha256": sha}
 
 
-def _state(pins: Pins, arch: str, fetch: bool = True) -> tuple[Path, str, Path, dict[str, Any]] | None:
-    """Source, package, go binary and the stamp's inputs (None: the pinned Go is not unpacked, fetch=False)."""
+def _state(pins: Pins, arch: str, fetch: bool = True) -> tuple[Path, str, Path, dict[str, Any], str | None] | None:
+    """Source, package, go binary, the stamp's inputs and why the agent is out of date (None: it
+    is not); None instead of all that when fetch=False and the pinned Go is not unpacked."""
     src, pkg = source(pins)
     found = toolchain(pins, fetch)
     if found is None:
@@ -117,17 +118,15 @@ def _state(pins: Pins, arch: str, fetch: bool = True) -> tuple[Path, str, Path, 
         "source": {"path": str(src), "package": pkg, "sha256": tree_digest(src)},
         "flags": BUILD_FLAGS,
     }
-    return src, pkg, go, inputs
+    why = stamps.outdated(paths.stamp_path(paths.bin_dir(arch), "guest"), inputs, paths.out_root())
+    return src, pkg, go, inputs, why
 
 
 def up_to_date(argv: list[str]) -> str | None:
     """For the noxfile's in-process check: the log line if nothing is to be done, else None."""
     arch = _parser().parse_args(argv).arch
     state = _state(load_pins(), arch, fetch=False)
-    out_dir, base = paths.bin_dir(arch), paths.out_root()
-    if state is None or stamps.outdated(paths.stamp_path(out_dir, "guest"), state[3], base) is not None:
-        return None
-    return _done(arch)
+    return _done(arch) if state is not None and state[4] is None else None
 
 
 def _done(arch: str) -> str:
@@ -137,12 +136,11 @@ def _done(arch: str) -> str:
 def build(pins: Pins, arch: str) -> Path:
     state = _state(pins, arch)
     assert state is not None  # fetch=True always finds a toolchain
-    src, pkg, go, inputs = state
+    src, pkg, go, inputs, why = state
     out_dir = paths.bin_dir(arch)
     base = paths.out_root()
     output = out_dir / "vulcan-guest"
     stamp = paths.stamp_path(out_dir, "guest")
-    why = stamps.outdated(stamp, inputs, base)
     if why is None:
         log.info(_done(arch))
         return output

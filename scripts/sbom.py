@@ -36,6 +36,20 @@ def license_expression(text: str) -> str:
     return "NOASSERTION"
 
 
+def _own_package(name: str, spdxid: str, sha256: str, purpose: str) -> dict[str, Any]:
+    """An SPDX package entry for something we make ourselves (the image, the agent)."""
+    return {
+        "name": name,
+        "SPDXID": spdxid,
+        "versionInfo": sha256[:12],
+        "downloadLocation": "NOASSERTION",
+        "filesAnalyzed": False,
+        "checksums": [{"algorithm": "SHA256", "checksumValue": sha256}],
+        "primaryPackagePurpose": purpose,
+        "supplier": "Organization: Vulcan",
+    }
+
+
 def document(
     image_name: str,
     image_sha256: str,
@@ -49,26 +63,8 @@ def document(
     distro = f"alpine-{branch.lstrip('v')}"
     image_id = "SPDXRef-Image"
     doc_packages: list[dict[str, Any]] = [
-        {
-            "name": image_name,
-            "SPDXID": image_id,
-            "versionInfo": image_sha256[:12],
-            "downloadLocation": "NOASSERTION",
-            "filesAnalyzed": False,
-            "checksums": [{"algorithm": "SHA256", "checksumValue": image_sha256}],
-            "primaryPackagePurpose": "OPERATING-SYSTEM",
-            "supplier": "Organization: Vulcan",
-        },
-        {
-            "name": "vulcan-guest",
-            "SPDXID": "SPDXRef-Agent-vulcan-guest",
-            "versionInfo": guest_sha256[:12],
-            "downloadLocation": "NOASSERTION",
-            "filesAnalyzed": False,
-            "checksums": [{"algorithm": "SHA256", "checksumValue": guest_sha256}],
-            "primaryPackagePurpose": "APPLICATION",
-            "supplier": "Organization: Vulcan",
-        },
+        _own_package(image_name, image_id, image_sha256, "OPERATING-SYSTEM"),
+        _own_package("vulcan-guest", "SPDXRef-Agent-vulcan-guest", guest_sha256, "APPLICATION"),
     ]
     relationships = [
         {"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES", "relatedSpdxElement": image_id},

@@ -90,31 +90,33 @@ def install_kernel(src: Path, dest: Path) -> Path:
     return dest
 
 
-def _state(pins: Pins, arch: str) -> tuple[Path, dict[str, Any], list[Path], str | None, str]:
-    """The step's stamp check: stamp, inputs, outputs, why it is outdated (None: it is not), log line."""
+def _state(pins: Pins, arch: str) -> tuple[Path, dict[str, Any], list[Path], str | None]:
+    """The step's stamp check: stamp, inputs, outputs, and why it is outdated (None: it is not)."""
     out = paths.bin_dir(arch)
-    base = paths.out_root()
     stamp = paths.stamp_path(out, "download")
     inputs = {"arch": arch, "firecracker": pins.firecracker.entry(arch), "kernel": pins.kernel.entry(arch)}
     outputs = [out / "firecracker", out / "jailer", out / "vmlinux"]
-    why = stamps.outdated(stamp, inputs, base)
-    done = f"download ({arch}): up to date: {', '.join(str(p.relative_to(base)) for p in outputs)}"
-    return stamp, inputs, outputs, why, done
+    return stamp, inputs, outputs, stamps.outdated(stamp, inputs, paths.out_root())
+
+
+def _done(arch: str, outputs: list[Path]) -> str:
+    return f"download ({arch}): up to date: {', '.join(str(p.relative_to(paths.out_root())) for p in outputs)}"
 
 
 def up_to_date(argv: list[str]) -> str | None:
     """For the noxfile's in-process check: the log line if nothing is to be done, else None."""
-    *_, why, done = _state(load_pins(), _parser().parse_args(argv).arch)
-    return done if why is None else None
+    arch = _parser().parse_args(argv).arch
+    _, _, outputs, why = _state(load_pins(), arch)
+    return _done(arch, outputs) if why is None else None
 
 
 def download(pins: Pins, arch: str) -> list[Path]:
-    stamp, inputs, outputs, why, done = _state(pins, arch)
-    base = paths.out_root()
+    stamp, inputs, outputs, why = _state(pins, arch)
     if why is None:
-        log.info(done)
+        log.info(_done(arch, outputs))
         return outputs
     log.info(f"download ({arch}): {why}")
+    base = paths.out_root()
     out = paths.bin_dir(arch)
     out.mkdir(parents=True, exist_ok=True)
     fc = pins.firecracker
