@@ -1,10 +1,11 @@
 """Vulcan image tooling: everything a Vulcan host needs to boot a sandbox.
 
-Sessions (``nox -l``; the logic lives in scripts/, this file only wires):
+Sessions (``nox -l``; the logic lives in scripts/, this file only wires; the steps and their
+one-line summaries come from scripts/steps.py, the table ``python -m scripts --help`` shows):
   download        pinned Firecracker, jailer and guest kernel -> bin/
   guest           the static vulcan-guest agent (guest/) -> bin/vulcan-guest
   lock            resolve every runtime's Alpine packages -> alpine.lock.json (on request)
-  rootfs-<rt>     one ext4 image per runtime in pins.json (go, node, python) -> images/
+  rootfs-<rt>     one image per runtime in pins.json (go, node, python) -> images/ (tags: rootfs, image)
   rootfs_all      all of them (tag: rootfs)
   verify          check bin/ and images/ against the pins and manifests (--json, --reproduce)
   boot            boot images and run their runtime (Firecracker, or --vmm qemu) (on request)
@@ -14,43 +15,95 @@ Sessions (``nox -l``; the logic lives in scripts/, this file only wires):
   tests           the test suite (offline; local HTTP mirrors on 127.0.0.1)
   lint            ruff and mypy
 
-Arguments after ``--`` go to the scripts, e.g. ``nox -s download -- --arch aarch64``.
-Overrides: VULCAN_PINS (another pins file), VULCAN_MIRROR (fetch https://HOST/PATH as
-$VULCAN_MIRROR/HOST/PATH), VULCAN_CACHE (download cache), VULCAN_OUT (where bin/ and images/ go).
+Arguments after ``--`` go to the scripts, e.g. ``nox -s download -- --arch aarch64``; a build
+session passes them on to the build sessions it requires. Environment overrides: README.md,
+"Overrides" (scripts/settings.py reads and checks them all).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nox
 
+ROOT = Path(__file__).parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from scripts.steps import step  # noqa: E402  (stdlib only, imports no step)
+
 nox.needs_version = ">=2024.10.9"
-nox.options.default_venv_backend = "uv|virtualenv"
+# uv when it is installed (faster), else virtualenv; never "uv|virtualenv", which logs
+# "uv binary not found" on every session of a machine without uv.
+nox.options.default_venv_backend = "uv" if shutil.which("uv") else "virtualenv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["download", "rootfs_all"]
 
-ROOT = Path(__file__).parent
 
+def _read_pins() -> tuple[list[str], str | None]:
+    """Runtime names (they name sessions) and the pins file's problem, if any.
 
-def _runtimes() -> list[str]:
-    """Runtime names from the pins file: adding one there adds its session here."""
+    The problem is the tool's own message (scripts/pins.py): the same one `nox -s download`
+    prints. Names are read leniently, so a pins file with one bad checksum still lists its
+    sessions, which then fail with that message."""
+    names: list[str] = []
     try:
-        pins = json.loads(Path(os.environ.get("VULCAN_PINS", ROOT / "pins.json")).read_text())
-        return sorted(pins["alpine"]["runtimes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []  # a broken pins file is reported by the sessions themselves
+        from scripts import pins, settings
+
+        path = settings.pins_path()
+        raw = json.loads(path.read_text())
+        names = sorted(n for n in raw["alpine"]["runtimes"] if isinstance(n, str))
+        pins.load(path)
+    except Exception as exc:  # every pins problem, said by the loader
+        from scripts.errors import VulcanError
+
+        return names, str(exc) if isinstance(exc, VulcanError) else f"{type(exc).__name__}: {exc}"
+    return names, None
 
 
-RUNTIMES = _runtimes()
+RUNTIMES, PINS_PROBLEM = _read_pins()
+
+
+def _requested() -> list[str]:
+    """Session names given on nox's command line (-s/--session/--sessions/-e)."""
+    names, take = [], False
+    for arg in sys.argv[1:]:
+        if arg == "--":
+            break
+        if arg in ("-s", "--session", "--sessions", "-e"):
+            take = True
+        elif arg.startswith("-"):
+            take = False
+        elif take:
+            names.append(arg)
+    return names
+
+
+def _explain_missing() -> None:
+    """nox answers an unknown session with 'Sessions not found': say why, in our words."""
+    if PINS_PROBLEM:
+        print(f"vulcan: error: {PINS_PROBLEM}", file=sys.stderr)
+        return
+    for name in _requested():
+        if name.startswith("rootfs-") and name.removeprefix("rootfs-") not in RUNTIMES:
+            print(
+                f"vulcan: error: no runtime {name.removeprefix('rootfs-')!r} in the pins file, so no session {name}\n"
+                f"  hint: runtimes: {', '.join(RUNTIMES)} (sessions rootfs-<runtime>); add one under alpine.runtimes",
+                file=sys.stderr,
+            )
+
+
+_explain_missing()
 
 
 def _install(session: nox.Session, requirements: str) -> None:
-    """Install pinned requirements once per venv: a no-op run must not touch pip."""
+    """Install hash-locked requirements once per venv: a no-op run must not touch pip."""
     if session.venv_backend == "none":  # nox --no-venv: this environment already has them (tests)
         return
     req = ROOT / requirements
@@ -58,7 +111,7 @@ def _install(session: nox.Session, requirements: str) -> None:
     marker = Path(session.virtualenv.location) / f".vulcan-{req.stem}.sha256"
     if marker.exists() and marker.read_text() == wanted:
         return
-    session.install("-r", str(req))
+    session.install("--require-hashes", "-r", str(req))
     marker.write_text(wanted)
 
 
@@ -66,8 +119,6 @@ def _up_to_date(command: str, argv: list[str]) -> bool:
     """Ask the step's own stamp check in this process (scripts/uptodate.py): a no-op session
     then starts no interpreter. Any doubt, including a nox on an older Python, runs the step."""
     try:
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
         from scripts import uptodate
     except Exception:
         return False
@@ -81,24 +132,27 @@ def _scripts(session: nox.Session, command: str, *args: str) -> None:
     session.run("python", "-m", "scripts", command, *args, *session.posargs, external=False, silent=False)
 
 
-@nox.session
-def download(session: nox.Session) -> None:
-    """Download the pinned Firecracker, jailer and guest kernel into bin/ (verified)."""
-    _scripts(session, "download")
+def _step_session(command: str, **options: Any) -> None:
+    """A session that runs one step of scripts/steps.py, with its summary as docstring."""
+
+    def run(session: nox.Session) -> None:
+        _scripts(session, command)
+
+    run.__doc__ = step(command).summary
+    run.__name__ = command
+    nox.session(name=command, **options)(run)
 
 
-@nox.session
-def guest(session: nox.Session) -> None:
-    """Build the static, reproducible vulcan-guest agent into bin/ (VULCAN_GO: local Go)."""
-    _scripts(session, "guest")
+_step_session("download")
+_step_session("guest")
 
 
-def _rootfs_session(runtime: str) -> None:
-    @nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs", "image"])
+def _rootfs_session(runtime: str) -> Callable[[nox.Session], None]:
     def rootfs(session: nox.Session) -> None:
         _scripts(session, "rootfs", "--runtime", runtime)
 
     rootfs.__doc__ = f"Build images/{runtime}.ext4 (+ manifest, SPDX SBOM) from the lock."
+    return nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs", "image"])(rootfs)  # type: ignore[no-any-return]
 
 
 for _rt in RUNTIMES:
@@ -108,37 +162,21 @@ for _rt in RUNTIMES:
 @nox.session(requires=[f"rootfs-{rt}" for rt in RUNTIMES], tags=["rootfs"])
 def rootfs_all(session: nox.Session) -> None:
     """Build every runtime's image (the rootfs-* sessions)."""
+    if PINS_PROBLEM or not RUNTIMES:
+        session.error(f"vulcan: error: {PINS_PROBLEM or 'no runtimes in the pins file'}")
     session.log(f"images for: {', '.join(RUNTIMES)}")
 
 
-@nox.session
-def verify(session: nox.Session) -> None:
-    """Check every artifact in bin/ and images/ (table, or --json; --reproduce rebuilds)."""
-    _scripts(session, "verify")
-
-
-@nox.session(default=False)
-def boot(session: nox.Session) -> None:
-    """Boot images and prove the runtime works: Firecracker, or -- --vmm qemu."""
-    _scripts(session, "boot")
+_step_session("verify")
+_step_session("boot", default=False)
+_step_session("lock", default=False)
+_step_session("update_pins", default=False)
 
 
 @nox.session(default=False, venv_backend="none")
 def clean(session: nox.Session) -> None:
     """Remove bin/, images/ and their stamps; -- --all also removes the download cache."""
     session.run("python3", "-m", "scripts", "clean", *session.posargs, external=True)
-
-
-@nox.session(default=False)
-def lock(session: nox.Session) -> None:
-    """Resolve each runtime's Alpine packages for each arch into alpine.lock.json."""
-    _scripts(session, "lock")
-
-
-@nox.session(default=False)
-def update_pins(session: nox.Session) -> None:
-    """Move pins to the newest upstream versions in their lines, then re-lock (--check: report only)."""
-    _scripts(session, "update_pins")
 
 
 @nox.session(default=False)

@@ -36,10 +36,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests import imagerepo  # noqa: E402
-from tests.apkrepo import Entry, Pkg, publish  # noqa: E402
-from tests.conftest import BASE_PINS, SHARED, World  # noqa: E402
-from tests.mirror import serve  # noqa: E402
+from tests.support import imagerepo  # noqa: E402
+from tests.support.apkrepo import Entry, Pkg, publish  # noqa: E402
+from tests.support.mirror import serve  # noqa: E402
+from tests.support.world import BASE_PINS, SHARED, World  # noqa: E402
 
 GENERATOR = 3  # bump when the synthetic packages change
 RUNTIMES = {  # name: (package, files, total bytes, check binary)
@@ -152,7 +152,7 @@ class Apks:
         """The cached packages are signed: keep the signing key with them."""
         from cryptography.hazmat.primitives import serialization
 
-        from tests import apkrepo
+        from tests.support import apkrepo
 
         pem = self.cache / "signing-key.pem"
         if pem.exists():
@@ -169,7 +169,7 @@ class Apks:
     def _reindex(self, mirror: Any, arch: str) -> None:
         from scripts.apk.package import verify_package
         from scripts.apk.trust import Keyring  # noqa: F401
-        from tests.apkrepo import index as make_index
+        from tests.support.apkrepo import index as make_index
 
         for repo in ("main", "community"):
             records = []
@@ -194,7 +194,7 @@ class Apks:
 
 def _keyring() -> Any:
     from scripts.apk.trust import Keyring
-    from tests.apkrepo import KEY_NAME, public_pem
+    from tests.support.apkrepo import KEY_NAME, public_pem
 
     return Keyring.from_pems({KEY_NAME: public_pem()})
 

@@ -2,43 +2,46 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-from .errors import VulcanError
+from .errors import handle
+from .steps import BY_COMMAND, STEPS
 
-COMMANDS = {
-    "download": "vmm",
-    "guest": "guest",
-    "lock": "lock",
-    "rootfs": "rootfs.build",
-    "boot": "boot",
-    "verify": "verify",
-    "clean": "clean",
-    "ci-matrix": "ci",
-    "update_pins": "update_pins",
-}
+
+def usage() -> str:
+    width = max(len(s.command) for s in STEPS)
+    rows = "\n".join(f"  {s.command:<{width}}  {s.summary}" for s in STEPS)
+    return (
+        f"usage: python -m scripts COMMAND [--debug] [ARGS]   (nox -s SESSION -- ARGS runs the same)\n\n"
+        f"commands:\n{rows}\n\n'python -m scripts COMMAND --help' shows a command's arguments; --debug adds a "
+        "traceback to any error."
+    )
 
 
 def main(argv: list[str]) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m scripts {{{','.join(COMMANDS)}}} [--debug] [ARGS]", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in BY_COMMAND:
+        print(usage(), file=sys.stderr)
+        if argv:
+            print(f"vulcan: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"scripts.{COMMANDS[argv[0]]}")
+    chosen = BY_COMMAND[argv[0]]
     try:
-        return int(module.main(argv[1:]))
-    except VulcanError as exc:
-        if debug:
-            import traceback  # only here: every process start counts (bench: no-op)
+        from .settings import check_all
 
-            traceback.print_exc()
-        print(f"vulcan: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("vulcan: interrupted", file=sys.stderr)
-        return 130
+        check_all()
+        module = chosen.load()
+        if chosen.stamped:
+            from .step import drive
+
+            return drive(module, argv[1:])
+        return int(module.main(argv[1:]))
+    except (Exception, KeyboardInterrupt) as exc:
+        return handle(exc, debug)
 
 
 if __name__ == "__main__":

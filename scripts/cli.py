@@ -1,5 +1,9 @@
-"""Arguments every build command accepts, so that ``nox -s rootfs-python -- --arch aarch64
---frozen`` can pass the same arguments to the sessions it requires (download, guest)."""
+"""The arguments every build step accepts.
+
+``nox -s rootfs-python -- --arch aarch64 --frozen`` passes the same arguments to the sessions it
+requires (download, guest), so the build steps share one parser: each takes what concerns it
+and accepts the rest, and a typo is reported once, naming every step it went to.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,16 @@ import argparse
 
 from .pins import ARCHES, host_arch
 
+PROG = "nox -s {download,guest,rootfs-<runtime>,rootfs_all} --"
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"nox -s {prog} --", description=description)
+
+def parser(step: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=f"{step}: {description}",
+        epilog="Build sessions pass these arguments on to the sessions they require "
+        "(rootfs-<runtime> -> guest), so every build step accepts all of them.",
+    )
     p.add_argument(
         "--arch",
         default=host_arch(),
@@ -22,4 +33,6 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         action="store_true",
         help="CI mode: the lock must exist and match pins.json; never re-resolve packages",
     )
+    p.add_argument("--runtime", action="append", help="rootfs: a runtime from pins.json alpine.runtimes (repeatable)")
+    p.add_argument("--all", action="store_true", help="rootfs: every runtime in pins.json (the default)")
     return p

@@ -1,10 +1,17 @@
-"""The errors a user can see: each says what failed, which input, and what to do next.
+"""The errors a user can see, and the one place that prints them.
 
-Model: cibuildwheel's errors.py and mkosi's die(msg, hint=...). The top-level handler in
-scripts/__main__.py prints them without a traceback (with one under --debug).
+Each error says what failed, which input, and what to do next. ``handle()`` turns any
+exception that reaches the top (ours, an OSError, a bad argument) into ``vulcan: error: ...``
+and ``  hint: ...`` lines, without a traceback (with one under ``--debug``).
+Model: cibuildwheel's errors.py and mkosi's die(msg, hint=...).
 """
 
 from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
 
 
 class VulcanError(Exception):
@@ -27,8 +34,16 @@ class PinError(VulcanError):
     """pins.json (or the lock) is malformed or incomplete."""
 
 
+class SettingError(VulcanError):
+    """An environment variable (VULCAN_*, SOURCE_DATE_EPOCH) has a value we cannot use."""
+
+
 class DownloadError(VulcanError):
-    """A URL could not be fetched."""
+    """A URL could not be fetched. ``status``: the HTTP status when the server answered."""
+
+    def __init__(self, message: str, hint: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, hint)
+        self.status = status
 
 
 class ChecksumError(VulcanError):
@@ -49,3 +64,80 @@ class BuildError(VulcanError):
 
 class ArchiveError(VulcanError):
     """An archive has an unexpected layout."""
+
+
+class NoSpace(VulcanError):
+    """A file system is full."""
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system that holds ``path`` (or would hold it)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while p != p.parent and not os.path.ismount(p):
+        p = p.parent
+    return p
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(mount_point(path))
+    return st.f_bavail * st.f_frsize
+
+
+def no_space(path: Path, needed: int | None = None, what: str = "writing") -> NoSpace:
+    from .log import human
+
+    fs = mount_point(path)
+    need = f"; needs {human(needed)}" if needed else ""
+    try:
+        free = f", {human(free_bytes(path))} free"
+    except OSError:
+        free = ""
+    return NoSpace(
+        f"no space left on {fs} {what} {path}{need}{free}",
+        hint="free space there, or point the matching setting elsewhere (VULCAN_OUT, VULCAN_SCRATCH, VULCAN_CACHE)",
+    )
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free space on that file system, or point VULCAN_OUT / VULCAN_SCRATCH / VULCAN_CACHE elsewhere",
+    errno.EROFS: "that file system is read-only: point VULCAN_OUT (or VULCAN_CACHE, VULCAN_SCRATCH) at a writable one",
+    errno.EACCES: "check the permissions of that path, or point the matching VULCAN_* setting elsewhere",
+    errno.ENOTDIR: "a part of that path is a file, not a directory: check VULCAN_OUT, VULCAN_CACHE and friends",
+}
+
+
+def from_os_error(exc: OSError) -> VulcanError:
+    """An OSError that reached the top, said as an error a user can act on."""
+    if exc.errno == errno.ENOSPC and exc.filename:
+        return no_space(Path(exc.filename))
+    where = f": {exc.filename}" if exc.filename else ""
+    text = exc.strerror or str(exc)
+    return VulcanError(f"{text}{where}", hint=_OS_HINTS.get(exc.errno or 0))
+
+
+def handle(exc: BaseException, debug: bool) -> int:
+    """Print ``exc`` for a user and return the exit code; None of ours gets a traceback."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("vulcan: interrupted", file=sys.stderr)
+        return 130
+    if debug:
+        import traceback  # only here: every process start counts (bench: no-op)
+
+        traceback.print_exception(exc)
+    if isinstance(exc, OSError):
+        exc = from_os_error(exc)
+    if not isinstance(exc, VulcanError):
+        if not debug:
+            import traceback
+
+            traceback.print_exception(exc)
+        print(
+            f"vulcan: error: internal error: {type(exc).__name__}: {exc}\n"
+            "  hint: this is a bug in vulcan-images; please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 70
+    print(f"vulcan: error: {exc}", file=sys.stderr)
+    return exc.exit_code

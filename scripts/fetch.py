@@ -1,4 +1,4 @@
-"""The one download() every step uses, and the content-addressed cache built on it.
+"""The HTTP fetch: the one fetch() every step uses, and the content-addressed cache built on it.
 
 - requests with connect/read timeouts; bounded retries with exponential backoff on connection
   errors, timeouts, truncated bodies and 5xx; never on 4xx.
@@ -7,15 +7,20 @@
 - Hashes while streaming, verifies, and only then ``os.replace``-s the file into place: a
   failed or interrupted download never leaves anything that looks finished.
 - One ``fcntl.flock`` lock per artifact, so concurrent runs neither corrupt nor double-fetch.
+  A read-only cache (a CI cache, a shared one) still serves the entries it has: checking a
+  present, correct entry needs no lock and no write.
+- A host name that does not resolve is not transient: it fails at once with the hint.
 - ``$VULCAN_MIRROR=http://host:port/prefix`` fetches every upstream ``https://HOST/PATH`` as
   ``$VULCAN_MIRROR/HOST/PATH`` (air-gapped users, and our tests).
 
 Model: cibuildwheel's download() and pip's adjacent temp file + rename.
+The ``nox -s download`` session is scripts/download.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -27,9 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from . import log
+from . import log, settings
 from .errors import ChecksumError, DownloadError
-from .paths import cache_dir
 
 if TYPE_CHECKING:
     import requests
@@ -48,13 +52,17 @@ class _Transient(Exception):
     """Worth retrying: the next attempt may succeed."""
 
 
+class _Unresolvable(Exception):
+    """The host name does not resolve: retrying will not help (offline, or a typo)."""
+
+
 def mirror_url(url: str) -> str:
-    mirror = os.environ.get("VULCAN_MIRROR")
+    mirror = settings.mirror()
     if not mirror:
         return url
     parts = urlsplit(url)
     query = f"?{parts.query}" if parts.query else ""
-    return f"{mirror.rstrip('/')}/{parts.netloc}{parts.path}{query}"
+    return f"{mirror}/{parts.netloc}{parts.path}{query}"
 
 
 def _session() -> requests.Session:
@@ -76,17 +84,38 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 @contextlib.contextmanager
-def file_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock for one artifact; lock files are kept (deleting them would race)."""
+def file_lock(target: Path, shared: bool = False) -> Iterator[None]:
+    """An exclusive lock for one artifact; lock files are kept (deleting them would race).
+
+    Raises OSError (EROFS, EACCES) where the lock file cannot be created: callers that only
+    read use ``read_only_ok`` to carry on without it."""
     lock = target.with_name(target.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def writable(path: Path) -> bool:
+    """Can we create files next to ``path`` (False for a read-only or foreign cache)?"""
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK) and not _read_only_fs(probe)
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _attempt(real: str, part: Path, progress: log.Progress) -> hashlib._Hash:
@@ -101,7 +130,7 @@ def _attempt(real: str, part: Path, progress: log.Progress) -> hashlib._Hash:
                 part.unlink(missing_ok=True)
                 raise _Transient("server refused the resume range")
             if 400 <= resp.status_code < 500:
-                raise DownloadError(f"HTTP {resp.status_code} {resp.reason}")
+                raise DownloadError(f"HTTP {resp.status_code} {resp.reason}", status=resp.status_code)
             if resp.status_code >= 500:
                 raise _Transient(f"HTTP {resp.status_code} {resp.reason}")
             h = hashlib.sha256()
@@ -128,7 +157,27 @@ def _attempt(real: str, part: Path, progress: log.Progress) -> hashlib._Hash:
                 raise _Transient(f"connection closed after {got} of {expected} bytes")
             return h
     except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as exc:
+        if _unresolvable(exc):
+            raise _Unresolvable(_describe(exc)) from None
         raise _Transient(_describe(exc)) from None
+
+
+def _unresolvable(exc: BaseException) -> bool:
+    """A DNS failure (urllib3's NameResolutionError wraps socket.gaierror)."""
+    import socket
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
+            return True
+        todo += [e.__cause__, e.__context__, *[a for a in e.args if isinstance(a, BaseException)]]
+        todo.append(getattr(e, "reason", None))
+    return False
 
 
 def _describe(exc: Exception) -> str:
@@ -139,15 +188,15 @@ def _describe(exc: Exception) -> str:
     text = str(exc)
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or "timed out" in text:
         return "timed out"
-    errno = re.search(r"\[Errno -?\d+\] ([^)'\"]+)", text)
-    if errno:
-        return f"connection failed: {errno.group(1).strip()}"
+    found = re.search(r"\[Errno -?\d+\] ([^)'\"]+)", text)
+    if found:
+        return f"connection failed: {found.group(1).strip()}"
     if "IncompleteRead" in text or "Connection broken" in text:
         return "connection closed in the middle of the body"
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def download(
+def fetch(
     url: str,
     dest: Path,
     *,
@@ -175,6 +224,14 @@ def download(
                 raise DownloadError(
                     f"cannot download {shown}: {exc.message}",
                     hint="check the URL in the pins file, or that VULCAN_MIRROR serves this path",
+                    status=exc.status,
+                ) from None
+            except _Unresolvable as exc:
+                host = urlsplit(real).hostname
+                raise DownloadError(
+                    f"cannot download {shown}: {exc} (the name {host} does not resolve)",
+                    hint="are you offline? Connect, or set VULCAN_MIRROR to a mirror you can reach; "
+                    "finished downloads are kept",
                 ) from None
             except _Transient as exc:
                 if attempt == ATTEMPTS:
@@ -201,7 +258,7 @@ def download(
         except BaseException:
             part.unlink(missing_ok=True)
             raise
-    os.replace(part, dest)
+    os.replace(part, dest)  # .part is unique to this artifact, and we hold its lock
     size = dest.stat().st_size
     log.info(f"downloaded {Path(urlsplit(url).path).name}: {log.human(size)} in {time.monotonic() - start:.1f}s")
     return actual
@@ -210,9 +267,13 @@ def download(
 def cached(url: str, sha256: str) -> Path:
     """The verified cache entry for ``sha256``, downloading it from ``url`` only if needed.
 
-    Entries are re-hashed on every use: a tampered entry is deleted and fetched again.
-    """
-    path = cache_dir() / "sha256" / sha256[:2] / sha256
+    Entries are re-hashed on every use: a tampered entry is deleted and fetched again. In a
+    read-only cache a correct entry is used as it is; a missing or corrupt one is an error."""
+    path = settings.cache_dir() / "sha256" / sha256[:2] / sha256
+    if not writable(path):
+        if path.is_file() and sha256_file(path) == sha256:
+            return path
+        raise read_only_cache(path, url)
     with file_lock(path):
         if path.exists():
             actual = sha256_file(path)
@@ -220,5 +281,13 @@ def cached(url: str, sha256: str) -> Path:
                 return path
             log.warn(f"cache entry {path} is corrupt (sha256 {actual}); fetching it again")
             path.unlink()
-        download(url, path, sha256=sha256)
+        fetch(url, path, sha256=sha256)
     return path
+
+
+def read_only_cache(path: Path, url: str) -> DownloadError:
+    state = "is corrupt" if path.exists() else "is missing"
+    return DownloadError(
+        f"the cache entry for {url} {state}, and the cache is read-only ({path.parent})",
+        hint="point VULCAN_CACHE at a writable directory (entries there are reused when correct)",
+    )

@@ -1,8 +1,10 @@
 """`nox -s guest`: a reproducible, static vulcan-guest agent from pinned inputs.
 
 Toolchain: the Go pinned in pins.json (downloaded and cached like everything else), or
-``VULCAN_GO=/path/to/go`` for a local one. Source: ``guest.source`` / ``guest.package`` in
-pins.json (default: this repository's ``guest/``), or ``VULCAN_GUEST_SOURCE=dir[:package]``.
+``VULCAN_GO=/path/to/go`` for a local one (any Go at least as new as the ``go`` line of the
+source's go.mod: 1.22 for guest/; the stamp records which toolchain built the agent, and the
+bytes can differ between Go versions). Source: ``guest.source`` / ``guest.package`` in pins.json
+(default: this repository's ``guest/``), or ``VULCAN_GUEST_SOURCE=dir[:package]``.
 Reproducibility: CGO off, -trimpath, -buildvcs=false, an empty build id, and a Go
 environment built from scratch (GOENV=off, no user GOFLAGS, isolated module cache,
 GOTOOLCHAIN=local so Go never fetches another toolchain).
@@ -13,18 +15,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
-from . import cli, log, paths, stamps
+from . import atomic, cli, log, paths, settings, stamps
 from .elf import check_static_binary
 from .errors import ArchiveError, PinError
 from .fetch import cached, file_lock
-from .pins import GOARCH, REPO_ROOT, Pins
+from .pins import GOARCH, REPO_ROOT, Pins, host_arch
 from .pins import load as load_pins
-from .run import minimal_env, run
+from .run import minimal_env, run_tool
+from .step import Check, Unsure
 
 LDFLAGS = "-s -w -buildid="
 BUILD_FLAGS = ["-trimpath", "-buildvcs=false", f"-ldflags={LDFLAGS}"]
@@ -46,14 +48,11 @@ def tree_digest(root: Path) -> str:
 
 
 def source(pins: Pins) -> tuple[Path, str]:
-    env = os.environ.get("VULCAN_GUEST_SOURCE")
-    if env:
-        directory, _, package = env.partition(":")
-        src, pkg = Path(directory), package or "."
+    override = settings.guest_source()
+    if override is not None:
+        src, pkg = override
     else:
-        sec = pins.raw.get("guest", {})
-        src = Path(sec.get("source", "guest"))
-        pkg = sec.get("package", ".")
+        src, pkg = Path(pins.guest.source), pins.guest.package
         if not src.is_absolute():
             src = REPO_ROOT / src
     if not (src / "go.mod").is_file():
@@ -64,31 +63,33 @@ def source(pins: Pins) -> tuple[Path, str]:
     return src.resolve(), pkg
 
 
-def toolchain(pins: Pins, fetch: bool = True) -> tuple[Path, dict[str, str]] | None:
-    """The go binary to use and how to describe it in the stamp (None: not unpacked, fetch=False)."""
-    local = os.environ.get("VULCAN_GO")
-    if local:
-        go = Path(local)
-        if not go.is_file() or not os.access(go, os.X_OK):
-            raise PinError(f"VULCAN_GO={local} is not an executable file", hint="point it at a go binary, or unset it")
-        version = run([go, "env", "GOVERSION"], quiet=True, env=minimal_env(GOENV="off", GOTOOLCHAIN="local"))
+def go_line(src: Path) -> str | None:
+    """The ``go 1.NN`` line of the source's go.mod: the oldest Go that can build it."""
+    m = re.search(r"^go\s+(\S+)", (src / "go.mod").read_text(), re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def toolchain(pins: Pins, fetch: bool = True) -> tuple[Path, dict[str, str]]:
+    """The go binary to use and how to describe it in the stamp (Unsure: not unpacked, fetch=False)."""
+    go = settings.local_go()
+    if go is not None:
+        version = run_tool([go, "env", "GOVERSION"], quiet=True, env=minimal_env(GOENV="off", GOTOOLCHAIN="local"))
         return go, {"kind": "local (VULCAN_GO)", "path": str(go), "version": version.stdout.decode().strip()}
     if pins.go is None:
         raise PinError(f"{pins.path.name}: go: missing", hint="pin a Go toolchain, or set VULCAN_GO=/path/to/go")
-    from .pins import host_arch
-
     arch = host_arch()
     sha = pins.go.sha256_for(arch)
     root = paths.cache_dir() / "go" / f"go{pins.go.version}-{GOARCH[arch]}-{sha[:12]}"
     go = root / "go" / "bin" / "go"
     if not fetch and not go.exists():
-        return None
+        raise Unsure("the pinned Go is not unpacked yet")
+    if fetch and not go.exists():
+        log.info(f"using the pinned Go {pins.go.version} (set VULCAN_GO=/path/to/go to use a local Go instead)")
     with file_lock(root):
         if not go.exists():
             tgz = cached(pins.go.url_for(arch), sha)
             log.info(f"unpacking Go {pins.go.version} into {root}")
-            tmp = Path(tempfile.mkdtemp(prefix=".go-", dir=root.parent))
-            try:
+            with atomic.scratch(root.parent, "go") as tmp:
                 import tarfile  # only when the pinned toolchain is unpacked
 
                 with tarfile.open(tgz, "r:gz") as tar:
@@ -99,55 +100,38 @@ def toolchain(pins: Pins, fetch: bool = True) -> tuple[Path, dict[str, str]] | N
                     raise ArchiveError(f"{pins.go.url_for(arch)}: the archive has no go/bin/go")
                 shutil.rmtree(root, ignore_errors=True)
                 os.replace(tmp, root)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
     return go, {"kind": "pinned", "version": pins.go.version, "sha256": sha}
 
 
-def _state(pins: Pins, arch: str, fetch: bool = True) -> tuple[Path, str, Path, dict[str, Any], str | None] | None:
-    """Source, package, go binary, the stamp's inputs and why the agent is out of date (None: it
-    is not); None instead of all that when fetch=False and the pinned Go is not unpacked."""
+def parser() -> argparse.ArgumentParser:
+    return cli.parser("guest", "Build the static vulcan-guest agent into bin/ (reproducibly, from pinned inputs).")
+
+
+def check(args: argparse.Namespace, dry: bool) -> list[Check]:
+    pins, arch = load_pins(), args.arch
     src, pkg = source(pins)
-    found = toolchain(pins, fetch)
-    if found is None:
-        return None
-    go, tool = found
+    go, tool = toolchain(pins, fetch=not dry)
     inputs = {
         "arch": arch,
         "toolchain": tool,
         "source": {"path": str(src), "package": pkg, "sha256": tree_digest(src)},
         "flags": BUILD_FLAGS,
     }
-    why = stamps.outdated(paths.stamp_path(paths.bin_dir(arch), "guest"), inputs, paths.out_root())
-    return src, pkg, go, inputs, why
+    out = paths.bin_dir(arch)
+    stamp = paths.stamp_path(out, "guest")
+    why = stamps.outdated(stamp, inputs, paths.out_root())
+    return [Check(f"guest ({arch})", stamp, inputs, [out / "vulcan-guest"], why, paths.out_root(), (src, pkg, go))]
 
 
-def up_to_date(argv: list[str]) -> str | None:
-    """For the noxfile's in-process check: the log line if nothing is to be done, else None."""
-    arch = _parser().parse_args(argv).arch
-    state = _state(load_pins(), arch, fetch=False)
-    return _done(arch) if state is not None and state[4] is None else None
-
-
-def _done(arch: str) -> str:
-    return f"guest ({arch}): up to date: {(paths.bin_dir(arch) / 'vulcan-guest').relative_to(paths.out_root())}"
-
-
-def build(pins: Pins, arch: str) -> Path:
-    state = _state(pins, arch)
-    assert state is not None  # fetch=True always finds a toolchain
-    src, pkg, go, inputs, why = state
+def run(args: argparse.Namespace, check: Check) -> None:
+    src, pkg, go = check.context
+    arch = args.arch
     out_dir = paths.bin_dir(arch)
-    base = paths.out_root()
-    output = out_dir / "vulcan-guest"
-    stamp = paths.stamp_path(out_dir, "guest")
-    if why is None:
-        log.info(_done(arch))
-        return output
-    log.info(f"guest ({arch}): {why}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".guest-", dir=out_dir) as tmp:
-        scratch = Path(tmp)
+    output = check.outputs[0]
+    if check.inputs["toolchain"]["kind"] != "pinned":
+        want = go_line(src)
+        log.info(f"building with {check.inputs['toolchain']['version']} from VULCAN_GO (the source needs go >= {want})")
+    with atomic.scratch(out_dir, "guest") as scratch:
         env = minimal_env(
             HOME=str(scratch),
             GOENV="off",
@@ -155,9 +139,9 @@ def build(pins: Pins, arch: str) -> Path:
             GOTOOLCHAIN="local",
             GOWORK="off",
             GO111MODULE="on",
-            GOPROXY=os.environ.get("VULCAN_GOPROXY", "off"),
+            GOPROXY=settings.go_proxy(),
             GOMODCACHE=str(scratch / "gomodcache"),
-            GOCACHE=os.environ.get("VULCAN_GOCACHE") or str(paths.cache_dir() / "go-build"),
+            GOCACHE=str(settings.go_cache()),
             GOPATH=str(scratch / "gopath"),
             CGO_ENABLED="0",
             GOOS="linux",
@@ -166,21 +150,11 @@ def build(pins: Pins, arch: str) -> Path:
             GOARM64="v8.0",
         )
         built = scratch / "vulcan-guest"
-        run([go, "build", *BUILD_FLAGS, "-o", built, pkg], env=env, cwd=src)
+        run_tool([go, "build", *BUILD_FLAGS, "-o", built, pkg], env=env, cwd=src)
         check_static_binary(built, arch)
-        os.chmod(built, 0o755)
-        os.replace(built, output)
-    stamps.write(stamp, inputs, base, [output])
-    digest = stamps.output_sha256(stamp, str(output.relative_to(base)))
-    log.info(f"  {output.relative_to(base)}: static {arch} ELF, {log.human(output.stat().st_size)}, sha256 {digest}")
-    return output
-
-
-def _parser() -> argparse.ArgumentParser:
-    return cli.parser("guest", "Build the static vulcan-guest agent into bin/ (reproducibly, from pinned inputs).")
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    build(load_pins(), args.arch)
-    return 0
+        atomic.publish(built, output, mode=0o755)
+    stamps.write(check.stamp, check.inputs, check.base, [output])
+    digest = stamps.output_sha256(check.stamp, str(output.relative_to(check.base)))
+    log.info(
+        f"  {output.relative_to(check.base)}: static {arch} ELF, {log.human(output.stat().st_size)}, sha256 {digest}"
+    )

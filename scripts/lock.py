@@ -1,10 +1,11 @@
-"""`nox -s lock`: resolve every runtime's world for each architecture into alpine.lock.json."""
+"""`nox -s lock`: resolve every runtime's world for each architecture into alpine.lock.json
+(the lock file itself: apk/lockfile.py)."""
 
 from __future__ import annotations
 
 import argparse
 
-from .apk.repo import lock_all, lock_path
+from .apk.lockfile import lock_all, lock_path
 from .pins import ARCHES
 from .pins import load as load_pins
 

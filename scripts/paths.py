@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from .pins import REPO_ROOT, host_arch
+from . import settings
+from .pins import host_arch
 
 
 def out_root() -> Path:
     """``$VULCAN_OUT`` (tests, CI artifacts) or the repository root."""
-    env = os.environ.get("VULCAN_OUT")
-    return Path(env).resolve() if env else REPO_ROOT
+    return settings.out_root()
 
 
 def _per_arch(base: Path, arch: str) -> Path:
@@ -34,9 +33,9 @@ def stamp_path(base: Path, step: str) -> Path:
 
 def cache_dir() -> Path:
     """The shared content-addressed download cache."""
-    env = os.environ.get("VULCAN_CACHE")
-    if env:
-        return Path(env).resolve()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "vulcan-images"
+    return settings.cache_dir()
+
+
+def scratch_parent(out_dir: Path) -> Path:
+    """Where images are assembled: ``$VULCAN_SCRATCH`` or next to the output."""
+    return settings.scratch_dir() or out_dir

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
 import string
@@ -18,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import settings
 from .errors import PinError
 
 ARCHES = ("x86_64", "aarch64")
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 SCHEMA_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = settings.REPO_ROOT
+MAX_HEADROOM_MIB = 1 << 16  # 64 GiB of free space in an image is a typo, not a wish
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 UPDATE_HINT = "run 'nox -s update_pins' to fetch and pin it (nothing is trusted on first use)"
 
@@ -35,8 +36,7 @@ def host_arch() -> str:
 
 def pins_path() -> Path:
     """``$VULCAN_PINS`` or the repository's pins.json."""
-    env = os.environ.get("VULCAN_PINS")
-    return Path(env) if env else REPO_ROOT / "pins.json"
+    return settings.pins_path()
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,21 @@ class Alpine:
 
 
 @dataclass(frozen=True)
+class Guest:
+    """Where the agent's Go source is (``guest.source``, relative to the pins file's checkout)."""
+
+    source: str
+    package: str
+
+
+@dataclass(frozen=True)
 class Pins:
     path: Path
     raw: Mapping[str, Any]
     firecracker: Artifact
     kernel: Artifact
     go: Artifact | None
+    guest: Guest
     alpine_pins: Alpine | None
     digest: str  # sha256 of the canonical JSON, for manifests
 
@@ -149,6 +158,12 @@ class _Checker:
         except ValueError as exc:
             raise self.fail(where, f"bad URL template: {exc}") from None
         unknown = fields - allowed
+        if unknown and not allowed:
+            raise self.fail(
+                where,
+                f"unknown placeholder {{{sorted(unknown)[0]}}}: this URL takes no placeholders",
+                hint="write it out in full (for alpine.mirror: the mirror's root; branch and repository are added)",
+            )
         if unknown:
             raise self.fail(
                 where,
@@ -174,11 +189,24 @@ class _Checker:
             raise self.fail(where, "expected a non-empty list of strings")
         return tuple(value)
 
-    def count(self, parent: Mapping[str, Any], key: str, where: str) -> int:
+    def count(self, parent: Mapping[str, Any], key: str, where: str, most: int | None = None) -> int:
         value = parent.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise self.fail(where, "expected a non-negative integer")
+        if most is not None and value > most:
+            raise self.fail(where, f"{value} is more than {most}", hint="headroom is free space in MiB, e.g. 64")
         return value
+
+    def guest(self, raw: Mapping[str, Any]) -> Guest:
+        if "guest" not in raw:
+            return Guest("guest", ".")
+        sec = self.obj(raw, "guest", "guest")
+        for key in sec:
+            if key not in ("source", "package"):
+                raise self.fail(f"guest.{key}", "unknown key; guest takes source and package")
+        source = self.text(sec, "source", "guest.source") if "source" in sec else "guest"
+        package = self.text(sec, "package", "guest.package") if "package" in sec else "."
+        return Guest(source, package)
 
     def alpine(self, raw: Mapping[str, Any]) -> Alpine:
         sec = self.obj(raw, "alpine", "alpine")
@@ -194,7 +222,7 @@ class _Checker:
             url = self.url(entry, "url", f"alpine.keys.{name}.url", set())
             keys.append(AlpineKey(name, url, self.hex64(entry, "sha256", f"alpine.keys.{name}.sha256")))
         base = self.strings(sec, "base", "alpine.base")
-        headroom = self.count(sec, "headroom_mib", "alpine.headroom_mib")
+        headroom = self.count(sec, "headroom_mib", "alpine.headroom_mib", MAX_HEADROOM_MIB)
         rts = self.obj(sec, "runtimes", "alpine.runtimes")
         runtimes = {}
         for name in rts:
@@ -202,7 +230,11 @@ class _Checker:
             if not re.match(r"^[a-z][a-z0-9_]*$", name):
                 raise self.fail(where, "runtime names are lower-case letters, digits and _ (they name sessions)")
             rt = self.obj(rts, name, where)
-            own = self.count(rt, "headroom_mib", f"{where}.headroom_mib") if "headroom_mib" in rt else None
+            own = (
+                self.count(rt, "headroom_mib", f"{where}.headroom_mib", MAX_HEADROOM_MIB)
+                if "headroom_mib" in rt
+                else None
+            )
             binary = self.text(rt, "binary", f"{where}.binary")
             if not binary.startswith("/"):
                 raise self.fail(f"{where}.binary", "expected an absolute path inside the image")
@@ -240,14 +272,23 @@ def load(path: Path | None = None) -> Pins:
         raise chk.fail("(top level)", "expected an object")
     if "schema_version" not in raw:
         raise chk.fail("schema_version", "missing")
-    if raw["schema_version"] != SCHEMA_VERSION:
+    version = raw["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool):
         raise chk.fail(
             "schema_version",
-            f"unsupported value {raw['schema_version']!r}; this tool reads version {SCHEMA_VERSION}",
+            f"expected the number {SCHEMA_VERSION}, got {type(version).__name__} {json.dumps(version)}",
+            hint=f'write "schema_version": {SCHEMA_VERSION} (no quotes)',
+        )
+    if version != SCHEMA_VERSION:
+        raise chk.fail(
+            "schema_version",
+            f"unsupported version {version}; this tool reads version {SCHEMA_VERSION}",
+            hint="use the pins file of this checkout's version, or update vulcan-images",
         )
     firecracker = chk.artifact(raw, "firecracker")
     kernel = chk.artifact(raw, "kernel")
     go = chk.artifact(raw, "go") if "go" in raw else None
+    guest = chk.guest(raw)
     alpine = chk.alpine(raw) if "alpine" in raw else None
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return Pins(path, raw, firecracker, kernel, go, alpine, digest)
+    return Pins(path, raw, firecracker, kernel, go, guest, alpine, digest)

@@ -1,7 +1,8 @@
-"""One run() for every external tool (mke2fs, debugfs, e2fsck, go, qemu, firecracker).
+"""One run_tool() for every external tool (mke2fs, debugfs, e2fsck, go, cp, a runtime's check).
 
 It resolves the binary with shutil.which, fails with an install hint when it is missing, logs
 the command with shlex.join, and on failure shows the command, exit code and captured stderr.
+VMs, which run in the background, are started by boot.py with ``which()`` from here.
 """
 
 from __future__ import annotations
@@ -37,16 +38,20 @@ def which(tool: str | Path) -> str:
     return found
 
 
-def run(
+def run_tool(
     argv: Sequence[str | Path],
     *,
     env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
+    cwd: Path | str | None = None,
     capture: bool = True,
     input: bytes | None = None,
     quiet: bool = False,
     timeout: float | None = None,
+    check: bool = True,
+    merge_stderr: bool = False,
 ) -> subprocess.CompletedProcess[bytes]:
+    """Run a tool; ``check=False`` returns a failed run instead of raising (callers that judge
+    the exit code themselves, e.g. verify's runtime check). ``merge_stderr``: stderr into stdout."""
     cmd = [which(argv[0]), *(str(a) for a in argv[1:])]
     if not quiet:
         log.info(f"$ {shlex.join(str(a) for a in argv)}")
@@ -56,14 +61,15 @@ def run(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             input=input,
+            stdin=subprocess.DEVNULL if input is None else None,
             stdout=subprocess.PIPE if capture else None,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         raise ToolFailed(f"{shlex.join(cmd)} timed out after {timeout:.0f}s") from None
-    if proc.returncode != 0:
-        err = (proc.stderr or b"").decode("utf-8", "replace").strip()
+    if check and proc.returncode != 0:
+        err = ((proc.stdout if merge_stderr else proc.stderr) or b"").decode("utf-8", "replace").strip()
         tail = "\n".join(err.splitlines()[-25:])
         raise ToolFailed(f"{shlex.join(cmd)} failed with exit code {proc.returncode}" + (f":\n{tail}" if tail else ""))
     return proc

@@ -9,12 +9,11 @@ Stamps are written last and atomically. Model: mkosi's cache manifest.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import TOOL_VERSION
+from . import TOOL_VERSION, atomic
 from .fetch import sha256_file
 
 
@@ -89,7 +88,4 @@ def write(
         "inputs": inputs,
         "outputs": {str(p.relative_to(base)): file_record(p, known.get(p)) for p in sorted(outputs)},
     }
-    stamp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, stamp)
+    atomic.write_text(stamp, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,6 +1,6 @@
 """`nox -s update_pins`: move the pins to the newest upstream versions within their lines.
 
-Sources (each fetched through download(), so VULCAN_MIRROR, retries and timeouts apply):
+Sources (each fetched through fetch(), so VULCAN_MIRROR, retries and timeouts apply):
 - Firecracker: the GitHub releases API; each asset's checksum from the release's
   ``<asset>.sha256.txt`` (sha256sum format), and the asset itself must match it.
 - Guest kernel: Firecracker's CI bucket, an S3 ListObjectsV2 XML listing of ``firecracker-ci/``;
@@ -22,7 +22,6 @@ import difflib
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 import tempfile
@@ -33,11 +32,12 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from . import log
-from .apk import repo
+from . import atomic, log
+from .apk import indexes, lockfile, packages
+from .apk.keys import keyring
 from .apk.trust import fingerprint
 from .errors import ChecksumError, PinError, VulcanError
-from .fetch import cached, download
+from .fetch import cached, fetch
 from .pins import ARCHES, GOARCH, Pins
 from .pins import load as load_pins
 
@@ -53,7 +53,7 @@ _KERNEL_KEY = re.compile(
 def _fetch_bytes(url: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="vulcan-pins-") as tmp:
         dest = Path(tmp) / "body"
-        download(url, dest)
+        fetch(url, dest)
         return dest.read_bytes()
 
 
@@ -147,7 +147,7 @@ def newest_kernel(pins: Pins, wanted: str | None) -> dict[str, Any]:
         url = template.format(arch=arch, version=version)
         with tempfile.TemporaryDirectory(prefix="vulcan-kernel-") as tmp:
             dest = Path(tmp) / "vmlinux"
-            sha = download(url, dest)
+            sha = fetch(url, dest)
             etag = obj["ETag"].strip('"')
             if re.fullmatch(r"[0-9a-f]{32}", etag):
                 md5 = hashlib.md5(dest.read_bytes(), usedforsecurity=False).hexdigest()
@@ -195,13 +195,13 @@ def alpine_keys(pins: Pins) -> dict[str, Any]:
     """Keys from the branch's alpine-keys package (verified with the keys trusted now)."""
     alpine = pins.alpine
     keys: dict[str, Any] = {}
-    ring = repo.keyring(alpine)
+    ring = keyring(alpine)
     for arch in ARCHES:
-        index = repo.load_index(alpine, "main", arch, ring)
+        index = indexes.load_index(alpine, "main", arch, ring)
         pkg = max((p for p in index if p.name == "alpine-keys"), key=lambda p: p.build_time, default=None)
         if pkg is None:
             raise PinError(f"{alpine.branch}/main/{arch} has no alpine-keys package")
-        verified = repo.fetch_one(pins, repo.Locked.of(pkg), arch)
+        verified = packages.fetch_one(pins, lockfile.Locked.of(pkg), arch)
         with open(verified.path, "rb") as f:
             f.seek(verified.data_offset)
             data = zlib.decompressobj(31).decompress(f.read())
@@ -247,14 +247,9 @@ def render(data: dict[str, Any]) -> str:
 
 def write_validated(path: Path, text: str) -> None:
     """Never write a pins file that fails validation: check a sibling copy, then replace."""
-    tmp = path.with_name(f".{path.name}.new")
-    tmp.write_text(text)
-    try:
-        load_pins(tmp)
-    except PinError:
-        tmp.unlink()
-        raise
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        tmp.write_text(text)
+        load_pins(tmp)  # a PinError removes the copy and leaves pins.json as it was
 
 
 def main(argv: list[str]) -> int:
@@ -281,5 +276,5 @@ def main(argv: list[str]) -> int:
     log.info(f"updated {pins.path}")
     if not args.no_lock and pins.alpine_pins is not None:
         fresh = load_pins(pins.path)
-        repo.lock_all(fresh, list(fresh.alpine.runtimes), list(ARCHES))
+        lockfile.lock_all(fresh, list(fresh.alpine.runtimes), list(ARCHES))
     return 0

@@ -10,19 +10,19 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import ext4, log, paths, stamps
+from . import debugfs, ext4, log, paths, stamps
 from .elf import check_static_binary, kernel_arch, read_elf
 from .errors import BuildError, VulcanError
 from .fetch import sha256_file
 from .pins import ARCHES, Pins, host_arch
 from .pins import load as load_pins
+from .run import run_tool
 
 
 @dataclass
@@ -85,10 +85,15 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
         except BuildError as exc:
             rep.add(_rel(f), "ELF machine", False, exc.message)
         if arch == host_arch():
-            proc = subprocess.run([str(f), "--version"], capture_output=True, text=True, timeout=30)
-            first = (proc.stdout or proc.stderr).strip().splitlines()[:1]
+            try:
+                proc = run_tool([f, "--version"], check=False, quiet=True, timeout=30)
+                out = (proc.stdout or proc.stderr).decode(errors="replace")
+            except VulcanError as exc:
+                proc, out = None, exc.message
+            first = out.strip().splitlines()[:1]
             want = pins.firecracker.version
-            rep.add(_rel(f), "--version", proc.returncode == 0 and bool(first) and want in first[0], " ".join(first))
+            ok = proc is not None and proc.returncode == 0 and bool(first) and want in first[0]
+            rep.add(_rel(f), "--version", ok, " ".join(first))
         else:
             rep.add(_rel(f), "--version", None, f"cannot run {arch} binaries on {host_arch()}")
     k = b / "vmlinux"
@@ -141,19 +146,19 @@ def check_image(rep: Report, runtime: str, arch: str, reproduce: bool) -> None:
     runtime_bin = manifest.get("binary", "").lstrip("/")
     files = {p: size for pkg in manifest.get("packages", []) for p, size in pkg.get("files", {}).items()}
     wanted = sorted({agent_path, "work", "sbin/init", "etc/inittab", runtime_bin, *files})
-    st = ext4.stat_many(img, wanted)
+    st = debugfs.stat_many(img, wanted)
     a = st.get(agent_path)
     if a is None or a.kind != "regular" or not a.mode & 0o111:
         rep.add(name, "agent present, executable", False, f"/{agent_path}: {a.kind if a else 'missing'}")
     else:
-        inside = ext4.cat(img, agent_path)
+        inside = debugfs.cat(img, agent_path)
         same = guest.is_file() and inside == guest.read_bytes()
         detail = "byte-identical to bin/vulcan-guest" if same else "differs from bin/vulcan-guest"
         rep.add(name, "agent = bin/vulcan-guest", same, detail if guest.is_file() else "bin/vulcan-guest missing")
     w = st.get("work")
     rep.add(name, "/work is a directory", bool(w and w.kind == "directory"), f"uid {w.uid}" if w else "missing")
     init = st.get("sbin/init")
-    inittab = ext4.cat(img, "etc/inittab").decode(errors="replace") if st.get("etc/inittab") else ""
+    inittab = debugfs.cat(img, "etc/inittab").decode(errors="replace") if st.get("etc/inittab") else ""
     starts = init is not None and "/usr/local/bin/vulcan-guest" in inittab and "respawn" in inittab
     why = (
         "busybox init, inittab respawns the agent"
@@ -184,8 +189,9 @@ def check_runtime_runs(rep: Report, img: Path, manifest: dict[str, Any], arch: s
         root = Path(tmp)
         binary = manifest.get("binary", "").lstrip("/")
         for d in ("lib", "usr/lib", Path(binary).parent.as_posix()):
-            (root / d).parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["debugfs", "-R", f"rdump /{d} {(root / d).parent}", str(img)], capture_output=True)
+            if not debugfs.rdump(img, d, (root / d).parent):
+                rep.add(name, "runtime runs", False, f"/{d} could not be copied out of the image (debugfs rdump)")
+                return
         target = _resolve_in(root, binary)
         if target is None or not target.is_file():
             rep.add(name, "runtime runs", False, f"/{binary} could not be read from the image")
@@ -204,11 +210,11 @@ def check_runtime_runs(rep: Report, img: Path, manifest: dict[str, Any], arch: s
             libpath = ":".join(str(root / d) for d in ("lib", "usr/lib"))
             argv = [str(loaders[0]), "--library-path", libpath, *argv]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp)
-        except OSError as exc:
+            proc = run_tool(argv, check=False, quiet=True, timeout=60, cwd=tmp)
+        except (OSError, VulcanError) as exc:
             rep.add(name, "runtime runs", False, f"{exc}")
             return
-        out = (proc.stdout or proc.stderr).strip().splitlines()[:1]
+        out = (proc.stdout or proc.stderr).decode(errors="replace").strip().splitlines()[:1]
         rep.add(name, "runtime runs", proc.returncode == 0, f"{' '.join(manifest.get('check', []))}: {' '.join(out)}")
 
 
@@ -233,12 +239,13 @@ def check_reproduce(rep: Report, runtime: str, arch: str, published: str) -> Non
     with tempfile.TemporaryDirectory(prefix="vulcan-reproduce-") as tmp:
         shutil.copytree(paths.bin_dir(arch), Path(tmp) / paths.bin_dir(arch).relative_to(paths.out_root()))
         env = {**os.environ, "VULCAN_OUT": tmp, "VULCAN_REASSEMBLE": "1"}  # from the packages, not a cached stream
-        proc = subprocess.run(
+        proc = run_tool(
             [sys.executable, "-m", "scripts", "rootfs", "--runtime", runtime, "--arch", arch, "--frozen"],
-            cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+            cwd=Path(__file__).resolve().parent.parent, env=env, check=False, quiet=True,
         )  # fmt: skip
         if proc.returncode != 0:
-            rep.add(name, "--reproduce", False, proc.stderr.strip().splitlines()[-1][:200])
+            lines = proc.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"]
+            rep.add(name, "--reproduce", False, lines[-1][:200])
             return
         again = sha256_file(Path(tmp) / paths.images_dir(arch).relative_to(paths.out_root()) / f"{runtime}.ext4")
         rep.add(
@@ -265,10 +272,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--reproduce", action="store_true", help="rebuild each image in a scratch directory and compare")
     p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    try:
-        rep = verify(load_pins(), args.arch, args.reproduce)
-    except VulcanError:
-        raise
+    rep = verify(load_pins(), args.arch, args.reproduce)
     present = [r for r in rep.rows if r.result != "missing"]
     if args.json:
         print(json.dumps({"ok": not rep.failed and bool(present), "rows": [asdict(r) for r in rep.rows]}, indent=1))

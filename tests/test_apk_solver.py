@@ -10,8 +10,8 @@ from scripts.apk.index import Package, parse_index
 from scripts.apk.package import read_index
 from scripts.apk.solver import ResolveError, Solver
 from scripts.apk.trust import Keyring
-from tests import apk_scenarios as S
-from tests.conftest import SHARED
+from tests.support import apk_scenarios as S
+from tests.support.world import SHARED
 
 SOLVER_DIR = SHARED / "alpinelinux-apk-tools/master/test/solver"
 SCENARIOS = sorted(SOLVER_DIR.glob("*.test")) if SOLVER_DIR.is_dir() else []

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from scripts.pins import ARCHES
-from tests.conftest import BASE_PINS, REPO
+from tests.support.world import BASE_PINS, REPO
 
 WORKFLOW = REPO / ".github/workflows/images.yml"
 

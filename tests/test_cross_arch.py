@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 
-from scripts import ext4
+from scripts import debugfs
 from scripts.elf import read_elf
 from scripts.pins import host_arch
-from tests import imagerepo
-from tests.conftest import World
-from tests.test_guest import find_go
+from tests.support import imagerepo
+from tests.support.toolchains import find_go
+from tests.support.world import World
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("mke2fs") is None, reason="e2fsprogs is not installed"),
@@ -31,9 +31,9 @@ def test_aarch64_image_on_an_x86_64_host(world: World) -> None:
     manifest = json.loads((world.out / "images/aarch64/python.manifest.json").read_text())
     assert manifest["arch"] == "aarch64" and {p["arch"] for p in manifest["packages"]} == {"aarch64"}
     agent = world.tmp / "agent"
-    agent.write_bytes(ext4.cat(img, "usr/local/bin/vulcan-guest"))
+    agent.write_bytes(debugfs.cat(img, "usr/local/bin/vulcan-guest"))
     assert read_elf(agent).machine == "aarch64"
-    assert ext4.cat(img, "etc/apk/arch") == b"aarch64\n"
+    assert debugfs.cat(img, "etc/apk/arch") == b"aarch64\n"
     assert not (world.out / "images/python.ext4").exists()  # the host arch's place is untouched
     out = world.run("verify", "--arch", "aarch64", "--json")
     report = json.loads(out.stdout)

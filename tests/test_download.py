@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from scripts.pins import host_arch
-from tests.conftest import REPO, World
+from tests.support.world import REPO, World
 
 ARCH = host_arch()
 FC_TGZ = f"firecracker-v1.17.0-{ARCH}.tgz"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -18,16 +17,10 @@ import pytest
 
 from scripts.elf import read_elf
 from scripts.pins import host_arch
-from tests.conftest import REPO, World, sha256
+from tests.support.toolchains import find_go
+from tests.support.world import REPO, World, sha256
 
 ARCH = host_arch()
-
-
-def find_go() -> str:
-    for cand in [os.environ.get("VULCAN_GO"), shutil.which("go"), *sorted(glob.glob("/usr/lib/go-*/bin/go"))]:
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    pytest.skip("no Go toolchain (Debian: apt-get install golang-go, or set VULCAN_GO)")
 
 
 @pytest.fixture

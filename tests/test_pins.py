@@ -11,7 +11,7 @@ import pytest
 
 from scripts.errors import PinError
 from scripts.pins import load
-from tests.conftest import BASE_PINS, World
+from tests.support.world import BASE_PINS, World
 
 
 def write(tmp_path: Path, data: Any) -> Path:
@@ -49,7 +49,7 @@ CASES = [
     (lambda p: p["kernel"].__setitem__("url", "https://x/{arhc}"), "kernel.url: unknown placeholder {arhc}"),
     (lambda p: p["kernel"].__setitem__("url", "https://x/{arch"), "kernel.url: bad URL template"),
     (lambda p: p.pop("schema_version"), "schema_version: missing"),
-    (lambda p: p.__setitem__("schema_version", 2), "schema_version: unsupported value 2"),
+    (lambda p: p.__setitem__("schema_version", 2), "schema_version: unsupported version 2"),
     (lambda p: p["go"]["sha256"].__setitem__("aarch64", "z" * 64), "go.sha256.aarch64: expected 64 hex characters"),
 ]
 

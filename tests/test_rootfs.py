@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from scripts import ext4
+from scripts import debugfs, ext4
 from scripts.pins import host_arch
-from tests import imagerepo
-from tests.apkrepo import CDN, Entry, Pkg, publish
-from tests.conftest import BASE_PINS, REPO, World
-from tests.mirror import serve
-from tests.test_guest import find_go
+from tests.support import imagerepo
+from tests.support.apkrepo import CDN, Entry, Pkg, publish
+from tests.support.mirror import serve
+from tests.support.toolchains import find_go
+from tests.support.world import BASE_PINS, REPO, World
 
 pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None, reason="e2fsprogs (mke2fs) is not installed")
 TAR_OK = shutil.which("mke2fs") is not None and ext4.e2fsprogs_version() >= ext4.TAR_INPUT_VERSION
@@ -75,14 +76,14 @@ def test_image_contents_seen_through_debugfs(built: World) -> None:
     paths = ["bin/busybox", "bin/sh", "sbin/init", "bin/ls", "usr/local/bin/vulcan-guest", "work", "etc/shadow",
              "tmp", "root", "dev/console", "usr/bin/python3", "usr/bin/python3.14", "usr/bin/python", "var/run",
              "etc/vulcan/check.json", "etc/inittab", "etc/vulcan/rc.init"]  # fmt: skip
-    st = ext4.stat_many(img, paths)
+    st = debugfs.stat_many(img, paths)
     assert st["bin/busybox"] and st["bin/busybox"].kind == "regular" and st["bin/busybox"].mode & 0o777 == 0o755
     assert st["bin/sh"] and (st["bin/sh"].kind, st["bin/sh"].target) == ("symlink", "/bin/busybox")
     assert st["sbin/init"] and st["sbin/init"].target == "/bin/busybox"  # busybox applet link
     assert st["bin/ls"] and st["bin/ls"].target == "/bin/busybox"
     agent = st["usr/local/bin/vulcan-guest"]
     assert agent and agent.mode & 0o777 == 0o755 and agent.uid == 0
-    assert ext4.cat(img, "usr/local/bin/vulcan-guest") == (built.out / "bin/vulcan-guest").read_bytes()
+    assert debugfs.cat(img, "usr/local/bin/vulcan-guest") == (built.out / "bin/vulcan-guest").read_bytes()
     work = st["work"]
     assert work and work.kind == "directory" and (work.uid, work.gid) == (1000, 1000)
     shadow = st["etc/shadow"]
@@ -93,24 +94,24 @@ def test_image_contents_seen_through_debugfs(built: World) -> None:
     assert st["usr/bin/python3"] and st["usr/bin/python3"].links == 2  # a hard link, kept as one
     assert st["usr/bin/python"] and st["usr/bin/python"].target == "python3"
     assert st["var/run"] and st["var/run"].target == "../run"
-    assert json.loads(ext4.cat(img, "etc/vulcan/check.json")) == ["python3", "--version"]
-    assert b"::respawn:/usr/local/bin/vulcan-guest" in ext4.cat(img, "etc/inittab")
-    assert b"mount -t devtmpfs" in ext4.cat(img, "etc/vulcan/rc.init")
+    assert json.loads(debugfs.cat(img, "etc/vulcan/check.json")) == ["python3", "--version"]
+    assert b"::respawn:/usr/local/bin/vulcan-guest" in debugfs.cat(img, "etc/inittab")
+    assert b"mount -t devtmpfs" in debugfs.cat(img, "etc/vulcan/rc.init")
 
 
 def test_accounts_and_apk_database(built: World) -> None:
     img = image(built)
-    group = ext4.cat(img, "etc/group").decode()
-    passwd = ext4.cat(img, "etc/passwd").decode()
+    group = debugfs.cat(img, "etc/group").decode()
+    passwd = debugfs.cat(img, "etc/passwd").decode()
     assert "shadow:x:42:" in group and "sandbox:x:1000:" in group and "klogd:x:101:" in group
     assert "sandbox:x:1000:1000:Vulcan sandbox:/work:/bin/sh" in passwd
     assert "root:x:0:0:root:/root:/bin/sh" in passwd  # the package's lines are kept
-    assert "sandbox:!:" in ext4.cat(img, "etc/shadow").decode()
-    db = ext4.cat(img, "lib/apk/db/installed").decode()
+    assert "sandbox:!:" in debugfs.cat(img, "etc/shadow").decode()
+    db = debugfs.cat(img, "lib/apk/db/installed").decode()
     assert "P:python3\nV:3.14.7-r1" in db and "R:busybox" in db
-    assert ext4.cat(img, "etc/apk/world").decode().split() == [*imagerepo.BASE, "python3~3.14"]
-    assert ext4.cat(img, "etc/apk/repositories").decode().split() == [f"{CDN}/v3.24/main", f"{CDN}/v3.24/community"]
-    assert b"VERSION_ID=3.24.0" in ext4.cat(img, "etc/os-release")
+    assert debugfs.cat(img, "etc/apk/world").decode().split() == [*imagerepo.BASE, "python3~3.14"]
+    assert debugfs.cat(img, "etc/apk/repositories").decode().split() == [f"{CDN}/v3.24/main", f"{CDN}/v3.24/community"]
+    assert b"VERSION_ID=3.24.0" in debugfs.cat(img, "etc/os-release")
 
 
 def test_manifest_records_every_install_script(built: World) -> None:
@@ -201,7 +202,7 @@ def test_staging_directory_fallback_gives_the_same_stream_and_a_correct_image(bu
     assert (b["reproducible"], b["mke2fs_input"]) == ("no", "staging directory")
     img = out / "images/python.ext4"
     ext4.fsck(img)
-    st = ext4.stat_many(img, ["work", "etc/shadow", "bin/sh", "usr/bin/python3"])
+    st = debugfs.stat_many(img, ["work", "etc/shadow", "bin/sh", "usr/bin/python3"])
     assert st["work"] and (st["work"].uid, st["work"].gid) == (1000, 1000)
     assert st["etc/shadow"] and (st["etc/shadow"].gid, st["etc/shadow"].mode & 0o777) == (42, 0o640)
     assert st["bin/sh"] and st["bin/sh"].target == "/bin/busybox"
@@ -233,20 +234,24 @@ def test_ordinary_user_builds_an_image(built: World, tmp_path_factory: pytest.Te
     shutil.copytree(built.out / "bin", place / "out/bin")
     shutil.copy(built.pins_path, place / "pins.json")
     shutil.copy(built.tmp / "alpine.lock.json", place / "alpine.lock.json")
+    # the tool from a copy the user can read: the checkout may sit where only root can enter
+    shutil.copytree(REPO / "scripts", place / "src/scripts", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["chown", "-R", "65534:65534", str(place)], check=True)
-    env = {**built.env(), "VULCAN_OUT": str(place / "out"), "VULCAN_CACHE": str(place / "cache"),
-           "VULCAN_PINS": str(place / "pins.json"), "VULCAN_MKE2FS_INPUT": how, "HOME": str(place)}  # fmt: skip
+    place.chmod(0o755)
+    env = {**{k: v for k, v in built.env().items() if k != "VULCAN_GOCACHE"}, "VULCAN_OUT": str(place / "out"), "VULCAN_CACHE": str(place / "cache"),
+           "VULCAN_PINS": str(place / "pins.json"), "VULCAN_MKE2FS_INPUT": how, "HOME": str(place),
+           "PYTHONPATH": str(place / "src")}  # fmt: skip
     proc = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-m", "scripts",
          "rootfs", "--runtime", "python", "--frozen"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=place / "src", env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     try:
         assert proc.returncode == 0, proc.stderr
         img = place / "out/images/python.ext4"
         assert img.stat().st_uid == 65534
         ext4.fsck(img)
-        st = ext4.stat_many(img, ["work", "etc/shadow", "bin/busybox"])
+        st = debugfs.stat_many(img, ["work", "etc/shadow", "bin/busybox"])
         assert st["work"] and (st["work"].uid, st["work"].gid) == (1000, 1000)  # owners from the packages
         assert st["etc/shadow"] and st["etc/shadow"].gid == 42
         assert st["bin/busybox"] and st["bin/busybox"].uid == 0
@@ -330,5 +335,21 @@ def test_warm_rebuild_reuses_the_cached_stream_and_a_corrupt_one_is_reassembled(
         tar.write_bytes(b"garbage")
     (out / "images/python.ext4").unlink()
     proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))
-    assert "is corrupt; assembling it again" in proc.stderr
+    assert re.search(r"cached tar stream .* is corrupt \(.*\); assembling it again", proc.stderr)
+    assert sha(out / "images/python.ext4") == sha(image(built))
+
+
+@pytest.mark.parametrize("field", ["file_blocks", "entries", "dirs", "content_bytes"])
+def test_an_edited_stream_sidecar_is_not_trusted(built: World, tmp_path: Path, field: str) -> None:
+    """The cached stream's sidecar shapes the image (size, inodes): an edit must not change the image."""
+    out = tmp_path / "side"
+    shutil.copytree(built.out / "bin", out / "bin")
+    built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))  # the cache has the stream now
+    for side in (built.cache / "rootfs").rglob("*.json"):
+        data = json.loads(side.read_text())
+        data["shape"][field] += 5000
+        side.write_text(json.dumps(data))
+    (out / "images/python.ext4").unlink()
+    proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))
+    assert re.search(rf"cached tar stream .* is corrupt \(the sidecar's shape .*{field}", proc.stderr)
     assert sha(out / "images/python.ext4") == sha(image(built))

@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests import imagerepo
-from tests.apkrepo import KEY_NAME, Entry, Pkg, public_pem, publish
-from tests.conftest import World, firecracker_tgz, sha256
+from tests.support import imagerepo
+from tests.support.apkrepo import KEY_NAME, Entry, Pkg, public_pem, publish
+from tests.support.world import World, firecracker_tgz, sha256
 
 BUCKET = "https://s3.amazonaws.com/spec.ccfc.min"
 OLD_PREFIX = "20260930-a738f18a8db0-0"

@@ -20,12 +20,12 @@ import pytest
 
 from scripts import ext4
 from scripts.agent import AgentClient, vsock_connect
-from scripts.firecracker import config
+from scripts.firecracker_config import config
 from scripts.pins import host_arch
-from tests import imagerepo
-from tests.conftest import BASE_PINS, SHARED, World
-from tests.mirror import serve
-from tests.test_guest import find_go
+from tests.support import imagerepo
+from tests.support.mirror import serve
+from tests.support.toolchains import find_go
+from tests.support.world import BASE_PINS, SHARED, World
 
 pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None, reason="e2fsprogs is not installed")
 ARCH = host_arch()
@@ -36,7 +36,7 @@ TEST_KERNEL = SHARED / "kernel/vmlinux.xz"
 def full(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     mirror, server = serve()
     w = World(mirror, tmp_path_factory.mktemp("full"), copy.deepcopy(BASE_PINS), tmp_path_factory.mktemp("gocache"))
-    from tests.conftest import firecracker_tgz, sha256, version_program
+    from tests.support.world import firecracker_tgz, sha256, version_program
 
     fc, kernel = w.pins["firecracker"], w.pins["kernel"]
     tgz = firecracker_tgz(fc["version"], ARCH)

@@ -1,5 +1,6 @@
 """Alpine APK packages in pure Python: versions, index, trust, packages, resolution, lock.
 
-Pure logic (version.py, index.py, solver.py, package parsing) is kept apart from I/O
-(repo.py: the network and the cache), so it is tested without either.
+Pure logic (version.py, index.py, solver.py, package.py's parsing) is kept apart from I/O:
+keys.py (the pinned keys), indexes.py (signed indexes), packages.py (package files) and
+lockfile.py (alpine.lock.json), so the logic is tested without network or cache.
 """

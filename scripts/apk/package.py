@@ -57,7 +57,11 @@ def _scan(f: BinaryIO, decompress: int, what: str) -> list[_Member]:
         try:
             out = d.decompress(chunk)
         except zlib.error as exc:
-            raise TrustError(f"{what}: gzip member {len(members) + 1} is corrupt ({exc})") from None
+            raise TrustError(
+                f"{what}: gzip member {len(members) + 1} is corrupt ({exc})",
+                hint="the file is damaged (a broken download or a broken mirror file): run again to fetch it "
+                "afresh; if it persists, the mirror (VULCAN_MIRROR) serves a broken file",
+            ) from None
         used = len(chunk) - len(d.unused_data) if d.eof else len(chunk)
         assert cur.sha1 and cur.sha256 and cur.out
         cur.sha1.update(chunk[:used])

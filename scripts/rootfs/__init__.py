@@ -1,3 +1,3 @@
-"""Root filesystem images: merge verified packages into one normalised tar stream
-(tree.py), do what apk's install scripts would have done (configure.py), write ext4 from
-the stream (../ext4.py), and publish image, manifest and SBOM (build.py)."""
+"""Root filesystem images: decide (plan.py), merge verified packages into one normalised tar
+stream (tree.py, configure.py, stream.py), write it in each format (../formats.py), describe
+it (manifest.py, sbom.py) and publish (make.py); build.py is the step."""

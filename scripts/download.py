@@ -6,37 +6,32 @@ sha256sum format) holds one top folder ``release-vX.Y.Z-ARCH/`` with the static 
 ``firecracker-vX.Y.Z-ARCH`` and ``jailer-vX.Y.Z-ARCH``, ``seccomp-filter-vX.Y.Z-ARCH.json``,
 ``SHA256SUMS`` and other tools. Guest kernels come from Firecracker's CI bucket
 (``s3.amazonaws.com/spec.ccfc.min/firecracker-ci/<dated prefix>/<arch>/vmlinux-<version>``);
-no checksum is published next to them, so pins.json carries our own.
+no checksum is published next to them, so pins.json carries our own. The HTTP side is fetch.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
 import tarfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from . import cli, log, paths, stamps
+from . import atomic, cli, log, paths, stamps
 from .errors import ArchiveError, ChecksumError
 from .fetch import cached
-from .pins import Pins
 from .pins import load as load_pins
+from .step import Check
 
 EXECUTABLE = 0o755
 
 
 def _publish_bytes(src: IO[bytes], dest: Path, mode: int) -> str:
-    tmp = dest.with_name(f".{dest.name}.tmp")
     h = hashlib.sha256()
-    with open(tmp, "wb") as f:
+    with atomic.replacing(dest, mode) as tmp, open(tmp, "wb") as f:
         while chunk := src.read(1 << 20):
             f.write(chunk)
             h.update(chunk)
-    os.chmod(tmp, mode)
-    os.replace(tmp, dest)
     return h.hexdigest()
 
 
@@ -83,40 +78,27 @@ def extract_firecracker(tgz: Path, version: str, arch: str, out: Path) -> list[P
 
 
 def install_kernel(src: Path, dest: Path) -> Path:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
+    with open(src, "rb") as f:
+        _publish_bytes(f, dest, 0o644)
     return dest
 
 
-def _state(pins: Pins, arch: str) -> tuple[Path, dict[str, Any], list[Path], str | None]:
-    """The step's stamp check: stamp, inputs, outputs, and why it is outdated (None: it is not)."""
+def parser() -> argparse.ArgumentParser:
+    return cli.parser("download", "Download the pinned Firecracker, jailer and guest kernel into bin/ (verified).")
+
+
+def check(args: argparse.Namespace, dry: bool) -> list[Check]:
+    pins, arch = load_pins(), args.arch
     out = paths.bin_dir(arch)
     stamp = paths.stamp_path(out, "download")
     inputs = {"arch": arch, "firecracker": pins.firecracker.entry(arch), "kernel": pins.kernel.entry(arch)}
     outputs = [out / "firecracker", out / "jailer", out / "vmlinux"]
-    return stamp, inputs, outputs, stamps.outdated(stamp, inputs, paths.out_root())
+    why = stamps.outdated(stamp, inputs, paths.out_root())
+    return [Check(f"download ({arch})", stamp, inputs, outputs, why, paths.out_root(), pins)]
 
 
-def _done(arch: str, outputs: list[Path]) -> str:
-    return f"download ({arch}): up to date: {', '.join(str(p.relative_to(paths.out_root())) for p in outputs)}"
-
-
-def up_to_date(argv: list[str]) -> str | None:
-    """For the noxfile's in-process check: the log line if nothing is to be done, else None."""
-    arch = _parser().parse_args(argv).arch
-    _, _, outputs, why = _state(load_pins(), arch)
-    return _done(arch, outputs) if why is None else None
-
-
-def download(pins: Pins, arch: str) -> list[Path]:
-    stamp, inputs, outputs, why = _state(pins, arch)
-    if why is None:
-        log.info(_done(arch, outputs))
-        return outputs
-    log.info(f"download ({arch}): {why}")
-    base = paths.out_root()
+def run(args: argparse.Namespace, check: Check) -> None:
+    pins, arch = check.context, args.arch
     out = paths.bin_dir(arch)
     out.mkdir(parents=True, exist_ok=True)
     fc = pins.firecracker
@@ -124,17 +106,6 @@ def download(pins: Pins, arch: str) -> list[Path]:
     kernel = cached(pins.kernel.url_for(arch), pins.kernel.sha256_for(arch))
     extract_firecracker(tgz, fc.version, arch, out)
     install_kernel(kernel, out / "vmlinux")
-    stamps.write(stamp, inputs, base, outputs)
-    for p in outputs:
-        log.info(f"  {p.relative_to(base)}")
-    return outputs
-
-
-def _parser() -> argparse.ArgumentParser:
-    return cli.parser("download", "Download the pinned Firecracker, jailer and guest kernel into bin/ (verified).")
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    download(load_pins(), args.arch)
-    return 0
+    stamps.write(check.stamp, check.inputs, check.base, check.outputs)
+    for p in check.outputs:
+        log.info(f"  {p.relative_to(check.base)}")

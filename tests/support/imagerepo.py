@@ -14,8 +14,8 @@ from pathlib import Path
 
 from scripts.apk.package import control_files, verify_package
 from scripts.apk.trust import Keyring
-from tests.apkrepo import Entry, Pkg, alpine_pins, publish
-from tests.conftest import SHARED, World
+from tests.support.apkrepo import Entry, Pkg, alpine_pins, publish
+from tests.support.world import SHARED, World
 
 BUSYBOX = Path("/bin/busybox")
 REAL_BASELAYOUT = SHARED / "chainguard-dev-apko/pkg/apk/apk/testdata/alpine-316/alpine-baselayout-3.2.0-r23.apk"

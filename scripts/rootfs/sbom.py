@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import TOOL_VERSION
+from .. import TOOL_VERSION
 
 _IDCHARS = re.compile(r"[^A-Za-z0-9.-]")
 _LICENSE_TOKEN = re.compile(r"^[A-Za-z0-9.+-]+$")

@@ -1,0 +1,168 @@
+"""The lock file, ``alpine.lock.json`` next to pins.json: each runtime's exact closure per arch.
+
+npm-ci / uv --frozen semantics: builds read it and need no index; ``--frozen`` makes a missing
+or stale entry an error. Writers hold an flock on ``alpine.lock.json.lock`` across the whole
+read-modify-write, so concurrent builds of different runtimes never lose each other's entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import atomic, log
+from ..errors import PinError, VulcanError
+from ..pins import Pins
+from .index import Package
+
+LOCK_VERSION = 1
+
+
+class LockError(VulcanError):
+    """The lock is missing, stale, or names packages the mirror no longer has."""
+
+
+@dataclass(frozen=True)
+class Locked:
+    name: str
+    version: str
+    arch: str
+    repo: str
+    checksum: str
+    size: int
+    installed_size: int
+    build_time: int
+    license: str
+    origin: str
+    url: str  # project URL (for the SBOM)
+
+    @classmethod
+    def of(cls, p: Package) -> Locked:
+        return cls(
+            p.name, p.version, p.arch, p.repo, p.checksum, p.size, p.installed_size, p.build_time, p.license,
+            p.origin, p.url,
+        )  # fmt: skip
+
+    def as_package(self, repo_index: int) -> Package:
+        return Package(
+            name=self.name, version=self.version, arch=self.arch, checksum=self.checksum, size=self.size,
+            installed_size=self.installed_size, build_time=self.build_time, license=self.license,
+            origin=self.origin, url=self.url, repo=self.repo, repo_index=repo_index,
+        )  # fmt: skip
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}-{self.version}.apk"
+
+
+def lock_path(pins: Pins) -> Path:
+    """``alpine.lock.json`` next to the pins file."""
+    return pins.path.with_name("alpine.lock.json")
+
+
+def request_digest(pins: Pins, runtime: str, arch: str) -> str:
+    """What a lock entry answers: branch, repositories, world and keys for one runtime/arch."""
+    a = pins.alpine
+    request = {
+        "branch": a.branch,
+        "repositories": list(a.repositories),
+        "world": [*a.base, *a.runtimes[runtime].world],
+        "keys": sorted(k.sha256 for k in a.keys),
+        "arch": arch,
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+def read_lock(pins: Pins) -> dict[str, Any]:
+    path = lock_path(pins)
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"lock_version": LOCK_VERSION, "entries": {}}
+    except ValueError as exc:
+        raise LockError(f"{path}: not valid JSON ({exc})", hint="delete it and run 'nox -s lock'") from None
+    if data.get("lock_version") != LOCK_VERSION:
+        raise LockError(f"{path}: unsupported lock_version {data.get('lock_version')!r}", hint="run 'nox -s lock'")
+    return data
+
+
+def write_lock(pins: Pins, data: dict[str, Any]) -> None:
+    """Write the lock (callers hold ``locked_for_update``); unchanged content is not rewritten."""
+    path = lock_path(pins)
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    atomic.write_text(path, text, fsync=True)
+
+
+@contextlib.contextmanager
+def locked_for_update(pins: Pins) -> Iterator[None]:
+    """Hold the lock file's flock for a whole read-modify-write."""
+    path = lock_path(pins)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def locked_entry(pins: Pins, runtime: str, arch: str) -> list[Locked] | None:
+    """The locked closure, or None if missing or stale."""
+    entry = read_lock(pins).get("entries", {}).get(f"{runtime}/{arch}")
+    if not entry or entry.get("request") != request_digest(pins, runtime, arch):
+        return None
+    return [Locked(**p) for p in entry["packages"]]
+
+
+def lock_runtime(pins: Pins, runtime: str, arch: str) -> list[Locked]:
+    """Resolve against the live indexes and record the closure in the lock."""
+    from .indexes import resolve
+
+    closure = [Locked.of(p) for p in resolve(pins, runtime, arch)]
+    with locked_for_update(pins):  # re-read under the flock: another build may have added its entry
+        data = read_lock(pins)
+        data.setdefault("entries", {})[f"{runtime}/{arch}"] = {
+            "request": request_digest(pins, runtime, arch),
+            "world": [*pins.alpine.base, *pins.alpine.runtimes[runtime].world],
+            "packages": [asdict(p) for p in closure],
+        }
+        write_lock(pins, data)
+    return closure
+
+
+def ensure_locked(pins: Pins, runtime: str, arch: str, frozen: bool) -> list[Locked]:
+    closure = locked_entry(pins, runtime, arch)
+    if closure is not None:
+        return closure
+    path = lock_path(pins)
+    exists = f"{runtime}/{arch}" in read_lock(pins).get("entries", {})
+    state = "stale (pins changed since it was written)" if exists else "missing"
+    if frozen:
+        raise LockError(
+            f"{path.name}: the lock for {runtime}/{arch} is {state}, and --frozen forbids re-resolving",
+            hint="run 'nox -s lock' and commit alpine.lock.json",
+        )
+    log.warn(f"{path.name}: lock for {runtime}/{arch} is {state}: resolving now and updating the lock")
+    return lock_runtime(pins, runtime, arch)
+
+
+def lock_all(pins: Pins, runtimes: Iterable[str], arches: Iterable[str]) -> dict[str, int]:
+    sizes = {}
+    for arch in arches:
+        for rt in runtimes:
+            if rt not in pins.alpine.runtimes:
+                raise PinError(f"unknown runtime {rt!r}", hint=f"known: {', '.join(pins.alpine.runtimes)}")
+            closure = lock_runtime(pins, rt, arch)
+            sizes[f"{rt}/{arch}"] = len(closure)
+            log.info(f"lock {rt}/{arch}: {len(closure)} packages")
+    return sizes

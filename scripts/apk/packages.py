@@ -1,0 +1,110 @@
+"""Package files: fetched in parallel into the shared cache, each verified against the lock.
+
+The chain (package.py): the signed index vouches for ``C:``, ``C:`` for the control member,
+its ``datahash`` for the data member. A cached file is verified again on every use.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import log, settings
+from ..errors import DownloadError
+from ..fetch import fetch, file_lock, read_only_cache, writable
+from ..paths import cache_dir
+from ..pins import Pins
+from .lockfile import Locked, LockError, lock_runtime
+
+if TYPE_CHECKING:
+    from .package import Verified
+
+
+def fetch_workers() -> int:
+    """Parallel package downloads (``VULCAN_FETCH_WORKERS``, default 4)."""
+    return settings.fetch_workers()
+
+
+def package_cache_path(p: Locked) -> Path:
+    digest = base64.b64decode(p.checksum[2:]).hex() if p.checksum.startswith("Q1") else p.checksum
+    return cache_dir() / "apk" / digest[:2] / f"{digest}-{p.filename}"
+
+
+def fetch_one(pins: Pins, p: Locked, arch: str) -> Verified:
+    from .package import verify_package
+    from .trust import TrustError
+
+    alpine = pins.alpine
+    path = package_cache_path(p)
+    record = p.as_package(alpine.repositories.index(p.repo) if p.repo in alpine.repositories else 0)
+    what = f"{p.filename} ({alpine.branch}/{p.repo}/{arch})"
+    url = f"{alpine.repo_url(p.repo, arch)}/{p.filename}"
+    if not writable(path):  # a read-only cache: use what it has, verified
+        try:
+            return verify_package(path, record, None, what)
+        except (OSError, TrustError):
+            raise read_only_cache(path, url) from None
+    with file_lock(path):
+        if path.exists():
+            try:
+                return verify_package(path, record, None, what)
+            except TrustError as exc:
+                log.warn(f"cached {what} fails verification ({exc.message}); fetching it again")
+                path.unlink()
+        verified: list[Verified] = []
+        fetch(url, path, verify=lambda part: verified.append(verify_package(part, record, None, what)))
+        return replace(verified[0], path=path)  # it was checked as <name>.part, then renamed
+
+
+class PackageGone(LockError):
+    """A locked package is no longer on the mirror (HTTP 404)."""
+
+
+def fetch_all(pins: Pins, closure: Sequence[Locked], arch: str) -> list[Verified]:
+    """Fetch (or take from the cache) and verify every package, in parallel (bounded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=fetch_workers()) as pool:
+        futures = [pool.submit(fetch_one, pins, p, arch) for p in closure]
+        results: list[Verified] = []
+        errors: list[BaseException] = []
+        for p, fut in zip(closure, futures, strict=True):
+            try:
+                results.append(fut.result())
+            except DownloadError as exc:
+                if exc.status in (404, 410):
+                    errors.append(
+                        PackageGone(
+                            f"{p.filename} is gone from the mirror ({p.repo}/{arch})",
+                            hint="Alpine keeps only the newest build of each package: run 'nox -s lock' "
+                            "(or build without --frozen, which re-locks) and commit alpine.lock.json",
+                        )
+                    )
+                else:
+                    errors.append(exc)
+            except BaseException as exc:
+                errors.append(exc)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def fetch_locked(
+    pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[Locked]
+) -> tuple[list[Locked], list[Verified]]:
+    """The verified files of ``closure``; if a locked package left the mirror, re-lock once
+    (not with ``frozen``) and return the new closure: the caller must re-plan from it."""
+    try:
+        return closure, fetch_all(pins, closure, arch)
+    except PackageGone as exc:
+        if frozen:
+            raise LockError(
+                f"{exc.message}; the lock is out of date and --frozen forbids re-resolving",
+                hint="run 'nox -s lock' (Alpine keeps only the newest build of each package) and commit the lock",
+            ) from None
+        log.warn(f"!!! {exc.message}: Alpine replaced it; re-resolving {runtime}/{arch} and updating the lock !!!")
+        closure = lock_runtime(pins, runtime, arch)
+        return closure, fetch_all(pins, closure, arch)

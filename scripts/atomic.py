@@ -1,0 +1,190 @@
+"""Writing files so that nothing half-written ever looks finished: one helper for all of it.
+
+- ``replacing(dest)``: a unique temporary name next to ``dest`` (two runs never share one),
+  ``os.replace`` on success, removed on any failure; a full file system is reported as such.
+- ``publish(src, dest)``: move a finished file into place; across file systems it copies only
+  the data extents (SEEK_DATA/SEEK_HOLE), so a sparse image stays sparse.
+- ``scratch(parent, what)``: a working directory that a live run holds an flock on; the next
+  run removes the ones whose run died (kill -9), and never a live run's.
+Model: pip's adjacent temp file + rename; mkosi's workspace directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import no_space
+
+SCRATCH_PREFIX = ".vulcan-"
+
+
+def _space(exc: OSError, path: Path, needed: int | None = None) -> BaseException:
+    return no_space(path, needed) if exc.errno == errno.ENOSPC else exc
+
+
+@contextlib.contextmanager
+def replacing(dest: Path, mode: int | None = None, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest``; the caller writes it; it then replaces ``dest``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _space(exc, dest) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(dest: Path, data: bytes, mode: int | None = None, fsync: bool = False) -> None:
+    with replacing(dest, mode, fsync) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(dest: Path, text: str, mode: int | None = None, fsync: bool = False) -> None:
+    write_bytes(dest, text.encode("utf-8"), mode, fsync)
+
+
+def allocated_bytes(path: Path) -> int:
+    """What a file really takes on disk (a sparse image: its data, not its size)."""
+    return path.stat().st_blocks * 512
+
+
+def sparse_copy(src: Path, dst: Path) -> None:
+    """Copy the data extents of ``src`` into ``dst`` (same size; holes stay holes)."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    break
+                raise
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            _copy_range(fin.fileno(), fout.fileno(), start, end - start)
+            pos = end
+        os.ftruncate(fout.fileno(), size)
+
+
+def _copy_range(fin: int, fout: int, offset: int, length: int) -> None:
+    os.lseek(fout, offset, os.SEEK_SET)
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(fin, fout, length - done, offset + done, offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = 0
+        if n == 0:  # not supported here: plain reads and writes
+            os.lseek(fin, offset + done, os.SEEK_SET)
+            os.lseek(fout, offset + done, os.SEEK_SET)
+            while done < length:
+                chunk = os.read(fin, min(1 << 20, length - done))
+                if not chunk:
+                    return
+                os.write(fout, chunk)
+                done += len(chunk)
+            return
+        done += n
+
+
+def publish(src: Path, dest: Path, mode: int | None = None) -> None:
+    """Move a finished file into place; across file systems, a sparse copy then a rename."""
+    if mode is not None:
+        os.chmod(src, mode)
+    try:
+        os.replace(src, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise _space(exc, dest) from exc
+    needed = allocated_bytes(src)
+    try:
+        with replacing(dest, mode) as tmp:
+            sparse_copy(src, tmp)
+    except OSError as exc:
+        raise _space(exc, dest, needed) from exc
+    except BaseException as exc:  # ours, from replacing(): add what the copy needs
+        from .errors import NoSpace
+
+        if isinstance(exc, NoSpace):
+            raise no_space(dest, needed) from None
+        raise
+    src.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _parent_lock(parent: Path) -> Iterator[None]:
+    """Creating a scratch directory and sweeping stale ones exclude each other (an flock on
+    the parent directory itself: no lock file is left behind)."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale(parent: Path) -> list[Path]:
+    """Remove scratch directories under ``parent`` whose run is gone (nobody holds their lock)."""
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(SCRATCH_PREFIX) and p.is_dir()]
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live run holds it
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def scratch(parent: Path, what: str) -> Iterator[Path]:
+    """A scratch directory ``parent/.vulcan-<what>-XXXX``, removed at the end (or by the next run)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    with _parent_lock(parent):
+        stale = remove_stale(parent)
+        path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{what}-", dir=parent))
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    if stale:
+        from . import log
+
+        log.info(f"removed {len(stale)} scratch director{'y' if len(stale) == 1 else 'ies'} of runs that died: "
+                 + ", ".join(p.name for p in stale))  # fmt: skip
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)

@@ -1,0 +1,81 @@
+"""Reads ext4 images without mounting them, through debugfs: stat, cat and rdump.
+
+verify.py and the tests use it; the writer is ext4.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .run import minimal_env, run_tool
+
+
+@dataclass(frozen=True)
+class Inode:
+    kind: str  # regular, directory, symlink, character special, block special, FIFO, socket
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    links: int
+    target: str  # symlink destination
+
+
+_STAT_RE = re.compile(r"Type: (.+?)\s+Mode:\s+(\d+)")
+_OWNER_RE = re.compile(r"User:\s+(\d+)\s+Group:\s+(\d+).*?Size: (\d+)")
+_LINKS_RE = re.compile(r"Links: (\d+)")
+_FAST_LINK_RE = re.compile(r'Fast link dest: "(.*)"')
+
+
+def _quote(path: str) -> str:
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def stat_many(image: Path, paths: list[str]) -> dict[str, Inode | None]:
+    """``stat`` every path in one debugfs process (None: not in the image)."""
+    if not paths:
+        return {}
+    script = "".join(f"stat {_quote('/' + p.lstrip('/'))}\n" for p in paths).encode("utf-8", "surrogateescape")
+    proc = run_tool(["debugfs", "-f", "-", str(image)], input=script, env=minimal_env(), quiet=True, merge_stderr=True)
+    text = proc.stdout.decode("utf-8", "surrogateescape")
+    blocks = text.split("\ndebugfs: stat ")[1:]
+    out: dict[str, Inode | None] = {}
+    for path, block in zip(paths, blocks, strict=False):
+        m, o = _STAT_RE.search(block), _OWNER_RE.search(block)
+        if not m or not o:
+            out[path] = None
+            continue
+        links = _LINKS_RE.search(block)
+        fast = _FAST_LINK_RE.search(block)
+        out[path] = Inode(
+            m.group(1).strip(),
+            int(m.group(2), 8),
+            int(o.group(1)),
+            int(o.group(2)),
+            int(o.group(3)),
+            int(links.group(1)) if links else 0,
+            fast.group(1) if fast else "",
+        )
+    for path in paths[len(blocks) :]:
+        out[path] = None
+    return out
+
+
+def cat(image: Path, path: str) -> bytes:
+    """A file's bytes (``debugfs cat``); slow symlink targets are read the same way."""
+    proc = run_tool(
+        ["debugfs", "-R", f"cat {_quote('/' + path.lstrip('/'))}", str(image)], env=minimal_env(), quiet=True
+    )
+    return proc.stdout
+
+
+def rdump(image: Path, path: str, dest: Path) -> bool:
+    """Copy the directory ``path`` (with everything under it) out of the image into ``dest``.
+
+    debugfs exits 0 even when the path is missing, so the result is judged by what arrived."""
+    dest.mkdir(parents=True, exist_ok=True)
+    src = "/" + path.strip("/")
+    run_tool(["debugfs", "-R", f"rdump {_quote(src)} {_quote(str(dest))}", str(image)], env=minimal_env(), quiet=True)
+    return (dest / Path(src).name).exists()

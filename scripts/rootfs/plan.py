@@ -1,0 +1,132 @@
+"""What one runtime's images are built from, decided once: the single source of truth.
+
+A Plan holds the locked closure and everything derived from it (epoch, stream digest, stamp
+inputs). Whoever changes the closure (a re-lock after a package left the mirror) makes a new
+Plan: nothing downstream recomputes any of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import TOOL_VERSION, paths, settings, stamps
+from ..apk import lockfile
+from ..apk.lockfile import Locked
+from ..errors import BuildError, PinError
+from ..fetch import sha256_file
+from ..formats import Writer, writer
+from ..pins import Pins, Runtime
+from ..step import Check, Unsure
+
+
+def source_date_epoch(closure: list[Locked]) -> int:
+    env = settings.source_date_epoch()
+    if env is not None:
+        return env
+    return max((p.build_time for p in closure), default=0)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One image file of the plan, in one format."""
+
+    format: str
+    writer: Writer
+    image: Path
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an image is built from, and where it goes."""
+
+    pins: Pins
+    runtime: str
+    arch: str
+    frozen: bool
+    closure: list[Locked]
+    guest: Path
+    guest_sha: str
+    epoch: int
+    headroom_mib: int
+    content_inputs: dict[str, Any]  # what the image's bytes depend on (keys the stream cache)
+    inputs: dict[str, Any]  # the stamp's inputs: content + sizing + tool versions
+    stamp: Path
+    base: Path
+    out_dir: Path
+    outputs: tuple[Output, ...]
+    manifest: Path
+    spdx: Path
+
+    @property
+    def rt(self) -> Runtime:
+        return self.pins.alpine.runtimes[self.runtime]
+
+    @property
+    def what(self) -> str:
+        return f"rootfs {self.runtime} ({self.arch})"
+
+    @property
+    def stream_digest(self) -> str:
+        return hashlib.sha256(json.dumps([TOOL_VERSION, self.content_inputs], sort_keys=True).encode()).hexdigest()
+
+    @property
+    def lock_sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.content_inputs["packages"]).encode()).hexdigest()
+
+    def files(self) -> list[Path]:
+        return [*(o.image for o in self.outputs), self.manifest, self.spdx]
+
+
+def make_plan(pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[Locked]) -> Plan:
+    alpine = pins.alpine
+    rt = alpine.runtimes[runtime]
+    base = paths.out_root()
+    out_dir = paths.images_dir(arch)
+    guest = paths.bin_dir(arch) / "vulcan-guest"
+    if not guest.is_file():
+        raise BuildError(f"{guest} is missing", hint=f"run 'nox -s guest -- --arch {arch}' first")
+    guest_sha = sha256_file(guest)
+    epoch = source_date_epoch(closure)
+    headroom = rt.headroom_mib if rt.headroom_mib is not None else alpine.headroom_mib
+    content_inputs = {
+        "arch": arch,
+        "runtime": {"world": list(rt.world), "check": list(rt.check), "binary": rt.binary},
+        "alpine": {"branch": alpine.branch, "repositories": list(alpine.repositories), "base": list(alpine.base)},
+        "packages": [f"{p.name}-{p.version} {p.checksum}" for p in closure],
+        "keys": sorted(k.sha256 for k in alpine.keys),
+        "guest_sha256": guest_sha,
+        "source_date_epoch": epoch,
+    }
+    formats = ("ext4",)
+    outputs = tuple(Output(f, writer(f), out_dir / f"{runtime}.{f}") for f in formats)
+    inputs: dict[str, Any] = {**content_inputs, "headroom_mib": headroom}
+    for o in outputs:
+        inputs.update(o.writer.tool_inputs())
+    return Plan(
+        pins, runtime, arch, frozen, closure, guest, guest_sha, epoch, headroom, content_inputs, inputs,
+        paths.stamp_path(out_dir, f"rootfs-{runtime}"), base, out_dir, outputs,
+        out_dir / f"{runtime}.manifest.json", out_dir / f"{runtime}.spdx.json",
+    )  # fmt: skip
+
+
+def check(pins: Pins, runtime: str, arch: str, frozen: bool, dry: bool) -> Check:
+    """The plan and why its outputs are out of date. ``dry`` never resolves or writes the lock."""
+    alpine = pins.alpine
+    if runtime not in alpine.runtimes:
+        raise PinError(
+            f"unknown runtime {runtime!r}",
+            hint=f"runtimes in {pins.path.name}: {', '.join(alpine.runtimes)} (add one under alpine.runtimes)",
+        )
+    if dry:
+        closure = lockfile.locked_entry(pins, runtime, arch)
+        if closure is None:
+            raise Unsure("the lock has no fresh entry")
+    else:
+        closure = lockfile.ensure_locked(pins, runtime, arch, frozen)
+    plan = make_plan(pins, runtime, arch, frozen, closure)
+    why = stamps.outdated(plan.stamp, plan.inputs, plan.base)
+    return Check(plan.what, plan.stamp, plan.inputs, plan.files(), why, plan.base, plan)

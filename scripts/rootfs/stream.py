@@ -1,0 +1,278 @@
+"""The normalised tar stream of an image: assembled from verified packages, or taken from the cache.
+
+Assembling: fetch and verify the locked packages, merge them (tree.py), do what install
+scripts would (configure.py), write the sorted, normalised tar. The stream and what the
+build learnt about it are cached (``rootfs/<inputs digest>.tar`` + ``.json``), so a warm
+rebuild of a deleted image is the writer plus checks.
+
+Nothing in the cache is trusted as it is: ``verify()`` re-hashes the tar against the sidecar's
+sha256 and recomputes from the tar itself everything that shapes an image (file blocks,
+directories, entries, content bytes) and that every file the manifest lists by package is in
+the tar with that size. A sidecar that disagrees is a corrupt cache entry: assembled again.
+Storing the stream is an optimisation: a cache that cannot take it (full, read-only) costs a
+warning, never the build.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .. import atomic, log, paths
+from ..apk import keys
+from ..apk.package import control_files
+from ..errors import BuildError
+from ..formats import Shape
+from . import configure
+from .plan import Plan
+from .tree import Tree
+
+BLOCK = 4096
+
+
+class _HashingWriter:
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.h.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+@dataclass
+class Stream:
+    """The stream and what the build learnt assembling it."""
+
+    tar: Path
+    sha256: str
+    shape: Shape
+    files: dict[str, dict[str, int]]  # package -> {path: size}
+    install_scripts: list[dict[str, str]]
+    busybox_links: int
+    os_release: str | None
+
+    def sidecar(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "shape": self.shape.__dict__,
+            "files": self.files,
+            "install_scripts": self.install_scripts,
+            "busybox_links": self.busybox_links,
+            "os_release": self.os_release,
+        }
+
+
+def _cache_path(digest: str) -> Path:
+    return paths.cache_dir() / "rootfs" / digest[:2] / f"{digest}.tar"
+
+
+def cached(digest: str) -> Stream | None:
+    """The cached stream as its sidecar describes it (None: absent or unreadable); not yet verified."""
+    tar = _cache_path(digest)
+    try:
+        if not tar.is_file():
+            return None
+        side = json.loads(tar.with_suffix(".json").read_text())
+        return Stream(
+            tar=tar,
+            sha256=str(side["sha256"]),
+            shape=Shape(**side["shape"]),
+            files={str(k): {str(p): int(n) for p, n in v.items()} for k, v in side["files"].items()},
+            install_scripts=list(side["install_scripts"]),
+            busybox_links=int(side["busybox_links"]),
+            os_release=side["os_release"],
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def store(digest: str, stream: Stream) -> None:
+    """Keep the stream for the next build; skipped with a warning when the cache cannot take it."""
+    dest = _cache_path(digest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.replacing(dest) as tmp:
+            tmp.unlink()
+            try:
+                os.link(stream.tar, tmp)  # same file system: no copy
+            except OSError:
+                shutil.copyfile(stream.tar, tmp)
+        atomic.write_text(dest.with_suffix(".json"), json.dumps(stream.sidecar()))
+    except OSError as exc:
+        dest.unlink(missing_ok=True)
+        why = "the cache file system is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        log.warn(f"not keeping the tar stream in the cache ({why}: {dest.parent}); the next rebuild assembles it again")
+    except Exception as exc:  # atomic turns ENOSPC into NoSpace
+        dest.unlink(missing_ok=True)
+        log.warn(f"not keeping the tar stream in the cache ({exc}); the next rebuild assembles it again")
+
+
+def _number(field: bytes) -> int:
+    if field and field[0] & 0x80:  # GNU base-256
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    out = {}
+    pos = 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def read_shape(tar: Path) -> tuple[str, Shape, dict[str, int]]:
+    """sha256, shape and {path: size} of regular files, recomputed from the tar in one read.
+
+    Walks the ustar/PAX headers (POSIX.1-2001 pax format, as tree.write_tar writes it)."""
+    h = hashlib.sha256()
+    files: dict[str, int] = {}
+    blocks = dirs = entries = content = 0
+    pax: dict[str, str] = {}
+    with open(tar, "rb") as f:
+        while True:
+            header = f.read(512)
+            h.update(header)
+            if len(header) < 512 or header == b"\0" * 512:
+                break
+            kind = header[156:157]
+            size = _number(header[124:136])
+            padded = (size + 511) // 512 * 512
+            if kind in (b"x", b"g"):
+                data = f.read(padded)
+                h.update(data)
+                if kind == b"x":
+                    pax = _pax(data[:size])
+                continue
+            name = pax.get("path") or header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if prefix and "path" not in pax:
+                name = f"{prefix}/{name}"
+            size = int(pax.get("size", size))
+            padded = (size + 511) // 512 * 512
+            pax_link = pax.get("linkpath")
+            pax = {}
+            name = name.rstrip("/")
+            entries += 1
+            if kind == b"5":
+                dirs += 1
+            elif kind in (b"0", b"\0"):
+                blocks += (size + BLOCK - 1) // BLOCK
+                content += size
+                files[name] = size
+            elif kind == b"1":  # a hard link: the same bytes as the file it names (written before it)
+                target = pax_link or header[157:257].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if target in files:
+                    files[name] = files[target]
+            left = padded
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest(), Shape(blocks, dirs, entries, content), files
+
+
+def verify(stream: Stream) -> str | None:
+    """None if the tar is what its sidecar says, else what is wrong (a corrupt cache entry)."""
+    try:
+        sha, shape, files = read_shape(stream.tar)
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({exc})"
+    if sha != stream.sha256:
+        return f"sha256 {sha} != {stream.sha256}"
+    if shape != stream.shape:
+        return f"the sidecar's shape {stream.shape} is not the tar's {shape}"
+    for pkg, listed in stream.files.items():
+        for path, size in listed.items():
+            if files.get(path) != size:
+                return f"the sidecar lists {path} ({pkg}, {size} bytes), the tar has {files.get(path)}"
+    return None
+
+
+def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
+    """Merge the verified packages, do what install scripts would, write the tar."""
+    alpine = plan.pins.alpine
+    rt = plan.rt
+    tree = Tree(scratch)
+    try:
+        scripts: dict[str, list[str]] = {}
+        installed = []
+        for locked, v in zip(plan.closure, verified, strict=True):
+            replaces = {r.split("=")[0].split("<")[0].split(">")[0] for r in v.pkginfo.get("replaces", [])}
+            tree.add_package(locked.name, v.path, v.data_offset, replaces)
+            names = [n for n in control_files(v.control) if n.startswith(".") and n != ".PKGINFO"]
+            if names:
+                scripts[locked.name] = names
+            installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo))
+        report = configure.review_scripts(scripts)
+        links = configure.busybox_links(tree)
+        configure.accounts(tree, "bin/busybox" in tree.nodes)
+        configure.vulcan(tree, rt.check, plan.runtime, plan.guest.read_bytes())
+        world = [*alpine.base, *rt.world]
+        repos = [f"{alpine.mirror.rstrip('/')}/{alpine.branch}/{r}" for r in alpine.repositories]
+        configure.apk_database(tree, installed, world, repos, keys.key_pems(alpine), plan.arch)
+        _require(tree, "sbin/init", "no /sbin/init in the image (busybox's applet link): is busybox in alpine.base?")
+        _require(tree, rt.binary.lstrip("/"), f"the runtime binary {rt.binary} is not in the image")
+        os_release = tree.nodes.get("etc/os-release")
+        if os_release is None:
+            log.warn("no /etc/os-release in the image: add alpine-release to alpine.base")
+        tar_path = scratch / "rootfs.tar"
+        try:
+            with open(tar_path, "wb") as f:
+                w = _HashingWriter(f)
+                tree.write_tar(w, plan.epoch)  # type: ignore[arg-type]
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                from ..errors import no_space
+
+                raise no_space(tar_path, tree.content_size(), "writing the tar stream") from None
+            raise
+        per_package: dict[str, dict[str, int]] = {}
+        files = [n for n in tree.nodes.values() if n.kind == "file"]
+        for n in files:
+            if n.owner != "vulcan":
+                per_package.setdefault(n.owner, {})[n.path] = n.size
+        stream = Stream(
+            tar=tar_path,
+            sha256=w.h.hexdigest(),
+            shape=Shape(
+                file_blocks=sum((n.size + BLOCK - 1) // BLOCK for n in files),
+                dirs=sum(1 for n in tree.nodes.values() if n.kind == "dir"),
+                entries=len(tree.nodes),
+                content_bytes=tree.content_size(),
+            ),
+            files={k: dict(sorted(v.items())) for k, v in per_package.items()},
+            install_scripts=[r.__dict__ for r in report],
+            busybox_links=links,
+            os_release=os_release.owner if os_release else None,
+        )
+    finally:
+        tree.close()
+    for r in report:
+        if r.action == "not supported":
+            log.warn(f"{r.package} {r.script}: not supported; its effect is not in the image (see the manifest)")
+    return stream
+
+
+def _require(tree: Tree, path: str, message: str) -> None:
+    if path not in tree.nodes:
+        raise BuildError(message)

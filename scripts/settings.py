@@ -1,0 +1,220 @@
+"""Every environment variable the tool reads, validated in one place (the README's Overrides table).
+
+A bad value is an error that names the variable and says what it takes, never a traceback or a
+silent default. Each reader is a small function, so a no-op run reads only what it needs.
+``tests/test_layout.py`` keeps this table and the README's in step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import SettingError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_EPOCH = 2**32 - 1  # 2106-02-07: what tar, ext4 and squashfs all store without surprises
+MAX_FETCH_WORKERS = 64
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    takes: str
+    effect: str
+
+
+VARIABLES = (
+    Variable("VULCAN_PINS", "path", "another pins file (the lock is read next to it)"),
+    Variable("VULCAN_MIRROR", "http(s) URL", "fetch every upstream https://HOST/PATH as $VULCAN_MIRROR/HOST/PATH"),
+    Variable("VULCAN_CACHE", "directory", "the shared download cache"),
+    Variable("VULCAN_OUT", "directory", "where bin/ and images/ are written"),
+    Variable("VULCAN_SCRATCH", "directory", "where images are assembled"),
+    Variable("VULCAN_GO", "path to go", "build the agent with a local Go"),
+    Variable("VULCAN_GUEST_SOURCE", "dir[:package]", "build another agent"),
+    Variable("VULCAN_GOCACHE", "directory", "the Go build cache"),
+    Variable("VULCAN_GOPROXY", "GOPROXY value", "a Go module proxy for agents with dependencies"),
+    Variable("VULCAN_MKE2FS_INPUT", "tar or dir", "force the tar path or the staging-directory path"),
+    Variable("VULCAN_REASSEMBLE", "1", "assemble the tar stream even if the cache has it"),
+    Variable("VULCAN_FETCH_WORKERS", "1-64", "parallel package downloads"),
+    Variable("VULCAN_KEEP_TAR", "directory", "also keep each image's tar stream there"),
+    Variable("VULCAN_NO_FASTPATH", "1", "always start the step, even when the in-process check says up to date"),
+    Variable("SOURCE_DATE_EPOCH", "seconds", "the timestamp images are clamped to"),
+)
+NAMES = frozenset(v.name for v in VARIABLES)
+
+
+def _raw(name: str) -> str | None:
+    assert name in NAMES, name  # every variable is declared above
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def _directory(name: str, value: str) -> Path:
+    """An existing directory, or a path whose nearest existing parent is a directory."""
+    path = Path(value).expanduser()
+    probe = path
+    try:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        is_file = probe.exists() and not probe.is_dir()
+    except PermissionError:  # not ours to look into: the step that uses it says so
+        return Path(os.path.abspath(path))
+    if is_file:
+        raise SettingError(
+            f"{name}={value}: {probe} is not a directory",
+            hint=f"point {name} at a directory (or a path that can be created), or unset it",
+        )
+    return path.resolve()
+
+
+def _flag(name: str) -> bool:
+    value = _raw(name)
+    if value is None or value == "0":
+        return False
+    if value == "1":
+        return True
+    raise SettingError(f"{name}={value!r}: expected 1 (on) or 0 (off)")
+
+
+def pins_path() -> Path:
+    value = _raw("VULCAN_PINS")
+    return Path(value) if value else REPO_ROOT / "pins.json"
+
+
+def mirror() -> str | None:
+    value = _raw("VULCAN_MIRROR")
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingError(
+            f"VULCAN_MIRROR={value!r}: not an http:// or https:// URL",
+            hint="e.g. VULCAN_MIRROR=http://127.0.0.1:8080/upstream (it serves https://HOST/PATH as .../HOST/PATH)",
+        )
+    return value.rstrip("/")
+
+
+def cache_dir() -> Path:
+    value = _raw("VULCAN_CACHE")
+    if value:
+        return _directory("VULCAN_CACHE", value)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "vulcan-images"
+
+
+def out_root() -> Path:
+    value = _raw("VULCAN_OUT")
+    return _directory("VULCAN_OUT", value) if value else REPO_ROOT
+
+
+def scratch_dir() -> Path | None:
+    value = _raw("VULCAN_SCRATCH")
+    return _directory("VULCAN_SCRATCH", value) if value else None
+
+
+def local_go() -> Path | None:
+    value = _raw("VULCAN_GO")
+    if value is None:
+        return None
+    go = Path(value)
+    if not go.is_file() or not os.access(go, os.X_OK):
+        raise SettingError(f"VULCAN_GO={value} is not an executable file", hint="point it at a go binary, or unset it")
+    return go
+
+
+def guest_source() -> tuple[Path, str] | None:
+    value = _raw("VULCAN_GUEST_SOURCE")
+    if value is None:
+        return None
+    directory, _, package = value.partition(":")
+    return Path(directory), package or "."
+
+
+def go_cache() -> Path:
+    value = _raw("VULCAN_GOCACHE")
+    return _directory("VULCAN_GOCACHE", value) if value else cache_dir() / "go-build"
+
+
+def go_proxy() -> str:
+    return _raw("VULCAN_GOPROXY") or "off"
+
+
+def mke2fs_input() -> str | None:
+    value = _raw("VULCAN_MKE2FS_INPUT")
+    if value not in (None, "tar", "dir"):
+        raise SettingError(f"VULCAN_MKE2FS_INPUT={value!r}: expected 'tar' or 'dir'", hint="or unset it")
+    return value
+
+
+def reassemble() -> bool:
+    return _flag("VULCAN_REASSEMBLE")
+
+
+def fetch_workers() -> int:
+    value = _raw("VULCAN_FETCH_WORKERS")
+    if value is None:
+        return 4
+    if not value.isdigit() or not 1 <= int(value) <= MAX_FETCH_WORKERS:
+        raise SettingError(
+            f"VULCAN_FETCH_WORKERS={value!r}: expected a whole number from 1 to {MAX_FETCH_WORKERS}",
+            hint="or unset it (default 4)",
+        )
+    return int(value)
+
+
+def keep_tar() -> Path | None:
+    value = _raw("VULCAN_KEEP_TAR")
+    return _directory("VULCAN_KEEP_TAR", value) if value else None
+
+
+def no_fastpath() -> bool:
+    return _raw("VULCAN_NO_FASTPATH") is not None
+
+
+def source_date_epoch() -> int | None:
+    value = _raw("SOURCE_DATE_EPOCH")
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) > MAX_EPOCH:
+        raise SettingError(
+            f"SOURCE_DATE_EPOCH={value!r}: expected whole seconds since 1970 from 0 to {MAX_EPOCH}",
+            hint="or unset it: images are then clamped to the newest package's build time",
+        )
+    return int(value)
+
+
+_READERS = {
+    "VULCAN_PINS": pins_path,
+    "VULCAN_MIRROR": mirror,
+    "VULCAN_CACHE": cache_dir,
+    "VULCAN_OUT": out_root,
+    "VULCAN_SCRATCH": scratch_dir,
+    "VULCAN_GO": local_go,
+    "VULCAN_GUEST_SOURCE": guest_source,
+    "VULCAN_GOCACHE": go_cache,
+    "VULCAN_GOPROXY": go_proxy,
+    "VULCAN_MKE2FS_INPUT": mke2fs_input,
+    "VULCAN_REASSEMBLE": reassemble,
+    "VULCAN_FETCH_WORKERS": fetch_workers,
+    "VULCAN_KEEP_TAR": keep_tar,
+    "VULCAN_NO_FASTPATH": no_fastpath,
+    "SOURCE_DATE_EPOCH": source_date_epoch,
+}
+
+
+def check_all() -> None:
+    """Validate every variable that is set, before a command starts: a typo fails in a second,
+    not after a build. Unknown ``VULCAN_*`` names get a warning (a misspelt override would
+    otherwise be silently ignored; an error would break unrelated VULCAN_ variables)."""
+    for name, read in _READERS.items():
+        if os.environ.get(name):
+            read()
+    for name in sorted(k for k in os.environ if k.startswith("VULCAN_") and k not in NAMES):
+        from . import log
+
+        known = ", ".join(sorted(n for n in NAMES if n.startswith("VULCAN_")))
+        log.warn(f"{name} is not a setting of this tool and is ignored (the settings: {known})")

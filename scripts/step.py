@@ -1,0 +1,77 @@
+"""The shape every build step has: ``check(args)`` says what is to be done, ``run(args, check)`` does it.
+
+A step module (download.py, guest.py, rootfs/build.py) exports:
+  ``parser()``            its arguments (``nox -s STEP -- --help``);
+  ``check(args, dry)``    one ``Check`` per output set: stamp, inputs, outputs and why it is out
+                          of date (``why`` None: up to date). ``dry`` (the noxfile's in-process
+                          check) must not fetch, resolve or write; it raises ``Unsure`` when it
+                          cannot tell without doing so;
+  ``run(args, check)``    build what one out-of-date Check describes.
+``drive()`` is the loop all of them share; ``scripts/uptodate.py`` runs the same checks dry.
+Model: mkosi's cache manifest, pypa/build's small single-purpose entry points.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import log
+
+
+class Unsure(Exception):
+    """A dry check cannot tell without network or writes: the step must run."""
+
+
+@dataclass
+class Check:
+    what: str  # "rootfs python (x86_64)": how log lines name this output set
+    stamp: Path
+    inputs: Mapping[str, Any]
+    outputs: list[Path]
+    why: str | None  # None: up to date
+    base: Path  # outputs are shown relative to it
+    context: Any = field(default=None, repr=False)  # the step's own plan, for run()
+
+    def done_line(self) -> str:
+        shown = ", ".join(_rel(p, self.base) for p in self.outputs)
+        return f"{self.what}: up to date: {shown}"
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return str(p.relative_to(base))
+    except ValueError:
+        return str(p)
+
+
+class StepModule(Protocol):
+    def parser(self) -> argparse.ArgumentParser: ...
+
+    def check(self, args: argparse.Namespace, dry: bool) -> list[Check]: ...
+
+    def run(self, args: argparse.Namespace, check: Check) -> None: ...
+
+
+def drive(module: StepModule, argv: list[str]) -> int:
+    """Parse, check, and run what is out of date, saying why."""
+    args = module.parser().parse_args(argv)
+    for c in module.check(args, dry=False):
+        if c.why is None:
+            log.info(c.done_line())
+            continue
+        log.info(f"{c.what}: {c.why}")
+        module.run(args, c)
+    return 0
+
+
+def all_up_to_date(module: StepModule, argv: list[str]) -> list[str] | None:
+    """The done lines if a dry check finds nothing to do, else None (then the step runs)."""
+    args = module.parser().parse_args(argv)
+    checks = module.check(args, dry=True)
+    if any(c.why is not None for c in checks):
+        return None
+    return [c.done_line() for c in checks]

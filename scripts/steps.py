@@ -1,0 +1,51 @@
+"""The one table of steps: ``python -m scripts``, the noxfile and the in-process no-op check read it.
+
+Importing this module imports no step: each is loaded by name when it runs (every process
+start counts; see bench: no-op).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Step:
+    command: str  # python -m scripts COMMAND
+    module: str  # scripts.<module>: main(argv), or the step protocol (step.py) when stamped
+    summary: str  # what nox -l and --help show
+    stamped: bool = False  # follows step.py's protocol: check() + run(), so no-op runs can skip it
+    session: str | None = None  # the nox session name, when it differs from the command ("" = none)
+
+    @property
+    def session_name(self) -> str | None:
+        if self.session == "":
+            return None
+        return self.session or self.command
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(f"{__package__}.{self.module}")
+
+
+STEPS = (
+    Step("download", "download", "Download the pinned Firecracker, jailer and guest kernel into bin/ (verified).",
+         stamped=True),
+    Step("guest", "guest", "Build the static, reproducible vulcan-guest agent into bin/ (VULCAN_GO: a local Go).",
+         stamped=True),
+    Step("rootfs", "rootfs.build", "Build one runtime's images (+ manifest, SPDX SBOM) from the lock.",
+         stamped=True, session="rootfs-<runtime>"),
+    Step("lock", "lock", "Resolve each runtime's Alpine packages for each arch into alpine.lock.json."),
+    Step("verify", "verify", "Check every artifact in bin/ and images/ (table, or --json; --reproduce rebuilds)."),
+    Step("boot", "boot", "Boot images and prove the runtime works: Firecracker, or -- --vmm qemu."),
+    Step("clean", "clean", "Remove bin/, images/ and their stamps; -- --all also removes the download cache."),
+    Step("update_pins", "update_pins",
+         "Move pins to the newest upstream versions in their lines, then re-lock (--check: report only)."),
+    Step("ci-matrix", "ci", "Print the CI matrix from `nox -l --json` on stdin (GitHub Actions).", session=""),
+)  # fmt: skip
+BY_COMMAND = {s.command: s for s in STEPS}
+
+
+def step(command: str) -> Step:
+    return BY_COMMAND[command]

@@ -1,0 +1,1 @@
+"""Shared test helpers: mirrors, APK and image repositories, the test world, toolchains."""

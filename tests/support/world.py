@@ -1,0 +1,136 @@
+"""The test world: a mirror, pins, a cache and an output directory, and a way to run the tool in it."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scripts.pins import host_arch
+from tests.support.mirror import Mirror
+
+REPO = Path(__file__).resolve().parent.parent.parent
+SHARED = REPO.parent / "shared" / "testdata"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def version_program(text: str, arch: str) -> bytes:
+    """A static ELF printing ``text`` (like firecracker --version), built with Debian's
+    musl-gcc when it can target ``arch``; otherwise a shell script."""
+    cc = shutil.which("musl-gcc")
+    if cc and arch == host_arch():
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "v.c"
+            src.write_text(f'#include <stdio.h>\nint main(void) {{ puts("{text}"); return 0; }}\n')
+            subprocess.run([cc, "-static", "-Os", "-s", "-o", f"{tmp}/v", str(src)], check=True)
+            return Path(tmp, "v").read_bytes()
+    return f'#!/bin/sh\necho "{text}"\n'.encode()
+
+
+def firecracker_tgz(version: str, arch: str, extra_member: bool = True) -> bytes:
+    """A Firecracker-release-shaped archive whose binaries print their version."""
+    top = f"release-v{version}-{arch}"
+    members = {
+        f"{top}/firecracker-v{version}-{arch}": version_program(f"Firecracker v{version}", arch),
+        f"{top}/jailer-v{version}-{arch}": version_program(f"Jailer v{version}", arch),
+        f"{top}/seccomp-filter-v{version}-{arch}.json": b"{}\n",
+    }
+    sums = "".join(f"{sha256(d)}  {n.rsplit('/', 1)[1]}\n" for n, d in members.items())
+    if extra_member:
+        members[f"{top}/SHA256SUMS"] = sums.encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o755
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue(), mtime=0)  # deterministic: the same bytes every call
+
+
+BASE_PINS = json.loads((REPO / "pins.json").read_text())
+
+
+@dataclass
+class World:
+    """A test world: mirror + pins + cache + output dir, and a way to run the tool in it."""
+
+    mirror: Mirror
+    tmp: Path
+    pins: dict  # type: ignore[type-arg]
+    gocache: Path
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    @property
+    def cache(self) -> Path:
+        return self.tmp / "cache"
+
+    @property
+    def pins_path(self) -> Path:
+        return self.tmp / "pins.json"
+
+    def write_pins(self) -> None:
+        self.pins_path.write_text(json.dumps(self.pins, indent=2))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VULCAN_")}
+        env.update(
+            VULCAN_PINS=str(self.pins_path),
+            VULCAN_MIRROR=self.mirror.url,
+            VULCAN_CACHE=str(self.cache),
+            VULCAN_OUT=str(self.out),
+            PYTHONPATH=str(REPO),
+            VULCAN_GOCACHE=str(self.gocache),
+        )
+        env.update(extra)
+        return env
+
+    def run(self, *args: str, check: bool = False, **extra: str) -> subprocess.CompletedProcess[str]:
+        self.write_pins()
+        proc = subprocess.run(
+            [sys.executable, "-m", "scripts", *args],
+            cwd=REPO,
+            env=self.env(**extra),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def popen(self, *args: str, **extra: str) -> subprocess.Popen[str]:
+        self.write_pins()
+        return subprocess.Popen(
+            [sys.executable, "-m", "scripts", *args],
+            cwd=REPO,
+            env=self.env(**extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+def require_shared() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared/testdata is absent (looked in {SHARED}); it holds the real Alpine data")
+    return SHARED
