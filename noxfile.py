@@ -22,6 +22,7 @@ session passes them on to the build sessions it requires. Environment overrides:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -57,8 +58,8 @@ def _read_pins() -> tuple[list[str], str | None]:
         from scripts import pins, settings
 
         path = settings.pins_path()
-        raw = json.loads(path.read_text())
-        names = sorted(n for n in raw["alpine"]["runtimes"] if isinstance(n, str))
+        with contextlib.suppress(Exception):
+            names = sorted(n for n in json.loads(path.read_text())["alpine"]["runtimes"] if isinstance(n, str))
         pins.load(path)
     except Exception as exc:  # every pins problem, said by the loader
         from scripts.errors import VulcanError

@@ -238,7 +238,8 @@ def test_ordinary_user_builds_an_image(built: World, tmp_path_factory: pytest.Te
     shutil.copytree(REPO / "scripts", place / "src/scripts", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["chown", "-R", "65534:65534", str(place)], check=True)
     place.chmod(0o755)
-    env = {**{k: v for k, v in built.env().items() if k != "VULCAN_GOCACHE"}, "VULCAN_OUT": str(place / "out"), "VULCAN_CACHE": str(place / "cache"),
+    base = {k: v for k, v in built.env().items() if k != "VULCAN_GOCACHE"}  # root's: not needed here
+    env = {**base, "VULCAN_OUT": str(place / "out"), "VULCAN_CACHE": str(place / "cache"),
            "VULCAN_PINS": str(place / "pins.json"), "VULCAN_MKE2FS_INPUT": how, "HOME": str(place),
            "PYTHONPATH": str(place / "src")}  # fmt: skip
     proc = subprocess.run(

@@ -5,6 +5,7 @@ an interrupted build leaves nothing that looks finished (and the next run remove
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from .. import atomic, log, paths, settings, stamps
 from ..apk import packages
-from ..errors import VulcanError
+from ..errors import VulcanError, no_space
 from ..fetch import sha256_file
 from ..formats import Job, Written
 from . import manifest, sbom, stream
@@ -36,10 +37,20 @@ def _stream(plan: Plan, scratch: Path, pool: ThreadPoolExecutor) -> tuple[Plan, 
     if found is not None:
         log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
         return plan, found, pool.submit(stream.verify, found)
-    plan, verified = _fetch_or_relock(plan)
-    fresh = stream.assemble(plan, verified, scratch)
-    stream.store(plan.stream_digest, fresh)
+    plan, fresh = _assemble(plan, scratch)
     return plan, fresh, None
+
+
+def _assemble(plan: Plan, scratch: Path) -> tuple[Plan, Stream]:
+    plan, verified = _fetch_or_relock(plan)
+    try:
+        fresh = stream.assemble(plan, verified, scratch)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # package trees and the tar are written to scratch
+            raise no_space(scratch, None, "assembling the image in") from None
+        raise
+    stream.store(plan.stream_digest, fresh)
+    return plan, fresh
 
 
 def _write_all(plan: Plan, s: Stream, scratch: Path, pool: ThreadPoolExecutor) -> dict[str, tuple[Written, str]]:
@@ -71,9 +82,7 @@ def make(plan: Plan) -> Plan:
         if problem is not None:
             log.warn(f"cached tar stream {s.tar} is corrupt ({problem}); assembling it again")
             s.tar.unlink(missing_ok=True)
-            plan, verified = _fetch_or_relock(plan)
-            s = stream.assemble(plan, verified, scratch)
-            stream.store(plan.stream_digest, s)
+            plan, s = _assemble(plan, scratch)
             images = _write_all(plan, s, scratch, pool)
         elif failed is not None:
             raise failed

@@ -27,7 +27,7 @@ from typing import IO, Any
 from .. import atomic, log, paths
 from ..apk import keys
 from ..apk.package import control_files
-from ..errors import BuildError
+from ..errors import BuildError, NoSpace, no_space
 from ..formats import Shape
 from . import configure
 from .plan import Plan
@@ -108,13 +108,12 @@ def store(digest: str, stream: Stream) -> None:
             except OSError:
                 shutil.copyfile(stream.tar, tmp)
         atomic.write_text(dest.with_suffix(".json"), json.dumps(stream.sidecar()))
-    except OSError as exc:
-        dest.unlink(missing_ok=True)
+    except OSError as exc:  # a tar without its sidecar is never used (cached() needs both)
         why = "the cache file system is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         log.warn(f"not keeping the tar stream in the cache ({why}: {dest.parent}); the next rebuild assembles it again")
-    except Exception as exc:  # atomic turns ENOSPC into NoSpace
-        dest.unlink(missing_ok=True)
-        log.warn(f"not keeping the tar stream in the cache ({exc}); the next rebuild assembles it again")
+    except NoSpace:  # atomic.replacing says ENOSPC this way
+        log.warn(f"not keeping the tar stream in the cache (its file system is full: {dest.parent}); "
+                 "the next rebuild assembles it again")  # fmt: skip
 
 
 def _number(field: bytes) -> int:
@@ -242,8 +241,6 @@ def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
                 tree.write_tar(w, plan.epoch)  # type: ignore[arg-type]
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                from ..errors import no_space
-
                 raise no_space(tar_path, tree.content_size(), "writing the tar stream") from None
             raise
         per_package: dict[str, dict[str, int]] = {}

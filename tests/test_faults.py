@@ -1,0 +1,439 @@
+"""Faults and bad input, tried as a user (and an adversary) would: never a false success, never a
+traceback, never a stuck leftover. The fault matrix: kill -9 at each build phase then rerun,
+concurrent builds sharing a cache, a read-only cache, and full cache, scratch and output file
+systems (small tmpfs mounts: these tests need root, as CI has, and skip otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts.apk import lockfile
+from scripts.apk.lockfile import Locked
+from scripts.pins import host_arch
+from scripts.pins import load as load_pins
+from tests.support import imagerepo
+from tests.support.apkrepo import BRANCH, CDN, publish
+from tests.support.mirror import serve
+from tests.support.toolchains import find_go
+from tests.support.world import BASE_PINS, REPO, World, serve_vmm
+
+ARCH = host_arch()
+RUNTIME = "python"
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def ready(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """The test repository, the agent and the lock; the python image built once as the reference."""
+    mirror, server = serve()
+    w = serve_vmm(
+        World(mirror, tmp_path_factory.mktemp("faults"), copy.deepcopy(BASE_PINS), tmp_path_factory.mktemp("gocache"))
+    )
+    imagerepo.setup(w, runtimes={RUNTIME: imagerepo.RUNTIMES[RUNTIME]})
+    w.run("guest", check=True, VULCAN_GO=find_go())
+    w.run("rootfs", "--runtime", RUNTIME, check=True)
+    w.reference = sha(w.out / "images" / f"{RUNTIME}.ext4")  # type: ignore[attr-defined]
+    yield w
+    server.shutdown()
+
+
+def fresh_out(w: World, tmp: Path) -> Path:
+    """An output directory with the agent already built (bin/ copied)."""
+    out = tmp / "out"
+    subprocess.run(["cp", "-a", str(w.out / "bin"), str(out / "bin")], check=False)
+    if not (out / "bin").exists():
+        out.mkdir(parents=True)
+        subprocess.run(["cp", "-a", str(w.out / "bin"), str(out)], check=True)
+    return out
+
+
+def leftovers(*roots: Path) -> list[Path]:
+    """Anything a dead or failed run could leave behind: scratch directories and temp files."""
+    found = []
+    for root in roots:
+        if root.exists():
+            found += [p for p in root.rglob("*") if p.name.startswith(".vulcan-") or p.name.endswith((".tmp", ".part"))]
+    return found
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """``path`` bind-mounted read-only onto itself (as a CI cache restore or a shared cache is)."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root (CI runs as root)")
+    if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "vulcan: error:" in proc.stderr, proc.stderr
+
+
+# -- wrong results -----------------------------------------------------------------------------
+
+
+def nox(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("VULCAN_")}
+    full.update(VULCAN_OUT=str(tmp / "out"), VULCAN_CACHE=str(tmp / "cache"), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "nox", "--no-venv", "-f", str(REPO / "noxfile.py"), *args],
+        cwd=REPO, env=full, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("args", [["-s", "rootfs_all"], ["-t", "rootfs"], ["-s", "rootfs-python"], ["-s", "download"]])
+def test_a_broken_pins_file_fails_every_session_that_needs_it(tmp_path: Path, args: list[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    proc = nox(tmp_path, *args, VULCAN_PINS=str(bad))
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "bad.json: line 1 column 2: invalid JSON" in proc.stderr
+    assert "images for:" not in proc.stderr
+
+
+def test_a_pins_problem_in_one_field_still_lists_the_sessions_which_then_fail(tmp_path: Path) -> None:
+    pins = copy.deepcopy(BASE_PINS)
+    pins["kernel"]["sha256"]["x86_64"] = "abc"
+    path = tmp_path / "pins.json"
+    path.write_text(json.dumps(pins))
+    listed = nox(tmp_path, "-l", VULCAN_PINS=str(path))
+    assert "rootfs-python" in listed.stdout  # nox -l lists what it can
+    proc = nox(tmp_path, "-s", "rootfs-python", VULCAN_PINS=str(path))
+    assert proc.returncode != 0
+    assert "pins.json: kernel.sha256.x86_64: expected 64 hex characters" in proc.stderr
+
+
+def test_an_unknown_runtime_session_lists_the_runtimes(tmp_path: Path) -> None:
+    proc = nox(tmp_path, "-s", "rootfs-ruby")
+    assert proc.returncode != 0
+    assert "no runtime 'ruby'" in proc.stderr and "runtimes: go, node, python" in proc.stderr
+
+
+def test_concurrent_lock_writers_keep_every_entry(ready: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writer A holds the lock file's flock across its read-modify-write; writer B, started
+    meanwhile, must wait and then add to what A wrote (it used to overwrite A's entry)."""
+    for k, v in ready.env().items():
+        monkeypatch.setenv(k, v)
+    lock = ready.tmp / "alpine.lock.json"
+    saved = lock.read_bytes()
+    pins = load_pins(ready.pins_path)
+    closure = lockfile.locked_entry(pins, RUNTIME, ARCH)
+    assert closure is not None
+    monkeypatch.setattr("scripts.apk.indexes.resolve", lambda *a: [p.as_package(0) for p in closure])
+    try:
+        lock.unlink()
+        b_started = threading.Event()
+        errors: list[BaseException] = []
+
+        def writer_b() -> None:
+            b_started.set()
+            try:
+                lockfile.lock_runtime(pins, RUNTIME, "aarch64")
+            except BaseException as exc:
+                errors.append(exc)
+
+        with lockfile.locked_for_update(pins):
+            data = lockfile.read_lock(pins)
+            b = threading.Thread(target=writer_b)
+            b.start()
+            b_started.wait()
+            time.sleep(0.3)  # B now reads the lock (without the flock it would see it empty)
+            data["entries"][f"{RUNTIME}/{ARCH}"] = {
+                "request": lockfile.request_digest(pins, RUNTIME, ARCH),
+                "world": [],
+                "packages": [p.__dict__ for p in closure],
+            }
+            lockfile.write_lock(pins, data)
+        b.join(60)
+        assert not errors
+        entries = json.loads(lock.read_text())["entries"]
+        assert sorted(entries) == sorted([f"{RUNTIME}/{ARCH}", f"{RUNTIME}/aarch64"])
+        assert not list(ready.tmp.glob("*.tmp")) and not list(ready.tmp.glob(".alpine.lock.json.*"))
+    finally:
+        lock.write_bytes(saved)
+
+
+def test_two_full_builds_sharing_a_cache_both_succeed(ready: World, tmp_path: Path) -> None:
+    outs = [fresh_out(ready, tmp_path / str(i)) for i in range(2)]
+    cache = tmp_path / "cache"  # cold and shared: both fetch, assemble and store at the same time
+    procs = [ready.popen("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(o), VULCAN_CACHE=str(cache)) for o in outs]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    for o in outs:
+        assert sha(o / "images" / f"{RUNTIME}.ext4") == ready.reference  # type: ignore[attr-defined]
+    assert not leftovers(*outs, cache)
+
+
+# -- tracebacks and stuck leftovers ------------------------------------------------------------
+
+
+def test_a_full_cache_skips_storing_the_stream_with_a_warning(ready: World, tmp_path: Path) -> None:
+    apk = ready.cache / "apk"
+    need = sum(p.stat().st_size for p in ready.cache.rglob("*") if p.is_file() and "rootfs" not in p.parts)
+    with tmpfs(tmp_path / "cache", f"{need // 1024 + 512}k") as cache:
+        for sub in ("apk", "keys"):
+            subprocess.run(["cp", "-a", str(ready.cache / sub), str(cache)], check=True)
+        assert apk.is_dir()
+        out = fresh_out(ready, tmp_path)
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+        assert proc.returncode == 0, proc.stderr
+        assert "not keeping the tar stream in the cache" in proc.stderr
+        assert sha(out / "images" / f"{RUNTIME}.ext4") == ready.reference  # type: ignore[attr-defined]
+        assert not leftovers(cache, out)
+
+
+def test_publishing_across_file_systems_keeps_the_image_sparse(ready: World, tmp_path: Path) -> None:
+    out = fresh_out(ready, tmp_path)
+    image = out / "images" / f"{RUNTIME}.ext4"
+    with tmpfs(out / "images", "24m"):
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(tmp_path / "s"))
+        assert proc.returncode == 0, proc.stderr
+        assert sha(image) == ready.reference  # type: ignore[attr-defined]
+        assert image.stat().st_blocks * 512 < image.stat().st_size / 2  # the holes stayed holes
+        assert not leftovers(out, tmp_path / "s")
+
+
+def test_a_full_output_file_system_is_an_error_that_names_it(ready: World, tmp_path: Path) -> None:
+    out = fresh_out(ready, tmp_path)
+    with tmpfs(out / "images", "2m") as images:
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(tmp_path / "s"))
+        assert proc.returncode == 1
+        no_traceback(proc)
+        assert f"no space left on {images}" in proc.stderr and "needs" in proc.stderr
+        assert not (images / f"{RUNTIME}.ext4").exists()
+        assert not leftovers(out, tmp_path / "s")
+
+
+def test_a_full_scratch_file_system_is_an_error(ready: World, tmp_path: Path) -> None:
+    out = fresh_out(ready, tmp_path)
+    with tmpfs(tmp_path / "s", "1m") as scratch:
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(scratch),
+                         VULCAN_REASSEMBLE="1")  # fmt: skip
+        assert proc.returncode == 1
+        no_traceback(proc)
+        assert f"no space left on {scratch}" in proc.stderr
+        assert not leftovers(out, scratch)
+
+
+def test_a_read_only_cache_serves_what_it_has(ready: World, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    out = fresh_out(ready, tmp_path)
+    assert ready.run("download", VULCAN_OUT=str(tmp_path / "o1")).returncode == 0  # now the cache has it all
+    subprocess.run(["cp", "-a", str(ready.cache), str(cache)], check=True)
+    with read_only(cache):
+        dl = ready.run("download", VULCAN_CACHE=str(cache), VULCAN_OUT=str(out))
+        assert dl.returncode == 0, dl.stderr
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_CACHE=str(cache), VULCAN_OUT=str(out),
+                         VULCAN_REASSEMBLE="1")  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "not keeping the tar stream in the cache" in proc.stderr
+        assert sha(out / "images" / f"{RUNTIME}.ext4") == ready.reference  # type: ignore[attr-defined]
+        # what it lacks is an error that says so (not an OSError from a lock file)
+        (out / "bin" / ".stamps" / "download.json").unlink()
+        pinned = ready.pins["kernel"]["sha256"][ARCH]
+        ready.pins["kernel"]["sha256"][ARCH] = "1" * 64  # a kernel the cache does not hold
+        try:
+            missing = ready.run("download", VULCAN_CACHE=str(cache), VULCAN_OUT=str(out))
+        finally:
+            ready.pins["kernel"]["sha256"][ARCH] = pinned
+            ready.write_pins()
+        assert missing.returncode == 1
+        no_traceback(missing)
+        assert "the cache is read-only" in missing.stderr
+
+
+@pytest.mark.parametrize("marker", ["rootfs python (", "downloading", "$ mke2fs"])
+def test_kill_9_at_each_build_phase_then_a_rerun_succeeds_and_cleans_up(
+    ready: World, tmp_path: Path, marker: str
+) -> None:
+    out = fresh_out(ready, tmp_path)
+    cache = tmp_path / "cache"  # cold: the run fetches, assembles and writes
+    env = ready.env(VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+    ready.write_pins()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts", "rootfs", "--runtime", RUNTIME], cwd=REPO, env=env,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if marker in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(60)
+    again = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+    assert again.returncode == 0, again.stderr
+    assert sha(out / "images" / f"{RUNTIME}.ext4") == ready.reference  # type: ignore[attr-defined]
+    assert not leftovers(out, cache), leftovers(out, cache)
+    verify = ready.run("verify", "--json", VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+    rows = json.loads(verify.stdout)["rows"]
+    assert not [r for r in rows if r["result"] == "FAIL" and "python" in r["artifact"]]
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"SOURCE_DATE_EPOCH": "99999999999999999999"}, "SOURCE_DATE_EPOCH"),
+        ({"VULCAN_MIRROR": "notaurl"}, "VULCAN_MIRROR"),
+        ({"VULCAN_OUT": "/etc/hostname/out"}, "VULCAN_OUT"),
+        ({"VULCAN_KEEP_TAR": "/etc/hostname"}, "VULCAN_KEEP_TAR"),
+        ({"VULCAN_FETCH_WORKERS": "abc"}, "VULCAN_FETCH_WORKERS"),
+        ({"VULCAN_FETCH_WORKERS": "0"}, "VULCAN_FETCH_WORKERS"),
+        ({"VULCAN_MKE2FS_INPUT": "zip"}, "VULCAN_MKE2FS_INPUT"),
+        ({"VULCAN_REASSEMBLE": "yes"}, "VULCAN_REASSEMBLE"),
+    ],
+)
+def test_a_bad_setting_is_an_error_naming_it_before_any_work(
+    ready: World, tmp_path: Path, env: dict[str, str], names: str
+) -> None:
+    proc = ready.run("rootfs", "--runtime", RUNTIME, **{"VULCAN_OUT": str(tmp_path / "o"), **env})
+    assert proc.returncode == 1
+    no_traceback(proc)
+    assert names in proc.stderr
+    assert "downloading" not in proc.stderr
+
+
+def test_headroom_has_a_sane_upper_bound(ready: World, tmp_path: Path) -> None:
+    w = copy.deepcopy(ready.pins)
+    w["alpine"]["headroom_mib"] = 1000000000000000
+    path = tmp_path / "pins.json"
+    path.write_text(json.dumps(w))
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts", "rootfs", "--runtime", RUNTIME], cwd=REPO,
+        env=ready.env(VULCAN_PINS=str(path), VULCAN_OUT=str(tmp_path / "o")), capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    no_traceback(proc)
+    assert "alpine.headroom_mib: 1000000000000000 is more than 65536" in proc.stderr
+
+
+def test_an_unresolvable_mirror_fails_at_once_with_the_hint(world: World) -> None:
+    proc = world.run("download", VULCAN_MIRROR="http://mirror.invalid:8080/up")
+    assert proc.returncode == 1
+    no_traceback(proc)
+    assert "does not resolve" in proc.stderr and "offline" in proc.stderr
+    assert "retrying" not in proc.stderr
+
+
+# -- every byte from outside, including ours -----------------------------------------------------
+
+
+def test_every_python_requirement_is_hash_locked_and_installed_with_the_check_on() -> None:
+    for txt in sorted(REPO.glob("requirements*.txt")):
+        reqs = [line for line in txt.read_text().splitlines() if line and not line.startswith((" ", "#"))]
+        assert reqs, txt
+        for line in reqs:
+            assert "==" in line and line.rstrip().endswith("\\"), f"{txt.name}: {line} has no hash"
+        pinned = {line.split("==")[0].split(" ")[0].lower() for line in reqs}
+        wanted = (REPO / txt.name.replace(".txt", ".in")).read_text()
+        for line in wanted.splitlines():
+            if line and not line.startswith(("#", "-r")):
+                assert line.split("==")[0].lower() in pinned, f"{txt.name} lacks {line}: run .ci/lock-requirements"
+    assert '"--require-hashes"' in (REPO / "noxfile.py").read_text()
+    setup = (REPO / ".ci/setup-debian").read_text() + (REPO / ".ci/run").read_text()
+    assert "--require-hashes -r requirements-nox.txt" in setup
+
+
+def test_a_tampered_wheel_is_refused(tmp_path: Path) -> None:
+    """A local index serving other bytes under a locked name and version: pip must refuse it."""
+    lines = (REPO / "requirements-nox.txt").read_text().split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("colorlog=="))
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line.startswith("    --hash"):
+            break
+        block.append(line)
+    version = lines[start].split("==")[1].split()[0]
+    req = tmp_path / "req.txt"
+    req.write_text("\n".join(block).rstrip("\\ ") + "\n")
+    index = tmp_path / "index"
+    index.mkdir()
+    with zipfile.ZipFile(index / f"colorlog-{version}-py3-none-any.whl", "w") as whl:
+        whl.writestr("colorlog/__init__.py", "raise SystemExit('tampered')\n")
+        whl.writestr(
+            f"colorlog-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: colorlog\nVersion: {version}\n"
+        )
+        whl.writestr(
+            f"colorlog-{version}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        whl.writestr(f"colorlog-{version}.dist-info/RECORD", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--isolated", "--no-index", "--find-links", str(index),
+         "--require-hashes", "--no-deps", "--target", str(tmp_path / "t"), "-r", str(req)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "DO NOT MATCH THE HASHES" in proc.stderr
+    assert not (tmp_path / "t" / "colorlog").exists()
+
+
+# -- the plan is the single source of truth (issue 12's bug) -----------------------------------
+
+
+def test_a_relock_after_a_package_left_the_mirror_replans_the_build(ready: World, tmp_path: Path) -> None:
+    """The locked musl is replaced upstream by a new build: the build re-locks, and manifest,
+    stamp and lock all describe the new closure (they used to describe the old one)."""
+    saved_lock = (ready.tmp / "alpine.lock.json").read_bytes()
+    out = fresh_out(ready, tmp_path)
+    pkgs = imagerepo.packages()
+    old = next(p for p in pkgs["main"] if p.name == "musl")
+    new = copy.deepcopy(old)
+    new.version, new.build_time = old.version.rsplit("-r", 1)[0] + "-r9", old.build_time + 86400
+    pkgs["main"] = [new if p is old else p for p in pkgs["main"]]
+    try:
+        publish(ready.mirror, pkgs)
+        ready.mirror.remove(f"{CDN}/{BRANCH}/main/{ARCH}/musl-{old.version}.apk")
+        cache = str(tmp_path / "cache")  # nothing cached: the packages are needed
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=cache)
+        assert proc.returncode == 0, proc.stderr
+        assert "is gone from the mirror" in proc.stderr
+        manifest = json.loads((out / "images" / f"{RUNTIME}.manifest.json").read_text())
+        versions = {p["name"]: p["version"] for p in manifest["packages"]}
+        assert versions["musl"] == new.version
+        entry = json.loads((ready.tmp / "alpine.lock.json").read_text())["entries"][f"{RUNTIME}/{ARCH}"]
+        locked = [Locked(**p) for p in entry["packages"]]
+        want = hashlib.sha256(json.dumps([f"{p.name}-{p.version} {p.checksum}" for p in locked]).encode()).hexdigest()
+        assert manifest["lock_sha256"] == want
+        assert manifest["source_date_epoch"] == max(p.build_time for p in locked)
+        again = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=cache)
+        assert again.returncode == 0 and "up to date" in again.stderr, again.stderr  # the stamp agrees too
+    finally:
+        publish(ready.mirror, imagerepo.packages())
+        (ready.tmp / "alpine.lock.json").write_bytes(saved_lock)

@@ -1,0 +1,168 @@
+"""Fast unit tests of the rootfs logic, without Go, a mirror or mke2fs: the tree merge and its
+path rules (like apko's path_traversal_test.go), accounts, image sizing, the stream's shape and
+the SBOM's license expressions."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from scripts.errors import BuildError
+from scripts.ext4 import BLOCK, layout
+from scripts.formats import Shape
+from scripts.rootfs import configure
+from scripts.rootfs.sbom import license_expression
+from scripts.rootfs.stream import read_shape
+from scripts.rootfs.tree import Tree, UnsafePackage
+
+
+def package(tmp: Path, name: str, members: list[tuple[str, str, bytes | str]]) -> Path:
+    """A gzip'ed data tar: (path, kind, data-or-link target); kind in file, dir, symlink, hardlink."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path, kind, payload in members:
+            info = tarfile.TarInfo(path)
+            info.mtime = 2_000_000_000
+            data = None
+            if kind == "file":
+                assert isinstance(payload, bytes)
+                info.size, info.mode, data = len(payload), 0o644, io.BytesIO(payload)
+            elif kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, str(payload)
+            elif kind == "hardlink":
+                info.type, info.linkname = tarfile.LNKTYPE, str(payload)
+            tar.addfile(info, data)
+    path = tmp / f"{name}.tar.gz"
+    path.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Tree:
+    (tmp_path / "scratch").mkdir()
+    return Tree(tmp_path / "scratch")
+
+
+def add(
+    tree: Tree, tmp: Path, name: str, members: list[tuple[str, str, bytes | str]], replaces: frozenset[str] = frozenset()
+) -> None:
+    tree.add_package(name, package(tmp, name, members), 0, set(replaces))
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        ("../../etc/passwd", "contains '..'"),
+        ("/etc/passwd", "absolute path"),
+        ("usr/../../etc/passwd", "contains '..'"),
+        ("./usr/lib/../../../x", "contains '..'"),
+    ],
+)
+def test_paths_outside_the_root_are_refused(tree: Tree, tmp_path: Path, member: str, message: str) -> None:
+    with pytest.raises(UnsafePackage, match=message):
+        add(tree, tmp_path, "evil", [(member, "file", b"x")])
+
+
+def test_a_symlink_that_leaves_the_root_cannot_be_written_through(tree: Tree, tmp_path: Path) -> None:
+    with pytest.raises(UnsafePackage, match="leads out of the root"):
+        add(tree, tmp_path, "evil", [("usr/lib/out", "symlink", "../../../.."), ("usr/lib/out/pwned", "file", b"x")])
+
+
+def test_an_absolute_symlink_is_followed_inside_the_root(tree: Tree, tmp_path: Path) -> None:
+    add(tree, tmp_path, "a", [("lib", "dir", b""), ("lib64", "symlink", "/lib"), ("lib64/libc.so", "file", b"c")])
+    assert tree.nodes["lib/libc.so"].owner == "a"
+    assert "lib64/libc.so" not in tree.nodes
+
+
+def test_names_are_normalised(tree: Tree, tmp_path: Path) -> None:
+    add(tree, tmp_path, "a", [("./usr/./bin//tool", "file", b"t")])
+    assert "usr/bin/tool" in tree.nodes
+    assert tree.nodes["usr"].kind == "dir" and tree.nodes["usr/bin"].kind == "dir"
+
+
+def test_two_packages_may_not_own_one_file_unless_one_replaces_the_other(tree: Tree, tmp_path: Path) -> None:
+    add(tree, tmp_path, "a", [("etc/conf", "file", b"a")])
+    with pytest.raises(BuildError, match="file conflict: etc/conf is in both a and b"):
+        add(tree, tmp_path, "b", [("etc/conf", "file", b"b")])
+    add(tree, tmp_path, "c", [("etc/conf", "file", b"c")], replaces={"a"})
+    assert tree.read("etc/conf") == b"c" and tree.nodes["etc/conf"].owner == "c"
+
+
+def test_a_directory_and_a_file_of_one_name_conflict(tree: Tree, tmp_path: Path) -> None:
+    add(tree, tmp_path, "a", [("etc/x", "dir", b"")])
+    with pytest.raises(BuildError, match="etc/x: a file in b and a dir in a"):
+        add(tree, tmp_path, "b", [("etc/x", "file", b"b")])
+
+
+def test_a_hard_link_must_name_a_file(tree: Tree, tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="which is not a file"):
+        add(tree, tmp_path, "a", [("bin", "dir", b""), ("bin/x", "hardlink", "bin")])
+
+
+def test_the_stream_is_sorted_clamped_and_its_shape_is_recomputed_from_it(tree: Tree, tmp_path: Path) -> None:
+    add(tree, tmp_path, "a", [("z", "file", b"z" * 5000), ("b/y", "file", b"y"), ("b/h", "hardlink", "b/y")])
+    out = tmp_path / "s.tar"
+    with open(out, "wb") as f:
+        tree.write_tar(f, epoch=1_700_000_000)
+    with tarfile.open(out) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == sorted(m.name for m in members)
+    assert {m.mtime for m in members} == {1_700_000_000}  # the packages' later mtimes are clamped
+    # b/h sorts first: it carries the bytes and b/y links to it
+    assert [(m.name, m.type) for m in members if m.name.startswith("b/")] == [("b/h", b"0"), ("b/y", b"1")]
+    _, shape, files = read_shape(out)
+    assert shape == Shape(file_blocks=2 + 1, dirs=1, entries=4, content_bytes=5001)
+    assert files == {"z": 5000, "b/h": 1, "b/y": 1}
+    again = tmp_path / "t.tar"
+    with open(again, "wb") as f:
+        tree.write_tar(f, epoch=1_700_000_000)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_accounts_add_the_sandbox_user_and_the_groups_install_scripts_would(tree: Tree, tmp_path: Path) -> None:
+    passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n"
+    group = b"root:x:0:root\nnobody:x:65534:\n"
+    add(tree, tmp_path, "alpine-baselayout-data", [("etc/passwd", "file", passwd), ("etc/group", "file", group)])
+    configure.accounts(tree, has_busybox=True)
+    users = (tree.read("etc/passwd") or b"").decode().splitlines()
+    groups = (tree.read("etc/group") or b"").decode().splitlines()
+    shadow = (tree.read("etc/shadow") or b"").decode().splitlines()
+    assert "sandbox:x:1000:1000:Vulcan sandbox:/work:/bin/sh" in users
+    assert "klogd:x:100:100:klogd:/dev/null:/sbin/nologin" in users  # first free system id, as adduser -S
+    assert {"shadow:x:42:", "klogd:x:100:", "sandbox:x:1000:"} <= set(groups)
+    assert shadow[0] == "root:*::0:::::" and "sandbox:!::0:::::" in shadow
+    node = tree.nodes["etc/shadow"]
+    assert (node.mode, node.gid) == (0o640, 42)
+    configure.accounts(tree, has_busybox=True)  # idempotent: nothing added twice
+    assert (tree.read("etc/passwd") or b"").decode().splitlines() == users
+
+
+def test_image_size_grows_with_content_and_leaves_the_headroom() -> None:
+    small = layout(file_blocks=1000, dirs=100, entries=2000, headroom_mib=64)
+    big = layout(file_blocks=50_000, dirs=3000, entries=12_000, headroom_mib=64)
+    assert small.size_bytes < big.size_bytes and small.size_bytes % (1 << 20) == 0
+    for lay, blocks, dirs, entries in ((small, 1000, 100, 2000), (big, 50_000, 3000, 12_000)):
+        used = (blocks + dirs) * BLOCK + lay.inodes * 256
+        assert lay.size_bytes - used >= 64 << 20  # the headroom is free space, after the content
+        assert lay.inodes >= entries + (64 << 20) // 16384
+    assert layout(0, 0, 0, 0).size_bytes == 16 << 20  # a floor for tiny images
+
+
+@pytest.mark.parametrize(
+    ("alpine", "spdx"),
+    [
+        ("MIT", "MIT"),
+        ("GPL-2.0-only MIT", "GPL-2.0-only AND MIT"),
+        ("MIT AND (GPL-2.0-or-later OR BSD-3-Clause)", "MIT AND (GPL-2.0-or-later OR BSD-3-Clause)"),
+        ("", "NOASSERTION"),
+        ("custom:weird license", "NOASSERTION"),
+    ],
+)
+def test_sbom_license_expressions(alpine: str, spdx: str) -> None:
+    assert license_expression(alpine) == spdx
