@@ -27,7 +27,6 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,12 +147,12 @@ _step_session("download")
 _step_session("guest")
 
 
-def _rootfs_session(runtime: str) -> Callable[[nox.Session], None]:
+def _rootfs_session(runtime: str) -> None:
     def rootfs(session: nox.Session) -> None:
         _scripts(session, "rootfs", "--runtime", runtime)
 
     rootfs.__doc__ = f"Build images/{runtime}.ext4 (+ manifest, SPDX SBOM) from the lock."
-    return nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs", "image"])(rootfs)  # type: ignore[no-any-return]
+    nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs", "image"])(rootfs)
 
 
 for _rt in RUNTIMES:

@@ -1,6 +1,7 @@
-"""Firecracker's ``--config-file`` for booting an image (fields as in firecracker's
-docs/getting-started.md and src/firecracker/swagger/firecracker.yaml: boot-source,
-drives, machine-config, vsock)."""
+"""The Firecracker config: the ``--config-file`` that boots an image.
+
+Fields as in firecracker's docs/getting-started.md and src/firecracker/swagger/firecracker.yaml:
+boot-source, drives, machine-config, vsock."""
 
 from __future__ import annotations
 

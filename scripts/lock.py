@@ -1,5 +1,6 @@
-"""`nox -s lock`: resolve every runtime's world for each architecture into alpine.lock.json
-(the lock file itself: apk/lockfile.py)."""
+"""`nox -s lock`: resolve every runtime's world for each architecture into alpine.lock.json.
+
+The lock file itself is apk/lockfile.py."""
 
 from __future__ import annotations
 

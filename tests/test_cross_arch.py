@@ -22,6 +22,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.slow
 def test_aarch64_image_on_an_x86_64_host(world: World) -> None:
     imagerepo.setup(world, arch="aarch64")
     world.run("guest", "--arch", "aarch64", check=True, VULCAN_GO=find_go())

@@ -32,6 +32,7 @@ def sha_file(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_go_unit_tests_of_the_agent_pass(go: str, tmp_path: Path) -> None:
     env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "", "GOCACHE": str(tmp_path / "c"), "CGO_ENABLED": "0"}
     proc = subprocess.run(
@@ -40,6 +41,7 @@ def test_go_unit_tests_of_the_agent_pass(go: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_build_is_static_and_reproducible_across_directories(world: World, go: str) -> None:
     world.run("guest", check=True, VULCAN_GO=go)
     first = world.out / "bin/vulcan-guest"

@@ -50,7 +50,11 @@ def tree(tmp_path: Path) -> Tree:
 
 
 def add(
-    tree: Tree, tmp: Path, name: str, members: list[tuple[str, str, bytes | str]], replaces: frozenset[str] = frozenset()
+    tree: Tree,
+    tmp: Path,
+    name: str,
+    members: list[tuple[str, str, bytes | str]],
+    replaces: frozenset[str] = frozenset(),
 ) -> None:
     tree.add_package(name, package(tmp, name, members), 0, set(replaces))
 

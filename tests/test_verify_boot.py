@@ -262,6 +262,7 @@ def test_no_vmm_at_all_is_an_error_not_a_skip(full: World, tmp_path: Path) -> No
 # -- a real boot under QEMU ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ARCH != "x86_64", reason="the test kernel is x86_64")
 @pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
@@ -280,6 +281,7 @@ def test_qemu_boots_the_image_and_the_agent_reports_smoke_ok(full: World) -> Non
     print("\n" + "\n".join(line for line in proc.stderr.splitlines() if "boot-to-smoke" in line))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ARCH != "x86_64", reason="the test kernel is x86_64")
 @pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
@@ -312,6 +314,7 @@ def test_host_tsc_rate_comes_from_cpuinfo(tmp_path: Path) -> None:
     assert host_tsc_khz(tmp_path / "absent") is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(ARCH != "x86_64", reason="the test kernel is x86_64")
 @pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")

@@ -1,5 +1,7 @@
-"""What apk's install scripts would have done, done by us without running them (as apko
-does), plus what makes an image a Vulcan guest: accounts, the agent, /work and an init.
+"""What install scripts would have done, done without running them; and the Vulcan guest parts.
+
+As apko does, apk's install scripts are replicated, not run; plus what makes an image a Vulcan
+guest: accounts, the agent, /work and an init.
 
 Every install script of every resolved package is looked at and recorded in the manifest as
 ``replicated`` (we do its effect here), ``not needed`` (no effect on a fresh image) or

@@ -1,6 +1,8 @@
-"""Build one runtime's images from a Plan: stream -> each format's writer -> checks -> manifest,
-SBOM -> publish -> stamp. Everything is written in a scratch directory and published last, so
-an interrupted build leaves nothing that looks finished (and the next run removes the scratch).
+"""Build and publish one runtime's images from a Plan.
+
+stream -> each format's writer -> checks -> manifest, SBOM -> publish -> stamp. Everything is
+written in a scratch directory and published last, so an interrupted build leaves nothing that
+looks finished (and the next run removes the scratch).
 """
 
 from __future__ import annotations

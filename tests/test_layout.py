@@ -1,0 +1,124 @@
+"""The codebase's shape, as a newcomer reads it: one table of steps, no import cycles, a job per
+module, and a README that stays true (the file map and the overrides)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from scripts import settings
+from scripts.steps import STEPS
+from tests.support.world import REPO
+
+MODULES = sorted(p for p in (REPO / "scripts").rglob("*.py"))
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def test_python_m_scripts_help_and_nox_l_list_the_same_steps_from_one_table() -> None:
+    helped = subprocess.run([sys.executable, "-m", "scripts", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert helped.returncode == 0
+    for s in STEPS:
+        assert re.search(rf"^  {re.escape(s.command)}\s+{re.escape(s.summary)}$", helped.stdout, re.M), s.command
+    listed = subprocess.run([sys.executable, "-m", "nox", "-l"], cwd=REPO, capture_output=True, text=True, check=True)
+    # "* name [tags] -> description" (selected) or "- name -> description" (on request)
+    found = re.findall(r"^[*-] (\S+)(?: \[[^]]*\])? -> (.*)$", listed.stdout, re.M)
+    sessions = {name: {"description": desc} for name, desc in found}
+    for s in STEPS:
+        name = s.session_name
+        if name is None:
+            continue
+        if name == "rootfs-<runtime>":
+            assert any(n.startswith("rootfs-") for n in sessions)
+            continue
+        assert name in sessions, name
+        assert sessions[name]["description"] == s.summary  # the docstring comes from the table
+    own = {"rootfs_all", "bench", "tests", "lint"}
+    commands = {s.session_name for s in STEPS}
+    assert {n for n in sessions if not n.startswith("rootfs-")} - own == commands - {None, "rootfs-<runtime>"}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Modules of this package imported when ``path`` is imported (not lazily, not for typing)."""
+    tree = ast.parse(path.read_text())
+    me = _module_name(path).split(".")
+    package = me if path.name == "__init__.py" else me[:-1]
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            else:
+                mod = node.module or ""
+            if not mod.startswith("scripts"):
+                continue
+            for alias in node.names:
+                candidate = f"{mod}.{alias.name}"
+                found.add(candidate if (REPO / Path(*candidate.split("."))).with_suffix(".py").exists() else mod)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("scripts")}
+    return found
+
+
+def test_no_import_cycles() -> None:
+    graph = {_module_name(p): _top_level_imports(p) for p in MODULES}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == node or nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                cycle = [*path[path.index(nxt) :], nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod)
+
+
+def test_every_module_says_its_one_job_in_its_first_docstring_line() -> None:
+    for p in MODULES:
+        doc = ast.get_docstring(ast.parse(p.read_text()))
+        assert doc, f"{p.relative_to(REPO)} has no docstring"
+        first = doc.splitlines()[0]
+        assert first.endswith((".", ":", "?")) or first.endswith("this."), f"{p.relative_to(REPO)}: {first!r}"
+
+
+def _readme_table(heading: str) -> list[list[str]]:
+    text = (REPO / "README.md").read_text()
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows[1:]]
+
+
+def test_the_readme_map_lists_every_module_and_only_files_that_exist() -> None:
+    listed = [row[0].strip("`") for row in _readme_table("Where things live")]
+    for name in listed:
+        assert (REPO / name).exists(), f"README lists {name}, which does not exist"
+    modules = {str(p.relative_to(REPO)) for p in MODULES if p.name != "__init__.py"}
+    assert modules - set(listed) == set(), "modules missing from README's 'Where things live'"
+
+
+def test_the_readme_overrides_table_is_the_settings_module() -> None:
+    names = {re.match(r"`([A-Z0-9_]+)", row[0]).group(1) for row in _readme_table("Overrides")}  # type: ignore[union-attr]
+    assert names == set(settings.NAMES)
