@@ -1,8 +1,9 @@
 """Dependency resolution: from a world (``python3 musl>=1.2`` ...) to the exact package set.
 
-A depth-first search with backtracking over candidate packages, preferring what apk prefers:
-an already chosen package, then a package with the dependency's own name, then higher
-``provider_priority`` (``k:``), then the newer version, then the earlier repository.
+A depth-first search with backtracking over candidate packages, trying them in the order apk
+prefers (``_prefer``, after apk-tools' ``compare_providers`` in src/solver.c): an already chosen
+package, then the newest version of the *requested* name, then the newest version of the same
+package, then higher ``provider_priority`` (``k:``), then the earlier repository.
 Constraints: one package per name; one package per *versioned* provided name (``p:so:x=1``
 by two packages is a clash; unversioned provides may coexist); conflicts (``!name``) against
 every other package; the target architecture. Dependencies on real package names are
@@ -16,6 +17,7 @@ deterministic, and the installation order puts dependencies first.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,10 @@ MAX_STEPS = 200_000
 
 class ResolveError(VulcanError):
     """The world cannot be satisfied; the message shows the chain that failed."""
+
+
+class _Fatal(Exception):
+    """A dead end apk does not back out of: the solve fails."""
 
 
 @dataclass(frozen=True)
@@ -135,15 +141,7 @@ class Solver:
             # only unversioned providers: apk picks one automatically only by provider_priority
             seen = [p for p in seen if p.provider_priority is not None]
 
-        def key(p: Package) -> tuple[object, ...]:
-            return (
-                p.name != dep.name,
-                -(p.provider_priority or 0),
-                _Desc(p.version),
-                p.repo_index,
-            )
-
-        return sorted(seen, key=key)
+        return sorted(seen, key=functools.cmp_to_key(lambda a, b: _prefer(a, b, dep.name)))
 
     # -- search -----------------------------------------------------------------------------
 
@@ -201,7 +199,12 @@ class Solver:
             return self._search(st, rest)
         cands = self._candidates(dep)
         if not cands:
-            self._fail(depth, self._no_candidate(item))
+            message = self._no_candidate(item)
+            if self._needs_explicit_choice(dep):
+                # apk cannot pick among unversioned providers without k: and does not go back
+                # on the choices that led here (its solver is greedy): the whole solve fails
+                raise _Fatal(message)
+            self._fail(depth, message)
             return None
         for p in cands:
             why = self._can_add(st, p)
@@ -218,6 +221,11 @@ class Solver:
     def _item(self, dep: Dep, path: tuple[str, ...]) -> _Item:
         self.seq += 1
         return _Item(self._dep_class(dep), self.seq, dep, path)
+
+    def _needs_explicit_choice(self, dep: Dep) -> bool:
+        usable = [p for p, _ in self.providers.get(dep.name, []) if p not in self.broken]
+        return bool(usable) and dep.name not in self.real and all(p.provider_priority is None for p in usable) \
+            and not any(v is not None for _, v in self.providers.get(dep.name, []))  # fmt: skip
 
     def _no_candidate(self, item: _Item) -> str:
         dep = item.dep
@@ -241,7 +249,10 @@ class Solver:
         limit = sys.getrecursionlimit()
         sys.setrecursionlimit(max(limit, 20_000))
         try:
-            st = self._solve_deps(deps)
+            try:
+                st = self._solve_deps(deps)
+            except _Fatal as exc:
+                raise ResolveError(f"unable to select packages: {exc}") from None
             if st is None:
                 raise ResolveError(
                     "unable to select packages: " + (self.failure[1] if self.failure else "no solution"),
@@ -252,7 +263,10 @@ class Solver:
             while True:
                 added = False
                 for p in self._install_if_candidates(st, rejected):
-                    trial = self._solve_deps(deps + extra + [Dep(p.name, V.EQUAL, p.version)])
+                    try:
+                        trial = self._solve_deps(deps + extra + [Dep(p.name, V.EQUAL, p.version)])
+                    except _Fatal:
+                        trial = None
                     if trial is None:
                         rejected.add(p)
                         continue
@@ -313,6 +327,48 @@ class Solver:
         for p in chosen:
             visit(p)
         return out
+
+
+def _provided_version(p: Package, name: str) -> str | None:
+    """The version under which ``p`` provides ``name`` (None: unversioned)."""
+    if p.name == name:
+        return p.version
+    return next((v for n, v in p.provides if n == name and v is not None), None)
+
+
+def _prefer(a: Package, b: Package, name: str) -> int:
+    """Negative when apk would choose ``a`` over ``b`` for the name ``name``.
+
+    apk-tools compare_providers() (src/solver.c, master @ 90b974fd, lines 537-689; 2.14-stable
+    orders these checks the same way), for a fresh install where every candidate is available
+    and pinning plays no part, checks in this order:
+      1. "Select latest by requested name": the higher version of ``name`` as each provides it
+         (a package's own version for its name; the ``p:name=ver`` version for a provided one);
+      2. "Select latest by principal name": between two versions of one package, the newer;
+      3. "Prefer highest declared provider priority": the higher ``k:``;
+      4. "Prefer lowest available repository".
+    So ``k:`` only decides between providers that offer the same version of the name: e.g. for
+    ``cmd:go`` gcc-go (13.2.1...) wins over go (1.21.x) whatever their priorities, as real apk
+    shows. Earlier checks (installed, pinning, errors, the last merging group) cannot differ here,
+    or are what the backtracking search does when a choice fails."""
+    va, vb = _provided_version(a, name), _provided_version(b, name)
+    if va != vb:
+        if va is None or vb is None:
+            return 1 if va is None else -1
+        r = V.compare(va, vb)
+        if r != V.EQUAL:
+            return -1 if r == V.GREATER else 1
+    if a.name == b.name:
+        r = V.compare(a.version, b.version)
+        if r != V.EQUAL:
+            return -1 if r == V.GREATER else 1
+    pa, pb = a.provider_priority or 0, b.provider_priority or 0
+    if pa != pb:
+        return -1 if pa > pb else 1
+    if a.repo_index != b.repo_index:
+        return -1 if a.repo_index < b.repo_index else 1
+    ka, kb = (a.name, a.checksum), (b.name, b.checksum)  # any fixed order: the result is deterministic
+    return (ka > kb) - (ka < kb)
 
 
 class _Desc:
