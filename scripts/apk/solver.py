@@ -141,7 +141,10 @@ class Solver:
             # only unversioned providers: apk picks one automatically only by provider_priority
             seen = [p for p in seen if p.provider_priority is not None]
 
-        return sorted(seen, key=functools.cmp_to_key(lambda a, b: _prefer(a, b, dep.name)))
+        def prefer(a: Package, b: Package) -> int:
+            return _prefer(a, b, dep.name)
+
+        return sorted(seen, key=functools.cmp_to_key(prefer))
 
     # -- search -----------------------------------------------------------------------------
 
