@@ -121,3 +121,34 @@ def test_constrained_world_picks_the_matching_version() -> None:
     pkgs = parse_index(text.replace("Q1" + "A" * 26 + "0=", "Q1" + "B" * 27 + "=")).packages
     assert Solver(pkgs, "x86_64").solve(["python3~3.13"])[0].version == "3.13.2-r0"
     assert Solver(pkgs, "x86_64").solve(["python3"])[0].version == "3.14.7-r1"
+
+
+def test_world_entries_pinned_by_checksum_resolve_to_that_build(shared: Path) -> None:
+    """apk 3.0.6 writes ``name><Q1...`` into etc/apk/world; it is valid apk syntax."""
+    from tests.support.realapk import ISO_INDEX, index
+
+    if not ISO_INDEX.is_file():
+        pytest.skip("the real v3.19.1 repository is absent")
+    packages = index(ISO_INDEX, "x86_64")
+    busybox = next(p for p in packages if p.name == "busybox")
+    chosen = Solver(packages, "x86_64", ["main"]).solve([f"busybox><{busybox.checksum}"])
+    assert busybox in chosen
+    other = "Q1" + "A" * 27 + "="
+    with pytest.raises(ResolveError, match="busybox"):
+        Solver(packages, "x86_64", ["main"]).solve([f"busybox><{other}"])
+    with pytest.raises(ResolveError, match="not a valid world dependency"):
+        Solver(packages, "x86_64", ["main"]).solve(["busybox><nonsense"])
+
+
+def test_an_installed_database_written_by_real_apk_is_read_whole(shared: Path) -> None:
+    """lib/apk/db/installed adds F/M/R/a/Z lines to each record: none is dropped for them."""
+    text = "\n".join(
+        [
+            "C:Q1DmF/Zs1bLSnwEMrh6rMmR5o7Dxw=", "P:busybox", "V:1.36.1-r15", "A:x86_64", "S:506796", "I:946176",
+            "T:toolbox", "U:https://busybox.net/", "L:GPL-2.0-only", "r:busybox-initscripts", "q:100",
+            "F:bin", "R:busybox", "a:0:0:755", "Z:Q1DmF/Zs1bLSnwEMrh6rMmR5o7Dxw=", "F:etc", "M:0:0:700", "f:s", "",
+        ]
+    )  # fmt: skip
+    parsed = parse_index(text)
+    assert not parsed.unusable
+    assert [(p.name, p.version, p.replaces_priority) for p in parsed.packages] == [("busybox", "1.36.1-r15", 100)]

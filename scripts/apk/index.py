@@ -14,11 +14,15 @@ import base64
 import binascii
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import version as V
 
 KNOWN = set("CPVASITULomtcDpikrq")
+# The installed database (lib/apk/db/installed) adds per record its directories and files
+# (F M R a Z) and state (s: repository tag, f: broken flags): read and skipped, since a Package
+# holds no file list (apk-tools src/database.c apk_db_read_fdb / apk_db_write_fdb).
+INSTALLED_ONLY = set("FMRaZsf")
 _OPS = re.compile(r"(><|<=|>=|<~|>~|[<>=~])")
 
 
@@ -92,6 +96,7 @@ class Package:
     repo: str = ""  # which repository it came from ("main", "community", ...)
     repo_index: int = 0  # position of that repository in the configured list
     extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    order: int = field(default=0, compare=False)  # position in its index: apk's last tie-breaker
 
     @property
     def filename(self) -> str:
@@ -128,7 +133,7 @@ _LISTS: dict[str, tuple[str, Callable[[str], object]]] = {
 
 def _record(fields: list[tuple[str, str]], repo: str, repo_index: int) -> Package | str:
     kw: dict[str, object] = {"repo": repo, "repo_index": repo_index}
-    unknown = [k for k, _ in fields if k.isupper() and k not in KNOWN]
+    unknown = [k for k, _ in fields if k.isupper() and k not in KNOWN and k not in INSTALLED_ONLY]
     values = dict(fields)
     where = f"{values.get('P', '?')}-{values.get('V', '?')}"
     if unknown:
@@ -171,7 +176,8 @@ def dedupe(packages: list[Package]) -> list[Package]:
 
 
 def parse_index(text: str, repo: str = "", repo_index: int = 0) -> ParsedIndex:
-    """Parse APKINDEX (or installed-db) text: records separated by blank lines, ``X:value`` lines."""
+    """Parse APKINDEX or installed-database text: records separated by blank lines, ``X:value``
+    lines. Installed-database file lines are read and skipped (INSTALLED_ONLY)."""
     packages: list[Package] = []
     unusable: list[str] = []
     fields: list[tuple[str, str]] = []
@@ -182,7 +188,7 @@ def parse_index(text: str, repo: str = "", repo_index: int = 0) -> ParsedIndex:
             if isinstance(rec, str):
                 unusable.append(rec)
             else:
-                packages.append(rec)
+                packages.append(replace(rec, order=len(packages)))
             fields.clear()
 
     for line in text.splitlines():

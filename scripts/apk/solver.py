@@ -18,13 +18,14 @@ deterministic, and the installation order puts dependencies first.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import VulcanError
 from . import version as V
-from .index import Dep, Package, dedupe, parse_dep
+from .index import Dep, Package, checksum_key, dedupe, parse_dep
 
 MAX_STEPS = 200_000
 
@@ -61,6 +62,10 @@ def check_world_dep(text: str) -> Dep:
     try:
         dep = parse_dep(text)
     except ValueError:
+        dep = None
+    if dep is not None and dep.mask == V.CHECKSUM:  # name><Q1...: apk 3 pins a world entry to one build
+        if re.fullmatch(r"Q1[A-Za-z0-9+/]{27}=", dep.version):
+            return dep
         dep = None
     if dep is None or (dep.mask != V.ANY and (not dep.version or not V.valid(dep.version))):
         raise ResolveError(
@@ -108,7 +113,7 @@ class Solver:
     def _provides(self, p: Package, dep: Dep) -> bool:
         """Does package ``p`` satisfy the (positive form of) ``dep``?"""
         if dep.mask == V.CHECKSUM:
-            return p.name == dep.name and p.checksum == dep.version
+            return p.name == dep.name and checksum_key(p.checksum) == checksum_key(dep.version)
         if p.name == dep.name and dep.matches_version(p.version):
             return True
         for name, ver in p.provides:
@@ -248,6 +253,8 @@ class Solver:
         return f"{chain} -> no version matches (available: {versions})"
 
     def solve(self, world: Sequence[str | Dep]) -> list[Package]:
+        """The packages for ``world``, in installation order (a Solver can solve many worlds)."""
+        self.steps, self.seq, self.failure = 0, 0, None
         deps = [w if isinstance(w, Dep) else check_world_dep(w) for w in world]
         limit = sys.getrecursionlimit()
         sys.setrecursionlimit(max(limit, 20_000))
@@ -349,7 +356,9 @@ def _prefer(a: Package, b: Package, name: str) -> int:
          (a package's own version for its name; the ``p:name=ver`` version for a provided one);
       2. "Select latest by principal name": between two versions of one package, the newer;
       3. "Prefer highest declared provider priority": the higher ``k:``;
-      4. "Prefer lowest available repository".
+      4. "Prefer lowest available repository";
+      5. then the first in the name's provider list, i.e. the first in the index (apk replaces
+         its choice only when a later provider compares strictly better: select_package()).
     So ``k:`` only decides between providers that offer the same version of the name: e.g. for
     ``cmd:go`` gcc-go (13.2.1...) wins over go (1.21.x) whatever their priorities, as real apk
     shows. Earlier checks (installed, pinning, errors, the last merging group) cannot differ here,
@@ -368,9 +377,7 @@ def _prefer(a: Package, b: Package, name: str) -> int:
     pa, pb = a.provider_priority or 0, b.provider_priority or 0
     if pa != pb:
         return -1 if pa > pb else 1
-    if a.repo_index != b.repo_index:
-        return -1 if a.repo_index < b.repo_index else 1
-    ka, kb = (a.name, a.checksum), (b.name, b.checksum)  # any fixed order: the result is deterministic
+    ka, kb = (a.repo_index, a.order, a.name, a.checksum), (b.repo_index, b.order, b.name, b.checksum)
     return (ka > kb) - (ka < kb)
 
 

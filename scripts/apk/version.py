@@ -4,7 +4,10 @@ Semantics follow apk-tools' src/version.c (master): a version is
 ``digit{.digit}...{letter}{_suffix{number}}...{~hash}{-rN}``; tokens are compared in turn;
 numbers with a leading zero compare as strings; pre-release suffixes (_alpha, _beta, _pre,
 _rc) sort before the bare version, post-release ones (_cvs, _svn, _git, _hg, _p) after it.
-Invalid versions still compare (by the token that broke them), as apk does.
+Invalid versions still compare, as apk-tools master (apk 3, which Alpine ships from 3.23 on)
+compares them: token by token up to where they break; two versions that break at the same
+token compare equal (src/version.c apk_version_compare_fuzzy). apk 2.14 read on past a broken
+token in some cases ("1.9.5p1": digits after a letter); we do not, and say so in the tests.
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ CHECKSUM = LESS | GREATER  # "><": match by package checksum, not version
 class _Tokens:
     """Walks a version string token by token (kind, raw text, numeric/suffix value)."""
 
-    __slots__ = ("kind", "lenient", "pos", "s", "text", "value")
+    __slots__ = ("kind", "pos", "s", "text", "value")
 
     def __init__(self, s: str) -> None:
         self.s, self.pos = s, 0
-        self.lenient = False
         self.kind, self.text, self.value = INITIAL, "", 0
         self._digits()
 
@@ -70,11 +72,6 @@ class _Tokens:
                 self.pos += 1
             if prev in (INITIAL, DIGIT):
                 self.kind = DIGIT
-            elif prev == LETTER and c != ".":
-                # "1.9.5p1": invalid for apk 3 (version.data: !0.1a1), but apk 2 read the digits
-                # after a letter as a new number, and real Alpine versions were ordered that way
-                # (osv-scanner's alpine-versions-generated.txt). Order like apk 2, but not valid().
-                self.kind, self.lenient = DIGIT, True
             elif prev == SUFFIX and c != ".":
                 self.kind = SUFFIX_NO
             else:
@@ -147,7 +144,7 @@ def valid(v: str) -> bool:
     t = _Tokens(v)
     while t.kind < END:
         t.next()
-    return t.kind == END and not t.lenient
+    return t.kind == END
 
 
 def op_mask(op: str) -> int:

@@ -182,6 +182,56 @@ class InstalledPackage:
     checksum: str
     pkginfo: Mapping[str, Sequence[str]]
     repo: str
+    size: int  # of the .apk file: the index's S:, which apk also writes as S:
+
+
+DEFAULT_FILE_ACL = (0, 0, 0o644)
+DEFAULT_DIR_ACL = (0, 0, 0o755)
+
+
+def _acl(letter: str, acl: tuple[int, int, int]) -> str:
+    return f"{letter}:{acl[0]}:{acl[1]}:{acl[2]:o}"
+
+
+def installed_record(tree: Tree, pkg: InstalledPackage) -> list[str]:
+    """One package's lines, field for field as apk-tools 2.14 writes them (src/package.c
+    apk_pkg_write_index_header, src/database.c apk_db_write_fdb): C P V A S I T U L o m t c k,
+    then D p i, then r q, then each directory once (F, M) with its files (R, a, Z)."""
+    info = pkg.pkginfo
+    name = info["pkgname"][0]
+
+    def one(key: str) -> str:
+        return info.get(key, [""])[0]
+
+    out = [f"C:{pkg.checksum}", f"P:{name}", f"V:{one('pkgver')}"]
+    if one("arch"):
+        out.append(f"A:{one('arch')}")
+    out += [f"S:{pkg.size}", f"I:{one('size') or 0}", f"T:{one('pkgdesc')}", f"U:{one('url')}", f"L:{one('license')}"]
+    for key, letter in (("origin", "o"), ("maintainer", "m"), ("builddate", "t"), ("commit", "c")):
+        if one(key):
+            out.append(f"{letter}:{one(key)}")
+    if one("provider_priority") not in ("", "0"):
+        out.append(f"k:{one('provider_priority')}")
+    for key, letter in (("depend", "D"), ("provides", "p"), ("install_if", "i"), ("replaces", "r")):
+        if info.get(key):
+            out.append(f"{letter}:{' '.join(info[key])}")
+    if one("replaces_priority") not in ("", "0"):
+        out.append(f"q:{one('replaces_priority')}")
+    for d in tree.records.get(name, {}).values():
+        out.append(f"F:{d.path}")
+        if d.acl is not None and d.acl != DEFAULT_DIR_ACL:
+            out.append(_acl("M", d.acl))
+        for base, acl, sha1 in d.files:
+            path = f"{d.path}/{base}" if d.path else base
+            node = tree.nodes.get(path)
+            if node is None or node.pkg != name:
+                continue  # another package took it over (replaces)
+            out.append(f"R:{base}")
+            if acl != DEFAULT_FILE_ACL:
+                out.append(_acl("a", acl))
+            if sha1:
+                out.append(f"Z:Q1{base64.b64encode(bytes.fromhex(sha1)).decode()}")
+    return out
 
 
 def apk_database(
@@ -192,48 +242,12 @@ def apk_database(
     keys: Mapping[str, bytes],
     arch: str,
 ) -> None:
-    """lib/apk/db/installed, etc/apk/world, repositories, arch and keys: apk in the guest
-    then knows what is installed (format: apk-tools' installed database, as in Alpine)."""
-    owned: dict[str, list[str]] = {}
-    for path, node in tree.nodes.items():
-        owned.setdefault(node.owner, []).append(path)
+    """lib/apk/db/installed, etc/apk/world, repositories, arch and keys: apk in the guest then
+    knows what is installed. Records are sorted by package name, as apk writes them
+    (apk_db_sorted_installed_packages)."""
     out: list[str] = []
-    for pkg in installed:
-        info = pkg.pkginfo
-        name = info["pkgname"][0]
-
-        def one(key: str, info: Mapping[str, Sequence[str]] = info) -> str:
-            return info.get(key, [""])[0]
-
-        out += [f"C:{pkg.checksum}", f"P:{name}", f"V:{one('pkgver')}", f"A:{one('arch')}"]
-        out += [f"S:{one('size')}", f"I:{one('size')}", f"T:{one('pkgdesc')}", f"U:{one('url')}"]
-        out += [f"L:{one('license')}", f"o:{one('origin')}", f"m:{one('maintainer')}", f"t:{one('builddate')}"]
-        if one("commit"):
-            out.append(f"c:{one('commit')}")
-        for key, letter in (("depend", "D"), ("provides", "p"), ("install_if", "i"), ("replaces", "r")):
-            if info.get(key):
-                out.append(f"{letter}:{' '.join(info[key])}")
-        if one("provider_priority"):
-            out.append(f"k:{one('provider_priority')}")
-        current_dir = None
-        for path in sorted(owned.get(name, [])):
-            node = tree.nodes[path]
-            if node.kind == "dir":
-                out.append(f"F:{path}")
-                if (node.uid, node.gid, node.mode) != (0, 0, 0o755):
-                    out.append(f"M:{node.uid}:{node.gid}:{node.mode:o}")
-                current_dir = path
-                continue
-            d, _, base = path.rpartition("/")
-            if d != current_dir:
-                out.append(f"F:{d}")
-                current_dir = d
-            out.append(f"R:{base}")
-            if (node.uid, node.gid, node.mode) != (0, 0, 0o644):
-                out.append(f"a:{node.uid}:{node.gid}:{node.mode:o}")
-            if node.sha1:
-                out.append(f"Z:Q1{base64.b64encode(bytes.fromhex(node.sha1)).decode()}")
-        out.append("")
+    for pkg in sorted(installed, key=lambda p: p.pkginfo["pkgname"][0]):
+        out += [*installed_record(tree, pkg), ""]
     tree.put_generated("lib/apk/db/installed", "file", 0o644, ("\n".join(out) + "\n").encode())
     tree.put_generated("etc/apk/world", "file", 0o644, ("\n".join(world) + "\n").encode())
     tree.put_generated("etc/apk/repositories", "file", 0o644, ("\n".join(repositories) + "\n").encode())

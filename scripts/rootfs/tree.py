@@ -46,6 +46,7 @@ class Node:
     devminor: int = 0
     xattrs: dict[str, str] = field(default_factory=dict)
     owner: str = ""  # package name, or "vulcan" for what we generate
+    pkg: str = ""  # the package apk records as its owner (kept when we generate over its file)
     source: tuple[int, int] | bytes | None = None  # (package index, data offset) or literal bytes
     sha1: str = ""  # hex, from the package's APK-TOOLS.checksum.SHA1 header when present
 
@@ -57,11 +58,24 @@ class _Pkg:
     tar: Path
 
 
+@dataclass
+class DirRecord:
+    """One directory of a package's apk database record (``F:``), and its files (``R:``)."""
+
+    path: str
+    acl: tuple[int, int, int] | None = None  # (uid, gid, mode) of an explicit entry; None: the default
+    files: list[tuple[str, tuple[int, int, int], str]] = field(default_factory=list)  # (name, acl, sha1 hex)
+
+
 class Tree:
     def __init__(self, scratch: Path) -> None:
         self.scratch = scratch
         self.nodes: dict[str, Node] = {}
         self.packages: list[_Pkg] = []
+        # What apk records per package, in its order: a directory once, when first seen in the
+        # package's tar (explicitly or as a file's parent), its files in tar order (apk-tools
+        # 2.14 src/database.c apk_db_install_archive_entry / apk_db_write_fdb).
+        self.records: dict[str, dict[str, DirRecord]] = {}
         self._files: dict[int, BinaryIO] = {}
 
     # -- paths --------------------------------------------------------------------------------
@@ -173,6 +187,16 @@ class Tree:
             raise BuildError(f"package {pkg}: unsupported tar entry type for {path!r}")
         self._parents(path, pkg)
         self._put(node)
+        self._record(pkg, node)
+
+    def _record(self, pkg: str, node: Node) -> None:
+        dirs = self.records.setdefault(pkg, {})
+        acl = (node.uid, node.gid, node.mode)
+        if node.kind == "dir":
+            dirs.setdefault(node.path, DirRecord(node.path)).acl = acl
+            return
+        parent, _, base = node.path.rpartition("/")
+        dirs.setdefault(parent, DirRecord(parent)).files.append((base, acl, node.sha1))
 
     def _parents(self, path: str, owner: str) -> None:
         parts = path.split("/")[:-1]
@@ -182,6 +206,7 @@ class Tree:
                 self.nodes[d] = Node(d, "dir", 0o755, owner=owner)
 
     def _put(self, node: Node) -> None:
+        node.pkg = node.owner
         old = self.nodes.get(node.path)
         if old is None:
             self.nodes[node.path] = node
@@ -202,9 +227,11 @@ class Tree:
     # -- what we add --------------------------------------------------------------------------
 
     def put_generated(self, path: str, kind: str, mode: int, data: bytes = b"", **kw: object) -> None:
-        """Add or replace an entry we generate (config files, links, the agent)."""
+        """Add or replace an entry we generate (config files, links, the agent). Over a package's
+        file, the package stays its owner in apk's database, as after an edit (apk audit: U)."""
         self._parents(path, "vulcan")
-        node = Node(path, kind, mode, owner="vulcan", **kw)  # type: ignore[arg-type]
+        old = self.nodes.get(path)
+        node = Node(path, kind, mode, owner="vulcan", pkg=old.pkg if old else "", **kw)  # type: ignore[arg-type]
         if kind == "file":
             node.size, node.source = len(data), data
         self.nodes[path] = node

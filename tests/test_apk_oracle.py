@@ -1,0 +1,153 @@
+"""Differential tests: our resolver against the real apk-tools 2.14.0 on real Alpine indexes.
+
+Worlds are generated from each index: every virtual name with several providers, ``name~ver``,
+``name>=ver``, ``name<ver``, ``!conflict`` worlds, names that do not exist, and package names
+(every 80th in the quick set, every 4th in the slow sweep; all of them: see the README). For each world both must
+succeed with the same packages at the same versions, or both fail with an error naming the
+same package. apk's answers are computed live (10 ms each), never stored."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from scripts.apk import version as V
+from scripts.apk.index import Package
+from scripts.apk.solver import ResolveError, Solver
+from tests.support.realapk import ISO, ISO_INDEX, V316, V317, Apk, Outcome, empty_root, index, real_apk, simulate
+
+INDEXES = {  # name: (index file, arch)
+    "v3.16-main-x86_64": (V316, "x86_64"),
+    "v3.17-main-aarch64": (V317, "aarch64"),
+    "v3.19.1-iso-x86_64": (ISO_INDEX, "x86_64"),
+}
+
+
+@pytest.fixture(scope="module")
+def apk() -> Apk:
+    return real_apk()
+
+
+@pytest.fixture(scope="module")
+def roots(apk: Apk, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An empty apk root per index, whose repository serves that index."""
+    out = {}
+    for name, (path, arch) in INDEXES.items():
+        if not path.is_file():
+            continue
+        base = tmp_path_factory.mktemp(name)
+        if path == ISO_INDEX:
+            repo = ISO
+        else:
+            repo = base / "repo"
+            (repo / arch).mkdir(parents=True)
+            (repo / arch / "APKINDEX.tar.gz").symlink_to(path)
+        out[name] = empty_root(base, repo, arch)
+    return out
+
+
+def ours(solver: Solver, world: list[str]) -> Outcome:
+    try:
+        chosen = solver.solve(world)
+    except ResolveError as exc:
+        return Outcome(False, frozenset(), (exc.message,))
+    return Outcome(True, frozenset((p.name, p.version) for p in chosen), ())
+
+
+def worlds(packages: tuple[Package, ...], stride: int, variants: int) -> Iterator[list[str]]:
+    """Every virtual with several providers; every ``stride``-th name; every ``variants``-th
+    name also as name>=newest, name<major (a failure) and name~major.minor."""
+    names = sorted({p.name for p in packages})
+    newest: dict[str, str] = {}
+    for p in packages:
+        if p.name not in newest or V.compare(p.version, newest[p.name]) == V.GREATER:
+            newest[p.name] = p.version
+    providers: dict[str, set[str]] = {}
+    for p in packages:
+        for n, _ in p.provides:
+            providers.setdefault(n, set()).add(p.name)
+    for n in sorted(n for n, s in providers.items() if len(s) > 1):  # every virtual with several providers
+        yield [n]
+    for i, n in enumerate(names):
+        if i % stride == 0:
+            yield [n]
+        if i % variants:
+            continue
+        ver = newest[n]
+        yield [f"{n}>={ver}"]
+        yield [f"{n}<{ver.split('.')[0]}"]  # usually older than anything there: a failure
+        if "." in ver:
+            yield [f"{n}~{'.'.join(ver.split('.')[:2])}"]
+    yield ["no-such-package-anywhere"]
+    yield ["!musl", "busybox"]  # a conflict with something busybox needs
+    yield ["busybox", "!busybox-binsh"]
+
+
+def agree(a: Outcome, b: Outcome) -> bool:
+    if a.ok != b.ok:
+        return False
+    if a.ok:
+        return a.packages == b.packages
+    # the same failure: our error chain names a package apk's error names (apk lists every
+    # problem it found, sorted; we report the chain that failed)
+    return any(n in a.names[0] for n in b.names)
+
+
+def compare(apk: Apk, roots: dict[str, Path], stride: int, variants: int) -> dict[str, tuple[int, int, float]]:
+    results, problems = {}, []
+    with ThreadPoolExecutor(max_workers=2) as pool:  # apk runs beside our resolver
+        for name, (path, arch) in INDEXES.items():
+            if name not in roots:
+                continue
+            packages = index(path, arch)
+            solver = Solver(packages, arch, ["main"])
+            todo = list(worlds(packages, stride, variants))
+            real = pool.map(lambda w, r=roots[name], a=arch: simulate(apk, r, w, a), todo)
+            same = 0
+            spent = 0.0
+            for world, theirs in zip(todo, real, strict=True):
+                start = time.perf_counter()
+                mine = ours(solver, world)
+                spent += time.perf_counter() - start
+                if agree(mine, theirs):
+                    same += 1
+                elif len(problems) < 10:
+                    problems.append(f"{name} {world}: {describe(mine, theirs)}")
+            results[name] = (len(todo), same, spent / max(len(todo), 1))
+    for name, (count, same, per) in results.items():
+        print(f"{name}: {same}/{count} worlds agree with apk 2.14.0; ours {per * 1000:.1f} ms per resolution")
+    assert not problems, "\n".join(problems)
+    return results
+
+
+def describe(mine: Outcome, theirs: Outcome) -> str:
+    if mine.ok and theirs.ok:
+        return (
+            f"ours only {sorted(mine.packages - theirs.packages)}; apk only {sorted(theirs.packages - mine.packages)}"
+        )
+    return f"ours {mine.ok} {mine.names[:1]}; apk {theirs.ok} {theirs.names[:3]}"
+
+
+def test_resolver_agrees_with_real_apk_on_generated_worlds(apk: Apk, roots: dict[str, Path]) -> None:
+    results = compare(apk, roots, stride=80, variants=240)
+    assert sum(c for c, _, _ in results.values()) > 300
+
+
+@pytest.mark.slow
+def test_resolver_agrees_with_real_apk_on_every_package_name(apk: Apk, roots: dict[str, Path]) -> None:
+    compare(apk, roots, stride=4, variants=16)
+
+
+def test_the_oracle_sees_a_known_difference_of_providers(apk: Apk, roots: dict[str, Path]) -> None:
+    """The case that made us read apk's solver: cmd:go on v3.16 is gcc-go for apk (the newer
+    version of cmd:go), whatever go's provider priority says."""
+    if "v3.16-main-x86_64" not in roots:
+        pytest.skip("the v3.16 index is absent")
+    real = simulate(apk, roots["v3.16-main-x86_64"], ["cmd:go"], "x86_64")
+    assert real.ok and any(n == "gcc-go" for n, _ in real.packages)
+    mine = ours(Solver(index(V316, "x86_64"), "x86_64", ["main"]), ["cmd:go"])
+    assert mine.packages == real.packages
