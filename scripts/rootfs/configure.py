@@ -183,6 +183,7 @@ class InstalledPackage:
     pkginfo: Mapping[str, Sequence[str]]
     repo: str
     size: int  # of the .apk file: the index's S:, which apk also writes as S:
+    arch: str  # the index's A: (apk writes it; .PKGINFO may say noarch where the index says x86_64)
 
 
 DEFAULT_FILE_ACL = (0, 0, 0o644)
@@ -204,8 +205,8 @@ def installed_record(tree: Tree, pkg: InstalledPackage) -> list[str]:
         return info.get(key, [""])[0]
 
     out = [f"C:{pkg.checksum}", f"P:{name}", f"V:{one('pkgver')}"]
-    if one("arch"):
-        out.append(f"A:{one('arch')}")
+    if pkg.arch or one("arch"):
+        out.append(f"A:{pkg.arch or one('arch')}")
     out += [f"S:{pkg.size}", f"I:{one('size') or 0}", f"T:{one('pkgdesc')}", f"U:{one('url')}", f"L:{one('license')}"]
     for key, letter in (("origin", "o"), ("maintainer", "m"), ("builddate", "t"), ("commit", "c")):
         if one(key):

@@ -221,7 +221,7 @@ def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
             names = [n for n in control_files(v.control) if n.startswith(".") and n != ".PKGINFO"]
             if names:
                 scripts[locked.name] = names
-            installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo, locked.size))
+            installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo, locked.size, locked.arch))
         report = configure.review_scripts(scripts)
         links = configure.busybox_links(tree)
         configure.accounts(tree, "bin/busybox" in tree.nodes)
