@@ -11,9 +11,12 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
-WRITERS = {"ext4": "ext4"}  # format name -> scripts.<module> exporting WRITER
+WRITERS = {"ext4": "ext4", "squashfs": "squashfs"}  # format name -> scripts.<module> exporting WRITER
+READERS = {"ext4": "debugfs", "squashfs": "squashfs_read"}  # stat_many(), cat(), rdump() without mounting
+DEFAULT = ("ext4",)
 
 
 @dataclass(frozen=True)
@@ -63,3 +66,8 @@ def writer(name: str) -> Writer:
     module = importlib.import_module(f"{__package__}.{WRITERS[name]}")
     w: Writer = module.WRITER
     return w
+
+
+def reader(name: str) -> ModuleType:
+    """The module that reads an image of this format: stat_many(), cat(), rdump()."""
+    return importlib.import_module(f"{__package__}.{READERS[name]}")

@@ -19,6 +19,8 @@ from typing import Any
 
 from . import settings
 from .errors import PinError
+from .formats import DEFAULT as FORMATS_DEFAULT
+from .formats import WRITERS
 
 ARCHES = ("x86_64", "aarch64")
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -76,6 +78,7 @@ class Runtime:
     headroom_mib: int | None
     program: tuple[str, ...] = ()  # a program `nox -s boot` runs through the agent ...
     expect: str = ""  # ... and the output it must print
+    formats: tuple[str, ...] | None = None  # image formats for this runtime (None: alpine.formats)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,10 @@ class Alpine:
     base: tuple[str, ...]
     runtimes: Mapping[str, Runtime]
     headroom_mib: int
+    formats: tuple[str, ...] = FORMATS_DEFAULT
+
+    def formats_of(self, runtime: str) -> tuple[str, ...]:
+        return self.runtimes[runtime].formats or self.formats
 
     def repo_url(self, repo: str, arch: str) -> str:
         return f"{self.mirror.rstrip('/')}/{self.branch}/{repo}/{arch}"
@@ -197,6 +204,15 @@ class _Checker:
             raise self.fail(where, f"{value} is more than {most}", hint="headroom is free space in MiB, e.g. 64")
         return value
 
+    def formats(self, parent: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+        value = self.strings(parent, key, where)
+        for name in value:
+            if name not in WRITERS:
+                raise self.fail(where, f"unknown image format {name!r}", hint=f"formats: {', '.join(WRITERS)}")
+        if len(set(value)) != len(value):
+            raise self.fail(where, "a format is listed twice")
+        return value
+
     def guest(self, raw: Mapping[str, Any]) -> Guest:
         if "guest" not in raw:
             return Guest("guest", ".")
@@ -240,6 +256,7 @@ class _Checker:
                 raise self.fail(f"{where}.binary", "expected an absolute path inside the image")
             program = self.strings(rt, "program", f"{where}.program") if "program" in rt else ()
             expect = self.text(rt, "expect", f"{where}.expect") if "expect" in rt else ""
+            formats = self.formats(rt, "formats", f"{where}.formats") if "formats" in rt else None
             runtimes[name] = Runtime(
                 name,
                 self.strings(rt, "world", f"{where}.world"),
@@ -248,10 +265,12 @@ class _Checker:
                 own,
                 program,
                 expect,
+                formats,
             )
         if not runtimes:
             raise self.fail("alpine.runtimes", "no runtimes")
-        return Alpine(mirror, branch, repos, tuple(keys), base, runtimes, headroom)
+        formats = self.formats(sec, "formats", "alpine.formats") if "formats" in sec else FORMATS_DEFAULT
+        return Alpine(mirror, branch, repos, tuple(keys), base, runtimes, headroom, formats)
 
 
 def load(path: Path | None = None) -> Pins:

@@ -49,25 +49,31 @@ def run_tool(
     timeout: float | None = None,
     check: bool = True,
     merge_stderr: bool = False,
+    stdin: Path | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a tool; ``check=False`` returns a failed run instead of raising (callers that judge
-    the exit code themselves, e.g. verify's runtime check). ``merge_stderr``: stderr into stdout."""
+    the exit code themselves, e.g. verify's runtime check). ``merge_stderr``: stderr into stdout.
+    ``stdin``: a file streamed to the tool (never read into memory)."""
     cmd = [which(argv[0]), *(str(a) for a in argv[1:])]
     if not quiet:
-        log.info(f"$ {shlex.join(str(a) for a in argv)}")
+        log.info(f"$ {shlex.join(str(a) for a in argv)}" + (f" < {stdin.name}" if stdin else ""))
+    source = open(stdin, "rb") if stdin is not None else None  # noqa: SIM115 - closed below
     try:
         proc = subprocess.run(
             cmd,
             env=dict(env) if env is not None else None,
             cwd=cwd,
             input=input,
-            stdin=subprocess.DEVNULL if input is None else None,
+            stdin=source if source is not None else (subprocess.DEVNULL if input is None else None),
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         raise ToolFailed(f"{shlex.join(cmd)} timed out after {timeout:.0f}s") from None
+    finally:
+        if source is not None:
+            source.close()
     if check and proc.returncode != 0:
         err = ((proc.stdout if merge_stderr else proc.stderr) or b"").decode("utf-8", "replace").strip()
         tail = "\n".join(err.splitlines()[-25:])

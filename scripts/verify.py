@@ -2,7 +2,7 @@
 
 Prints a table (artifact, check, result, detail) and exits non-zero if any check fails;
 ``--json`` for CI; ``--reproduce`` rebuilds the images in a scratch directory and compares.
-Images are read without mounting (debugfs, e2fsck -fn)."""
+Images are read without mounting: debugfs and e2fsck for ext4, sqfs2tar and rdsquashfs for squashfs."""
 
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import debugfs, ext4, log, paths, stamps
+from . import formats, log, paths, stamps
 from .elf import check_static_binary, kernel_arch, read_elf
 from .errors import BuildError, VulcanError
 from .fetch import sha256_file
 from .pins import ARCHES, Pins, host_arch
 from .pins import load as load_pins
 from .run import run_tool
+
+CHECK_NAME = {"ext4": "e2fsck -fn", "squashfs": "rdsquashfs reads it"}
 
 
 @dataclass
@@ -121,9 +123,9 @@ def check_guest(rep: Report, arch: str) -> None:
     )
 
 
-def check_image(rep: Report, runtime: str, arch: str, reproduce: bool) -> None:
+def check_image(rep: Report, runtime: str, fmt: str, arch: str, reproduce: bool) -> None:
     d = paths.images_dir(arch)
-    img, man = d / f"{runtime}.ext4", d / f"{runtime}.manifest.json"
+    img, man = d / f"{runtime}.{fmt}", d / f"{runtime}.manifest.json"
     name = _rel(img)
     if not img.is_file():
         rep.missing(name, f"run 'nox -s rootfs-{runtime}'")
@@ -133,32 +135,34 @@ def check_image(rep: Report, runtime: str, arch: str, reproduce: bool) -> None:
     except (OSError, ValueError) as exc:
         rep.add(name, "manifest", False, f"{_rel(man)}: {exc}")
         return
+    listed = {i["format"]: i for i in manifest.get("images", [])} or {"ext4": manifest}
     actual = sha256_file(img)
-    rep.add(name, "sha256 = manifest", actual == manifest.get("sha256"), actual)
+    rep.add(name, "sha256 = manifest", actual == listed.get(fmt, {}).get("sha256"), actual)
     try:
-        ext4.fsck(img)
-        rep.add(name, "e2fsck -fn", True, "clean")
+        formats.writer(fmt).check(img)
+        rep.add(name, CHECK_NAME[fmt], True, "clean")
     except BuildError as exc:
-        rep.add(name, "e2fsck -fn", False, exc.message.splitlines()[-1][:200])
+        rep.add(name, CHECK_NAME[fmt], False, exc.message.splitlines()[-1][:200])
         return
+    reader = formats.reader(fmt)
     guest = paths.bin_dir(arch) / "vulcan-guest"
     agent_path = "usr/local/bin/vulcan-guest"
     runtime_bin = manifest.get("binary", "").lstrip("/")
     files = {p: size for pkg in manifest.get("packages", []) for p, size in pkg.get("files", {}).items()}
     wanted = sorted({agent_path, "work", "sbin/init", "etc/inittab", runtime_bin, *files})
-    st = debugfs.stat_many(img, wanted)
+    st = reader.stat_many(img, wanted)
     a = st.get(agent_path)
     if a is None or a.kind != "regular" or not a.mode & 0o111:
         rep.add(name, "agent present, executable", False, f"/{agent_path}: {a.kind if a else 'missing'}")
     else:
-        inside = debugfs.cat(img, agent_path)
+        inside = reader.cat(img, agent_path)
         same = guest.is_file() and inside == guest.read_bytes()
         detail = "byte-identical to bin/vulcan-guest" if same else "differs from bin/vulcan-guest"
         rep.add(name, "agent = bin/vulcan-guest", same, detail if guest.is_file() else "bin/vulcan-guest missing")
     w = st.get("work")
     rep.add(name, "/work is a directory", bool(w and w.kind == "directory"), f"uid {w.uid}" if w else "missing")
     init = st.get("sbin/init")
-    inittab = debugfs.cat(img, "etc/inittab").decode(errors="replace") if st.get("etc/inittab") else ""
+    inittab = reader.cat(img, "etc/inittab").decode(errors="replace") if st.get("etc/inittab") else ""
     starts = init is not None and "/usr/local/bin/vulcan-guest" in inittab and "respawn" in inittab
     why = (
         "busybox init, inittab respawns the agent"
@@ -174,12 +178,12 @@ def check_image(rep: Report, runtime: str, arch: str, reproduce: bool) -> None:
         if found is None or found.size != size:
             bad.append(f"/{p} ({'missing' if found is None else f'{found.size} bytes, packaged {size}'})")
     rep.add(name, "package files intact", not bad, f"{len(files)} files" if not bad else f"{len(bad)} wrong: {bad[:5]}")
-    check_runtime_runs(rep, img, manifest, arch)
+    check_runtime_runs(rep, img, reader, manifest, arch)
     if reproduce:
-        check_reproduce(rep, runtime, arch, actual)
+        check_reproduce(rep, runtime, fmt, arch, actual)
 
 
-def check_runtime_runs(rep: Report, img: Path, manifest: dict[str, Any], arch: str) -> None:
+def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, Any], arch: str) -> None:
     """Run the runtime check from the image's own files, through its musl loader (no root)."""
     name = _rel(img)
     if arch != host_arch():
@@ -189,8 +193,8 @@ def check_runtime_runs(rep: Report, img: Path, manifest: dict[str, Any], arch: s
         root = Path(tmp)
         binary = manifest.get("binary", "").lstrip("/")
         for d in ("lib", "usr/lib", Path(binary).parent.as_posix()):
-            if not debugfs.rdump(img, d, (root / d).parent):
-                rep.add(name, "runtime runs", False, f"/{d} could not be copied out of the image (debugfs rdump)")
+            if not reader.rdump(img, d, (root / d).parent):
+                rep.add(name, "runtime runs", False, f"/{d} could not be copied out of the image")
                 return
         target = _resolve_in(root, binary)
         if target is None or not target.is_file():
@@ -233,9 +237,9 @@ def _resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:
     return p if p.exists() else None
 
 
-def check_reproduce(rep: Report, runtime: str, arch: str, published: str) -> None:
+def check_reproduce(rep: Report, runtime: str, fmt: str, arch: str, published: str) -> None:
     """Rebuild the image in a scratch output directory and compare the sha256."""
-    name = _rel(paths.images_dir(arch) / f"{runtime}.ext4")
+    name = _rel(paths.images_dir(arch) / f"{runtime}.{fmt}")
     with tempfile.TemporaryDirectory(prefix="vulcan-reproduce-") as tmp:
         shutil.copytree(paths.bin_dir(arch), Path(tmp) / paths.bin_dir(arch).relative_to(paths.out_root()))
         env = {**os.environ, "VULCAN_OUT": tmp, "VULCAN_REASSEMBLE": "1"}  # from the packages, not a cached stream
@@ -247,7 +251,7 @@ def check_reproduce(rep: Report, runtime: str, arch: str, published: str) -> Non
             lines = proc.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"]
             rep.add(name, "--reproduce", False, lines[-1][:200])
             return
-        again = sha256_file(Path(tmp) / paths.images_dir(arch).relative_to(paths.out_root()) / f"{runtime}.ext4")
+        again = sha256_file(Path(tmp) / paths.images_dir(arch).relative_to(paths.out_root()) / f"{runtime}.{fmt}")
         rep.add(
             name,
             "--reproduce",
@@ -261,7 +265,8 @@ def verify(pins: Pins, arch: str, reproduce: bool) -> Report:
     check_vmm(rep, pins, arch)
     check_guest(rep, arch)
     for runtime in pins.alpine.runtimes:
-        check_image(rep, runtime, arch, reproduce)
+        for fmt in pins.alpine.formats_of(runtime):
+            check_image(rep, runtime, fmt, arch, reproduce)
     return rep
 
 

@@ -95,8 +95,9 @@ def make(plan: Plan) -> Plan:
         rows = manifest.package_rows(plan, s)
         doc = manifest.manifest(plan, s, rows, images)
         first = plan.outputs[0]
+        variants = [(o.image.name, images[o.format][1]) for o in plan.outputs[1:]]
         spdx = sbom.document(first.image.name, images[first.format][1], plan.runtime, plan.arch,
-                             plan.pins.alpine.branch, rows, plan.guest_sha, plan.epoch)  # fmt: skip
+                             plan.pins.alpine.branch, rows, plan.guest_sha, plan.epoch, variants)  # fmt: skip
         (scratch / "manifest.json").write_text(json.dumps(doc, indent=1) + "\n")
         (scratch / "spdx.json").write_text(json.dumps(spdx, indent=1) + "\n")
         for out in plan.outputs:

@@ -65,9 +65,16 @@ def manifest(
         **written.manifest,
         "reproducible": "yes" if written.reproducible else "no",
         "images": [
-            {"image": o.image.name, "format": o.format, "sha256": images[o.format][1], "size": images[o.format][0].size}
+            {
+                "image": o.image.name,
+                "format": o.format,
+                "sha256": images[o.format][1],
+                "size": images[o.format][0].size,
+                "reproducible": images[o.format][0].reproducible,
+                **images[o.format][0].manifest,
+            }
             for o in plan.outputs
-        ],
+        ],  # fmt: skip
         "install_scripts": stream.install_scripts,
         "busybox_links": stream.busybox_links,
         "os_release": stream.os_release,

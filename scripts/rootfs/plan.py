@@ -101,7 +101,7 @@ def make_plan(pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[L
         "guest_sha256": guest_sha,
         "source_date_epoch": epoch,
     }
-    formats = ("ext4",)
+    formats = alpine.formats_of(runtime)
     outputs = tuple(Output(f, writer(f), out_dir / f"{runtime}.{f}") for f in formats)
     inputs: dict[str, Any] = {**content_inputs, "headroom_mib": headroom}
     for o in outputs:

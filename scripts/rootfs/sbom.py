@@ -59,7 +59,10 @@ def document(
     packages: Sequence[Mapping[str, Any]],
     guest_sha256: str,
     epoch: int,
+    variants: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
+    """``variants``: (file name, sha256) of the same image in other formats (squashfs): each is
+    described too, as a VARIANT_OF the first, since it holds the very same files."""
     distro = f"alpine-{branch.lstrip('v')}"
     image_id = "SPDXRef-Image"
     doc_packages: list[dict[str, Any]] = [
@@ -70,6 +73,13 @@ def document(
         {"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES", "relatedSpdxElement": image_id},
         {"spdxElementId": image_id, "relationshipType": "CONTAINS", "relatedSpdxElement": "SPDXRef-Agent-vulcan-guest"},
     ]
+    for name, sha in variants:
+        vid = spdx_id("Image", name.rsplit(".", 1)[-1])
+        doc_packages.append(_own_package(name, vid, sha, "OPERATING-SYSTEM"))
+        relationships += [
+            {"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES", "relatedSpdxElement": vid},
+            {"spdxElementId": vid, "relationshipType": "VARIANT_OF", "relatedSpdxElement": image_id},
+        ]
     for p in packages:
         pid = spdx_id("Package-apk", p["name"])
         entry: dict[str, Any] = {

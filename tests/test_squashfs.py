@@ -1,0 +1,148 @@
+"""Read-only squashfs images from the same tar stream as ext4: built, reproducible, the same files
+as the ext4 image, checked by verify, and refused with a clear error where they cannot be made."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts import debugfs, squashfs_read
+from tests.support import imagerepo
+from tests.support.mirror import serve
+from tests.support.toolchains import find_go
+from tests.support.world import BASE_PINS, World, serve_vmm
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="squashfs-tools-ng (tar2sqfs) is not installed"),
+    pytest.mark.skipif(shutil.which("mke2fs") is None, reason="e2fsprogs is not installed"),
+]
+BOTH = ["ext4", "squashfs"]
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def both_formats(w: World) -> None:
+    w.pins["alpine"]["formats"] = BOTH
+    w.write_pins()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    mirror, server = serve()
+    w = serve_vmm(World(mirror, tmp_path_factory.mktemp("sq"), copy.deepcopy(BASE_PINS),
+                        tmp_path_factory.mktemp("gocache")))  # fmt: skip
+    imagerepo.setup(w, runtimes={"python": imagerepo.RUNTIMES["python"]})
+    both_formats(w)
+    w.run("guest", check=True, VULCAN_GO=find_go())
+    w.run("rootfs", "--all", check=True)
+    yield w
+    server.shutdown()
+
+
+def test_both_formats_are_built_described_and_listed_in_the_sbom(built: World) -> None:
+    images = built.out / "images"
+    manifest = json.loads((images / "python.manifest.json").read_text())
+    listed = {i["format"]: i for i in manifest["images"]}
+    assert sorted(listed) == BOTH
+    for fmt, entry in listed.items():
+        path = images / f"python.{fmt}"
+        assert entry["image"] == path.name and entry["sha256"] == sha(path) and entry["size"] == path.stat().st_size
+    assert listed["squashfs"]["squashfs"]["compressor"] == "zstd" and listed["squashfs"]["reproducible"]
+    content = manifest["filesystem"]["content_bytes"]
+    assert (images / "python.squashfs").stat().st_size < 0.5 * content  # compressed (text-heavy test data)
+    spdx = json.loads((images / "python.spdx.json").read_text())
+    variants = [r for r in spdx["relationships"] if r["relationshipType"] == "VARIANT_OF"]
+    assert len(variants) == 1
+    names = {p["name"] for p in spdx["packages"]}
+    assert {"python.ext4", "python.squashfs"} <= names
+
+
+def test_squashfs_holds_exactly_the_files_of_the_ext4_image(built: World) -> None:
+    """Every owner, mode, size, symlink, hard link, device node and xattr (rdsquashfs/sqfs2tar
+    against debugfs)."""
+    images = built.out / "images"
+    sq = squashfs_read.entries(images / "python.squashfs")
+    ext = debugfs.stat_many(images / "python.ext4", sorted(sq))
+    assert len(sq) > 100
+    for path, entry in sq.items():
+        e = ext[path]
+        assert e is not None, path
+        mine = entry.inode
+        assert (mine.kind, mine.mode & 0o7777, mine.uid, mine.gid) == (e.kind, e.mode & 0o7777, e.uid, e.gid), path
+        if mine.kind == "regular":
+            assert (mine.size, mine.links) == (e.size, e.links), path
+        if mine.kind == "symlink":
+            assert mine.target == (e.target or debugfs.cat(images / "python.ext4", path).decode()), path
+    kinds = {e.inode.kind for e in sq.values()}
+    assert {"regular", "directory", "symlink", "character special"} <= kinds
+    assert sq["usr/bin/python3"].hardlink_to or sq["usr/bin/python3.14"].hardlink_to  # a hard-link pair
+    assert sq["dev/console"].devices == (5, 1)
+    assert ("user.vulcan", "test") in sq["usr/lib/python3.14/os.py"].xattrs
+    assert (sq["work"].inode.uid, sq["work"].inode.gid) == (1000, 1000)
+
+
+def test_squashfs_is_bit_identical_on_rebuild(built: World, tmp_path: Path) -> None:
+    """Another output and scratch directory, another cache (so the stream is assembled again)."""
+    out = tmp_path / "again"
+    shutil.copytree(built.out / "bin", out / "bin")
+    built.run("rootfs", "--all", check=True, VULCAN_OUT=str(out), VULCAN_CACHE=str(tmp_path / "cache"),
+              VULCAN_SCRATCH=str(tmp_path / "scratch"))  # fmt: skip
+    for fmt in BOTH:
+        assert sha(out / "images" / f"python.{fmt}") == sha(built.out / "images" / f"python.{fmt}"), fmt
+
+
+def test_verify_checks_the_squashfs_image(built: World) -> None:
+    proc = built.run("verify", "--json")
+    rows = json.loads(proc.stdout)["rows"]
+    sq = {r["check"]: r for r in rows if r["artifact"] == "images/python.squashfs"}
+    assert sq["sha256 = manifest"]["result"] == "pass"
+    assert sq["rdsquashfs reads it"]["result"] == "pass"
+    assert sq["agent = bin/vulcan-guest"]["result"] == "pass"
+    assert sq["package files intact"]["result"] == "pass"
+    if imagerepo.musl_python():
+        assert sq["runtime runs"]["result"] == "pass", sq["runtime runs"]
+
+
+def test_a_changed_squashfs_image_fails_verify(built: World, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(built.out, out)
+    img = out / "images/python.squashfs"
+    data = bytearray(img.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    img.write_bytes(bytes(data))
+    proc = built.run("verify", "--json", VULCAN_OUT=str(out))
+    assert proc.returncode == 1
+    failed = {(r["artifact"], r["check"]) for r in json.loads(proc.stdout)["rows"] if r["result"] == "FAIL"}
+    assert ("images/python.squashfs", "sha256 = manifest") in failed
+
+
+def test_an_unknown_format_is_a_pins_error(world: World) -> None:
+    imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
+    world.pins["alpine"]["formats"] = ["ext4", "erofs"]
+    proc = world.run("rootfs", "--runtime", "python")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "alpine.formats: unknown image format 'erofs'" in proc.stderr and "formats: ext4, squashfs" in proc.stderr
+
+
+def test_tar2sqfs_missing_is_a_clear_error_and_leaves_no_image(world: World, tmp_path: Path) -> None:
+    imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
+    both_formats(world)
+    world.run("guest", check=True, VULCAN_GO=find_go())
+    bindir = tmp_path / "path"
+    bindir.mkdir()
+    for tool in ("mke2fs", "e2fsck", "debugfs", "go"):  # everything but tar2sqfs
+        found = shutil.which(tool)
+        if found:
+            (bindir / tool).symlink_to(found)
+    proc = world.run("rootfs", "--runtime", "python", PATH=f"{bindir}:/usr/bin/nothing")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "tar2sqfs not found" in proc.stderr and "squashfs-tools-ng" in proc.stderr
+    assert not list((world.out / "images").glob("python.*"))
