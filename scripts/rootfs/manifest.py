@@ -74,7 +74,7 @@ def manifest(
                 **images[o.format][0].manifest,
             }
             for o in plan.outputs
-        ],  # fmt: skip
+        ],
         "install_scripts": stream.install_scripts,
         "busybox_links": stream.busybox_links,
         "os_release": stream.os_release,
