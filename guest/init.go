@@ -92,10 +92,43 @@ func smoke(opt options) int {
 	case res.ExitCode != 0:
 		fmt.Printf("vulcan-smoke: fail %s exited %d: %s\n", strings.Join(argv, " "), res.ExitCode, firstLine(res.Stderr+res.Stdout))
 	default:
-		fmt.Printf("vulcan-smoke: ok %s\n", firstLine(res.Stdout+res.Stderr))
+		fmt.Printf("vulcan-smoke: ok %s | root=%s writable=%s\n", firstLine(res.Stdout+res.Stderr), rootType(), writable("/work", "/etc"))
 		code = 0
 	}
 	return code
+}
+
+// rootType is the file system type mounted at / (overlay on a read-only image).
+func rootType() string {
+	data, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return "unknown"
+	}
+	kind := "unknown"
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[1] == "/" {
+			kind = f[2] // the last mount on / is the one in use
+		}
+	}
+	return kind
+}
+
+// writable lists which of dirs accept a new file (written, read back, removed).
+func writable(dirs ...string) string {
+	var ok []string
+	for _, d := range dirs {
+		f := d + "/.vulcan-smoke"
+		if os.WriteFile(f, []byte("ok"), 0o644) == nil {
+			if b, err := os.ReadFile(f); err == nil && string(b) == "ok" {
+				ok = append(ok, d)
+			}
+			os.Remove(f)
+		}
+	}
+	if len(ok) == 0 {
+		return "none"
+	}
+	return strings.Join(ok, ",")
 }
 
 func firstLine(s string) string {

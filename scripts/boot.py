@@ -27,8 +27,10 @@ from . import atomic, log, paths
 from .agent import AgentClient, vsock_connect
 from .errors import VulcanError
 from .firecracker_config import config as firecracker_config
+from .formats import WRITERS
 from .pins import ARCHES, Pins, Runtime, host_arch
 from .pins import load as load_pins
+from .run import minimal_env, run_tool
 
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 AGENT_PORT = 52
@@ -49,6 +51,13 @@ class BootResult:
     seconds: float
     detail: str
     console: Path
+    copied_bytes: int = 0  # what the sandbox start copied (0 for a read-only image)
+    fmt: str = "ext4"
+
+    def as_json(self) -> dict[str, object]:
+        return {"runtime": self.runtime, "format": self.fmt, "vmm": self.vmm, "ok": self.ok,
+                "seconds": round(self.seconds, 3), "copied_bytes": self.copied_bytes, "detail": self.detail,
+                "console": str(self.console)}  # fmt: skip
 
 
 def kvm_usable() -> str | None:
@@ -129,11 +138,49 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def _scratch_copy(image: Path, scratch: Path) -> Path:
-    """The VM writes to a copy; the image in images/ is never modified (sparse: holes stay holes)."""
-    dest = scratch / image.name
-    atomic.sparse_copy(image, dest)
-    return dest
+OVERLAY_INIT = "/etc/vulcan/overlay-init"  # written into every image (rootfs/configure.py)
+SCRATCH_MIB = 512  # the per-sandbox upper layer drive of --overlay disk (sparse)
+
+
+@dataclass(frozen=True)
+class Disks:
+    """What a VM boots from. A writable ext4 boot runs on a scratch copy of the image; a
+    read-only boot (squashfs, or ext4 with --read-only) attaches the image itself, read-only
+    and in place (a sandbox start copies nothing), with a throwaway overlay on top: in RAM
+    (tmpfs) or on a scratch ext4 drive made for this VM (--overlay disk)."""
+
+    root: Path
+    read_only: bool
+    fstype: str
+    scratch: Path | None = None
+
+    def kernel_args(self, with_root: bool) -> str:
+        """``with_root``: also say root= (QEMU); Firecracker adds root=/dev/vda ro|rw itself."""
+        if not self.read_only:
+            return "root=/dev/vda rw" if with_root else ""
+        upper = "/dev/vdb" if self.scratch else "tmpfs"
+        args = f"rootfstype={self.fstype} init={OVERLAY_INIT} vulcan.overlay={upper}"
+        return f"root=/dev/vda ro {args}" if with_root else args
+
+    @property
+    def copied_bytes(self) -> int:
+        """What starting this VM copied (the figure a read-only image brings to zero)."""
+        return 0 if self.read_only else atomic.allocated_bytes(self.root)
+
+
+def prepare_disks(image: Path, fmt: str, read_only: bool, overlay: str, scratch: Path) -> Disks:
+    if fmt == "ext4" and not read_only:
+        copy = scratch / image.name  # the VM writes; images/ is never modified (sparse copy)
+        atomic.sparse_copy(image, copy)
+        return Disks(copy, False, "ext4")
+    upper = None
+    if overlay == "disk":
+        upper = scratch / "upper.ext4"
+        with open(upper, "wb") as f:
+            f.truncate(SCRATCH_MIB << 20)
+        run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^orphan_file,^metadata_csum_seed", upper],
+                 env=minimal_env(), quiet=True)  # fmt: skip
+    return Disks(image, True, fmt, upper)
 
 
 # per arch: QEMU machine (x86_64: microvm with virtio-mmio; aarch64: virt) and serial console
@@ -143,14 +190,24 @@ QEMU_MACHINE = {
 }
 
 
-def qemu_command(arch: str, kernel: Path, image: Path, accel: str, args: str) -> list[str]:
+def qemu_command(arch: str, kernel: Path, disks: Disks, accel: str, args: str) -> list[str]:
     machine, console = QEMU_MACHINE[arch]
-    return [
-        QEMU[arch], "-M", machine, "-accel", accel, "-cpu", "max" if accel == "tcg" else "host", "-m", "256",
+    cpu = ("max" if arch == "x86_64" else "cortex-a57") if accel == "tcg" else "host"
+    ro = ",readonly=on" if disks.read_only else ""
+    cmd = [
+        QEMU[arch], "-M", machine, "-accel", accel, "-cpu", cpu, "-m", "256",
         "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
         "-kernel", str(kernel), "-append", f"console={console} {args}",
-        "-drive", f"id=root,file={image},format=raw,if=none", "-device", "virtio-blk-device,drive=root",
+        "-drive", f"id=root,file={disks.root},format=raw,if=none{ro}", "-device", "virtio-blk-device,drive=root",
     ]  # fmt: skip
+    if disks.scratch is not None:
+        cmd += [
+            "-drive",
+            f"id=upper,file={disks.scratch},format=raw,if=none",
+            "-device",
+            "virtio-blk-device,drive=upper",
+        ]
+    return cmd
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
@@ -182,20 +239,37 @@ def tcg_kernel_args(arch: str) -> str:
     return f"tsc_early_khz={khz}" if khz else ""
 
 
+@dataclass(frozen=True)
+class Target:
+    """One image to boot and how: format, read-only, and where the overlay's upper layer lives."""
+
+    runtime: str
+    image: Path
+    fmt: str
+    read_only: bool
+    overlay: str  # tmpfs or disk
+
+    @property
+    def label(self) -> str:
+        mode = f"read-only + {self.overlay} overlay" if self.read_only or self.fmt != "ext4" else "writable copy"
+        return f"{self.runtime} ({self.fmt}, {mode})"
+
+
 def boot_qemu(
-    runtime: str, image: Path, kernel: Path, arch: str, timeout: float, accel: str, logs: Path, retry: bool = True
+    t: Target, kernel: Path, arch: str, timeout: float, accel: str, logs: Path, retry: bool = True
 ) -> BootResult:
+    runtime = t.runtime
     auto = accel == "auto"
     if auto:
         accel = "kvm" if kvm_usable() is None and not _kvm_failed else "tcg"
     with atomic.scratch(Path(tempfile.gettempdir()), "boot") as tmp:
-        disk = _scratch_copy(image, tmp)
-        console_log = logs / f"{runtime}.qemu.console.log"
-        args = "reboot=k panic=1 root=/dev/vda rw vulcan.smoke=1"
+        disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, tmp)
+        console_log = logs / f"{runtime}.{t.fmt}.qemu.console.log"
+        args = f"reboot=k panic=1 {disks.kernel_args(with_root=True)} vulcan.smoke=1"
         if accel == "tcg":
             args = f"{args} {tcg_kernel_args(arch)}".strip()
-        cmd = qemu_command(arch, kernel, disk, accel, args)
-        log.info(f"boot {runtime}: {' '.join(cmd[:3])} ... (accel {accel}, console log {console_log})")
+        cmd = qemu_command(arch, kernel, disks, accel, args)
+        log.info(f"boot {t.label}: {' '.join(cmd[:3])} ... (accel {accel}, console log {console_log})")
         start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         console = _Console(proc, console_log)
@@ -216,33 +290,45 @@ def boot_qemu(
         why = line.strip() if line and line != STALLED else (console.tail[-1] if console.tail else "no output")
         _kvm_failed.append(why)
         log.warn(f"boot {runtime}: KVM is not usable for this guest here ({why}); retrying with TCG")
-        return boot_qemu(runtime, image, kernel, arch, timeout, "tcg", logs)
+        return boot_qemu(t, kernel, arch, timeout, "tcg", logs)
     if line == STALLED and retry:
         log.warn(f"boot {runtime}: the guest printed nothing for {STALL_S:.0f}s (hung early); trying once more")
-        return boot_qemu(runtime, image, kernel, arch, timeout, accel, logs, retry=False)
+        return boot_qemu(t, kernel, arch, timeout, accel, logs, retry=False)
     if line == STALLED:
         line = f"the guest hung: no console output for {STALL_S:.0f}s"
     if line and "vulcan-smoke: ok" in line:
         return BootResult(
-            runtime, f"qemu ({accel})", True, seconds, line.split("vulcan-smoke: ok", 1)[1].strip(), console_log
+            runtime,
+            f"qemu ({accel})",
+            True,
+            seconds,
+            line.split("vulcan-smoke: ok", 1)[1].strip(),
+            console_log,
+            disks.copied_bytes,
         )
     detail = line.strip() if line else f"no 'vulcan-smoke' line within {timeout:.0f}s"
     return BootResult(
-        runtime, f"qemu ({accel})", False, seconds, f"{detail}; last console lines: {console.tail[-5:]}", console_log
+        runtime,
+        f"qemu ({accel})",
+        False,
+        seconds,
+        f"{detail}; last console lines: {console.tail[-5:]}",
+        console_log,
+        disks.copied_bytes,
     )
 
 
-def boot_firecracker(
-    runtime: str, rt: Runtime, image: Path, kernel: Path, firecracker: Path, timeout: float, logs: Path
-) -> BootResult:
+def boot_firecracker(t: Target, rt: Runtime, kernel: Path, firecracker: Path, timeout: float, logs: Path) -> BootResult:
+    runtime = t.runtime
     with atomic.scratch(Path(tempfile.gettempdir()), "fc") as scratch:
-        disk = _scratch_copy(image, scratch)
+        disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, scratch)
         uds = scratch / "vsock.sock"
         cfg = scratch / "vm.json"
-        cfg.write_text(
-            json.dumps(firecracker_config(kernel, disk, uds, extra_args=f"vulcan.port={AGENT_PORT}"), indent=1)
-        )
-        console_log = logs / f"{runtime}.firecracker.console.log"
+        extra = f"vulcan.port={AGENT_PORT} {disks.kernel_args(with_root=False)}".strip()
+        conf = firecracker_config(kernel, disks.root, uds, extra_args=extra, read_only=disks.read_only,
+                                  scratch=disks.scratch)  # fmt: skip
+        cfg.write_text(json.dumps(conf, indent=1))
+        console_log = logs / f"{runtime}.{t.fmt}.firecracker.console.log"
         cmd = [str(firecracker), "--no-api", "--config-file", str(cfg)]
         log.info(f"boot {runtime}: {' '.join(cmd)} (console log {console_log})")
         start = time.monotonic()
@@ -271,7 +357,7 @@ def boot_firecracker(
                     detail += f"; program printed {out!r}"
             finally:
                 client.close()
-            return BootResult(runtime, "firecracker", True, ready, detail, console_log)
+            return BootResult(runtime, "firecracker", True, ready, detail, console_log, disks.copied_bytes)
         finally:
             _kill(proc)
             console.close()
@@ -283,52 +369,73 @@ def main(argv: list[str]) -> int:
         prog="nox -s boot --",
         description="Boot images and prove their runtime works (Firecracker with /dev/kvm, or QEMU).",
     )
-    p.add_argument("runtimes", nargs="*", help="runtimes to boot (default: every image that exists)")
+    p.add_argument("runtimes", nargs="*", help="runtimes to boot (default: every image of the format that exists)")
     p.add_argument("--arch", default=host_arch(), choices=ARCHES)
+    p.add_argument("--format", default="ext4", choices=sorted(WRITERS), help="which image to boot (default ext4)")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="attach an ext4 image read-only, in place, with an overlay (squashfs always is)",
+    )
+    p.add_argument(
+        "--overlay",
+        default="tmpfs",
+        choices=["tmpfs", "disk"],
+        help="a read-only boot's writable layer: in RAM, or a scratch ext4 drive per VM (default tmpfs)",
+    )
     p.add_argument("--vmm", default="auto", choices=["auto", "firecracker", "qemu"])
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"], help="QEMU accelerator")
     p.add_argument("--kernel", type=Path, help="guest kernel (default: bin/vmlinux from 'nox -s download')")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per VM (default 300: TCG is slow)")
+    p.add_argument("--report", type=Path, help="also write the results as JSON here (CI: boot-to-ready times)")
     p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    return 0 if boot_all(pins, args.runtimes, args.arch, args.vmm, args.accel, args.kernel, args.timeout) else 1
+    results = boot_all(pins, args)
+    if args.report:
+        atomic.write_text(args.report, json.dumps([r.as_json() for r in results], indent=1) + "\n")
+    return 0 if results and all(r.ok for r in results) else 1
 
 
-def boot_all(
-    pins: Pins, runtimes: list[str], arch: str, vmm: str, accel: str, kernel: Path | None, timeout: float
-) -> bool:
+def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
+    arch = args.arch
     images = paths.images_dir(arch)
     known = pins.alpine.runtimes
-    for rt in runtimes:
+    for rt in args.runtimes:
         if rt not in known:
             raise BootFailed(f"unknown runtime {rt!r}", hint=f"runtimes in pins.json: {', '.join(known)}")
-    chosen = runtimes or [rt for rt in known if (images / f"{rt}.ext4").is_file()]
+    chosen = args.runtimes or [rt for rt in known if (images / f"{rt}.{args.format}").is_file()]
     if not chosen:
-        raise BootFailed(f"no images in {images}", hint="run 'nox -s rootfs_all' first")
-    kernel = kernel or paths.bin_dir(arch) / "vmlinux"
+        raise BootFailed(f"no {args.format} images in {images}", hint="run 'nox -s rootfs_all' first (a format "
+                         "other than ext4 must be listed in alpine.formats)")  # fmt: skip
+    kernel = args.kernel or paths.bin_dir(arch) / "vmlinux"
     if not kernel.is_file():
         raise BootFailed(f"kernel {kernel} is missing", hint="run 'nox -s download', or pass --kernel PATH")
-    which_vmm, why = choose_vmm(vmm, arch)
+    which_vmm, why = choose_vmm(args.vmm, arch)
     log.info(f"boot: using {which_vmm}: {why}")
     logs = images / ".boot"
     logs.mkdir(parents=True, exist_ok=True)
     results = []
     for rt in chosen:
-        image = images / f"{rt}.ext4"
+        image = images / f"{rt}.{args.format}"
         if not image.is_file():
-            raise BootFailed(f"{image} is missing", hint=f"run 'nox -s rootfs-{rt}'")
+            raise BootFailed(
+                f"{image} is missing", hint=f"run 'nox -s rootfs-{rt}' (with {args.format} in its formats)"
+            )
+        t = Target(rt, image, args.format, args.read_only or args.format != "ext4", args.overlay)
         if which_vmm == "qemu":
-            r = boot_qemu(rt, image, kernel, arch, timeout, accel, logs)
+            r = boot_qemu(t, kernel, arch, args.timeout, args.accel, logs)
         else:
             try:
-                r = boot_firecracker(rt, known[rt], image, kernel, paths.bin_dir(arch) / "firecracker", timeout, logs)
+                r = boot_firecracker(t, known[rt], kernel, paths.bin_dir(arch) / "firecracker", args.timeout, logs)
             except (VulcanError, OSError) as exc:
-                r = BootResult(rt, "firecracker", False, 0.0, str(exc), logs / f"{rt}.firecracker.console.log")
+                r = BootResult(rt, "firecracker", False, 0.0, str(exc), logs / f"{rt}.{t.fmt}.firecracker.console.log")
+        r.fmt = t.fmt
         results.append(r)
         what = "boot-to-smoke" if which_vmm == "qemu" else "boot-to-ready"
         status = "ok" if r.ok else "FAILED"
-        log.info(f"boot {rt}: {status} via {r.vmm}: {what} {r.seconds:.1f}s: {r.detail}")
-    failed = [r for r in results if not r.ok]
-    for r in failed:
-        log.warn(f"boot {r.runtime} failed; console log: {r.console}")
-    return not failed
+        log.info(f"boot {t.label}: {status} via {r.vmm}: {what} {r.seconds:.1f}s, copied {log.human(r.copied_bytes)}: "
+                 f"{r.detail}")  # fmt: skip
+    for r in results:
+        if not r.ok:
+            log.warn(f"boot {r.runtime} failed; console log: {r.console}")
+    return results

@@ -155,4 +155,4 @@ def test_a_real_alpine_image_boots(alpine: World) -> None:
     kernel.write_bytes(lzma.decompress(TEST_KERNEL.read_bytes()))
     proc = alpine.run("boot", "--vmm", "qemu", "--kernel", str(kernel), "apk")
     assert proc.returncode == 0, proc.stderr
-    assert "vulcan-smoke: ok" in (alpine.out / "images/.boot/apk.qemu.console.log").read_text()
+    assert "vulcan-smoke: ok" in (alpine.out / "images/.boot/apk.ext4.qemu.console.log").read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import lzma
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from scripts import debugfs, squashfs_read
+from scripts.pins import host_arch
 from tests.support import imagerepo
 from tests.support.mirror import serve
 from tests.support.toolchains import find_go
-from tests.support.world import BASE_PINS, World, serve_vmm
+from tests.support.world import BASE_PINS, SHARED, World, serve_vmm
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="squashfs-tools-ng (tar2sqfs) is not installed"),
@@ -146,3 +148,32 @@ def test_tar2sqfs_missing_is_a_clear_error_and_leaves_no_image(world: World, tmp
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "tar2sqfs not found" in proc.stderr and "squashfs-tools-ng" in proc.stderr
     assert not list((world.out / "images").glob("python.*"))
+
+
+TEST_KERNEL = SHARED / "kernel" / "vmlinux.xz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(host_arch() != "x86_64", reason="the x86_64 test kernel")
+@pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+@pytest.mark.parametrize(("fmt", "extra"), [("squashfs", []), ("squashfs", ["--overlay", "disk"]),
+                                            ("ext4", ["--read-only"])])  # fmt: skip
+def test_a_read_only_image_boots_with_a_writable_overlay_and_is_not_changed(
+    built: World, fmt: str, extra: list[str]
+) -> None:
+    """The image is attached read-only and in place: nothing is copied, /work and /etc are
+    writable in the guest (the overlay), and the image file is the same afterwards."""
+    kernel = built.tmp / "vmlinux"
+    if not kernel.exists():
+        kernel.write_bytes(lzma.decompress(TEST_KERNEL.read_bytes()))
+    image = built.out / "images" / f"python.{fmt}"
+    before = sha(image)
+    report = built.tmp / f"boot-{fmt}-{'-'.join(extra)}.json"
+    proc = built.run("boot", "--vmm", "qemu", "--kernel", str(kernel), "--format", fmt, *extra,
+                     "--report", str(report), "python")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())[0]
+    assert result["ok"] and result["format"] == fmt and result["copied_bytes"] == 0
+    assert "root=overlay writable=/work,/etc" in result["detail"], result
+    assert sha(image) == before

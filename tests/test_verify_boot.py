@@ -181,6 +181,22 @@ def test_firecracker_config_has_the_documented_shape(tmp_path: Path) -> None:
     assert cfg["drives"][0]["is_root_device"] is True
 
 
+def test_firecracker_config_of_a_read_only_root_with_a_scratch_drive(tmp_path: Path) -> None:
+    from scripts.boot import Disks
+
+    disks = Disks(tmp_path / "python.squashfs", True, "squashfs", tmp_path / "upper.ext4")
+    cfg = config(tmp_path / "vmlinux", disks.root, tmp_path / "v.sock", extra_args=disks.kernel_args(with_root=False),
+                 read_only=True, scratch=disks.scratch)  # fmt: skip
+    root, scratch = cfg["drives"]
+    assert (root["path_on_host"], root["is_root_device"], root["is_read_only"]) == (str(disks.root), True, True)
+    assert (scratch["is_root_device"], scratch["is_read_only"]) == (False, False)
+    for drive in cfg["drives"]:
+        assert set(drive) <= set(SCHEMA["drives"]) and all(isinstance(drive[k], t) for k, t in SCHEMA["drives"].items())
+    args = cfg["boot-source"]["boot_args"].split()
+    assert {"rootfstype=squashfs", "init=/etc/vulcan/overlay-init", "vulcan.overlay=/dev/vdb"} <= set(args)
+    assert not any(a.startswith("root=") for a in args)  # Firecracker adds "root=/dev/vda ro" for it
+
+
 class FakeVsockMuxer:
     """Firecracker's host side of vsock, for the test: a Unix socket that answers
     ``CONNECT <port>`` with ``OK <n>`` and then relays to the (real) agent over TCP."""
@@ -271,7 +287,7 @@ def test_qemu_boots_the_image_and_the_agent_reports_smoke_ok(full: World) -> Non
     assert proc.returncode == 0, proc.stderr
     assert "boot python: ok via qemu" in proc.stderr and "Python 3.14.7" in proc.stderr
     assert "boot go: ok via qemu" in proc.stderr
-    log_text = (full.out / "images/.boot/python.qemu.console.log").read_text()
+    log_text = (full.out / "images/.boot/python.ext4.qemu.console.log").read_text()
     assert "vulcan-smoke: ok Python 3.14.7" in log_text
     # the image in images/ was not modified by the VM
     manifest = json.loads((full.out / "images/python.manifest.json").read_text())
@@ -297,7 +313,7 @@ def test_qemu_boot_succeeds_while_every_core_is_busy(full: World) -> None:
             h.wait()
     assert proc.returncode == 0, proc.stderr
     assert "hung early" not in proc.stderr
-    log_text = (full.out / "images/.boot/python.qemu.console.log").read_text()
+    log_text = (full.out / "images/.boot/python.ext4.qemu.console.log").read_text()
     assert "tsc_early_khz=" in log_text  # on the kernel command line the guest printed
     assert "could not calculate TSC khz" not in log_text
     assert "vulcan-smoke: ok Python 3.14.7" in log_text

@@ -58,6 +58,38 @@ exit 0
 """
 
 
+# PID 1 on a read-only root (squashfs, or ext4 attached read-only). The same steps as
+# firecracker-containerd's overlay-init: an overlay with the image as its lower layer and a
+# throwaway upper layer, pivot_root into it, then the image's own /sbin/init as on ext4.
+OVERLAY_INIT = """\
+#!/bin/sh
+# Kernel command line: init=/etc/vulcan/overlay-init vulcan.overlay=tmpfs (upper layer in RAM,
+# size vulcan.overlay_size=, default half the RAM) or vulcan.overlay=/dev/vdb (a scratch ext4
+# drive the host made for this sandbox). Without vulcan.overlay: /sbin/init on the root as it is.
+fail() { echo "vulcan-overlay: fail $*" >/dev/console; exit 1; }
+mount -t proc -o nosuid,nodev,noexec proc /proc || fail "cannot mount /proc"
+mode="" size="50%"
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    vulcan.overlay=*) mode="${arg#*=}" ;;
+    vulcan.overlay_size=*) size="${arg#*=}" ;;
+  esac
+done
+umount /proc
+[ -n "$mode" ] || exec /sbin/init
+if [ "$mode" = tmpfs ]; then
+  mount -t tmpfs -o "size=$size,mode=0755" vulcan-rw /.vulcan/rw || fail "tmpfs upper layer"
+else
+  mount -t ext4 "$mode" /.vulcan/rw || fail "cannot mount $mode as the upper layer"
+fi
+mkdir -p /.vulcan/rw/upper /.vulcan/rw/work
+mount -t overlay -o lowerdir=/,upperdir=/.vulcan/rw/upper,workdir=/.vulcan/rw/work vulcan-root /.vulcan/new \\
+  || fail "overlay mount"
+cd /.vulcan/new && pivot_root . .vulcan/ro || fail "pivot_root"
+exec /sbin/init
+"""
+
+
 @dataclass(frozen=True)
 class ScriptReport:
     package: str
@@ -165,6 +197,9 @@ def vulcan(tree: Tree, runtime_check: Sequence[str], runtime: str, guest: bytes)
     tree.put_generated("etc/vulcan/check.json", "file", 0o644, (json.dumps(list(runtime_check)) + "\n").encode())
     tree.put_generated("etc/vulcan/runtime", "file", 0o644, f"{runtime}\n".encode())
     tree.put_generated("etc/vulcan/rc.init", "file", 0o755, RC_INIT.encode())
+    tree.put_generated("etc/vulcan/overlay-init", "file", 0o755, OVERLAY_INIT.encode())
+    for d in (".vulcan", ".vulcan/rw", ".vulcan/new", ".vulcan/ro"):  # mount points a read-only root needs
+        tree.put_generated(d, "dir", 0o755)
     tree.put_generated("etc/inittab", "file", 0o644, INITTAB.encode())
     tree.put_generated("etc/hostname", "file", 0o644, b"vulcan\n")
     for d in ("proc", "sys", "dev", "tmp", "run"):
