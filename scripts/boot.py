@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic, log, paths
+from . import atomic, kconfig, log, paths
 from .agent import AgentClient, vsock_connect
 from .errors import VulcanError
 from .firecracker_config import config as firecracker_config
@@ -410,6 +410,15 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
     kernel = args.kernel or paths.bin_dir(arch) / "vmlinux"
     if not kernel.is_file():
         raise BootFailed(f"kernel {kernel} is missing", hint="run 'nox -s download', or pass --kernel PATH")
+    config = kconfig.read(kernel)
+    formats = [args.format, "overlay"] if args.read_only else [args.format]  # a read-only root needs the overlay
+    lacking = kconfig.missing(config, formats) if config is not None else []
+    if lacking:
+        raise BootFailed(
+            f"kernel {kernel} cannot boot a {args.format} image{' read-only' if args.read_only else ''}: "
+            f"its configuration lacks {', '.join(lacking)}",
+            hint="use a kernel built with them (Firecracker's CI kernels are), or boot another --format",
+        )
     which_vmm, why = choose_vmm(args.vmm, arch)
     log.info(f"boot: using {which_vmm}: {why}")
     logs = images / ".boot"

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import formats, log, paths, stamps
+from . import formats, kconfig, log, paths, stamps
 from .elf import check_static_binary, kernel_arch, read_elf
 from .errors import BuildError, VulcanError
 from .fetch import sha256_file
@@ -106,6 +106,19 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
         found = kernel_arch(k)
         kind = "ELF vmlinux" if arch == "x86_64" else "arm64 Image"
         rep.add(_rel(k), f"is an {kind}", found == arch, f"looks like {found or 'neither'}")
+        check_kernel_config(rep, k, pins)
+
+
+def check_kernel_config(rep: Report, kernel: Path, pins: Pins) -> None:
+    """Can this kernel mount every image format the pins ask for (its embedded configuration)?"""
+    formats = sorted({f for rt in pins.alpine.runtimes for f in pins.alpine.formats_of(rt)})
+    config = kconfig.read(kernel)
+    check = f"config can mount {', '.join(formats)}"
+    if config is None:
+        rep.add(_rel(kernel), check, None, "no embedded configuration (CONFIG_IKCONFIG): cannot tell")
+        return
+    lacking = kconfig.missing(config, formats)
+    rep.add(_rel(kernel), check, not lacking, f"lacks {', '.join(lacking)}" if lacking else "all options built in")
 
 
 def check_guest(rep: Report, arch: str) -> None:

@@ -1,0 +1,48 @@
+"""The guest kernel's embedded configuration (CONFIG_IKCONFIG): can it mount our images?
+
+With CONFIG_IKCONFIG=y the kernel carries its .config as a gzip blob between the markers
+``IKCFG_ST`` and ``IKCFG_ED`` (kernel/configs.c, scripts/extract-ikconfig), in an ELF vmlinux and
+in an uncompressed arm64 Image alike. Firecracker's CI kernels are built with it
+(resources/guest_configs/ci.config), and so are the test kernels in ../shared.
+"""
+
+from __future__ import annotations
+
+import mmap
+import zlib
+from pathlib import Path
+
+START, END = b"IKCFG_ST", b"IKCFG_ED"
+# What each image format needs built in (=y: there is no initramfs to load modules from)
+NEEDS = {
+    "all": ("VIRTIO_BLK", "VIRTIO_VSOCKETS", "DEVTMPFS"),
+    "ext4": ("EXT4_FS",),
+    "squashfs": ("SQUASHFS", "SQUASHFS_ZSTD", "OVERLAY_FS", "TMPFS"),
+    "overlay": ("OVERLAY_FS", "TMPFS"),  # any read-only root: the writable layer on top
+}
+
+
+def read(kernel: Path) -> dict[str, str] | None:
+    """``{"EXT4_FS": "y", ...}`` from the kernel file, or None when it embeds no configuration."""
+    with open(kernel, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        start = data.find(START)
+        if start < 0:
+            return None
+        end = data.find(END, start)
+        blob = data[start + len(START) : end if end > 0 else len(data)]
+    try:
+        text = zlib.decompressobj(31).decompress(blob).decode("utf-8", "replace")
+    except zlib.error:
+        return None
+    config: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            key, _, value = line[len("CONFIG_") :].partition("=")
+            config[key] = value.strip('"')
+    return config
+
+
+def missing(config: dict[str, str], formats: list[str]) -> list[str]:
+    """The options the formats need that the kernel does not build in, as CONFIG_ names."""
+    wanted = [*NEEDS["all"], *(o for f in formats for o in NEEDS.get(f, ()))]
+    return [f"CONFIG_{o}" for o in dict.fromkeys(wanted) if config.get(o) != "y"]
