@@ -23,10 +23,14 @@ from .formats import Job, Written
 from .run import minimal_env, run_tool
 
 COMPRESSOR = "zstd"
-# Level and block size chosen by measurement (bench/bench.py, README Performance): level 19 of
-# zstd with 128 KiB blocks is within 3% of level 22's size at half its time; 1 MiB blocks are
-# ~4% smaller but every 4 KiB random read then decompresses 1 MiB.
-LEVEL = 19
+# Level and block size by measurement (2 cores, tar2sqfs -j 2, a 277 MB tar of a Python stdlib
+# and a Go toolchain, i.e. what our runtimes hold; README Performance):
+#   zstd level, block:  3/128K 84.4 MB 0.8 s | 6/128K 78.9 MB 1.8 s | 9/128K 77.9 MB 2.5 s |
+#   12/128K 77.5 MB 7.0 s | 15/128K 73.4 MB 13.5 s | 19/128K 72.8 MB 37 s | 19/1M 66.9 MB 41 s
+# Level 6 is 6.5% smaller than 3 for one more second; beyond it each percent costs many seconds
+# of every rebuild. 128 KiB blocks (squashfs's default): 1 MiB blocks are ~5% smaller, but then
+# every small random read in a sandbox decompresses a whole MiB.
+LEVEL = 6
 BLOCK_SIZE = 131072
 HINT = "install squashfs-tools-ng (Debian 12: apt-get install squashfs-tools-ng), or drop squashfs from alpine.formats"
 
