@@ -153,6 +153,7 @@ class Disks:
     read_only: bool
     fstype: str
     scratch: Path | None = None
+    copied_bytes: int = 0  # what starting this VM copied (the figure a read-only image brings to zero)
 
     def kernel_args(self, with_root: bool) -> str:
         """``with_root``: also say root= (QEMU); Firecracker adds root=/dev/vda ro|rw itself."""
@@ -162,17 +163,12 @@ class Disks:
         args = f"rootfstype={self.fstype} init={OVERLAY_INIT} vulcan.overlay={upper}"
         return f"root=/dev/vda ro {args}" if with_root else args
 
-    @property
-    def copied_bytes(self) -> int:
-        """What starting this VM copied (the figure a read-only image brings to zero)."""
-        return 0 if self.read_only else atomic.allocated_bytes(self.root)
-
 
 def prepare_disks(image: Path, fmt: str, read_only: bool, overlay: str, scratch: Path) -> Disks:
     if fmt == "ext4" and not read_only:
         copy = scratch / image.name  # the VM writes; images/ is never modified (sparse copy)
         atomic.sparse_copy(image, copy)
-        return Disks(copy, False, "ext4")
+        return Disks(copy, False, "ext4", None, atomic.allocated_bytes(copy))
     upper = None
     if overlay == "disk":
         upper = scratch / "upper.ext4"
@@ -260,8 +256,8 @@ def boot_qemu(
 ) -> BootResult:
     runtime = t.runtime
     auto = accel == "auto"
-    if auto:
-        accel = "kvm" if kvm_usable() is None and not _kvm_failed else "tcg"
+    if auto:  # KVM runs this host's architecture only
+        accel = "kvm" if arch == host_arch() and kvm_usable() is None and not _kvm_failed else "tcg"
     with atomic.scratch(Path(tempfile.gettempdir()), "boot") as tmp:
         disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, tmp)
         console_log = logs / f"{runtime}.{t.fmt}.qemu.console.log"

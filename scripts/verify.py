@@ -86,9 +86,10 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
             rep.add(_rel(f), "ELF machine", machine == arch, machine)
         except BuildError as exc:
             rep.add(_rel(f), "ELF machine", False, exc.message)
-        if arch == host_arch():
+        emulator = emulator_for(arch)
+        if emulator is not None:
             try:
-                proc = run_tool([f, "--version"], check=False, quiet=True, timeout=30)
+                proc = run_tool([*emulator, f, "--version"], check=False, quiet=True, timeout=60)
                 out = (proc.stdout or proc.stderr).decode(errors="replace")
             except VulcanError as exc:
                 proc, out = None, exc.message
@@ -97,7 +98,9 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
             ok = proc is not None and proc.returncode == 0 and bool(first) and want in first[0]
             rep.add(_rel(f), "--version", ok, " ".join(first))
         else:
-            rep.add(_rel(f), "--version", None, f"cannot run {arch} binaries on {host_arch()}")
+            rep.add(
+                _rel(f), "--version", None, f"cannot run {arch} binaries on {host_arch()}: install qemu-user-static"
+            )
     k = b / "vmlinux"
     if not k.is_file():
         rep.missing(_rel(k), "run 'nox -s download'")
@@ -197,10 +200,12 @@ def check_image(rep: Report, runtime: str, fmt: str, arch: str, reproduce: bool)
 
 
 def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, Any], arch: str) -> None:
-    """Run the runtime check from the image's own files, through its musl loader (no root)."""
+    """Run the runtime check from the image's own files, through its musl loader (no root);
+    another architecture's under qemu-user (Debian: qemu-user-static)."""
     name = _rel(img)
-    if arch != host_arch():
-        rep.add(name, "runtime runs", None, f"cannot run {arch} code on {host_arch()} (no emulation here)")
+    emulator = emulator_for(arch)
+    if emulator is None:
+        rep.add(name, "runtime runs", None, f"cannot run {arch} code on {host_arch()}: install qemu-user-static")
         return
     with tempfile.TemporaryDirectory(prefix="vulcan-verify-") as tmp:
         root = Path(tmp)
@@ -227,12 +232,25 @@ def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, 
             libpath = ":".join(str(root / d) for d in ("lib", "usr/lib"))
             argv = [str(loaders[0]), "--library-path", libpath, *argv]
         try:
-            proc = run_tool(argv, check=False, quiet=True, timeout=60, cwd=tmp)
+            proc = run_tool([*emulator, *argv], check=False, quiet=True, timeout=120, cwd=tmp)
         except (OSError, VulcanError) as exc:
             rep.add(name, "runtime runs", False, f"{exc}")
             return
         out = (proc.stdout or proc.stderr).decode(errors="replace").strip().splitlines()[:1]
-        rep.add(name, "runtime runs", proc.returncode == 0, f"{' '.join(manifest.get('check', []))}: {' '.join(out)}")
+        how = f" (under {Path(emulator[0]).name})" if emulator else ""
+        rep.add(name, "runtime runs", proc.returncode == 0,
+                f"{' '.join(manifest.get('check', []))}: {' '.join(out)}{how}")  # fmt: skip
+
+
+QEMU_USER = {"x86_64": ("qemu-x86_64-static", "qemu-x86_64"), "aarch64": ("qemu-aarch64-static", "qemu-aarch64")}
+
+
+def emulator_for(arch: str) -> list[str] | None:
+    """[] for this host's code, [qemu-user] for another architecture's, None if it cannot run."""
+    if arch == host_arch():
+        return []
+    found = next((shutil.which(q) for q in QEMU_USER[arch] if shutil.which(q)), None)
+    return [found] if found else None
 
 
 def _resolve_in(root: Path, rel: str, depth: int = 0) -> Path | None:

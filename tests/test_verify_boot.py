@@ -285,8 +285,8 @@ def test_no_vmm_at_all_is_an_error_not_a_skip(full: World, tmp_path: Path) -> No
 def test_qemu_boots_the_image_and_the_agent_reports_smoke_ok(full: World) -> None:
     proc = full.run("boot", "--vmm", "qemu", "python", "go")
     assert proc.returncode == 0, proc.stderr
-    assert "boot python: ok via qemu" in proc.stderr and "Python 3.14.7" in proc.stderr
-    assert "boot go: ok via qemu" in proc.stderr
+    assert "boot python (ext4, writable copy): ok via qemu" in proc.stderr and "Python 3.14.7" in proc.stderr
+    assert "boot go (ext4, writable copy): ok via qemu" in proc.stderr
     log_text = (full.out / "images/.boot/python.ext4.qemu.console.log").read_text()
     assert "vulcan-smoke: ok Python 3.14.7" in log_text
     # the image in images/ was not modified by the VM

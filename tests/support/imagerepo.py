@@ -18,6 +18,7 @@ from tests.support.apkrepo import Entry, Pkg, alpine_pins, publish
 from tests.support.world import SHARED, World
 
 BUSYBOX = Path("/bin/busybox")
+ARM64 = Path("/opt/vulcan-arm64")  # Debian's arm64 busybox-static and musl, unpacked by .ci/setup-debian
 REAL_BASELAYOUT = SHARED / "chainguard-dev-apko/pkg/apk/apk/testdata/alpine-316/alpine-baselayout-3.2.0-r23.apk"
 REAL_BUSYBOX = SHARED / "jdrouet-inapt/resources/busybox-1.37.0-r14.apk"
 BASE = ["alpine-baselayout", "alpine-keys", "alpine-release", "busybox", "busybox-binsh", "musl",
@@ -35,8 +36,11 @@ RUNTIMES = {
 }
 
 
-def static_busybox() -> bytes | None:
-    """Debian's busybox-static, if installed (what the boot test needs)."""
+def static_busybox(arch: str = "x86_64") -> bytes | None:
+    """Debian's busybox-static for ``arch``, if there (what the boot tests need)."""
+    if arch == "aarch64":
+        found = ARM64 / "bin/busybox"
+        return found.read_bytes() if found.is_file() else None
     if not BUSYBOX.is_file():
         return None
     out = (
@@ -50,10 +54,24 @@ def static_busybox() -> bytes | None:
 MUSL_LOADER = Path("/lib/ld-musl-x86_64.so.1")  # Debian's musl package
 
 
-@lru_cache(maxsize=1)
-def musl_python() -> bytes | None:
-    """A real dynamically linked musl program standing in for python3 (Debian's musl-gcc),
-    so that the image's own loader runs it, in verify and in the VM."""
+GO_PYTHON = """package main
+
+import ("fmt"; "os")
+
+func main() {
+	if len(os.Args) > 2 && os.Args[1] == "-c" { fmt.Println("42"); return }
+	fmt.Println("Python 3.14.7")
+}
+"""
+
+
+@lru_cache(maxsize=2)
+def musl_python(arch: str = "x86_64") -> bytes | None:
+    """A real program standing in for python3: on x86_64 dynamically linked with Debian's
+    musl-gcc (the image's own loader runs it, in verify and in the VM); on aarch64, where no
+    musl cross-compiler is at hand, a static Go binary (verify runs it under qemu-user)."""
+    if arch == "aarch64":
+        return _go_binary(GO_PYTHON, "arm64")
     cc = shutil.which("musl-gcc")
     if cc is None or not MUSL_LOADER.exists():
         return None
@@ -78,15 +96,34 @@ def _real_scripts(apk: Path, fallback: dict[str, bytes]) -> dict[str, bytes]:
     return {k: v for k, v in control_files(verified.control).items() if k != ".PKGINFO"}
 
 
+def _go_binary(source: str, goarch: str) -> bytes | None:
+    from tests.support.toolchains import go_or_none
+
+    go = go_or_none()
+    if go is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "main.go").write_text(source)
+        (Path(tmp) / "go.mod").write_text("module python\n\ngo 1.22\n")
+        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "GOCACHE": f"{tmp}/c", "GOPATH": f"{tmp}/p",
+               "GOTOOLCHAIN": "local", "CGO_ENABLED": "0", "GOOS": "linux", "GOARCH": goarch}  # fmt: skip
+        proc = subprocess.run([go, "build", "-trimpath", "-ldflags=-s -w", "-o", "python3", "."], cwd=tmp, env=env,
+                              capture_output=True)  # fmt: skip
+        return (Path(tmp) / "python3").read_bytes() if proc.returncode == 0 else None
+
+
 def _musl_loader(arch: str) -> bytes:
     if arch == "x86_64" and MUSL_LOADER.exists():
         return MUSL_LOADER.read_bytes()
+    arm = ARM64 / "lib/ld-musl-aarch64.so.1"
+    if arch == "aarch64" and arm.exists():
+        return arm.resolve().read_bytes()
     return b"\x7fELF musl stand-in"
 
 
 def packages(arch: str = "x86_64") -> dict[str, list[Pkg]]:
     musl = f"so:libc.musl-{arch}.so.1"
-    bb = static_busybox() or b"\x7fELF not a real busybox"
+    bb = static_busybox(arch) or b"\x7fELF not a real busybox"
     applets = (
         subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True).stdout
         if BUSYBOX.is_file()
@@ -180,7 +217,7 @@ def packages(arch: str = "x86_64") -> dict[str, list[Pkg]]:
         arch,
         depends=[musl, "libffi"],
         entries=[
-            Entry("usr/bin/python3.14", musl_python() or b'#!/bin/sh\necho "Python 3.14.7"\n', 0o755),
+            Entry("usr/bin/python3.14", musl_python(arch) or b'#!/bin/sh\necho "Python 3.14.7"\n', 0o755),
             Entry("usr/bin/python3", kind="hardlink", target="usr/bin/python3.14"),
             Entry("usr/bin/python", kind="symlink", mode=0o777, target="python3"),
             Entry("usr/lib/python3.14/os.py", b"# os\n" * 200, xattrs={"user.vulcan": "test"}),
