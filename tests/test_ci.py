@@ -1,16 +1,22 @@
-"""The CI workflow: valid, and its matrix is exactly what `nox -l --json` lists."""
+"""The CI workflow: valid, its matrix exactly what `nox -l --json` lists, its job graph and
+supply chain as documented; and the parts that need no GitHub run here (the lock hand-off)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
+from scripts.formats import WRITERS
 from scripts.pins import ARCHES
-from tests.support.world import BASE_PINS, REPO
+from tests.support import imagerepo
+from tests.support.apkrepo import publish
+from tests.support.toolchains import find_go
+from tests.support.world import BASE_PINS, REPO, World
 
 WORKFLOW = REPO / ".github/workflows/images.yml"
 
@@ -64,3 +70,58 @@ def test_ci_matrix_refuses_an_empty_listing() -> None:
         [sys.executable, "-m", "scripts", "ci-matrix"], cwd=REPO, input="[]", capture_output=True, text=True
     )
     assert proc.returncode == 1 and "no sessions tagged 'image'" in proc.stderr
+
+
+def test_the_job_graph_is_lock_then_build_then_check_and_boot() -> None:
+    jobs = load_workflow()["jobs"]
+    needs = {name: set(job.get("needs", [])) if isinstance(job.get("needs", []), list) else {job["needs"]}
+             for name, job in jobs.items()}  # fmt: skip
+    assert needs["lock"] == set() and needs["sessions"] == set()
+    assert {"sessions", "lock"} <= needs["build"]
+    assert "build" in needs["check"] and "build" in needs["boot"]
+    for name in ("build", "check", "boot"):  # every cell uses the one lock the lock job resolved
+        steps = jobs[name]["steps"]
+        lock_steps = [s for s in steps if s.get("with", {}).get("name") == "alpine-lock"]
+        assert lock_steps and lock_steps[0]["if"] == "needs.lock.outputs.fresh != 'true'", name
+
+
+def test_every_image_format_is_built_uploaded_and_booted_by_the_commands_a_user_runs() -> None:
+    jobs = load_workflow()["jobs"]
+    upload = next(s for s in jobs["build"]["steps"] if "upload-artifact" in s.get("uses", ""))
+    boot = " ".join(s.get("run", "") for s in jobs["boot"]["steps"])
+    for fmt in WRITERS:
+        assert f"images/**/*.{fmt}" in upload["with"]["path"], fmt
+        assert f"nox -s boot -- --format {fmt}" in boot, fmt
+    assert "nox -s download -- --frozen" in boot
+    assert {m["arch"] for m in jobs["boot"]["strategy"]["matrix"]["include"]} == set(ARCHES)
+    assert set(json.loads((REPO / "pins.json").read_text())["alpine"]["formats"]) == set(WRITERS)
+
+
+def test_actions_are_pinned_by_commit_and_jobs_ask_for_least_permissions() -> None:
+    text = WORKFLOW.read_text()
+    uses = re.findall(r"uses: (\S+)(.*)", text)
+    assert uses
+    for ref, comment in uses:
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", ref), ref
+        assert re.search(r"# v\d+\.\d+\.\d+", comment), f"{ref}: the tag belongs in a comment"
+    wf = load_workflow()
+    assert wf["permissions"] == {}
+    for name, job in wf["jobs"].items():
+        assert job.get("permissions") == {"contents": "read"}, name
+
+
+def test_the_lock_hand_off_runs_here_as_in_ci(world: World) -> None:
+    """No committed lock: the lock job's commands find it stale, resolve it once, and a
+    --frozen build (what every cell runs) then succeeds with that lock; a fresh lock is a no-op."""
+    imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
+    state = world.run("ci-lock", check=True).stdout
+    assert "fresh=false" in state and "python/x86_64" in state
+    frozen = world.run("rootfs", "--runtime", "python", "--frozen")
+    assert frozen.returncode == 1 and "nox -s lock" in frozen.stderr  # what a cell does without the hand-off
+    publish(world.mirror, imagerepo.packages("aarch64"), "aarch64")  # the lock job resolves both arches
+    lock = world.run("lock", check=True)
+    assert "lock python/x86_64" in lock.stderr and "lock python/aarch64" in lock.stderr
+    assert world.run("ci-lock", check=True).stdout.strip() == "fresh=true"
+    world.run("guest", check=True, VULCAN_GO=find_go())
+    world.run("rootfs", "--runtime", "python", "--frozen", check=True)
+    assert (world.out / "images/python.ext4").is_file()
