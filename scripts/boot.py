@@ -314,18 +314,78 @@ def boot_qemu(
     )
 
 
-def boot_firecracker(t: Target, rt: Runtime, kernel: Path, firecracker: Path, timeout: float, logs: Path) -> BootResult:
+JAILER_ID = "vulcan-{runtime}"
+JAILED_UID = JAILED_GID = 65534  # nobody: the VMM runs unprivileged inside its chroot
+
+
+@dataclass(frozen=True)
+class Jail:
+    """Firecracker started the way a production host starts it: through the jailer, which
+    chroots into ``<base>/firecracker/<id>/root``, makes /dev/kvm there, moves the process into
+    its own cgroup and drops to an unprivileged uid/gid (firecracker docs/jailer.md). Every file
+    the VM uses must be inside that root; paths in the config are then relative to it."""
+
+    jailer: Path
+    firecracker: Path
+    base: Path
+    id: str
+    uid: int = JAILED_UID
+    gid: int = JAILED_GID
+    mem_mib: int = 256
+
+    @property
+    def root(self) -> Path:
+        return self.base / self.firecracker.name / self.id / "root"
+
+    def argv(self, config_in_jail: str) -> list[str]:
+        return [
+            str(self.jailer), "--id", self.id, "--exec-file", str(self.firecracker),
+            "--uid", str(self.uid), "--gid", str(self.gid), "--chroot-base-dir", str(self.base),
+            "--cgroup-version", "2", "--cgroup", f"memory.max={self.mem_mib << 20}",
+            "--", "--no-api", "--config-file", config_in_jail,
+        ]  # fmt: skip
+
+    def place(self, src: Path, name: str, writable: bool) -> Path:
+        """Put a file the VM needs into the jail (hard link when it can, else a copy) and give
+        the jailed user what it needs of it; returns its path inside the jail."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        dest = self.root / name
+        try:
+            os.link(src, dest)
+        except OSError:
+            atomic.sparse_copy(src, dest)
+        if writable:
+            os.chown(dest, self.uid, self.gid)
+        else:
+            os.chmod(dest, 0o644)
+        return Path("/") / name
+
+
+def boot_firecracker(
+    t: Target, rt: Runtime, kernel: Path, firecracker: Path, timeout: float, logs: Path, jailer: Path | None = None
+) -> BootResult:
     runtime = t.runtime
     with atomic.scratch(Path(tempfile.gettempdir()), "fc") as scratch:
         disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, scratch)
-        uds = scratch / "vsock.sock"
-        cfg = scratch / "vm.json"
         extra = f"vulcan.port={AGENT_PORT} {disks.kernel_args(with_root=False)}".strip()
-        conf = firecracker_config(kernel, disks.root, uds, extra_args=extra, read_only=disks.read_only,
-                                  scratch=disks.scratch)  # fmt: skip
-        cfg.write_text(json.dumps(conf, indent=1))
+        if jailer is None:
+            uds = scratch / "vsock.sock"
+            cfg = scratch / "vm.json"
+            conf = firecracker_config(kernel, disks.root, uds, extra_args=extra, read_only=disks.read_only,
+                                      scratch=disks.scratch)  # fmt: skip
+            cfg.write_text(json.dumps(conf, indent=1))
+            cmd = [str(firecracker), "--no-api", "--config-file", str(cfg)]
+        else:
+            jail = Jail(jailer, firecracker, scratch / "jail", JAILER_ID.format(runtime=runtime))
+            root = jail.place(disks.root, f"rootfs.{t.fmt}", writable=not disks.read_only)
+            upper = jail.place(disks.scratch, "upper.ext4", writable=True) if disks.scratch else None
+            conf = firecracker_config(jail.place(kernel, "vmlinux", writable=False), root, Path("/vsock.sock"),
+                                      extra_args=extra, read_only=disks.read_only, scratch=upper)  # fmt: skip
+            (jail.root / "vm.json").write_text(json.dumps(conf, indent=1))
+            os.chown(jail.root, jail.uid, jail.gid)  # Firecracker creates the vsock socket there
+            uds = jail.root / "vsock.sock"
+            cmd = jail.argv("/vm.json")
         console_log = logs / f"{runtime}.{t.fmt}.firecracker.console.log"
-        cmd = [str(firecracker), "--no-api", "--config-file", str(cfg)]
         log.info(f"boot {runtime}: {' '.join(cmd)} (console log {console_log})")
         start = time.monotonic()
         proc = subprocess.Popen(
@@ -380,6 +440,9 @@ def main(argv: list[str]) -> int:
         help="a read-only boot's writable layer: in RAM, or a scratch ext4 drive per VM (default tmpfs)",
     )
     p.add_argument("--vmm", default="auto", choices=["auto", "firecracker", "qemu"])
+    p.add_argument("--jailer", action="store_true",
+                   help="start Firecracker through bin/jailer (chroot, cgroup, uid/gid 65534), as in production; "
+                   "needs root")  # fmt: skip
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"], help="QEMU accelerator")
     p.add_argument("--kernel", type=Path, help="guest kernel (default: bin/vmlinux from 'nox -s download')")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per VM (default 300: TCG is slow)")
@@ -416,6 +479,8 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
             hint="use a kernel built with them (Firecracker's CI kernels are), or boot another --format",
         )
     which_vmm, why = choose_vmm(args.vmm, arch)
+    if args.jailer and which_vmm != "firecracker":
+        raise BootFailed(f"--jailer starts Firecracker, which cannot run here ({why})", hint="drop --jailer")
     log.info(f"boot: using {which_vmm}: {why}")
     logs = images / ".boot"
     logs.mkdir(parents=True, exist_ok=True)
@@ -430,8 +495,13 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
         if which_vmm == "qemu":
             r = boot_qemu(t, kernel, arch, args.timeout, args.accel, logs)
         else:
+            jailer = paths.bin_dir(arch) / "jailer" if args.jailer else None
+            if jailer is not None and os.geteuid() != 0:
+                raise BootFailed("the jailer needs root: it chroots, makes /dev/kvm and drops to uid 65534",
+                                 hint="run boot as root, or without --jailer")  # fmt: skip
             try:
-                r = boot_firecracker(t, known[rt], kernel, paths.bin_dir(arch) / "firecracker", args.timeout, logs)
+                r = boot_firecracker(t, known[rt], kernel, paths.bin_dir(arch) / "firecracker", args.timeout, logs,
+                                     jailer)  # fmt: skip
             except (VulcanError, OSError) as exc:
                 r = BootResult(rt, "firecracker", False, 0.0, str(exc), logs / f"{rt}.{t.fmt}.firecracker.console.log")
         r.fmt = t.fmt

@@ -344,3 +344,28 @@ def test_qemu_boot_of_a_broken_runtime_fails(world: World) -> None:
     proc = world.run("boot", "--vmm", "qemu", "--kernel", str(kernel), "broken")
     assert proc.returncode == 1
     assert "vulcan-smoke: fail false exited 1" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="placing files for the jailed uid needs root")
+def test_the_jailer_gets_the_documented_flags_and_a_chroot_holding_everything(tmp_path: Path) -> None:
+    """firecracker docs/jailer.md: --id, --exec-file, --uid, --gid, --chroot-base-dir,
+    --cgroup-version, --cgroup, then -- and Firecracker's own arguments; the VM's files inside
+    <base>/<exec name>/<id>/root, referred to by paths inside the chroot."""
+    from scripts.boot import Jail
+
+    kernel, image = tmp_path / "vmlinux", tmp_path / "python.squashfs"
+    kernel.write_bytes(b"k" * 100)
+    image.write_bytes(b"i" * 100)
+    jail = Jail(tmp_path / "bin/jailer", tmp_path / "bin/firecracker", tmp_path / "jail", "vulcan-python")
+    inside = jail.place(image, "rootfs.squashfs", writable=False), jail.place(kernel, "vmlinux", writable=False)
+    assert inside == (Path("/rootfs.squashfs"), Path("/vmlinux"))
+    assert jail.root == tmp_path / "jail/firecracker/vulcan-python/root"
+    assert (jail.root / "rootfs.squashfs").read_bytes() == image.read_bytes()
+    argv = jail.argv("/vm.json")
+    flags = dict(zip(argv[1 : argv.index("--") : 2], argv[2 : argv.index("--") : 2], strict=True))
+    assert flags == {"--id": "vulcan-python", "--exec-file": str(tmp_path / "bin/firecracker"), "--uid": "65534",
+                     "--gid": "65534", "--chroot-base-dir": str(tmp_path / "jail"), "--cgroup-version": "2",
+                     "--cgroup": f"memory.max={256 << 20}"}  # fmt: skip
+    assert argv[argv.index("--") + 1 :] == ["--no-api", "--config-file", "/vm.json"]
+    cfg = config(inside[1], inside[0], Path("/vsock.sock"), read_only=True)
+    assert cfg["drives"][0]["path_on_host"] == "/rootfs.squashfs" and cfg["vsock"]["uds_path"] == "/vsock.sock"
