@@ -38,7 +38,7 @@ from .apk.keys import keyring
 from .apk.trust import fingerprint
 from .errors import ChecksumError, PinError, VulcanError
 from .fetch import cached, fetch
-from .pins import ARCHES, GOARCH, Pins
+from .pins import ARCHES, GOARCH, REPO_ROOT, Pins
 from .pins import load as load_pins
 
 RELEASES_API = "https://api.github.com/repos/firecracker-microvm/firecracker/releases?per_page=100"
@@ -252,6 +252,44 @@ def write_validated(path: Path, text: str) -> None:
         load_pins(tmp)  # a PinError removes the copy and leaves pins.json as it was
 
 
+# -- the workflow's actions -------------------------------------------------------------------
+
+WORKFLOW = REPO_ROOT / ".github/workflows/images.yml"
+_USES = re.compile(r"uses: (?P<repo>[\w.-]+/[\w.-]+)@(?P<sha>[0-9a-f]{40}) # (?P<tag>v[\d.]+)")
+
+
+def action_updates(text: str) -> dict[str, tuple[str, str, str, str]]:
+    """repo -> (old sha, old tag, new sha, new tag) for every pinned action with a newer release
+    (GitHub API: releases/latest, then the tag's commit)."""
+    out: dict[str, tuple[str, str, str, str]] = {}
+    for m in _USES.finditer(text):
+        repo, sha, tag = m["repo"], m["sha"], m["tag"]
+        if repo in out:
+            continue
+        latest = json.loads(_fetch_bytes(f"https://api.github.com/repos/{repo}/releases/latest"))["tag_name"]
+        if latest == tag:
+            continue
+        commit = json.loads(_fetch_bytes(f"https://api.github.com/repos/{repo}/commits/{latest}"))["sha"]
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):
+            raise PinError(f"{repo} {latest}: GitHub answered {commit!r} for its commit")
+        out[repo] = (sha, tag, commit, latest)
+    return out
+
+
+def update_actions(path: Path, check: bool) -> bool:
+    """Report (and unless ``check``, rewrite) outdated action pins; True if any was outdated."""
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    updates = action_updates(text)
+    for repo, (sha, tag, new_sha, new_tag) in sorted(updates.items()):
+        print(f"{path.name}: {repo} {tag} ({sha[:12]}) -> {new_tag} ({new_sha[:12]})")
+        text = text.replace(f"{repo}@{sha} # {tag}", f"{repo}@{new_sha} # {new_tag}")
+    if updates and not check:
+        atomic.write_text(path, text)
+    return bool(updates)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="nox -s update_pins --", description=__doc__.split("\n\n")[0] if __doc__ else "")
     p.add_argument("--check", action="store_true", help="only report: exit 1 with the diff when pins are outdated")
@@ -260,12 +298,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--go", metavar="1.26.N", help="pin this Go version instead of the newest")
     p.add_argument("--alpine-branch", metavar="vX.Y", help="move to another Alpine branch")
     p.add_argument("--no-lock", action="store_true", help="do not re-lock after changing the pins")
+    p.add_argument("--workflow", type=Path, default=WORKFLOW, help="the workflow whose action pins to check too")
     args = p.parse_args(argv)
     pins = load_pins()
     data = proposed(pins, args)
+    actions_outdated = update_actions(args.workflow, args.check)
     if data == pins.raw:  # compare content, not formatting
-        log.info("pins are current")
-        return 0
+        log.info("pins are current" + ("; some action pins are not (above)" if actions_outdated else ""))
+        return 1 if args.check and actions_outdated else 0
     old, new = render(dict(pins.raw)), render(data)
     diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), "pins.json", "pins.json (new)"))
     print(diff, end="")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support import imagerepo
 from tests.support.apkrepo import KEY_NAME, Entry, Pkg, public_pem, publish
-from tests.support.world import World, firecracker_tgz, sha256
+from tests.support.world import REPO, World, firecracker_tgz, sha256
+
+WORKFLOW = REPO / ".github/workflows/images.yml"
 
 BUCKET = "https://s3.amazonaws.com/spec.ccfc.min"
 OLD_PREFIX = "20260930-a738f18a8db0-0"
@@ -96,7 +99,28 @@ def upstream(world: World) -> World:
         publish(m, pkgs, arch)
     world.pins["alpine"] = imagerepo.alpine_pins(imagerepo.RUNTIMES, imagerepo.BASE, ["main", "community"])
     world.write_pins()
+    # the workflow's actions: each one's pinned tag is its latest release (a test changes that)
+    for repo, _sha, tag in re.findall(r"uses: ([\w.-]+/[\w.-]+)@([0-9a-f]{40}) # (v[\d.]+)", WORKFLOW.read_text()):
+        m.add(f"https://api.github.com/repos/{repo}/releases/latest", json.dumps({"tag_name": tag}).encode())
     return world
+
+
+def test_outdated_action_pins_are_reported_and_updated_by_sha(upstream: World) -> None:
+    workflow = upstream.tmp / "images.yml"
+    workflow.write_text(WORKFLOW.read_text())
+    new_sha = "0123456789abcdef0123456789abcdef01234567"
+    upstream.mirror.add("https://api.github.com/repos/actions/cache/releases/latest",
+                        json.dumps({"tag_name": "v9.9.9"}).encode())  # fmt: skip
+    upstream.mirror.add(
+        "https://api.github.com/repos/actions/cache/commits/v9.9.9", json.dumps({"sha": new_sha}).encode()
+    )
+    check = upstream.run("update_pins", "--check", "--workflow", str(workflow))
+    assert check.returncode == 1
+    assert re.search(r"images.yml: actions/cache v[\d.]+ \([0-9a-f]{12}\) -> v9.9.9 \(0123456789ab\)", check.stdout)
+    assert workflow.read_text() == WORKFLOW.read_text()  # --check changes nothing
+    upstream.run("update_pins", "--workflow", str(workflow), "--no-lock", check=True)
+    assert f"actions/cache@{new_sha} # v9.9.9" in workflow.read_text()
+    assert workflow.read_text().count("actions/cache@") == WORKFLOW.read_text().count("actions/cache@")
 
 
 def test_check_reports_the_diff_and_changes_nothing(upstream: World) -> None:
