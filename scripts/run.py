@@ -50,6 +50,7 @@ def run_tool(
     check: bool = True,
     merge_stderr: bool = False,
     stdin: Path | None = None,
+    stdout_null: bool = False,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a tool; ``check=False`` returns a failed run instead of raising (callers that judge
     the exit code themselves, e.g. verify's runtime check). ``merge_stderr``: stderr into stdout.
@@ -65,7 +66,7 @@ def run_tool(
             cwd=cwd,
             input=input,
             stdin=source if source is not None else (subprocess.DEVNULL if input is None else None),
-            stdout=subprocess.PIPE if capture else None,
+            stdout=subprocess.DEVNULL if stdout_null else (subprocess.PIPE if capture else None),
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             timeout=timeout,
         )

@@ -37,6 +37,11 @@ class Entry:
     hardlink_to: str  # the first path of its hard-link group, "" if none
 
 
+def _name(tar_name: str) -> str:
+    """A tar member's path as the image's (``./usr/bin`` -> ``usr/bin``; ``.vulcan`` stays)."""
+    return tar_name.removeprefix("./").strip("/")
+
+
 def entries(image: Path) -> dict[str, Entry]:
     """Every path in the image, with owners, modes, sizes, link targets, devices and xattrs."""
     proc = subprocess.Popen([which("sqfs2tar"), str(image)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -45,20 +50,26 @@ def entries(image: Path) -> dict[str, Entry]:
     out: dict[str, Entry] = {}
     sizes: dict[str, int] = {}
     links: dict[str, int] = {}
-    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-        for m in tar:
-            path = m.name.lstrip("./").rstrip("/")
-            size = sizes.get(m.linkname.lstrip("./"), 0) if m.islnk() else m.size
-            if m.isreg():
-                sizes[path] = m.size
-            target = m.linkname.lstrip("./") if m.islnk() else ""
-            key = target or path
-            links[key] = links.get(key, 0) + 1
-            xattrs = tuple(sorted((k[len("SCHILY.xattr.") :], v) for k, v in m.pax_headers.items()
-                                  if k.startswith("SCHILY.xattr.")))  # fmt: skip
-            inode = Inode(_KINDS.get(m.type, "unknown"), m.mode, m.uid, m.gid, size, 1,
-                          m.linkname if m.issym() else "")  # fmt: skip
-            out[path] = Entry(path, inode, (m.devmajor, m.devminor), xattrs, target)
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            members = list(tar)
+    except tarfile.TarError as exc:
+        proc.kill()
+        proc.wait()
+        raise ToolFailed(f"sqfs2tar cannot read {image}: {exc}") from None
+    for m in members:
+        path = _name(m.name)
+        size = sizes.get(_name(m.linkname), 0) if m.islnk() else m.size
+        if m.isreg():
+            sizes[path] = m.size
+        target = _name(m.linkname) if m.islnk() else ""
+        key = target or path
+        links[key] = links.get(key, 0) + 1
+        xattrs = tuple(sorted((k[len("SCHILY.xattr.") :], v) for k, v in m.pax_headers.items()
+                              if k.startswith("SCHILY.xattr.")))  # fmt: skip
+        inode = Inode(_KINDS.get(m.type, "unknown"), m.mode, m.uid, m.gid, size, 1,
+                      m.linkname if m.issym() else "")  # fmt: skip
+        out[path] = Entry(path, inode, (m.devmajor, m.devminor), xattrs, target)
     err = proc.stderr.read() if proc.stderr else b""
     if proc.wait() != 0:
         raise ToolFailed(f"sqfs2tar {image} failed: {err.decode(errors='replace')[-500:]}")
@@ -94,14 +105,14 @@ def rdump(image: Path, path: str, dest: Path) -> bool:
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for m in tar:
-                name = m.name.lstrip("./")
+                name = _name(m.name)
                 if not name.startswith(src + "/"):
                     continue
                 m.name = name[len(src) + 1 :]
                 if m.islnk():
-                    if not m.linkname.lstrip("./").startswith(src + "/"):
+                    if not _name(m.linkname).startswith(src + "/"):
                         continue
-                    m.linkname = m.linkname.lstrip("./")[len(src) + 1 :]
+                    m.linkname = _name(m.linkname)[len(src) + 1 :]
                 tar.extract(m, target, filter="tar")  # our own image; "tar" keeps paths inside target
                 found = True
     except (tarfile.TarError, OSError):

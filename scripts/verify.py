@@ -24,7 +24,7 @@ from .pins import ARCHES, Pins, host_arch
 from .pins import load as load_pins
 from .run import run_tool
 
-CHECK_NAME = {"ext4": "e2fsck -fn", "squashfs": "rdsquashfs reads it"}
+CHECK_NAME = {"ext4": "e2fsck -fn", "squashfs": "sqfs2tar reads it all"}
 
 
 @dataclass
@@ -166,7 +166,11 @@ def check_image(rep: Report, runtime: str, fmt: str, arch: str, reproduce: bool)
     runtime_bin = manifest.get("binary", "").lstrip("/")
     files = {p: size for pkg in manifest.get("packages", []) for p, size in pkg.get("files", {}).items()}
     wanted = sorted({agent_path, "work", "sbin/init", "etc/inittab", runtime_bin, *files})
-    st = reader.stat_many(img, wanted)
+    try:
+        st = reader.stat_many(img, wanted)
+    except VulcanError as exc:
+        rep.add(name, "files readable", False, exc.message.splitlines()[0][:200])
+        return
     a = st.get(agent_path)
     if a is None or a.kind != "regular" or not a.mode & 0o111:
         rep.add(name, "agent present, executable", False, f"/{agent_path}: {a.kind if a else 'missing'}")

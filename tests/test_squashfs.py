@@ -106,7 +106,7 @@ def test_verify_checks_the_squashfs_image(built: World) -> None:
     rows = json.loads(proc.stdout)["rows"]
     sq = {r["check"]: r for r in rows if r["artifact"] == "images/python.squashfs"}
     assert sq["sha256 = manifest"]["result"] == "pass"
-    assert sq["rdsquashfs reads it"]["result"] == "pass"
+    assert sq["sqfs2tar reads it all"]["result"] == "pass"
     assert sq["agent = bin/vulcan-guest"]["result"] == "pass"
     assert sq["package files intact"]["result"] == "pass"
     if imagerepo.musl_python():
@@ -124,6 +124,8 @@ def test_a_changed_squashfs_image_fails_verify(built: World, tmp_path: Path) -> 
     assert proc.returncode == 1
     failed = {(r["artifact"], r["check"]) for r in json.loads(proc.stdout)["rows"] if r["result"] == "FAIL"}
     assert ("images/python.squashfs", "sha256 = manifest") in failed
+    assert ("images/python.squashfs", "sqfs2tar reads it all") in failed
+    assert "Traceback" not in proc.stderr
 
 
 def test_an_unknown_format_is_a_pins_error(world: World) -> None:
