@@ -51,6 +51,15 @@ CASES = [
     (lambda p: p.pop("schema_version"), "schema_version: missing"),
     (lambda p: p.__setitem__("schema_version", 2), "schema_version: unsupported version 2"),
     (lambda p: p["go"]["sha256"].__setitem__("aarch64", "z" * 64), "go.sha256.aarch64: expected 64 hex characters"),
+    (lambda p: p.__setitem__("schema_version", "1"), 'schema_version: expected the number 1, got str "1"'),
+    (
+        lambda p: p["alpine"].__setitem__("mirror", "https://m/{branch}"),
+        "alpine.mirror: unknown placeholder {branch}: this URL takes no placeholders",
+    ),
+    (lambda p: p["alpine"].__setitem__("headroom_mib", 10**15), "alpine.headroom_mib: 1000000000000000 is more"),
+    (lambda p: p["alpine"].__setitem__("formats", ["ext4", "ext4"]), "alpine.formats: a format is listed twice"),
+    (lambda p: p["guest"].__setitem__("source", 3), "guest.source: expected a non-empty string"),
+    (lambda p: p["guest"].__setitem__("pkg", "."), "guest.pkg: unknown key"),
 ]
 
 
@@ -96,3 +105,10 @@ def test_cli_reports_bad_pins_without_traceback(world: World) -> None:
     assert "pins.json: kernel.sha256.aarch64: expected 64 hex characters" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (world.out / "bin").exists()
+
+
+def test_a_typo_in_build_arguments_names_every_step_they_go_to(world: World) -> None:
+    """rootfs-<rt> passes its arguments on to guest: the error must not claim 'nox -s guest'."""
+    proc = world.run("guest", "--bogus")
+    assert proc.returncode == 2
+    assert "nox -s {download,guest,rootfs-<runtime>,rootfs_all} --" in proc.stderr and "--bogus" in proc.stderr

@@ -232,7 +232,10 @@ def test_ordinary_user_builds_an_image(built: World, tmp_path_factory: pytest.Te
     place = Path(f"/tmp/vulcan-user-{os.getpid()}-{how}")
     shutil.rmtree(place, ignore_errors=True)
     shutil.copytree(built.out / "bin", place / "out/bin")
-    shutil.copy(built.pins_path, place / "pins.json")
+    pins = json.loads(built.pins_path.read_text())
+    formats = ["ext4", "squashfs"] if shutil.which("tar2sqfs") else ["ext4"]
+    pins["alpine"]["formats"] = formats  # both formats, as an ordinary user
+    (place / "pins.json").write_text(json.dumps(pins))
     shutil.copy(built.tmp / "alpine.lock.json", place / "alpine.lock.json")
     # the tool from a copy the user can read: the checkout may sit where only root can enter
     shutil.copytree(REPO / "scripts", place / "src/scripts", ignore=shutil.ignore_patterns("__pycache__"))
@@ -251,6 +254,8 @@ def test_ordinary_user_builds_an_image(built: World, tmp_path_factory: pytest.Te
         assert proc.returncode == 0, proc.stderr
         img = place / "out/images/python.ext4"
         assert img.stat().st_uid == 65534
+        for fmt in formats:
+            assert (place / f"out/images/python.{fmt}").stat().st_uid == 65534
         ext4.fsck(img)
         st = debugfs.stat_many(img, ["work", "etc/shadow", "bin/busybox"])
         assert st["work"] and (st["work"].uid, st["work"].gid) == (1000, 1000)  # owners from the packages
