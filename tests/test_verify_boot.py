@@ -182,7 +182,7 @@ def test_firecracker_config_has_the_documented_shape(tmp_path: Path) -> None:
 
 
 def test_firecracker_config_of_a_read_only_root_with_a_scratch_drive(tmp_path: Path) -> None:
-    from scripts.boot import Disks
+    from scripts.vm import Disks
 
     disks = Disks(tmp_path / "python.squashfs", True, "squashfs", tmp_path / "upper.ext4")
     cfg = config(tmp_path / "vmlinux", disks.root, tmp_path / "v.sock", extra_args=disks.kernel_args(with_root=False),
@@ -320,7 +320,7 @@ def test_qemu_boot_succeeds_while_every_core_is_busy(full: World) -> None:
 
 
 def test_host_tsc_rate_comes_from_cpuinfo(tmp_path: Path) -> None:
-    from scripts.boot import host_tsc_khz
+    from scripts.qemu import host_tsc_khz
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\ncpu MHz\t\t: 2299.998\ncache size\t: 512 KB\n")
@@ -351,7 +351,7 @@ def test_the_jailer_gets_the_documented_flags_and_a_chroot_holding_everything(tm
     """firecracker docs/jailer.md: --id, --exec-file, --uid, --gid, --chroot-base-dir,
     --cgroup-version, --cgroup, then -- and Firecracker's own arguments; the VM's files inside
     <base>/<exec name>/<id>/root, referred to by paths inside the chroot."""
-    from scripts.boot import Jail
+    from scripts.firecracker_vm import Jail
 
     kernel, image = tmp_path / "vmlinux", tmp_path / "python.squashfs"
     kernel.write_bytes(b"k" * 100)

@@ -1,0 +1,125 @@
+"""Booting an image with Firecracker, directly or through its jailer.
+
+The config file, the serial console, the agent over vsock; with the jailer, as a production
+host starts it (chroot, cgroup, an unprivileged uid/gid).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import atomic, log
+from .agent import AgentClient, vsock_connect
+from .firecracker_config import config as firecracker_config
+from .pins import Runtime
+from .vm import AGENT_PORT, BootFailed, BootResult, Console, Target, kill, prepare_disks
+
+JAILER_ID = "vulcan-{runtime}"
+JAILED_UID = JAILED_GID = 65534  # nobody: the VMM runs unprivileged inside its chroot
+
+
+@dataclass(frozen=True)
+class Jail:
+    """Firecracker started the way a production host starts it: through the jailer, which
+    chroots into ``<base>/firecracker/<id>/root``, makes /dev/kvm there, moves the process into
+    its own cgroup and drops to an unprivileged uid/gid (firecracker docs/jailer.md). Every file
+    the VM uses must be inside that root; paths in the config are then relative to it."""
+
+    jailer: Path
+    firecracker: Path
+    base: Path
+    id: str
+    uid: int = JAILED_UID
+    gid: int = JAILED_GID
+    mem_mib: int = 256
+
+    @property
+    def root(self) -> Path:
+        return self.base / self.firecracker.name / self.id / "root"
+
+    def argv(self, config_in_jail: str) -> list[str]:
+        return [
+            str(self.jailer), "--id", self.id, "--exec-file", str(self.firecracker),
+            "--uid", str(self.uid), "--gid", str(self.gid), "--chroot-base-dir", str(self.base),
+            "--cgroup-version", "2", "--cgroup", f"memory.max={self.mem_mib << 20}",
+            "--", "--no-api", "--config-file", config_in_jail,
+        ]  # fmt: skip
+
+    def place(self, src: Path, name: str, writable: bool) -> Path:
+        """Put a file the VM needs into the jail (hard link when it can, else a copy) and give
+        the jailed user what it needs of it; returns its path inside the jail."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        dest = self.root / name
+        try:
+            os.link(src, dest)
+        except OSError:
+            atomic.sparse_copy(src, dest)
+        if writable:
+            os.chown(dest, self.uid, self.gid)
+        else:
+            os.chmod(dest, 0o644)
+        return Path("/") / name
+
+
+def boot_firecracker(
+    t: Target, rt: Runtime, kernel: Path, firecracker: Path, timeout: float, logs: Path, jailer: Path | None = None
+) -> BootResult:
+    runtime = t.runtime
+    with atomic.scratch(Path(tempfile.gettempdir()), "fc") as scratch:
+        disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, scratch)
+        extra = f"vulcan.port={AGENT_PORT} {disks.kernel_args(with_root=False)}".strip()
+        if jailer is None:
+            uds = scratch / "vsock.sock"
+            cfg = scratch / "vm.json"
+            conf = firecracker_config(kernel, disks.root, uds, extra_args=extra, read_only=disks.read_only,
+                                      scratch=disks.scratch)  # fmt: skip
+            cfg.write_text(json.dumps(conf, indent=1))
+            cmd = [str(firecracker), "--no-api", "--config-file", str(cfg)]
+        else:
+            jail = Jail(jailer, firecracker, scratch / "jail", JAILER_ID.format(runtime=runtime))
+            root = jail.place(disks.root, f"rootfs.{t.fmt}", writable=not disks.read_only)
+            upper = jail.place(disks.scratch, "upper.ext4", writable=True) if disks.scratch else None
+            conf = firecracker_config(jail.place(kernel, "vmlinux", writable=False), root, Path("/vsock.sock"),
+                                      extra_args=extra, read_only=disks.read_only, scratch=upper)  # fmt: skip
+            (jail.root / "vm.json").write_text(json.dumps(conf, indent=1))
+            os.chown(jail.root, jail.uid, jail.gid)  # Firecracker creates the vsock socket there
+            uds = jail.root / "vsock.sock"
+            cmd = jail.argv("/vm.json")
+        console_log = logs / f"{runtime}.{t.fmt}.firecracker.console.log"
+        log.info(f"boot {runtime}: {' '.join(cmd)} (console log {console_log})")
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=scratch
+        )
+        console = Console(proc, console_log)
+        try:
+            line = console.wait_for(("vulcan-guest: ready",), start + timeout)
+            ready = time.monotonic() - start
+            if line is None:
+                why = f"no 'vulcan-guest: ready' within {timeout:.0f}s; last console lines: {console.tail[-5:]}"
+                return BootResult(runtime, "firecracker", False, ready, why, console_log)
+            client = AgentClient(vsock_connect(str(uds), AGENT_PORT, timeout=30))
+            try:
+                client.ping()
+                check = client.exec(list(rt.check))
+                if check.exit_code != 0:
+                    raise BootFailed(f"{' '.join(rt.check)} exited {check.exit_code}: {check.stderr[-300:]!r}")
+                detail = (check.stdout or check.stderr).decode(errors="replace").strip().splitlines()[0]
+                if rt.program:
+                    prog = client.exec(list(rt.program), timeout_ms=120_000)
+                    out = prog.stdout.decode(errors="replace").strip()
+                    if prog.exit_code != 0 or (rt.expect and out != rt.expect):
+                        raise BootFailed(f"program {list(rt.program)} gave exit {prog.exit_code}, output {out!r}")
+                    detail += f"; program printed {out!r}"
+            finally:
+                client.close()
+            return BootResult(runtime, "firecracker", True, ready, detail, console_log, disks.copied_bytes)
+        finally:
+            kill(proc)
+            console.close()

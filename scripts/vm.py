@@ -1,0 +1,164 @@
+"""What every VM boot shares: the target and its disks, the serial console, the result.
+
+A writable ext4 boot runs on a scratch copy of the image; a read-only one (squashfs, or ext4
+with --read-only) attaches the image itself with a throwaway overlay (rootfs/configure.py's
+overlay-init). qemu.py and firecracker_vm.py boot with these; boot.py is the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import atomic
+from .errors import VulcanError
+from .run import minimal_env, run_tool
+
+AGENT_PORT = 52
+STALLED = "\0stalled"
+STALL_S = 60.0  # a guest silent for this long before it is up has hung (a safety net: see qemu.tcg_kernel_args)
+
+
+class BootFailed(VulcanError):
+    """The VM did not show a working image in time."""
+
+
+@dataclass
+class BootResult:
+    runtime: str
+    vmm: str
+    ok: bool
+    seconds: float
+    detail: str
+    console: Path
+    copied_bytes: int = 0  # what the sandbox start copied (0 for a read-only image)
+    fmt: str = "ext4"
+
+    def as_json(self) -> dict[str, object]:
+        return {"runtime": self.runtime, "format": self.fmt, "vmm": self.vmm, "ok": self.ok,
+                "seconds": round(self.seconds, 3), "copied_bytes": self.copied_bytes, "detail": self.detail,
+                "console": str(self.console)}  # fmt: skip
+
+
+def kvm_usable() -> str | None:
+    """None if /dev/kvm can be opened read-write, else why not."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist (no KVM on this host)"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not read-writable by this user (add yourself to the kvm group)"
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One image to boot and how: format, read-only, and where the overlay's upper layer lives."""
+
+    runtime: str
+    image: Path
+    fmt: str
+    read_only: bool
+    overlay: str  # tmpfs or disk
+
+    @property
+    def label(self) -> str:
+        mode = f"read-only + {self.overlay} overlay" if self.read_only or self.fmt != "ext4" else "writable copy"
+        return f"{self.runtime} ({self.fmt}, {mode})"
+
+
+class Console:
+    """Reads a VM's serial console line by line in the background and keeps it in a log."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.log = open(log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by close()
+        self.tail: list[str] = []
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.log.write(line + "\n")
+            self.log.flush()
+            self.tail = ([*self.tail, line])[-15:]
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, markers: tuple[str, ...], deadline: float, stall: float | None = None) -> str | None:
+        """The first console line containing one of ``markers`` (None: VM ended or timed out).
+
+        With ``stall``, silence on the console for that long counts as a hang: ``STALLED``."""
+        last = time.monotonic()
+        while True:
+            now = time.monotonic()
+            left = deadline - now
+            if left <= 0:
+                return None
+            if stall is not None and now - last > stall:
+                return STALLED
+            try:
+                line = self.lines.get(timeout=min(left, 1.0))
+                last = time.monotonic()
+            except queue.Empty:
+                continue
+            if line is None:
+                return None
+            if any(m in line for m in markers):
+                return line
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+OVERLAY_INIT = "/etc/vulcan/overlay-init"  # written into every image (rootfs/configure.py)
+SCRATCH_MIB = 512  # the per-sandbox upper layer drive of --overlay disk (sparse)
+
+
+@dataclass(frozen=True)
+class Disks:
+    """What a VM boots from. A writable ext4 boot runs on a scratch copy of the image; a
+    read-only boot (squashfs, or ext4 with --read-only) attaches the image itself, read-only
+    and in place (a sandbox start copies nothing), with a throwaway overlay on top: in RAM
+    (tmpfs) or on a scratch ext4 drive made for this VM (--overlay disk)."""
+
+    root: Path
+    read_only: bool
+    fstype: str
+    scratch: Path | None = None
+    copied_bytes: int = 0  # what starting this VM copied (the figure a read-only image brings to zero)
+
+    def kernel_args(self, with_root: bool) -> str:
+        """``with_root``: also say root= (QEMU); Firecracker adds root=/dev/vda ro|rw itself."""
+        if not self.read_only:
+            return "root=/dev/vda rw" if with_root else ""
+        upper = "/dev/vdb" if self.scratch else "tmpfs"
+        args = f"rootfstype={self.fstype} init={OVERLAY_INIT} vulcan.overlay={upper}"
+        return f"root=/dev/vda ro {args}" if with_root else args
+
+
+def prepare_disks(image: Path, fmt: str, read_only: bool, overlay: str, scratch: Path) -> Disks:
+    if fmt == "ext4" and not read_only:
+        copy = scratch / image.name  # the VM writes; images/ is never modified (sparse copy)
+        atomic.sparse_copy(image, copy)
+        return Disks(copy, False, "ext4", None, atomic.allocated_bytes(copy))
+    upper = None
+    if overlay == "disk":
+        upper = scratch / "upper.ext4"
+        with open(upper, "wb") as f:
+            f.truncate(SCRATCH_MIB << 20)
+        run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^orphan_file,^metadata_csum_seed", upper],
+                 env=minimal_env(), quiet=True)  # fmt: skip
+    return Disks(image, True, fmt, upper)
