@@ -5,7 +5,7 @@ one-line summaries come from scripts/steps.py, the table ``python -m scripts --h
   download        pinned Firecracker, jailer and guest kernel -> bin/
   guest           the static vulcan-guest agent (guest/) -> bin/vulcan-guest
   lock            resolve every runtime's Alpine packages -> alpine.lock.json (on request)
-  rootfs-<rt>     one image per runtime in pins.json (go, node, python) -> images/ (tags: rootfs, image)
+  rootfs-<rt>     one runtime's images (ext4, squashfs) per pins.json -> images/ (tags: rootfs, image)
   rootfs_all      all of them (tag: rootfs)
   verify          check bin/ and images/ against the pins and manifests (--json, --reproduce)
   boot            boot images and run their runtime (Firecracker, or --vmm qemu) (on request)
@@ -155,7 +155,7 @@ def _rootfs_session(runtime: str) -> None:
     def rootfs(session: nox.Session) -> None:
         _scripts(session, "rootfs", "--runtime", runtime)
 
-    rootfs.__doc__ = f"Build images/{runtime}.ext4 (+ manifest, SPDX SBOM) from the lock."
+    rootfs.__doc__ = f"Build images/{runtime}.<format> for alpine.formats (+ manifest, SPDX SBOM) from the lock."
     nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs", "image"])(rootfs)
 
 
