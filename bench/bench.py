@@ -207,6 +207,39 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[float,
     return time.monotonic() - t, proc
 
 
+def mke2fs_floor(tar: Path, manifest: dict[str, Any], work: Path, env: dict[str, str]) -> float:
+    """mke2fs -d of the very tar, with the image's own size, inodes, UUID and hash seed."""
+    from scripts.ext4 import MKE2FS_CONF
+
+    img = work / "floor.ext4"
+    img.unlink(missing_ok=True)
+    with open(img, "wb") as f:
+        f.truncate(manifest["size"])
+    conf = work / "mke2fs.conf"
+    conf.write_text(MKE2FS_CONF)
+    fs = manifest["filesystem"]
+    cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-N", str(fs["inodes"]), "-U", fs["uuid"],
+           "-E", f"hash_seed={fs['hash_seed']},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",
+           "-O", "^orphan_file,^metadata_csum_seed", "-d", str(tar), str(img), f"{manifest['size'] // 1024}k"]  # fmt: skip
+    return timed(cmd, {**env, "MKE2FS_CONFIG": str(conf), "SOURCE_DATE_EPOCH": "1700000000"})[0]
+
+
+def phases(stderr: str) -> dict[str, float]:
+    """The build's own account of where its time went (VULCAN_TIMING=1), summed over images."""
+    out: dict[str, float] = {}
+    for line in stderr.splitlines():
+        if "vulcan: timing " in line:
+            for item in line.split("): ", 1)[-1].split("; "):
+                key, _, secs = item.rpartition("=")
+                out[key] = out.get(key, 0.0) + float(secs.rstrip("s"))
+    return out
+
+
+def median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in runs for k in r})
+    return {k: median([r.get(k, 0.0) for r in runs]) for k in keys}
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -311,27 +344,18 @@ def main() -> int:
     # 2. warm rebuild vs mke2fs of the same tar; 4. size; 5. memory
     keep = work / "tars"
     warm: dict[str, Any] = {}
+    warm_phases: dict[str, list[dict[str, float]]] = {}
     for name in RUNTIMES:
         builds, floors, rss = [], [], []
         for _ in range(args.runs):
             (w.out / "images" / f"{name}.ext4").unlink()
-            t, _ = timed([py, "-m", "scripts", "rootfs", "--runtime", name], {**env, "VULCAN_KEEP_TAR": str(keep)})
+            t, proc = timed([py, "-m", "scripts", "rootfs", "--runtime", name],
+                            {**env, "VULCAN_KEEP_TAR": str(keep), "VULCAN_TIMING": "1"})  # fmt: skip
             builds.append(t)
+            warm_phases.setdefault(name, []).append(phases(proc.stderr))
             manifest = json.loads((w.out / "images" / f"{name}.manifest.json").read_text())
             tar = keep / f"{name}-{arch}.tar"
-            img = work / "floor.ext4"
-            img.unlink(missing_ok=True)
-            with open(img, "wb") as f:
-                f.truncate(manifest["size"])
-            conf = work / "mke2fs.conf"
-            from scripts.ext4 import MKE2FS_CONF
-
-            conf.write_text(MKE2FS_CONF)
-            fs = manifest["filesystem"]
-            cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-N", str(fs["inodes"]), "-U", fs["uuid"],
-                   "-E", f"hash_seed={fs['hash_seed']},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",
-                   "-O", "^orphan_file,^metadata_csum_seed", "-d", str(tar), str(img), f"{manifest['size'] // 1024}k"]  # fmt: skip
-            floors.append(timed(cmd, {**env, "MKE2FS_CONFIG": str(conf), "SOURCE_DATE_EPOCH": "1700000000"})[0])
+            floors.append(mke2fs_floor(tar, manifest, work, env))
         # memory: the full path (fetch from cache, verify, decompress, merge, write the stream)
         (w.out / "images" / f"{name}.ext4").unlink()
         wrapper = (
@@ -350,6 +374,45 @@ def main() -> int:
             "peak_rss_mib": max(rss), "files": sum(len(p["files"]) for p in manifest["packages"]),
         }  # fmt: skip
     results["warm"] = warm
+    results["warm_phases"] = {name: median_phases(runs) for name, runs in warm_phases.items()}
+
+    # 8. the agent changed (the developer loop): the agent rebuilt, then every image assembled
+    # again from cached packages and written again; floor: go build + mke2fs -d of the final tars
+    agent_src = work / "agent-src"
+    shutil.copytree(ROOT / "guest", agent_src)
+    change_env = {**env, "VULCAN_GUEST_SOURCE": str(agent_src), "VULCAN_KEEP_TAR": str(keep), "VULCAN_TIMING": "1"}
+    changed, change_floor, change_phases = [], [], []
+    gobuild = [
+        str(go),
+        "build",
+        "-trimpath",
+        "-buildvcs=false",
+        "-ldflags=-s -w -buildid=",
+        "-o",
+        str(work / "agent"),
+        ".",
+    ]
+    go_env = {**env, "CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "", "GOCACHE": str(w.gocache)}
+    for run in range(args.runs):
+        (agent_src / "bench_change.go").write_text(  # a change that stays in the binary
+            f'package main\n\nimport "os"\n\nvar benchChange = "bench run {run}"\n\n'
+            "func init() {\n\tif len(os.Args) > 1000 {\n\t\tprintln(benchChange)\n\t}\n}\n"
+        )
+        t_guest, _ = timed([py, "-m", "scripts", "guest"], change_env)
+        t_rootfs, proc = timed([py, "-m", "scripts", "rootfs", "--all"], change_env)
+        if "timing rootfs" not in proc.stderr:
+            raise SystemExit(f"bench: the agent change did not rebuild the images:\n{proc.stderr}")
+        changed.append(t_guest + t_rootfs)
+        change_phases.append({**phases(proc.stderr), "guest step (go build)": t_guest})
+        floor = timed(gobuild, go_env, cwd=agent_src)[0]
+        for name in RUNTIMES:
+            manifest = json.loads((w.out / "images" / f"{name}.manifest.json").read_text())
+            floor += mke2fs_floor(keep / f"{name}-{arch}.tar", manifest, work, env)
+        change_floor.append(floor)
+    results["agent_change"] = {
+        "rebuild_s": median(changed), "floor_s": median(change_floor), "ratio": median(changed) / median(change_floor),
+        "phases": median_phases(change_phases),
+    }  # fmt: skip
 
     # 7. squashfs: the same stream (cached), tar2sqfs with our options vs tar2sqfs alone
     from scripts import squashfs
@@ -447,6 +510,9 @@ def report(r: dict[str, Any]) -> str:
         lines.append(
             f"{'peak RSS building ' + name:<44} {wv['peak_rss_mib']:>8.0f}Mi {'':>10} {'':>7}  <= 200 MiB (go)"
         )
+    a = r["agent_change"]
+    lines.append(f"{'agent changed: agent + all three images':<44} {a['rebuild_s']:>9.2f}s {a['floor_s']:>9.2f}s "
+                 f"{a['ratio']:>6.2f}x  <= 2x (floor: go build + mke2fs -d of the three final tars)")  # fmt: skip
     q = r["squashfs"]
     for name, v in q["runtimes"].items():
         lines.append(f"{'warm squashfs ' + name + ' vs tar2sqfs alone':<44} {v['build_s']:>9.2f}s {v['tar2sqfs_floor_s']:>9.2f}s "
@@ -462,6 +528,11 @@ def report(r: dict[str, Any]) -> str:
         for fmt, secs in b["qemu_tcg_boot_to_smoke_s"].items():
             lines.append(f"{'QEMU (TCG) boot-to-smoke, python, ' + fmt:<44} {secs:>9.2f}s")
     lines.append("Firecracker boot-to-ready: not measurable on these machines (their KVM runs only patched guests)")
+    lines.append("")
+    lines.append("where the time goes (the build's own phases, VULCAN_TIMING=1; medians, seconds):")
+    for name, ph in r["warm_phases"].items():
+        lines.append(f"  warm {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+    lines.append("  agent change, all three: " + ", ".join(f"{k} {v:.2f}" for k, v in a["phases"].items()))
     return "\n".join(lines)
 
 

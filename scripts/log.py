@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import TextIO
 
 
@@ -68,3 +71,29 @@ class Progress:
         if self.enabled:
             self._draw()
             print(file=_stream(), flush=True)
+
+
+_phases: dict[str, float] = {}
+_phase_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Time a build phase (summed per name, across threads); see report_phases()."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        with _phase_lock:
+            _phases[name] = _phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def report_phases(what: str) -> None:
+    """With VULCAN_TIMING=1: one line of where the time went, then start counting afresh."""
+    from . import settings
+
+    with _phase_lock:
+        phases = dict(_phases)
+        _phases.clear()
+    if settings.timing() and phases:
+        info(f"timing {what}: " + "; ".join(f"{k}={v:.3f}s" for k, v in phases.items()))

@@ -41,6 +41,7 @@ VARIABLES = (
     Variable("VULCAN_FETCH_WORKERS", "1-64", "parallel package downloads"),
     Variable("VULCAN_KEEP_TAR", "directory", "also keep each image's tar stream there"),
     Variable("VULCAN_NO_FASTPATH", "1", "always start the step, even when the in-process check says up to date"),
+    Variable("VULCAN_TIMING", "1", "print how long each build phase took (the benchmark reads it)"),
     Variable("SOURCE_DATE_EPOCH", "seconds", "the timestamp images are clamped to"),
 )
 NAMES = frozenset(v.name for v in VARIABLES)
@@ -175,6 +176,10 @@ def no_fastpath() -> bool:
     return _raw("VULCAN_NO_FASTPATH") is not None
 
 
+def timing() -> bool:
+    return _flag("VULCAN_TIMING")
+
+
 def source_date_epoch() -> int | None:
     value = _raw("SOURCE_DATE_EPOCH")
     if value is None:
@@ -202,6 +207,7 @@ _READERS = {
     "VULCAN_FETCH_WORKERS": fetch_workers,
     "VULCAN_KEEP_TAR": keep_tar,
     "VULCAN_NO_FASTPATH": no_fastpath,
+    "VULCAN_TIMING": timing,
     "SOURCE_DATE_EPOCH": source_date_epoch,
 }
 

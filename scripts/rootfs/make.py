@@ -13,6 +13,7 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from .. import atomic, log, paths, settings, stamps
 from ..apk import packages
@@ -27,7 +28,8 @@ from .stream import Stream
 def _fetch_or_relock(plan: Plan) -> tuple[Plan, list[object]]:
     """The plan's verified packages; after a re-lock (a locked package left the mirror), a new
     plan from the new closure, so that stream, manifest and stamp all describe what was built."""
-    closure, verified = packages.fetch_locked(plan.pins, plan.runtime, plan.arch, plan.frozen, plan.closure)
+    with log.phase("fetch+verify packages"):
+        closure, verified = packages.fetch_locked(plan.pins, plan.runtime, plan.arch, plan.frozen, plan.closure)
     if closure != plan.closure:
         plan = make_plan(plan.pins, plan.runtime, plan.arch, plan.frozen, closure)
     return plan, list(verified)
@@ -38,7 +40,7 @@ def _stream(plan: Plan, scratch: Path, pool: ThreadPoolExecutor) -> tuple[Plan, 
     found = None if settings.reassemble() else stream.cached(plan.stream_digest)
     if found is not None:
         log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
-        return plan, found, pool.submit(stream.verify, found)
+        return plan, found, pool.submit(_timed, "verify cached stream", stream.verify, found)
     plan, fresh = _assemble(plan, scratch)
     return plan, fresh, None
 
@@ -51,8 +53,14 @@ def _assemble(plan: Plan, scratch: Path) -> tuple[Plan, Stream]:
         if exc.errno == errno.ENOSPC:  # package trees and the tar are written to scratch
             raise no_space(scratch, None, "assembling the image in") from None
         raise
-    stream.store(plan.stream_digest, fresh)
+    with log.phase("store stream"):
+        stream.store(plan.stream_digest, fresh)
     return plan, fresh
+
+
+def _timed(name: str, fn: Any, *args: Any) -> Any:
+    with log.phase(name):
+        return fn(*args)
 
 
 def _write_all(plan: Plan, s: Stream, scratch: Path, pool: ThreadPoolExecutor) -> dict[str, tuple[Written, str]]:
@@ -60,9 +68,11 @@ def _write_all(plan: Plan, s: Stream, scratch: Path, pool: ThreadPoolExecutor) -
     for out in plan.outputs:
         built = scratch / out.image.name
         job = Job(s.tar, s.sha256, s.shape, plan.epoch, f"vulcan-{plan.runtime}", plan.headroom_mib)
-        written = out.writer.write(job, built)
-        checked = pool.submit(out.writer.check, built)
-        digest = sha256_file(built)  # beside the check, on the other core
+        with log.phase(f"write {out.format}"):
+            written = out.writer.write(job, built)
+        checked = pool.submit(_timed, f"check {out.format}", out.writer.check, built)
+        with log.phase(f"hash {out.format}"):
+            digest = sha256_file(built)  # beside the check, on the other core
         checked.result()
         results[out.format] = (written, digest)
     return results
@@ -100,10 +110,11 @@ def make(plan: Plan) -> Plan:
                              plan.pins.alpine.branch, rows, plan.guest_sha, plan.epoch, variants)  # fmt: skip
         (scratch / "manifest.json").write_text(json.dumps(doc, indent=1) + "\n")
         (scratch / "spdx.json").write_text(json.dumps(spdx, indent=1) + "\n")
-        for out in plan.outputs:
-            atomic.publish(scratch / out.image.name, out.image)
-        atomic.publish(scratch / "manifest.json", plan.manifest)
-        atomic.publish(scratch / "spdx.json", plan.spdx)
+        with log.phase("publish"):
+            for out in plan.outputs:
+                atomic.publish(scratch / out.image.name, out.image)
+            atomic.publish(scratch / "manifest.json", plan.manifest)
+            atomic.publish(scratch / "spdx.json", plan.spdx)
     known = {o.image: images[o.format][1] for o in plan.outputs}
     stamps.write(plan.stamp, plan.inputs, plan.base, plan.files(), known=known)
     for out in plan.outputs:
@@ -112,4 +123,5 @@ def make(plan: Plan) -> Plan:
             f"{plan.what}: {out.image.relative_to(plan.base)} {written.size >> 20} MiB ({len(plan.closure)} packages, "
             f"{s.shape.content_bytes >> 20} MiB content) in {time.monotonic() - start:.1f}s, sha256 {digest}"
         )
+    log.report_phases(plan.what)
     return plan

@@ -217,26 +217,30 @@ def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
         installed = []
         for locked, v in zip(plan.closure, verified, strict=True):
             replaces = {r.split("=")[0].split("<")[0].split(">")[0] for r in v.pkginfo.get("replaces", [])}
-            tree.add_package(locked.name, v.path, v.data_offset, replaces)
+            with log.phase("decompress+merge packages"):
+                tree.add_package(locked.name, v.path, v.data_offset, replaces)
             names = [n for n in control_files(v.control) if n.startswith(".") and n != ".PKGINFO"]
             if names:
                 scripts[locked.name] = names
             installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo, locked.size, locked.arch))
-        report = configure.review_scripts(scripts)
-        links = configure.busybox_links(tree)
-        configure.accounts(tree, "bin/busybox" in tree.nodes)
-        configure.vulcan(tree, rt.check, plan.runtime, plan.guest.read_bytes())
-        world = [*alpine.base, *rt.world]
-        repos = [f"{alpine.mirror.rstrip('/')}/{alpine.branch}/{r}" for r in alpine.repositories]
-        configure.apk_database(tree, installed, world, repos, keys.key_pems(alpine), plan.arch)
-        _require(tree, "sbin/init", "no /sbin/init in the image (busybox's applet link): is busybox in alpine.base?")
-        _require(tree, rt.binary.lstrip("/"), f"the runtime binary {rt.binary} is not in the image")
+        with log.phase("configure (scripts, accounts, agent, apk db)"):
+            report = configure.review_scripts(scripts)
+            links = configure.busybox_links(tree)
+            configure.accounts(tree, "bin/busybox" in tree.nodes)
+            configure.vulcan(tree, rt.check, plan.runtime, plan.guest.read_bytes())
+            world = [*alpine.base, *rt.world]
+            repos = [f"{alpine.mirror.rstrip('/')}/{alpine.branch}/{r}" for r in alpine.repositories]
+            configure.apk_database(tree, installed, world, repos, keys.key_pems(alpine), plan.arch)
+            _require(
+                tree, "sbin/init", "no /sbin/init in the image (busybox's applet link): is busybox in alpine.base?"
+            )
+            _require(tree, rt.binary.lstrip("/"), f"the runtime binary {rt.binary} is not in the image")
         os_release = tree.nodes.get("etc/os-release")
         if os_release is None:
             log.warn("no /etc/os-release in the image: add alpine-release to alpine.base")
         tar_path = scratch / "rootfs.tar"
         try:
-            with open(tar_path, "wb") as f:
+            with log.phase("write tar (+ sha256)"), open(tar_path, "wb") as f:
                 w = _HashingWriter(f)
                 tree.write_tar(w, plan.epoch)  # type: ignore[arg-type]
         except OSError as exc:
