@@ -359,3 +359,33 @@ def test_an_edited_stream_sidecar_is_not_trusted(built: World, tmp_path: Path, f
     proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))
     assert re.search(rf"cached tar stream .* is corrupt \(the sidecar's shape .*{field}", proc.stderr)
     assert sha(out / "images/python.ext4") == sha(image(built))
+
+
+def test_an_agent_change_splices_the_cached_stream_into_the_same_bytes_as_a_full_build(
+    built: World, tmp_path: Path
+) -> None:
+    """Only the agent changed: the cached stream of the same packages gets the new agent entry
+    instead of every package being merged again, and the image is bit-identical to one
+    assembled from the packages."""
+    src = tmp_path / "agent-src"
+    shutil.copytree(REPO / "guest", src)
+    (src / "change.go").write_text(
+        'package main\n\nimport "os"\n\nvar change = "another agent"\n\n'
+        "func init() {\n\tif len(os.Args) > 1000 {\n\t\tprintln(change)\n\t}\n}\n"
+    )
+    spliced, full = tmp_path / "spliced", tmp_path / "full"
+    env = {"VULCAN_GUEST_SOURCE": str(src), "VULCAN_GO": find_go()}
+    built.run("guest", check=True, VULCAN_OUT=str(spliced), **env)
+    assert sha(spliced / "bin/vulcan-guest") != sha(built.out / "bin/vulcan-guest")
+    shutil.copytree(spliced / "bin", full / "bin")
+    proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(spliced))
+    assert "only the agent changed since a cached build: replacing it" in proc.stderr, proc.stderr
+    built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(full), VULCAN_REASSEMBLE="1",
+              VULCAN_CACHE=str(tmp_path / "cache"))  # fmt: skip
+    a, b = (json.loads((d / "images/python.manifest.json").read_text()) for d in (spliced, full))
+    assert a["tar_sha256"] == b["tar_sha256"] and a["sha256"] == b["sha256"]
+    assert sha(spliced / "images/python.ext4") == sha(full / "images/python.ext4")
+    assert (
+        debugfs.cat(spliced / "images/python.ext4", "usr/local/bin/vulcan-guest")
+        == (spliced / "bin/vulcan-guest").read_bytes()
+    )

@@ -41,8 +41,25 @@ def _stream(plan: Plan, scratch: Path, pool: ThreadPoolExecutor) -> tuple[Plan, 
     if found is not None:
         log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
         return plan, found, pool.submit(_timed, "verify cached stream", stream.verify, found)
+    base = None if settings.reassemble() else stream.cached(plan.base_digest, "base")
+    if base is not None:
+        with log.phase("verify cached stream"):
+            problem = stream.verify(base)
+        if problem is None:
+            log.info(f"{plan.what}: only the agent changed since a cached build: replacing it in that build's tar")
+            with log.phase("splice the agent into the stream"):
+                fresh = stream.splice_agent(base, plan.guest.read_bytes(), plan.epoch, scratch)
+            _keep(plan, fresh)
+            return plan, fresh, None
+        log.warn(f"cached tar stream {base.tar} is corrupt ({problem}); assembling it again")
     plan, fresh = _assemble(plan, scratch)
     return plan, fresh, None
+
+
+def _keep(plan: Plan, fresh: Stream) -> None:
+    with log.phase("store stream"):
+        stream.store(plan.stream_digest, fresh)
+        stream.store(plan.base_digest, fresh, "base")
 
 
 def _assemble(plan: Plan, scratch: Path) -> tuple[Plan, Stream]:
@@ -53,8 +70,7 @@ def _assemble(plan: Plan, scratch: Path) -> tuple[Plan, Stream]:
         if exc.errno == errno.ENOSPC:  # package trees and the tar are written to scratch
             raise no_space(scratch, None, "assembling the image in") from None
         raise
-    with log.phase("store stream"):
-        stream.store(plan.stream_digest, fresh)
+    _keep(plan, fresh)
     return plan, fresh
 
 

@@ -74,6 +74,12 @@ class Plan:
         return hashlib.sha256(json.dumps([TOOL_VERSION, self.content_inputs], sort_keys=True).encode()).hexdigest()
 
     @property
+    def base_digest(self) -> str:
+        """The stream's inputs but the agent: streams that differ only in the agent share it."""
+        rest = {k: v for k, v in self.content_inputs.items() if k != "guest_sha256"}
+        return hashlib.sha256(json.dumps([TOOL_VERSION, rest], sort_keys=True).encode()).hexdigest()
+
+    @property
     def lock_sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.content_inputs["packages"]).encode()).hexdigest()
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -72,13 +73,15 @@ class Stream:
         }
 
 
-def _cache_path(digest: str) -> Path:
-    return paths.cache_dir() / "rootfs" / digest[:2] / f"{digest}.tar"
+def _cache_path(digest: str, kind: str = "") -> Path:
+    """``rootfs/<digest>.tar``: a stream; ``rootfs/base/<digest>.tar``: the last stream of the
+    same packages and configuration with any agent (what an agent change splices)."""
+    return paths.cache_dir() / "rootfs" / kind / digest[:2] / f"{digest}.tar"
 
 
-def cached(digest: str) -> Stream | None:
+def cached(digest: str, kind: str = "") -> Stream | None:
     """The cached stream as its sidecar describes it (None: absent or unreadable); not yet verified."""
-    tar = _cache_path(digest)
+    tar = _cache_path(digest, kind)
     try:
         if not tar.is_file():
             return None
@@ -96,9 +99,9 @@ def cached(digest: str) -> Stream | None:
         return None
 
 
-def store(digest: str, stream: Stream) -> None:
+def store(digest: str, stream: Stream, kind: str = "") -> None:
     """Keep the stream for the next build; skipped with a warning when the cache cannot take it."""
-    dest = _cache_path(digest)
+    dest = _cache_path(digest, kind)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic.replacing(dest) as tmp:
@@ -188,6 +191,91 @@ def read_shape(tar: Path) -> tuple[str, Shape, dict[str, int]]:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest(), Shape(blocks, dirs, entries, content), files
+
+
+AGENT = "usr/local/bin/vulcan-guest"  # configure.vulcan(): the one entry that depends on the agent
+RECORD = tarfile.RECORDSIZE  # tarfile pads a stream to whole records after two zero blocks
+
+
+def agent_entry(agent: bytes, epoch: int) -> bytes:
+    """The agent's entry exactly as Tree.write_tar writes it (configure.vulcan(): a file of
+    mode 0755, owned by root, no mtime of its own, so the epoch)."""
+    info = tarfile.TarInfo(AGENT)
+    info.mode, info.uid, info.gid, info.uname, info.gname = 0o755, 0, 0, "", ""
+    info.mtime, info.size = epoch, len(agent)
+    header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return header + agent + b"\0" * (-len(agent) % 512)
+
+
+def _spans(tar: Path) -> tuple[dict[str, tuple[int, int, int]], int]:
+    """{path: (first header offset, end offset, data size)} of each entry, and the offset where
+    the end-of-archive blocks start (headers only: the data is skipped, not read)."""
+    spans: dict[str, tuple[int, int, int]] = {}
+    pax: dict[str, str] = {}
+    with open(tar, "rb") as f:
+        start = pos = 0
+        while True:
+            f.seek(pos)
+            header = f.read(512)
+            if len(header) < 512 or header == b"\0" * 512:
+                return spans, pos
+            kind = header[156:157]
+            size = _number(header[124:136])
+            if kind in (b"x", b"g"):
+                if kind == b"x":
+                    pax = _pax(f.read(size))
+                pos += 512 + (size + 511) // 512 * 512
+                continue
+            name = pax.get("path") or header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            size = int(pax.get("size", size))
+            pax = {}
+            pos += 512 + (size + 511) // 512 * 512
+            spans[name.rstrip("/")] = (start, pos, size)
+            start = pos
+
+
+def splice_agent(base: Stream, agent: bytes, epoch: int, scratch: Path) -> Stream:
+    """The stream of ``base``'s packages and configuration with another agent: its bytes up to
+    the agent's entry, the new entry, the rest, and the end of archive as tarfile writes it.
+    Byte for byte what assembling from the packages gives (a test compares the two), without
+    decompressing and merging every package again when only the agent changed."""
+    spans, end = _spans(base.tar)
+    if AGENT not in spans:
+        raise BuildError(f"{base.tar}: no {AGENT} entry to replace")
+    start, stop, old_size = spans[AGENT]
+    out = scratch / "rootfs.tar"
+    h = hashlib.sha256()
+    with open(base.tar, "rb") as src, open(out, "wb") as dst:
+
+        def put(data: bytes) -> None:
+            h.update(data)
+            dst.write(data)
+
+        def copy(begin: int, finish: int) -> None:
+            src.seek(begin)
+            left = finish - begin
+            while left:
+                chunk = src.read(min(left, 1 << 20))
+                if not chunk:
+                    raise BuildError(f"{base.tar} is truncated")
+                put(chunk)
+                left -= len(chunk)
+
+        copy(0, start)
+        put(agent_entry(agent, epoch))
+        copy(stop, end)
+        written = end - (stop - start) + len(agent_entry(agent, epoch)) + 1024
+        put(b"\0" * (1024 + (-written % RECORD)))
+    def blocks(n: int) -> int:
+        return (n + BLOCK - 1) // BLOCK
+
+    shape = Shape(
+        base.shape.file_blocks - blocks(old_size) + blocks(len(agent)),
+        base.shape.dirs,
+        base.shape.entries,
+        base.shape.content_bytes - old_size + len(agent),
+    )
+    return Stream(out, h.hexdigest(), shape, base.files, base.install_scripts, base.busybox_links, base.os_release)
 
 
 def verify(stream: Stream) -> str | None:
