@@ -266,6 +266,7 @@ def splice_agent(base: Stream, agent: bytes, epoch: int, scratch: Path) -> Strea
         copy(stop, end)
         written = end - (stop - start) + len(agent_entry(agent, epoch)) + 1024
         put(b"\0" * (1024 + (-written % RECORD)))
+
     def blocks(n: int) -> int:
         return (n + BLOCK - 1) // BLOCK
 
