@@ -22,6 +22,7 @@ from .errors import BuildError, VulcanError
 from .fetch import sha256_file
 from .pins import ARCHES, Pins, host_arch
 from .pins import load as load_pins
+from .rootfs.configure import AGENT
 from .run import run_tool
 
 CHECK_NAME = {"ext4": "e2fsck -fn", "squashfs": "sqfs2tar reads it all"}
@@ -162,7 +163,7 @@ def check_image(rep: Report, runtime: str, fmt: str, arch: str, reproduce: bool)
         return
     reader = formats.reader(fmt)
     guest = paths.bin_dir(arch) / "vulcan-guest"
-    agent_path = "usr/local/bin/vulcan-guest"
+    agent_path = AGENT
     runtime_bin = manifest.get("binary", "").lstrip("/")
     files = {p: size for pkg in manifest.get("packages", []) for p, size in pkg.get("files", {}).items()}
     wanted = sorted({agent_path, "work", "sbin/init", "etc/inittab", runtime_bin, *files})
@@ -183,7 +184,7 @@ def check_image(rep: Report, runtime: str, fmt: str, arch: str, reproduce: bool)
     rep.add(name, "/work is a directory", bool(w and w.kind == "directory"), f"uid {w.uid}" if w else "missing")
     init = st.get("sbin/init")
     inittab = reader.cat(img, "etc/inittab").decode(errors="replace") if st.get("etc/inittab") else ""
-    starts = init is not None and "/usr/local/bin/vulcan-guest" in inittab and "respawn" in inittab
+    starts = init is not None and f"/{AGENT}" in inittab and "respawn" in inittab
     why = (
         "busybox init, inittab respawns the agent"
         if starts

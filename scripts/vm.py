@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import VulcanError
+from .rootfs import configure
 from .run import minimal_env, run_tool
 
 AGENT_PORT = 52
@@ -62,12 +63,12 @@ class Target:
     runtime: str
     image: Path
     fmt: str
-    read_only: bool
+    read_only: bool  # every format but ext4 is; ext4 with --read-only too
     overlay: str  # tmpfs or disk
 
     @property
     def label(self) -> str:
-        mode = f"read-only + {self.overlay} overlay" if self.read_only or self.fmt != "ext4" else "writable copy"
+        mode = f"read-only + {self.overlay} overlay" if self.read_only else "writable copy"
         return f"{self.runtime} ({self.fmt}, {mode})"
 
 
@@ -123,7 +124,7 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-OVERLAY_INIT = "/etc/vulcan/overlay-init"  # written into every image (rootfs/configure.py)
+OVERLAY_INIT = f"/{configure.OVERLAY_INIT}"  # written into every image
 SCRATCH_MIB = 512  # the per-sandbox upper layer drive of --overlay disk (sparse)
 
 
@@ -150,7 +151,7 @@ class Disks:
 
 
 def prepare_disks(image: Path, fmt: str, read_only: bool, overlay: str, scratch: Path) -> Disks:
-    if fmt == "ext4" and not read_only:
+    if not read_only:  # only ext4 can be booted writable (Target says which)
         copy = scratch / image.name  # the VM writes; images/ is never modified (sparse copy)
         atomic.sparse_copy(image, copy)
         return Disks(copy, False, "ext4", None, atomic.allocated_bytes(copy))

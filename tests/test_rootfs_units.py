@@ -16,7 +16,7 @@ from scripts.ext4 import BLOCK, layout
 from scripts.formats import Shape
 from scripts.rootfs import configure
 from scripts.rootfs.sbom import license_expression
-from scripts.rootfs.stream import read_shape
+from scripts.rootfs.stream import read_facts
 from scripts.rootfs.tree import Tree, UnsafePackage
 
 
@@ -120,7 +120,8 @@ def test_the_stream_is_sorted_clamped_and_its_shape_is_recomputed_from_it(tree: 
     assert {m.mtime for m in members} == {1_700_000_000}  # the packages' later mtimes are clamped
     # b/h sorts first: it carries the bytes and b/y links to it
     assert [(m.name, m.type) for m in members if m.name.startswith("b/")] == [("b/h", b"0"), ("b/y", b"1")]
-    _, shape, files = read_shape(out)
+    facts = read_facts(out)
+    shape, files = facts.shape, facts.files
     assert shape == Shape(file_blocks=2 + 1, dirs=1, entries=4, content_bytes=5001)
     assert files == {"z": 5000, "b/h": 1, "b/y": 1}
     again = tmp_path / "t.tar"

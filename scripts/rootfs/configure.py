@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from .tree import Tree
 
+AGENT = "usr/local/bin/vulcan-guest"  # where the agent lives in every image
+OVERLAY_INIT = "etc/vulcan/overlay-init"  # PID 1 of a read-only boot (see OVERLAY_INIT_SCRIPT)
 SANDBOX_UID = 1000
 SHADOW_GID = 42  # alpine-baselayout .pre-install: addgroup -S -g 42 shadow
 FIRST_SYSTEM_ID = 100  # busybox adduser/addgroup -S: first free id from 100
@@ -61,7 +63,7 @@ exit 0
 # PID 1 on a read-only root (squashfs, or ext4 attached read-only). The same steps as
 # firecracker-containerd's overlay-init: an overlay with the image as its lower layer and a
 # throwaway upper layer, pivot_root into it, then the image's own /sbin/init as on ext4.
-OVERLAY_INIT = """\
+OVERLAY_INIT_SCRIPT = """\
 #!/bin/sh
 # Kernel command line: init=/etc/vulcan/overlay-init vulcan.overlay=tmpfs (upper layer in RAM,
 # size vulcan.overlay_size=, default half the RAM) or vulcan.overlay=/dev/vdb (a scratch ext4
@@ -192,12 +194,12 @@ def accounts(tree: Tree, has_busybox: bool) -> None:
 
 def vulcan(tree: Tree, runtime_check: Sequence[str], runtime: str, guest: bytes) -> None:
     """The agent, /work, the runtime check, busybox init and the nodes early boot needs."""
-    tree.put_generated("usr/local/bin/vulcan-guest", "file", 0o755, guest)
+    tree.put_generated(AGENT, "file", 0o755, guest)
     tree.put_generated("work", "dir", 0o755, uid=SANDBOX_UID, gid=SANDBOX_UID)
     tree.put_generated("etc/vulcan/check.json", "file", 0o644, (json.dumps(list(runtime_check)) + "\n").encode())
     tree.put_generated("etc/vulcan/runtime", "file", 0o644, f"{runtime}\n".encode())
     tree.put_generated("etc/vulcan/rc.init", "file", 0o755, RC_INIT.encode())
-    tree.put_generated("etc/vulcan/overlay-init", "file", 0o755, OVERLAY_INIT.encode())
+    tree.put_generated(OVERLAY_INIT, "file", 0o755, OVERLAY_INIT_SCRIPT.encode())
     for d in (".vulcan", ".vulcan/rw", ".vulcan/new", ".vulcan/ro"):  # mount points a read-only root needs
         tree.put_generated(d, "dir", 0o755)
     tree.put_generated("etc/inittab", "file", 0o644, INITTAB.encode())

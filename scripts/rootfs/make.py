@@ -35,7 +35,9 @@ def _fetch_or_relock(plan: Plan) -> tuple[Plan, list[object]]:
     return plan, list(verified)
 
 
-def _stream(plan: Plan, scratch: Path, pool: ThreadPoolExecutor) -> tuple[Plan, Stream, Future[str | None] | None]:
+def _stream(
+    plan: Plan, scratch: Path, pool: ThreadPoolExecutor
+) -> tuple[Plan, Stream, Future[tuple[str | None, stream.Facts | None]] | None]:
     """The cached stream (its verification running on the other core) or a fresh one."""
     found = None if settings.reassemble() else stream.cached(plan.stream_digest)
     if found is not None:
@@ -44,11 +46,11 @@ def _stream(plan: Plan, scratch: Path, pool: ThreadPoolExecutor) -> tuple[Plan, 
     base = None if settings.reassemble() else stream.cached(plan.base_digest, "base")
     if base is not None:
         with log.phase("verify cached stream"):
-            problem = stream.verify(base)
-        if problem is None:
+            problem, facts = stream.verify(base)
+        if facts is not None and problem is None:
             log.info(f"{plan.what}: only the agent changed since a cached build: replacing it in that build's tar")
             with log.phase("splice the agent into the stream"):
-                fresh = stream.splice_agent(base, plan.guest.read_bytes(), plan.epoch, scratch)
+                fresh = stream.splice_agent(base, facts, plan.guest.read_bytes(), plan.epoch, scratch)
             _keep(plan, fresh)
             return plan, fresh, None
         log.warn(f"cached tar stream {base.tar} is corrupt ({problem}); assembling it again")
@@ -106,7 +108,7 @@ def make(plan: Plan) -> Plan:
             failed: VulcanError | None = None
         except VulcanError as exc:  # a corrupt cached stream can make a writer fail: judge the stream first
             images, failed = {}, exc
-        problem = pending.result() if pending is not None else None
+        problem = pending.result()[0] if pending is not None else None
         if problem is not None:
             log.warn(f"cached tar stream {s.tar} is corrupt ({problem}); assembling it again")
             s.tar.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import TOOL_VERSION
 from ..formats import Written
+from .configure import AGENT
 from .plan import Plan
 from .stream import Stream
 
@@ -57,7 +58,7 @@ def manifest(
             "world": [*alpine.base, *rt.world],
         },
         "packages": rows,
-        "guest": {"path": "/usr/local/bin/vulcan-guest", "sha256": plan.guest_sha},
+        "guest": {"path": f"/{AGENT}", "sha256": plan.guest_sha},
         "pins_sha256": plan.pins.digest,
         "lock_sha256": plan.lock_sha256,
         "tar_sha256": stream.sha256,

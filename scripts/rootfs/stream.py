@@ -138,26 +138,48 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def read_shape(tar: Path) -> tuple[str, Shape, dict[str, int]]:
-    """sha256, shape and {path: size} of regular files, recomputed from the tar in one read.
+def _blocks(size: int) -> int:
+    """4 KiB blocks of file data (what sizes an ext4 image)."""
+    return (size + BLOCK - 1) // BLOCK
 
-    Walks the ustar/PAX headers (POSIX.1-2001 pax format, as tree.write_tar writes it)."""
+
+@dataclass(frozen=True)
+class Facts:
+    """What a tar holds, recomputed from the tar itself in one read."""
+
+    sha256: str
+    shape: Shape
+    files: dict[str, int]  # path -> size of regular files (a hard link: its target's)
+    spans: dict[str, tuple[int, int, int]]  # path -> (first header offset, end offset, data size)
+    end: int  # where the end-of-archive blocks start
+
+
+def read_facts(tar: Path) -> Facts:
+    """Walks the ustar/PAX headers (POSIX.1-2001 pax format, as tree.write_tar writes it),
+    hashing every byte on the way."""
     h = hashlib.sha256()
     files: dict[str, int] = {}
+    spans: dict[str, tuple[int, int, int]] = {}
     blocks = dirs = entries = content = 0
     pax: dict[str, str] = {}
+    start = pos = 0
     with open(tar, "rb") as f:
+
+        def read(n: int) -> bytes:
+            data = f.read(n)
+            h.update(data)
+            return data
+
         while True:
-            header = f.read(512)
-            h.update(header)
+            header = read(512)
             if len(header) < 512 or header == b"\0" * 512:
                 break
             kind = header[156:157]
             size = _number(header[124:136])
             padded = (size + 511) // 512 * 512
+            pos += 512 + padded
             if kind in (b"x", b"g"):
-                data = f.read(padded)
-                h.update(data)
+                data = read(padded)
                 if kind == b"x":
                     pax = _pax(data[:size])
                 continue
@@ -165,16 +187,20 @@ def read_shape(tar: Path) -> tuple[str, Shape, dict[str, int]]:
             prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             if prefix and "path" not in pax:
                 name = f"{prefix}/{name}"
-            size = int(pax.get("size", size))
-            padded = (size + 511) // 512 * 512
+            if "size" in pax:  # the data size a pax header gives overrides the ustar field
+                pos += (int(pax["size"]) + 511) // 512 * 512 - padded
+                size = int(pax["size"])
+                padded = (size + 511) // 512 * 512
             pax_link = pax.get("linkpath")
             pax = {}
             name = name.rstrip("/")
             entries += 1
+            spans[name] = (start, pos, size)
+            start = pos
             if kind == b"5":
                 dirs += 1
             elif kind in (b"0", b"\0"):
-                blocks += (size + BLOCK - 1) // BLOCK
+                blocks += _blocks(size)
                 content += size
                 files[name] = size
             elif kind == b"1":  # a hard link: the same bytes as the file it names (written before it)
@@ -183,17 +209,16 @@ def read_shape(tar: Path) -> tuple[str, Shape, dict[str, int]]:
                     files[name] = files[target]
             left = padded
             while left:
-                chunk = f.read(min(left, 1 << 20))
+                chunk = read(min(left, 1 << 20))
                 if not chunk:
                     break
-                h.update(chunk)
                 left -= len(chunk)
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest(), Shape(blocks, dirs, entries, content), files
+        while read(1 << 20):
+            pass
+    return Facts(h.hexdigest(), Shape(blocks, dirs, entries, content), files, spans, start)
 
 
-AGENT = "usr/local/bin/vulcan-guest"  # configure.vulcan(): the one entry that depends on the agent
+AGENT = configure.AGENT  # the one entry of the stream that depends on the agent
 RECORD = tarfile.RECORDSIZE  # tarfile pads a stream to whole records after two zero blocks
 
 
@@ -207,49 +232,19 @@ def agent_entry(agent: bytes, epoch: int) -> bytes:
     return header + agent + b"\0" * (-len(agent) % 512)
 
 
-def _spans(tar: Path) -> tuple[dict[str, tuple[int, int, int]], int]:
-    """{path: (first header offset, end offset, data size)} of each entry, and the offset where
-    the end-of-archive blocks start (headers only: the data is skipped, not read)."""
-    spans: dict[str, tuple[int, int, int]] = {}
-    pax: dict[str, str] = {}
-    with open(tar, "rb") as f:
-        start = pos = 0
-        while True:
-            f.seek(pos)
-            header = f.read(512)
-            if len(header) < 512 or header == b"\0" * 512:
-                return spans, pos
-            kind = header[156:157]
-            size = _number(header[124:136])
-            if kind in (b"x", b"g"):
-                if kind == b"x":
-                    pax = _pax(f.read(size))
-                pos += 512 + (size + 511) // 512 * 512
-                continue
-            name = pax.get("path") or header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            size = int(pax.get("size", size))
-            pax = {}
-            pos += 512 + (size + 511) // 512 * 512
-            spans[name.rstrip("/")] = (start, pos, size)
-            start = pos
-
-
-def splice_agent(base: Stream, agent: bytes, epoch: int, scratch: Path) -> Stream:
+def splice_agent(base: Stream, facts: Facts, agent: bytes, epoch: int, scratch: Path) -> Stream:
     """The stream of ``base``'s packages and configuration with another agent: its bytes up to
     the agent's entry, the new entry, the rest, and the end of archive as tarfile writes it.
     Byte for byte what assembling from the packages gives (a test compares the two), without
-    decompressing and merging every package again when only the agent changed."""
-    spans, end = _spans(base.tar)
-    if AGENT not in spans:
+    decompressing and merging every package again when only the agent changed. ``facts``: the
+    base's, from the verification that came first."""
+    if AGENT not in facts.spans:
         raise BuildError(f"{base.tar}: no {AGENT} entry to replace")
-    start, stop, old_size = spans[AGENT]
+    start, stop, old_size = facts.spans[AGENT]
+    entry = agent_entry(agent, epoch)
     out = scratch / "rootfs.tar"
-    h = hashlib.sha256()
-    with open(base.tar, "rb") as src, open(out, "wb") as dst:
-
-        def put(data: bytes) -> None:
-            h.update(data)
-            dst.write(data)
+    with open(base.tar, "rb") as src, open(out, "wb") as f:
+        dst = _HashingWriter(f)
 
         def copy(begin: int, finish: int) -> None:
             src.seek(begin)
@@ -258,42 +253,43 @@ def splice_agent(base: Stream, agent: bytes, epoch: int, scratch: Path) -> Strea
                 chunk = src.read(min(left, 1 << 20))
                 if not chunk:
                     raise BuildError(f"{base.tar} is truncated")
-                put(chunk)
+                dst.write(chunk)
                 left -= len(chunk)
 
         copy(0, start)
-        put(agent_entry(agent, epoch))
-        copy(stop, end)
-        written = end - (stop - start) + len(agent_entry(agent, epoch)) + 1024
-        put(b"\0" * (1024 + (-written % RECORD)))
-
-    def blocks(n: int) -> int:
-        return (n + BLOCK - 1) // BLOCK
-
+        dst.write(entry)
+        copy(stop, facts.end)
+        written = facts.end - (stop - start) + len(entry) + 1024
+        dst.write(b"\0" * (1024 + (-written % RECORD)))
     shape = Shape(
-        base.shape.file_blocks - blocks(old_size) + blocks(len(agent)),
+        base.shape.file_blocks - _blocks(old_size) + _blocks(len(agent)),
         base.shape.dirs,
         base.shape.entries,
         base.shape.content_bytes - old_size + len(agent),
     )
-    return Stream(out, h.hexdigest(), shape, base.files, base.install_scripts, base.busybox_links, base.os_release)
+    return Stream(out, dst.h.hexdigest(), shape, base.files, base.install_scripts, base.busybox_links, base.os_release)
 
 
-def verify(stream: Stream) -> str | None:
+def disagreement(stream: Stream, facts: Facts) -> str | None:
     """None if the tar is what its sidecar says, else what is wrong (a corrupt cache entry)."""
-    try:
-        sha, shape, files = read_shape(stream.tar)
-    except (OSError, ValueError) as exc:
-        return f"unreadable ({exc})"
-    if sha != stream.sha256:
-        return f"sha256 {sha} != {stream.sha256}"
-    if shape != stream.shape:
-        return f"the sidecar's shape {stream.shape} is not the tar's {shape}"
+    if facts.sha256 != stream.sha256:
+        return f"sha256 {facts.sha256} != {stream.sha256}"
+    if facts.shape != stream.shape:
+        return f"the sidecar's shape {stream.shape} is not the tar's {facts.shape}"
     for pkg, listed in stream.files.items():
         for path, size in listed.items():
-            if files.get(path) != size:
-                return f"the sidecar lists {path} ({pkg}, {size} bytes), the tar has {files.get(path)}"
+            if facts.files.get(path) != size:
+                return f"the sidecar lists {path} ({pkg}, {size} bytes), the tar has {facts.files.get(path)}"
     return None
+
+
+def verify(stream: Stream) -> tuple[str | None, Facts | None]:
+    """What is wrong with a cached stream (None: nothing), and the facts read to find out."""
+    try:
+        facts = read_facts(stream.tar)
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({exc})", None
+    return disagreement(stream, facts), facts
 
 
 def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
@@ -345,7 +341,7 @@ def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
             tar=tar_path,
             sha256=w.h.hexdigest(),
             shape=Shape(
-                file_blocks=sum((n.size + BLOCK - 1) // BLOCK for n in files),
+                file_blocks=sum(_blocks(n.size) for n in files),
                 dirs=sum(1 for n in tree.nodes.values() if n.kind == "dir"),
                 entries=len(tree.nodes),
                 content_bytes=tree.content_size(),
