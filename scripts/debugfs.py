@@ -71,11 +71,16 @@ def cat(image: Path, path: str) -> bytes:
     return proc.stdout
 
 
-def rdump(image: Path, path: str, dest: Path) -> bool:
-    """Copy the directory ``path`` (with everything under it) out of the image into ``dest``.
-
-    debugfs exits 0 even when the path is missing, so the result is judged by what arrived."""
-    dest.mkdir(parents=True, exist_ok=True)
-    src = "/" + path.strip("/")
-    run_tool(["debugfs", "-R", f"rdump {_quote(src)} {_quote(str(dest))}", str(image)], env=minimal_env(), quiet=True)
-    return (dest / Path(src).name).exists()
+def rdump(image: Path, dirs: list[str], root: Path) -> list[str]:
+    """Copy each directory of ``dirs`` (with everything under it) out of the image to
+    ``root/<dir>``; returns the ones that did not arrive (debugfs exits 0 even when a path is
+    missing, so the result is judged by what arrived)."""
+    missing = []
+    for d in dict.fromkeys(p.strip("/") for p in dirs):
+        dest = (root / d).parent
+        dest.mkdir(parents=True, exist_ok=True)
+        run_tool(["debugfs", "-R", f"rdump {_quote('/' + d)} {_quote(str(dest))}", str(image)], env=minimal_env(),
+                 quiet=True)  # fmt: skip
+        if not (root / d).exists():
+            missing.append(d)
+    return missing

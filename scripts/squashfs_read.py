@@ -90,34 +90,36 @@ def cat(image: Path, path: str) -> bytes:
     return proc.stdout if proc.returncode == 0 else b""
 
 
-def rdump(image: Path, path: str, dest: Path) -> bool:
-    """Unpack the directory ``path`` into ``dest`` (like debugfs rdump: dest/<name>/...).
+def rdump(image: Path, dirs: list[str], root: Path) -> list[str]:
+    """Unpack each directory of ``dirs`` to ``root/<dir>`` in one pass over the image; returns
+    the ones that did not arrive. (squashfs-tools-ng 1.2.0 fails to unpack some subdirectories
+    on their own: rdsquashfs -u /lib, sqfs2tar -d lib: "invalid argument"; so the whole image's
+    tar stream is filtered.)"""
+    wanted = [d.strip("/") for d in dirs]
+    found: set[str] = set()
 
-    Filters the whole image's tar stream: squashfs-tools-ng 1.2.0 fails to unpack some
-    subdirectories on their own (rdsquashfs -u /lib, sqfs2tar -d lib: "invalid argument")."""
-    src = path.strip("/")
-    target = dest / Path(src).name
-    target.mkdir(parents=True, exist_ok=True)
+    def inside(name: str) -> str | None:
+        return next((d for d in wanted if name.startswith(d + "/")), None)
+
     proc = subprocess.Popen([which("sqfs2tar"), str(image)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             env=minimal_env())  # fmt: skip
     assert proc.stdout is not None
-    found = False
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for m in tar:
-                name = _name(m.name)
-                if not name.startswith(src + "/"):
+                m.name = _name(m.name)
+                top = inside(m.name)
+                if top is None:
                     continue
-                m.name = name[len(src) + 1 :]
                 if m.islnk():
-                    if not _name(m.linkname).startswith(src + "/"):
+                    m.linkname = _name(m.linkname)
+                    if inside(m.linkname) is None:
                         continue
-                    m.linkname = _name(m.linkname)[len(src) + 1 :]
-                tar.extract(m, target, filter="tar")  # our own image; "tar" keeps paths inside target
-                found = True
+                tar.extract(m, root, filter="tar")  # our own image; "tar" keeps paths inside root
+                found.add(top)
     except (tarfile.TarError, OSError):
         proc.kill()
-        return False
+        found.clear()
     finally:
         proc.wait()
-    return proc.returncode == 0 and found
+    return [d for d in dict.fromkeys(wanted) if d not in found or proc.returncode != 0]

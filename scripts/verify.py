@@ -215,10 +215,10 @@ def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, 
     with tempfile.TemporaryDirectory(prefix="vulcan-verify-") as tmp:
         root = Path(tmp)
         binary = manifest.get("binary", "").lstrip("/")
-        for d in ("lib", "usr/lib", Path(binary).parent.as_posix()):
-            if not reader.rdump(img, d, (root / d).parent):
-                rep.add(name, "runtime runs", False, f"/{d} could not be copied out of the image")
-                return
+        missing = reader.rdump(img, ["lib", "usr/lib", Path(binary).parent.as_posix()], root)
+        if missing:
+            rep.add(name, "runtime runs", False, f"/{missing[0]} could not be copied out of the image")
+            return
         target = _resolve_in(root, binary)
         if target is None or not target.is_file():
             rep.add(name, "runtime runs", False, f"/{binary} could not be read from the image")
