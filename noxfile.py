@@ -6,7 +6,7 @@ one-line summaries come from scripts/steps.py, the table ``python -m scripts --h
   guest           the static vulcan-guest agent (guest/) -> bin/vulcan-guest
   lock            resolve every runtime's Alpine packages -> alpine.lock.json (on request)
   rootfs-<rt>     one runtime's images (ext4, squashfs) per pins.json -> images/ (tags: rootfs, image)
-  rootfs_all      all of them (tag: rootfs)
+  rootfs_all      all of them at once, in one process (tag: rootfs)
   verify          check bin/ and images/ against the pins and manifests (--json, --reproduce)
   boot            boot images and run their runtime (Firecracker, or --vmm qemu) (on request)
   clean           remove bin/, images/ and stamps; --all also the cache (on request)
@@ -163,12 +163,13 @@ for _rt in RUNTIMES:
     _rootfs_session(_rt)
 
 
-@nox.session(requires=[f"rootfs-{rt}" for rt in RUNTIMES], tags=["rootfs"])
+@nox.session(requires=["guest"], tags=["rootfs"])
 def rootfs_all(session: nox.Session) -> None:
-    """Build every runtime's image (the rootfs-* sessions)."""
+    """Build every runtime's images, all at once in one process (what the rootfs-* sessions build)."""
     if PINS_PROBLEM or not RUNTIMES:
         session.error(f"vulcan: error: {PINS_PROBLEM or 'no runtimes in the pins file'}")
     session.log(f"images for: {', '.join(RUNTIMES)}")
+    _scripts(session, "rootfs", "--all")
 
 
 _step_session("verify")

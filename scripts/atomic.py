@@ -79,12 +79,14 @@ def sparse_copy(src: Path, dst: Path) -> None:
                     break
                 raise
             end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            _copy_range(fin.fileno(), fout.fileno(), start, end - start)
+            copy_range(fin.fileno(), fout.fileno(), start, end - start)
             pos = end
         os.ftruncate(fout.fileno(), size)
 
 
-def _copy_range(fin: int, fout: int, offset: int, length: int) -> None:
+def copy_range(fin: int, fout: int, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of one file to the same offset of another, in the
+    kernel where it can (copy_file_range: no read into Python, a reflink on XFS/btrfs)."""
     os.lseek(fout, offset, os.SEEK_SET)
     done = 0
     while done < length:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import TextIO
+from collections.abc import Callable, Iterator
+from typing import TextIO, TypeVar
+
+T = TypeVar("T")
 
 
 def _stream() -> TextIO:
@@ -73,27 +76,42 @@ class Progress:
             print(file=_stream(), flush=True)
 
 
-_phases: dict[str, float] = {}
+# Phase timings (VULCAN_TIMING=1), per build: concurrent builds each count their own.
+_timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("vulcan_timings", default=None)
 _phase_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Time a build phase (summed per name, across threads); see report_phases()."""
+    """Time a build phase (summed per name, across the build's threads); see timing()."""
     start = time.perf_counter()
     try:
         yield
     finally:
-        with _phase_lock:
-            _phases[name] = _phases.get(name, 0.0) + time.perf_counter() - start
+        phases = _timings.get()
+        if phases is not None:
+            with _phase_lock:
+                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
 
 
-def report_phases(what: str) -> None:
-    """With VULCAN_TIMING=1: one line of where the time went, then start counting afresh."""
-    from . import settings
+def carry(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` to run in another thread within this one's context (its build's timings)."""
+    ctx = contextvars.copy_context()
+    return lambda *args: ctx.run(fn, *args)
 
-    with _phase_lock:
-        phases = dict(_phases)
-        _phases.clear()
-    if settings.timing() and phases:
-        info(f"timing {what}: " + "; ".join(f"{k}={v:.3f}s" for k, v in phases.items()))
+
+@contextlib.contextmanager
+def timing(what: str) -> Iterator[None]:
+    """Count this build's phases; with VULCAN_TIMING=1, one line of where its time went."""
+    phases: dict[str, float] = {}
+    token = _timings.set(phases)
+    try:
+        yield
+    finally:
+        _timings.reset(token)
+        from . import settings
+
+        if settings.timing() and phases:
+            with _phase_lock:
+                text = "; ".join(f"{k}={v:.3f}s" for k, v in phases.items())
+            info(f"timing {what}: {text}")

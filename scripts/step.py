@@ -57,15 +57,40 @@ class StepModule(Protocol):
 
 
 def drive(module: StepModule, argv: list[str]) -> int:
-    """Parse, check, and run what is out of date, saying why."""
+    """Parse, check, and run what is out of date, saying why. A module whose Checks are
+    independent (``CONCURRENT = True``: own outputs, scratch and cache entries) runs them all at
+    once: the writers are single-threaded tools, so two images take the two cores."""
     args = module.parser().parse_args(argv)
+    todo = []
     for c in module.check(args, dry=False):
         if c.why is None:
             log.info(c.done_line())
             continue
         log.info(f"{c.what}: {c.why}")
-        module.run(args, c)
+        todo.append(c)
+    if len(todo) > 1 and getattr(module, "CONCURRENT", False):
+        _run_together(module, args, todo)
+    else:
+        for c in todo:
+            module.run(args, c)
     return 0
+
+
+def _run_together(module: StepModule, args: argparse.Namespace, todo: list[Check]) -> None:
+    """Every Check in its own thread; all of them finish (what succeeded is published), then
+    the first failure is raised and any others are said before it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="step") as pool:
+        futures = [pool.submit(log.carry(module.run), args, c) for c in todo]
+        failures = [exc for f in futures if (exc := f.exception()) is not None]
+    if not failures:
+        return
+    from .errors import handle
+
+    for exc in failures[1:]:
+        handle(exc, debug=False)
+    raise failures[0]
 
 
 def all_up_to_date(module: StepModule, argv: list[str]) -> list[str] | None:

@@ -170,8 +170,9 @@ def test_noop_nox_run_starts_no_step_and_a_hand_edited_image_is_still_rebuilt(bu
         f.seek(4096)
         f.write(b"edited by hand")
     out = nox_rootfs_all()
-    assert "nox > python -m scripts rootfs --runtime python" in out
+    assert "nox > python -m scripts rootfs --all" in out  # one process builds whatever is out of date
     assert "images/python.ext4 was modified since it was built" in out
+    assert f"rootfs go ({host_arch()}): up to date" in out and f"rootfs go ({host_arch()}): images/go" not in out
     assert out.count("python -m scripts") == 1
     assert sha(image(built)) == json.loads((built.out / "images/python.manifest.json").read_text())["sha256"]
 
@@ -389,3 +390,26 @@ def test_an_agent_change_splices_the_cached_stream_into_the_same_bytes_as_a_full
         debugfs.cat(spliced / "images/python.ext4", "usr/local/bin/vulcan-guest")
         == (spliced / "bin/vulcan-guest").read_bytes()
     )
+
+
+def test_all_runtimes_build_at_once_and_one_failure_leaves_the_others_published(built: World, tmp_path: Path) -> None:
+    """`rootfs --all` (what `nox -s rootfs_all` runs) builds every out-of-date runtime at the
+    same time; a runtime that fails is said as its own error, the others still land whole."""
+    pins = copy.deepcopy(built.pins)
+    pins["alpine"]["runtimes"]["python"]["binary"] = "/usr/bin/no-such-python"
+    (tmp_path / "pins.json").write_text(json.dumps(pins))
+    shutil.copy(built.pins_path.with_name("alpine.lock.json"), tmp_path / "alpine.lock.json")
+    out = tmp_path / "out"
+    shutil.copytree(built.out / "bin", out / "bin")
+    proc = built.run("rootfs", "--all", VULCAN_OUT=str(out), VULCAN_PINS=str(tmp_path / "pins.json"),
+                     VULCAN_TIMING="1")  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "vulcan: error: the runtime binary /usr/bin/no-such-python is not in the image" in proc.stderr
+    for rt in ("go", "node"):
+        assert sha(out / f"images/{rt}.ext4") == sha(image(built, rt))
+        assert (out / f"images/{rt}.manifest.json").is_file()
+        # each build counts its own phases, though they ran in one process at the same time
+        assert re.search(rf"timing rootfs {rt} \({host_arch()}\): .*write ext4=", proc.stderr)
+    assert not (out / "images/python.ext4").exists() and not (out / "images/python.manifest.json").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith(".vulcan-") or p.name.endswith(".tmp")]

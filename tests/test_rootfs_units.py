@@ -5,6 +5,7 @@ the SBOM's license expressions."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -14,9 +15,9 @@ import pytest
 from scripts.errors import BuildError
 from scripts.ext4 import BLOCK, layout
 from scripts.formats import Shape
-from scripts.rootfs import configure
+from scripts.rootfs import configure, stream
 from scripts.rootfs.sbom import license_expression
-from scripts.rootfs.stream import read_facts
+from scripts.rootfs.stream import AGENT, Stream, read_facts, splice_agent
 from scripts.rootfs.tree import Tree, UnsafePackage
 
 
@@ -128,6 +129,50 @@ def test_the_stream_is_sorted_clamped_and_its_shape_is_recomputed_from_it(tree: 
     with open(again, "wb") as f:
         tree.write_tar(f, epoch=1_700_000_000)
     assert again.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.parametrize("long_names", [False, True], ids=["ustar", "pax-headers"])
+def test_an_agent_splice_gives_the_bytes_and_sha256_of_a_stream_written_with_that_agent(
+    tree: Tree, tmp_path: Path, long_names: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The splice copies what precedes the agent's entry without reading it and takes its hash
+    from the verification's state there: the result must still be the stream a full write gives
+    (entries before and after the agent, PAX headers around it when names need them)."""
+    deep = "d" * 120 if long_names else "d"  # a path over 100 characters needs a PAX header
+    add(tree, tmp_path, "a", [(f"usr/lib/{deep}/x", "file", b"x" * 9000), ("usr/share/z", "file", b"z" * 700),
+                              ("var/y", "file", b"y")])  # fmt: skip
+    agent_path = AGENT
+    if long_names:  # the agent's own entry behind a PAX header too
+        agent_path = f"usr/local/{'b' * 120}/vulcan-guest"
+        monkeypatch.setattr(stream, "AGENT", agent_path)
+    out: dict[str, Path] = {}
+    for name, agent in (("old", b"old agent" * 100), ("new", b"a new, longer agent" * 700)):
+        tree.put_generated(agent_path, "file", 0o755, agent)
+        out[name] = tmp_path / f"{name}.tar"
+        with open(out[name], "wb") as f:
+            tree.write_tar(f, epoch=1_700_000_000)
+    with tarfile.open(out["old"]) as tar:
+        assert bool(tar.getmember(agent_path).pax_headers) == long_names
+    facts = read_facts(out["old"])
+    base = Stream(out["old"], facts.sha256, facts.shape, {}, [], 0, None)
+    (tmp_path / "scratch2").mkdir()
+    spliced = splice_agent(base, facts, b"a new, longer agent" * 700, 1_700_000_000, tmp_path / "scratch2")
+    assert spliced.tar.read_bytes() == out["new"].read_bytes()
+    assert spliced.sha256 == hashlib.sha256(out["new"].read_bytes()).hexdigest()
+    assert spliced.shape == read_facts(out["new"]).shape
+
+
+def test_a_splice_refuses_a_stream_replaced_after_its_verification(tree: Tree, tmp_path: Path) -> None:
+    tree.put_generated(AGENT, "file", 0o755, b"agent")
+    tar = tmp_path / "s.tar"
+    with open(tar, "wb") as f:
+        tree.write_tar(f, epoch=1_700_000_000)
+    facts = read_facts(tar)
+    other = tmp_path / "other.tar"
+    other.write_bytes(tar.read_bytes())
+    other.replace(tar)  # same bytes, but not the file that was read: its hash state says nothing of it
+    with pytest.raises(BuildError, match="changed after it was verified"):
+        splice_agent(Stream(tar, facts.sha256, facts.shape, {}, [], 0, None), facts, b"x", 1_700_000_000, tmp_path)
 
 
 def test_accounts_add_the_sandbox_user_and_the_groups_install_scripts_would(tree: Tree, tmp_path: Path) -> None:

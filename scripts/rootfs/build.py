@@ -14,6 +14,8 @@ from ..pins import load as load_pins
 from ..step import Check
 from . import plan
 
+CONCURRENT = True  # one Check per runtime: its own images, scratch directory and cache entries
+
 
 def parser() -> argparse.ArgumentParser:
     return cli.parser("rootfs", "Build one runtime's images (or all) from the lock into images/.")

@@ -42,7 +42,7 @@ def _stream(
     found = None if settings.reassemble() else stream.cached(plan.stream_digest)
     if found is not None:
         log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
-        return plan, found, pool.submit(_timed, "verify cached stream", stream.verify, found)
+        return plan, found, pool.submit(log.carry(_timed), "verify cached stream", stream.verify, found)
     base = None if settings.reassemble() else stream.cached(plan.base_digest, "base")
     if base is not None:
         with log.phase("verify cached stream"):
@@ -88,7 +88,7 @@ def _write_all(plan: Plan, s: Stream, scratch: Path, pool: ThreadPoolExecutor) -
         job = Job(s.tar, s.sha256, s.shape, plan.epoch, f"vulcan-{plan.runtime}", plan.headroom_mib)
         with log.phase(f"write {out.format}"):
             written = out.writer.write(job, built)
-        checked = pool.submit(_timed, f"check {out.format}", out.writer.check, built)
+        checked = pool.submit(log.carry(_timed), f"check {out.format}", out.writer.check, built)
         with log.phase(f"hash {out.format}"):
             digest = sha256_file(built)  # beside the check, on the other core
         checked.result()
@@ -98,6 +98,11 @@ def _write_all(plan: Plan, s: Stream, scratch: Path, pool: ThreadPoolExecutor) -
 
 def make(plan: Plan) -> Plan:
     """Build and publish the plan's images; returns the plan that was built (re-planned after a re-lock)."""
+    with log.timing(plan.what):
+        return _make(plan)
+
+
+def _make(plan: Plan) -> Plan:
     start = time.monotonic()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     with atomic.scratch(paths.scratch_parent(plan.out_dir), f"rootfs-{plan.runtime}") as scratch, \
@@ -141,5 +146,4 @@ def make(plan: Plan) -> Plan:
             f"{plan.what}: {out.image.relative_to(plan.base)} {written.size >> 20} MiB ({len(plan.closure)} packages, "
             f"{s.shape.content_bytes >> 20} MiB content) in {time.monotonic() - start:.1f}s, sha256 {digest}"
         )
-    log.report_phases(plan.what)
     return plan

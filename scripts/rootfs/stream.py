@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -152,6 +152,14 @@ class Facts:
     files: dict[str, int]  # path -> size of regular files (a hard link: its target's)
     spans: dict[str, tuple[int, int, int]]  # path -> (first header offset, end offset, data size)
     end: int  # where the end-of-archive blocks start
+    # the sha256 state just before the agent's entry: a splice hashes only what follows it
+    before_agent: Any = field(default=None, compare=False, repr=False)
+    identity: tuple[int, int, int, int] = (0, 0, 0, 0)  # device, inode, size, mtime of the file read
+
+
+def _identity(fd: int) -> tuple[int, int, int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_facts(tar: Path) -> Facts:
@@ -163,6 +171,7 @@ def read_facts(tar: Path) -> Facts:
     blocks = dirs = entries = content = 0
     pax: dict[str, str] = {}
     start = pos = 0
+    before_pax = before_agent = None
     with open(tar, "rb") as f:
 
         def read(n: int) -> bytes:
@@ -171,14 +180,18 @@ def read_facts(tar: Path) -> Facts:
             return data
 
         while True:
-            header = read(512)
+            header = f.read(512)  # hashed once its entry's name is known (see before_agent)
             if len(header) < 512 or header == b"\0" * 512:
+                h.update(header)
                 break
             kind = header[156:157]
             size = _number(header[124:136])
             padded = (size + 511) // 512 * 512
             pos += 512 + padded
             if kind in (b"x", b"g"):
+                if kind == b"x":
+                    before_pax = h.copy()
+                h.update(header)
                 data = read(padded)
                 if kind == b"x":
                     pax = _pax(data[:size])
@@ -192,8 +205,11 @@ def read_facts(tar: Path) -> Facts:
                 size = int(pax["size"])
                 padded = (size + 511) // 512 * 512
             pax_link = pax.get("linkpath")
-            pax = {}
             name = name.rstrip("/")
+            if name == AGENT:
+                before_agent = before_pax if pax else h.copy()
+            h.update(header)
+            pax, before_pax = {}, None
             entries += 1
             spans[name] = (start, pos, size)
             start = pos
@@ -215,7 +231,8 @@ def read_facts(tar: Path) -> Facts:
                 left -= len(chunk)
         while read(1 << 20):
             pass
-    return Facts(h.hexdigest(), Shape(blocks, dirs, entries, content), files, spans, start)
+        identity = _identity(f.fileno())
+    return Facts(h.hexdigest(), Shape(blocks, dirs, entries, content), files, spans, start, before_agent, identity)
 
 
 AGENT = configure.AGENT  # the one entry of the stream that depends on the agent
@@ -237,37 +254,44 @@ def splice_agent(base: Stream, facts: Facts, agent: bytes, epoch: int, scratch: 
     the agent's entry, the new entry, the rest, and the end of archive as tarfile writes it.
     Byte for byte what assembling from the packages gives (a test compares the two), without
     decompressing and merging every package again when only the agent changed. ``facts``: the
-    base's, from the verification that came first."""
-    if AGENT not in facts.spans:
+    base's, from the verification that came first (which read and hashed all of it).
+
+    The bytes before the entry are copied by the kernel (copy_file_range), not read, and their
+    hash is the verification's own state at that offset; only what follows the entry (in path
+    order, after usr/local/: usr/sbin, usr/share, var) is read and hashed again."""
+    if AGENT not in facts.spans or facts.before_agent is None:
         raise BuildError(f"{base.tar}: no {AGENT} entry to replace")
     start, stop, old_size = facts.spans[AGENT]
     entry = agent_entry(agent, epoch)
     out = scratch / "rootfs.tar"
+    h = facts.before_agent.copy()
     with open(base.tar, "rb") as src, open(out, "wb") as f:
-        dst = _HashingWriter(f)
-
-        def copy(begin: int, finish: int) -> None:
-            src.seek(begin)
-            left = finish - begin
-            while left:
-                chunk = src.read(min(left, 1 << 20))
-                if not chunk:
-                    raise BuildError(f"{base.tar} is truncated")
-                dst.write(chunk)
-                left -= len(chunk)
-
-        copy(0, start)
-        dst.write(entry)
-        copy(stop, facts.end)
+        if _identity(src.fileno()) != facts.identity:  # the hash below is of the file verified, not another
+            raise BuildError(f"{base.tar} changed after it was verified", hint="run the build again")
+        atomic.copy_range(src.fileno(), f.fileno(), 0, start)
+        f.seek(start)
+        h.update(entry)
+        f.write(entry)
+        src.seek(stop)
+        left = facts.end - stop
+        while left:
+            chunk = src.read(min(left, 1 << 20))
+            if not chunk:
+                raise BuildError(f"{base.tar} is truncated")
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
         written = facts.end - (stop - start) + len(entry) + 1024
-        dst.write(b"\0" * (1024 + (-written % RECORD)))
+        trailer = b"\0" * (1024 + (-written % RECORD))
+        h.update(trailer)
+        f.write(trailer)
     shape = Shape(
         base.shape.file_blocks - _blocks(old_size) + _blocks(len(agent)),
         base.shape.dirs,
         base.shape.entries,
         base.shape.content_bytes - old_size + len(agent),
     )
-    return Stream(out, dst.h.hexdigest(), shape, base.files, base.install_scripts, base.busybox_links, base.os_release)
+    return Stream(out, h.hexdigest(), shape, base.files, base.install_scripts, base.busybox_links, base.os_release)
 
 
 def disagreement(stream: Stream, facts: Facts) -> str | None:
