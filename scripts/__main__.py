@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .errors import handle
@@ -44,5 +45,14 @@ def main(argv: list[str]) -> int:
         return handle(exc, debug)
 
 
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown (freeing every module and object: 10-20 ms of
+    every run, a tenth of a small warm rebuild). Safe here: files are written through
+    context managers and published by rename, and every thread a step starts is waited for."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_now(main(sys.argv[1:]))

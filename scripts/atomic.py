@@ -6,6 +6,8 @@
   the data extents (SEEK_DATA/SEEK_HOLE), so a sparse image stays sparse.
 - ``scratch(parent, what)``: a working directory that a live run holds an flock on; the next
   run removes the ones whose run died (kill -9), and never a live run's.
+- ``ram_scratch(root, what, needed)``: the same in a RAM file system (/dev/shm), only when it
+  has room for ``needed`` bytes beside what this process's other builds reserved there.
 Model: pip's adjacent temp file + rename; mkosi's workspace directories.
 """
 
@@ -16,7 +18,9 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,3 +194,48 @@ def scratch(parent: Path, what: str) -> Iterator[Path]:
     finally:
         shutil.rmtree(path, ignore_errors=True)
         os.close(fd)
+
+
+RAM_MARGIN = 64 << 20  # left free in the RAM file system beside what builds reserve there
+_ram_lock = threading.Lock()
+_ram_reserved = 0  # bytes this process's builds (threads) have claimed in RAM
+
+
+def _private_dir(path: Path) -> bool:
+    """``path`` is (now) a directory of ours that nobody else can write (/dev/shm is shared)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # VULCAN_RAM may name a new directory
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+@contextlib.contextmanager
+def ram_scratch(root: Path | None, what: str, needed: int) -> Iterator[Path | None]:
+    """A scratch directory under ``root`` (a RAM file system) if it has room for ``needed``
+    bytes, else None (the caller writes in its ordinary scratch). Removed at the end, or by the
+    next run if this one dies, like any scratch directory."""
+    global _ram_reserved
+    parent = root / f"vulcan-images-{os.getuid()}" if root is not None else None
+    with _ram_lock:
+        try:
+            if parent is None or not _private_dir(parent):
+                raise OSError("no private directory there")
+            st = os.statvfs(parent)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = 0
+        room = free - _ram_reserved >= needed + RAM_MARGIN
+        if room:
+            _ram_reserved += needed
+    if not room or parent is None:
+        yield None
+        return
+    try:
+        with scratch(parent, what) as path:
+            yield path
+    finally:
+        with _ram_lock:
+            _ram_reserved -= needed

@@ -187,5 +187,9 @@ class Ext4Writer:
     def check(self, image: Path) -> None:
         fsck(image)
 
+    def room(self, job: Job) -> int:
+        s = job.shape
+        return layout(s.file_blocks, s.dirs, s.entries, job.headroom_mib).size_bytes
+
 
 WRITER = Ext4Writer()

@@ -61,6 +61,10 @@ class Writer(Protocol):
         """Check a written image (fsck); raise BuildError naming the problem."""
         ...
 
+    def room(self, job: Job) -> int:
+        """At most how many bytes the image takes (to write it in RAM first when it fits)."""
+        ...
+
 
 def writer(name: str) -> Writer:
     module = importlib.import_module(f"{__package__}.{WRITERS[name]}")

@@ -8,10 +8,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TextIO, TypeVar
-
-T = TypeVar("T")
+from collections.abc import Iterator
+from typing import TextIO
 
 
 def _stream() -> TextIO:
@@ -92,12 +90,6 @@ def phase(name: str) -> Iterator[None]:
         if phases is not None:
             with _phase_lock:
                 phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
-
-
-def carry(fn: Callable[..., T]) -> Callable[..., T]:
-    """``fn`` to run in another thread within this one's context (its build's timings)."""
-    ctx = contextvars.copy_context()
-    return lambda *args: ctx.run(fn, *args)
 
 
 @contextlib.contextmanager

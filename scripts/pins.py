@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
+import os
 import re
 import string
 from collections.abc import Mapping
@@ -32,7 +32,7 @@ UPDATE_HINT = "run 'nox -s update_pins' to fetch and pin it (nothing is trusted 
 
 
 def host_arch() -> str:
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()  # platform.machine(), without importing platform
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 

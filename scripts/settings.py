@@ -32,6 +32,7 @@ VARIABLES = (
     Variable("VULCAN_CACHE", "directory", "the shared download cache"),
     Variable("VULCAN_OUT", "directory", "where bin/ and images/ are written"),
     Variable("VULCAN_SCRATCH", "directory", "where images are assembled"),
+    Variable("VULCAN_RAM", "directory or 0", "where images are first written when it has room (0: never)"),
     Variable("VULCAN_GO", "path to go", "build the agent with a local Go"),
     Variable("VULCAN_GUEST_SOURCE", "dir[:package]", "build another agent"),
     Variable("VULCAN_GOCACHE", "directory", "the Go build cache"),
@@ -117,6 +118,15 @@ def scratch_dir() -> Path | None:
     return _directory("VULCAN_SCRATCH", value) if value else None
 
 
+def ram_dir() -> Path | None:
+    """Where an image is first written: a RAM file system (``/dev/shm`` unless said; None:
+    write in the scratch directory). Setting VULCAN_SCRATCH means "assemble there": no RAM."""
+    value = _raw("VULCAN_RAM")
+    if value == "0" or (value is None and _raw("VULCAN_SCRATCH")):
+        return None
+    return _directory("VULCAN_RAM", value) if value else Path("/dev/shm")
+
+
 def local_go() -> Path | None:
     value = _raw("VULCAN_GO")
     if value is None:
@@ -198,6 +208,7 @@ _READERS = {
     "VULCAN_CACHE": cache_dir,
     "VULCAN_OUT": out_root,
     "VULCAN_SCRATCH": scratch_dir,
+    "VULCAN_RAM": ram_dir,
     "VULCAN_GO": local_go,
     "VULCAN_GUEST_SOURCE": guest_source,
     "VULCAN_GOCACHE": go_cache,

@@ -76,5 +76,9 @@ class SquashfsWriter:
         except ToolFailed as exc:
             raise BuildError(f"{image.name} cannot be read back: {exc.message[-2000:]}") from None
 
+    def room(self, job: Job) -> int:
+        """Compressed file data, inode and directory tables: never more than the tar itself."""
+        return job.tar.stat().st_size
+
 
 WRITER = SquashfsWriter()

@@ -79,11 +79,10 @@ def drive(module: StepModule, argv: list[str]) -> int:
 def _run_together(module: StepModule, args: argparse.Namespace, todo: list[Check]) -> None:
     """Every Check in its own thread; all of them finish (what succeeded is published), then
     the first failure is raised and any others are said before it."""
-    from concurrent.futures import ThreadPoolExecutor
+    from .background import Task
 
-    with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="step") as pool:
-        futures = [pool.submit(log.carry(module.run), args, c) for c in todo]
-        failures = [exc for f in futures if (exc := f.exception()) is not None]
+    tasks = [Task(module.run, args, c) for c in todo]
+    failures = [exc for t in tasks if (exc := t.exception()) is not None]
     if not failures:
         return
     from .errors import handle

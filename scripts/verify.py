@@ -22,7 +22,7 @@ from .errors import BuildError, VulcanError
 from .fetch import sha256_file
 from .pins import ARCHES, Pins, host_arch
 from .pins import load as load_pins
-from .rootfs.configure import AGENT
+from .rootfs import AGENT
 from .run import run_tool
 
 CHECK_NAME = {"ext4": "e2fsck -fn", "squashfs": "sqfs2tar reads it all"}

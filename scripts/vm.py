@@ -16,9 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic
+from . import atomic, rootfs
 from .errors import VulcanError
-from .rootfs import configure
 from .run import minimal_env, run_tool
 
 AGENT_PORT = 52
@@ -124,7 +123,7 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-OVERLAY_INIT = f"/{configure.OVERLAY_INIT}"  # written into every image
+OVERLAY_INIT = f"/{rootfs.OVERLAY_INIT}"  # written into every image
 SCRATCH_MIB = 512  # the per-sandbox upper layer drive of --overlay disk (sparse)
 
 

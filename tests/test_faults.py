@@ -286,7 +286,8 @@ def test_kill_9_at_each_build_phase_then_a_rerun_succeeds_and_cleans_up(
 ) -> None:
     out = fresh_out(ready, tmp_path)
     cache = tmp_path / "cache"  # cold: the run fetches, assembles and writes
-    env = ready.env(VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+    ram = tmp_path / "ram"  # where the image is first written (a RAM file system by default)
+    env = ready.env(VULCAN_OUT=str(out), VULCAN_CACHE=str(cache), VULCAN_RAM=str(ram))
     ready.write_pins()
     proc = subprocess.Popen(
         [sys.executable, "-m", "scripts", "rootfs", "--runtime", RUNTIME], cwd=REPO, env=env,
@@ -298,13 +299,38 @@ def test_kill_9_at_each_build_phase_then_a_rerun_succeeds_and_cleans_up(
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait(60)
-    again = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+    again = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=str(cache), VULCAN_RAM=str(ram))
     assert again.returncode == 0, again.stderr
     assert sha(out / "images" / f"{RUNTIME}.ext4") == ready.reference  # type: ignore[attr-defined]
-    assert not leftovers(out, cache), leftovers(out, cache)
+    assert not leftovers(out, cache, ram), leftovers(out, cache, ram)
     verify = ready.run("verify", "--json", VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
     rows = json.loads(verify.stdout)["rows"]
     assert not [r for r in rows if r["result"] == "FAIL" and "python" in r["artifact"]]
+
+
+def test_an_image_is_written_in_ram_first_and_nothing_is_left_there(ready: World, tmp_path: Path) -> None:
+    """By default an image is written in /dev/shm (mke2fs is faster there) and copied next to
+    images/ beside its hash: the same bytes, still sparse, and RAM given back."""
+    out = fresh_out(ready, tmp_path)
+    ram = tmp_path / "ram"
+    proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_RAM=str(ram), VULCAN_TIMING="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "copy ext4 out of RAM=" in proc.stderr  # the build's own account: it went through RAM
+    image = out / "images" / f"{RUNTIME}.ext4"
+    assert sha(image) == ready.reference  # type: ignore[attr-defined]
+    assert image.stat().st_blocks * 512 < image.stat().st_size  # the holes stayed holes
+    assert [p for p in ram.rglob("*") if p.is_file() or p.name.startswith(".vulcan-")] == []
+    assert (ram / f"vulcan-images-{os.getuid()}").stat().st_mode & 0o777 == 0o700  # /dev/shm is shared
+
+
+def test_a_ram_file_system_without_room_is_passed_over(ready: World, tmp_path: Path) -> None:
+    out = fresh_out(ready, tmp_path)
+    with tmpfs(tmp_path / "ram", "1m") as ram:
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_RAM=str(ram), VULCAN_TIMING="1")
+        assert proc.returncode == 0, proc.stderr
+        assert "out of RAM" not in proc.stderr
+        assert sha(out / "images" / f"{RUNTIME}.ext4") == ready.reference  # type: ignore[attr-defined]
+        assert not leftovers(out, ram) and not [p for p in ram.rglob("*") if p.is_file()]
 
 
 @pytest.mark.parametrize(
@@ -318,6 +344,7 @@ def test_kill_9_at_each_build_phase_then_a_rerun_succeeds_and_cleans_up(
         ({"VULCAN_FETCH_WORKERS": "0"}, "VULCAN_FETCH_WORKERS"),
         ({"VULCAN_MKE2FS_INPUT": "zip"}, "VULCAN_MKE2FS_INPUT"),
         ({"VULCAN_REASSEMBLE": "yes"}, "VULCAN_REASSEMBLE"),
+        ({"VULCAN_RAM": "/etc/hostname"}, "VULCAN_RAM"),
     ],
 )
 def test_a_bad_setting_is_an_error_naming_it_before_any_work(

@@ -14,12 +14,14 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import atomic, log
 from ..errors import PinError, VulcanError
 from ..pins import Pins
-from .index import Package
+
+if TYPE_CHECKING:  # only a re-lock builds Packages: a warm rebuild does not import the index parser
+    from .index import Package
 
 LOCK_VERSION = 1
 
@@ -50,6 +52,8 @@ class Locked:
         )  # fmt: skip
 
     def as_package(self, repo_index: int) -> Package:
+        from .index import Package
+
         return Package(
             name=self.name, version=self.version, arch=self.arch, checksum=self.checksum, size=self.size,
             installed_size=self.installed_size, build_time=self.build_time, license=self.license,

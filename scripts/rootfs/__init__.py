@@ -3,3 +3,9 @@
 Decide (plan.py), merge verified packages into one normalised tar stream (tree.py,
 configure.py, stream.py), write it in each format (../formats.py), describe it (manifest.py,
 sbom.py) and publish (make.py); build.py is the step."""
+
+# Where things live in every image (named once; configure.py puts them there). Here, not in
+# configure.py, so that what only needs the names (a warm rebuild, verify, boot) does not
+# import the package merge.
+AGENT = "usr/local/bin/vulcan-guest"
+OVERLAY_INIT = "etc/vulcan/overlay-init"  # PID 1 of a read-only boot (configure.OVERLAY_INIT_SCRIPT)

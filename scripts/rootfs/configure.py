@@ -15,10 +15,9 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from . import AGENT, OVERLAY_INIT
 from .tree import Tree
 
-AGENT = "usr/local/bin/vulcan-guest"  # where the agent lives in every image
-OVERLAY_INIT = "etc/vulcan/overlay-init"  # PID 1 of a read-only boot (see OVERLAY_INIT_SCRIPT)
 SANDBOX_UID = 1000
 SHADOW_GID = 42  # alpine-baselayout .pre-install: addgroup -S -g 42 shadow
 FIRST_SYSTEM_ID = 100  # busybox adduser/addgroup -S: first free id from 100

@@ -11,15 +11,15 @@ import errno
 import json
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .. import atomic, log, paths, settings, stamps
+from .. import atomic, errors, log, paths, settings, stamps
 from ..apk import packages
+from ..background import Task, wait_all
 from ..errors import VulcanError, no_space
 from ..fetch import sha256_file
-from ..formats import Job, Written
+from ..formats import Job, Writer, Written
 from . import manifest, sbom, stream
 from .plan import Plan, make_plan
 from .stream import Stream
@@ -35,14 +35,12 @@ def _fetch_or_relock(plan: Plan) -> tuple[Plan, list[object]]:
     return plan, list(verified)
 
 
-def _stream(
-    plan: Plan, scratch: Path, pool: ThreadPoolExecutor
-) -> tuple[Plan, Stream, Future[tuple[str | None, stream.Facts | None]] | None]:
+def _stream(plan: Plan, scratch: Path) -> tuple[Plan, Stream, Task[tuple[str | None, stream.Facts | None]] | None]:
     """The cached stream (its verification running on the other core) or a fresh one."""
     found = None if settings.reassemble() else stream.cached(plan.stream_digest)
     if found is not None:
         log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
-        return plan, found, pool.submit(log.carry(_timed), "verify cached stream", stream.verify, found)
+        return plan, found, Task(_timed, "verify cached stream", stream.verify, found)
     base = None if settings.reassemble() else stream.cached(plan.base_digest, "base")
     if base is not None:
         with log.phase("verify cached stream"):
@@ -59,9 +57,10 @@ def _stream(
 
 
 def _keep(plan: Plan, fresh: Stream) -> None:
+    """Store the stream for the next build (a hard link and a sidecar: ~10 ms; done before the
+    writers start, so a build killed while writing leaves no half-stored cache entry)."""
     with log.phase("store stream"):
-        stream.store(plan.stream_digest, fresh)
-        stream.store(plan.base_digest, fresh, "base")
+        stream.store(fresh, [(plan.stream_digest, ""), (plan.base_digest, "base")])
 
 
 def _assemble(plan: Plan, scratch: Path) -> tuple[Plan, Stream]:
@@ -81,19 +80,68 @@ def _timed(name: str, fn: Any, *args: Any) -> Any:
         return fn(*args)
 
 
-def _write_all(plan: Plan, s: Stream, scratch: Path, pool: ThreadPoolExecutor) -> dict[str, tuple[Written, str]]:
+def _write_all(plan: Plan, s: Stream, scratch: Path) -> dict[str, tuple[Written, str]]:
     results: dict[str, tuple[Written, str]] = {}
     for out in plan.outputs:
-        built = scratch / out.image.name
+        final = scratch / out.image.name
         job = Job(s.tar, s.sha256, s.shape, plan.epoch, f"vulcan-{plan.runtime}", plan.headroom_mib)
-        with log.phase(f"write {out.format}"):
-            written = out.writer.write(job, built)
-        checked = pool.submit(log.carry(_timed), f"check {out.format}", out.writer.check, built)
-        with log.phase(f"hash {out.format}"):
-            digest = sha256_file(built)  # beside the check, on the other core
-        checked.result()
+        # written in RAM when it fits (mke2fs is ~25% faster there), then copied next to the
+        # output beside its hash and check, which read the RAM copy on the other core
+        with atomic.ram_scratch(settings.ram_dir(), f"{plan.runtime}-{out.format}", out.writer.room(job)) as ram:
+            built = ram / out.image.name if ram is not None else final
+            with log.phase(f"write {out.format}"):
+                written, built = _write(out.writer, job, built, final)
+            tasks: list[Task[None]] = [Task(_timed, f"check {out.format}", out.writer.check, built)]
+            if built != final:
+                tasks.append(Task(_timed, f"copy {out.format} out of RAM", _copy_out, built, final))
+            try:
+                with log.phase(f"hash {out.format}"):
+                    digest = sha256_file(built)
+            finally:
+                wait_all(tasks)
         results[out.format] = (written, digest)
     return results
+
+
+def _write(writer: Writer, job: Job, built: Path, final: Path) -> tuple[Written, Path]:
+    """Write the image at ``built``; if that was in RAM and RAM filled up meanwhile (another
+    program took it), write it at ``final`` instead."""
+    try:
+        return writer.write(job, built), built
+    except VulcanError:
+        if built == final or errors.free_bytes(built.parent) > atomic.RAM_MARGIN // 4:
+            raise
+    log.warn(f"{built.parent} filled up while {final.name} was written there; writing it in {final.parent}")
+    built.unlink(missing_ok=True)
+    return writer.write(job, final), final
+
+
+def _copy_out(src: Path, dest: Path) -> None:
+    try:
+        atomic.sparse_copy(src, dest)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise no_space(dest, atomic.allocated_bytes(src), "copying the image to") from None
+        raise
+
+
+def _build(plan: Plan, scratch: Path) -> tuple[Plan, Stream, dict[str, tuple[Written, str]]]:
+    """The stream and every image written from it, checked and hashed."""
+    plan, s, pending = _stream(plan, scratch)
+    try:
+        images = _write_all(plan, s, scratch)
+        failed: VulcanError | None = None
+    except VulcanError as exc:  # a corrupt cached stream can make a writer fail: judge the stream first
+        images, failed = {}, exc
+    problem = pending.result()[0] if pending is not None else None
+    if problem is not None:
+        log.warn(f"cached tar stream {s.tar} is corrupt ({problem}); assembling it again")
+        s.tar.unlink(missing_ok=True)
+        plan, s = _assemble(plan, scratch)
+        images = _write_all(plan, s, scratch)
+    elif failed is not None:
+        raise failed
+    return plan, s, images
 
 
 def make(plan: Plan) -> Plan:
@@ -105,22 +153,8 @@ def make(plan: Plan) -> Plan:
 def _make(plan: Plan) -> Plan:
     start = time.monotonic()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.scratch(paths.scratch_parent(plan.out_dir), f"rootfs-{plan.runtime}") as scratch, \
-            ThreadPoolExecutor(max_workers=1) as pool:  # fmt: skip
-        plan, s, pending = _stream(plan, scratch, pool)
-        try:
-            images = _write_all(plan, s, scratch, pool)
-            failed: VulcanError | None = None
-        except VulcanError as exc:  # a corrupt cached stream can make a writer fail: judge the stream first
-            images, failed = {}, exc
-        problem = pending.result()[0] if pending is not None else None
-        if problem is not None:
-            log.warn(f"cached tar stream {s.tar} is corrupt ({problem}); assembling it again")
-            s.tar.unlink(missing_ok=True)
-            plan, s = _assemble(plan, scratch)
-            images = _write_all(plan, s, scratch, pool)
-        elif failed is not None:
-            raise failed
+    with atomic.scratch(paths.scratch_parent(plan.out_dir), f"rootfs-{plan.runtime}") as scratch:
+        plan, s, images = _build(plan, scratch)
         keep = settings.keep_tar()  # debugging and the benchmark: keep the stream
         if keep:
             keep.mkdir(parents=True, exist_ok=True)

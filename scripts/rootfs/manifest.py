@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import TOOL_VERSION
 from ..formats import Written
-from .configure import AGENT
+from . import AGENT
 from .plan import Plan
 from .stream import Stream
 

@@ -20,19 +20,18 @@ import hashlib
 import json
 import os
 import shutil
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .. import atomic, log, paths
-from ..apk import keys
-from ..apk.package import control_files
 from ..errors import BuildError, NoSpace, no_space
 from ..formats import Shape
-from . import configure
+from . import AGENT
 from .plan import Plan
-from .tree import Tree
+
+if TYPE_CHECKING:
+    from .tree import Tree
 
 BLOCK = 4096
 
@@ -99,24 +98,29 @@ def cached(digest: str, kind: str = "") -> Stream | None:
         return None
 
 
-def store(digest: str, stream: Stream, kind: str = "") -> None:
-    """Keep the stream for the next build; skipped with a warning when the cache cannot take it."""
-    dest = _cache_path(digest, kind)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic.replacing(dest) as tmp:
-            tmp.unlink()
-            try:
-                os.link(stream.tar, tmp)  # same file system: no copy
-            except OSError:
-                shutil.copyfile(stream.tar, tmp)
-        atomic.write_text(dest.with_suffix(".json"), json.dumps(stream.sidecar()))
-    except OSError as exc:  # a tar without its sidecar is never used (cached() needs both)
-        why = "the cache file system is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        log.warn(f"not keeping the tar stream in the cache ({why}: {dest.parent}); the next rebuild assembles it again")
-    except NoSpace:  # atomic.replacing says ENOSPC this way
-        log.warn(f"not keeping the tar stream in the cache (its file system is full: {dest.parent}); "
-                 "the next rebuild assembles it again")  # fmt: skip
+def store(stream: Stream, names: list[tuple[str, str]]) -> None:
+    """Keep the stream for the next build under each (digest, kind) name; skipped with one
+    warning when the cache cannot take it."""
+    for digest, kind in names:
+        dest = _cache_path(digest, kind)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic.replacing(dest) as tmp:
+                tmp.unlink()
+                try:
+                    os.link(stream.tar, tmp)  # same file system: no copy
+                except OSError:
+                    shutil.copyfile(stream.tar, tmp)
+            atomic.write_text(dest.with_suffix(".json"), json.dumps(stream.sidecar()))
+        except OSError as exc:  # a tar without its sidecar is never used (cached() needs both)
+            why = "the cache file system is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            log.warn(f"not keeping the tar stream in the cache ({why}: {dest.parent}); "
+                     "the next rebuild assembles it again")  # fmt: skip
+            return
+        except NoSpace:  # atomic.replacing says ENOSPC this way
+            log.warn(f"not keeping the tar stream in the cache (its file system is full: {dest.parent}); "
+                     "the next rebuild assembles it again")  # fmt: skip
+            return
 
 
 def _number(field: bytes) -> int:
@@ -235,13 +239,14 @@ def read_facts(tar: Path) -> Facts:
     return Facts(h.hexdigest(), Shape(blocks, dirs, entries, content), files, spans, start, before_agent, identity)
 
 
-AGENT = configure.AGENT  # the one entry of the stream that depends on the agent
-RECORD = tarfile.RECORDSIZE  # tarfile pads a stream to whole records after two zero blocks
+RECORD = 20 * 512  # tarfile.RECORDSIZE: tarfile pads a stream to whole records after two zero blocks
 
 
 def agent_entry(agent: bytes, epoch: int) -> bytes:
     """The agent's entry exactly as Tree.write_tar writes it (configure.vulcan(): a file of
     mode 0755, owned by root, no mtime of its own, so the epoch)."""
+    import tarfile
+
     info = tarfile.TarInfo(AGENT)
     info.mode, info.uid, info.gid, info.uname, info.gname = 0o755, 0, 0, "", ""
     info.mtime, info.size = epoch, len(agent)
@@ -318,6 +323,11 @@ def verify(stream: Stream) -> tuple[str | None, Facts | None]:
 
 def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
     """Merge the verified packages, do what install scripts would, write the tar."""
+    from ..apk import keys  # the merge's modules: a warm rebuild or a splice needs none of them
+    from ..apk.package import control_files
+    from . import configure
+    from .tree import Tree
+
     alpine = plan.pins.alpine
     rt = plan.rt
     tree = Tree(scratch)
