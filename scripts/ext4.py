@@ -184,8 +184,8 @@ class Ext4Writer:
             },
         )  # fmt: skip
 
-    def check(self, image: Path) -> None:
-        fsck(image)
+    def check(self, image: Path, deep: bool = False) -> None:
+        fsck(image)  # every inode, directory, bitmap and metadata checksum, build or verify
 
     def room(self, job: Job) -> int:
         s = job.shape

@@ -57,8 +57,9 @@ class Writer(Protocol):
         """Write ``image`` (in scratch) from the stream; raise VulcanError on failure."""
         ...
 
-    def check(self, image: Path) -> None:
-        """Check a written image (fsck); raise BuildError naming the problem."""
+    def check(self, image: Path, deep: bool = False) -> None:
+        """Check a written image (fsck); raise BuildError naming the problem. ``deep`` (verify):
+        also read every file's data where the format has no checksums of its own."""
         ...
 
     def room(self, job: Job) -> int:

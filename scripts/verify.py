@@ -156,7 +156,7 @@ def check_image(rep: Report, runtime: str, fmt: str, arch: str, reproduce: bool)
     actual = sha256_file(img)
     rep.add(name, "sha256 = manifest", actual == listed.get(fmt, {}).get("sha256"), actual)
     try:
-        formats.writer(fmt).check(img)
+        formats.writer(fmt).check(img, deep=True)
         rep.add(name, CHECK_NAME[fmt], True, "clean")
     except BuildError as exc:
         rep.add(name, CHECK_NAME[fmt], False, exc.message.splitlines()[-1][:200])

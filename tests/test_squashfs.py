@@ -128,6 +128,34 @@ def test_a_changed_squashfs_image_fails_verify(built: World, tmp_path: Path) -> 
     assert "Traceback" not in proc.stderr
 
 
+def test_the_build_check_reads_all_metadata_and_verify_also_every_block(built: World, tmp_path: Path) -> None:
+    """After writing, a build reads every inode and directory back (as e2fsck -fn does for
+    ext4); verify also decompresses every block, since squashfs has no checksums of its own."""
+    import struct
+
+    from scripts.errors import BuildError
+    from scripts.squashfs import WRITER
+
+    image = built.out / "images/python.squashfs"
+    WRITER.check(image)
+    WRITER.check(image, deep=True)
+    inode_table = struct.unpack_from("<Q", image.read_bytes(), 64)[0]  # the superblock's inode_table_start
+    # the inode table's first block header (its length: zstd frames carry no checksum, so a
+    # flipped byte inside one may decompress "fine"); a byte of a file's data block
+    for where, deep_only in ((inode_table, False), (4096 * 50, True)):
+        bad = tmp_path / f"bad-{where}.squashfs"
+        data = bytearray(image.read_bytes())
+        data[where] ^= 0xFF
+        bad.write_bytes(bytes(data))
+        if deep_only:
+            WRITER.check(bad)
+        else:
+            with pytest.raises(BuildError, match="cannot be read back"):
+                WRITER.check(bad)
+        with pytest.raises(BuildError, match="cannot be read back"):
+            WRITER.check(bad, deep=True)
+
+
 def test_an_unknown_format_is_a_pins_error(world: World) -> None:
     imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
     world.pins["alpine"]["formats"] = ["ext4", "erofs"]
