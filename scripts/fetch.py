@@ -25,11 +25,12 @@ import fcntl
 import hashlib
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import log, settings
@@ -76,19 +77,42 @@ def _session() -> requests.Session:
     return sess
 
 
+WINDOW = 8 << 20  # bytes hashed between two releases of a mapping's pages
+
+
+def hash_mapped(h: Any, m: Any, start: int, stop: int) -> None:
+    """Feed bytes ``start:stop`` of a read-only mapping (mmap) to ``h``: no copy through a read
+    buffer (10-15% faster on a 300 MiB image, where the hash is what follows the writer). Each
+    window's pages are released once hashed (they stay in the page cache), so the process's RSS
+    never holds more than a window of the file."""
+    with memoryview(m) as view:
+        pos = start
+        while pos < stop:
+            end = min(stop, pos + WINDOW)
+            h.update(view[pos:end])
+            release(m, pos, end)
+            pos = end
+
+
+def release(m: Any, start: int, end: int) -> None:
+    """Drop pages ``start:end`` of a read-only file mapping from this process (not from the cache)."""
+    import mmap
+
+    first = start - start % mmap.PAGESIZE
+    if end > first:
+        m.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
 def sha256_file(path: Path) -> str:
-    """The file's sha256, hashed from a read-only mapping: no copy through a read buffer
-    (15% faster on a 300 MiB image, where the hash is what follows the writer)."""
     import mmap
 
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return h.hexdigest()
-        try:
+        st = os.fstat(f.fileno())
+        if stat.S_ISREG(st.st_mode) and st.st_size:
             with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-                h.update(m)
-        except (OSError, ValueError):  # a file that cannot be mapped (a pipe, /proc): read it
+                hash_mapped(h, m, 0, st.st_size)
+        else:  # empty, a pipe or a device: read it
             while chunk := f.read(CHUNK):
                 h.update(chunk)
     return h.hexdigest()

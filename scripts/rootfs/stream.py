@@ -26,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from .. import atomic, log, paths
 from ..errors import BuildError, NoSpace, no_space
+from ..fetch import WINDOW, hash_mapped
 from ..formats import Shape
 from . import AGENT
 from .plan import Plan
@@ -167,24 +168,28 @@ def _identity(fd: int) -> tuple[int, int, int, int]:
 
 
 def read_facts(tar: Path) -> Facts:
-    """Walks the ustar/PAX headers (POSIX.1-2001 pax format, as tree.write_tar writes it), then
-    hashes every byte. The file is mapped, not read: the walk touches one page per entry and
-    the hash reads the rest in place (a third faster than reading it through a buffer)."""
+    """Walks the ustar/PAX headers (POSIX.1-2001 pax format, as tree.write_tar writes it),
+    hashing every byte a window behind the walk. The file is mapped, not read: a third faster
+    than reading it through a buffer; what is hashed is released (RSS stays small)."""
     import mmap
 
     files: dict[str, int] = {}
     spans: dict[str, tuple[int, int, int]] = {}
     blocks = dirs = entries = content = 0
     pax: dict[str, str] = {}
-    start = pos = 0
+    start = pos = hashed = 0
     h = hashlib.sha256()
     before_agent = None
     with open(tar, "rb") as f:
         identity = _identity(f.fileno())
         size = identity[2]
-        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if size else None
-        try:
-            while m is not None and pos + 512 <= size:
+        if not size:
+            return Facts(h.hexdigest(), Shape(0, 0, 0, 0), {}, {}, 0, None, identity)
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            while pos + 512 <= size:
+                if pos - hashed > WINDOW:
+                    hash_mapped(h, m, hashed, pos)
+                    hashed = pos
                 header = m[pos : pos + 512]
                 if header == ZERO_BLOCK:
                     break
@@ -207,6 +212,9 @@ def read_facts(tar: Path) -> Facts:
                 pax_link = pax.get("linkpath")
                 pax = {}
                 name = name.rstrip("/")
+                if name == AGENT:  # a splice hashes only what follows the agent's entry
+                    hash_mapped(h, m, hashed, start)
+                    before_agent, hashed = h.copy(), start
                 entries += 1
                 spans[name] = (start, pos, length)
                 start = pos
@@ -220,17 +228,7 @@ def read_facts(tar: Path) -> Facts:
                     target = pax_link or header[157:257].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                     if target in files:
                         files[name] = files[target]
-            if m is not None:
-                with memoryview(m) as whole:
-                    agent = spans.get(AGENT)
-                    cut = agent[0] if agent is not None else size
-                    h.update(whole[:cut])
-                    if agent is not None:
-                        before_agent = h.copy()  # a splice hashes only what follows
-                    h.update(whole[cut:])
-        finally:
-            if m is not None:
-                m.close()
+            hash_mapped(h, m, hashed, size)
     return Facts(h.hexdigest(), Shape(blocks, dirs, entries, content), files, spans, start, before_agent, identity)
 
 
