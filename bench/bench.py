@@ -6,12 +6,17 @@ bench/.cache) on top of the test base (real static busybox and musl from Debian)
 is the median of several runs, next to its floor, measured in the same run:
 
 1. no-op ``nox -s rootfs_all`` vs the same sessions doing nothing; requests made
-2. warm rebuild of each image vs ``mke2fs -d`` of the same tar alone
+2. warm rebuild of each image (image deleted, stream cached) vs ``mke2fs -d`` of the same tar
+   alone, writing the image next to the output (the floor) and in RAM (what we do by default)
 3. cold build of all three: bytes fetched / unique bytes needed; parallel vs serial fetch
    (over a simulated link: latency and per-connection bandwidth)
 4. image size / content size, next to the seed's fixed 512 MiB
-5. peak RSS of the build process (go-like image)
+5. peak RSS of the build process (each image alone; all three assembled at once)
 6. boot-to-smoke under QEMU (TCG) when a kernel is at hand
+7. warm squashfs rebuild vs ``tar2sqfs`` alone (same options, same tar); sizes; bytes a
+   sandbox start copies
+8. the agent changed: ``guest`` then ``rootfs --all`` vs ``go build`` + ``mke2fs -d`` of the
+   three final tars one after the other; where the time went (VULCAN_TIMING phases)
 
 Prints a table and writes bench/results/latest.json.
 """
@@ -208,7 +213,8 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[float,
 
 
 def mke2fs_floor(tar: Path, manifest: dict[str, Any], work: Path, env: dict[str, str]) -> float:
-    """mke2fs -d of the very tar, with the image's own size, inodes, UUID and hash seed."""
+    """mke2fs -d of the very tar, with the image's own size, inodes, UUID and hash seed, writing
+    the image in ``work`` (the floor: on the output's file system; RAM_FLOOR: in /dev/shm)."""
     from scripts.ext4 import MKE2FS_CONF
 
     img = work / "floor.ext4"
@@ -221,7 +227,23 @@ def mke2fs_floor(tar: Path, manifest: dict[str, Any], work: Path, env: dict[str,
     cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-N", str(fs["inodes"]), "-U", fs["uuid"],
            "-E", f"hash_seed={fs['hash_seed']},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",
            "-O", "^orphan_file,^metadata_csum_seed", "-d", str(tar), str(img), f"{manifest['size'] // 1024}k"]  # fmt: skip
-    return timed(cmd, {**env, "MKE2FS_CONFIG": str(conf), "SOURCE_DATE_EPOCH": "1700000000"})[0]
+    took = timed(cmd, {**env, "MKE2FS_CONFIG": str(conf), "SOURCE_DATE_EPOCH": "1700000000"})[0]
+    img.unlink()
+    return took
+
+
+def cached_tar(cache: Path, tar_sha256: str) -> Path:
+    """The build's own cached stream with this sha256 (the floors' input), found by its sidecar:
+    no VULCAN_KEEP_TAR copy inside a timed build."""
+    for side in (cache / "rootfs").glob("*/*.json"):
+        if json.loads(side.read_text()).get("sha256") == tar_sha256:
+            return side.with_suffix(".tar")
+    raise SystemExit(f"bench: no cached stream with sha256 {tar_sha256}")
+
+
+def ram_work() -> Path:
+    """Where the RAM floors write (what our build does by default: VULCAN_RAM)."""
+    return Path(tempfile.mkdtemp(prefix="vulcan-bench-", dir="/dev/shm"))
 
 
 def phases(stderr: str) -> dict[str, float]:
@@ -317,15 +339,16 @@ def main() -> int:
         "link": f"{args.latency_ms:.0f} ms latency, {args.mbps:.0f} Mbit/s per connection",
     }  # fmt: skip
 
-    # 1. no-op, against the nox floor: the same five sessions with the same requires= chain and
-    # venv settings, each doing nothing, so the difference is exactly our part.
+    # 1. no-op, against the nox floor: the same sessions with the same requires= chain (guest,
+    # then rootfs_all; the rootfs-<rt> sessions defined, not run) and venv settings, each doing
+    # nothing, so the difference is exactly our part.
     floor_dir = Path(tempfile.mkdtemp(prefix="vulcan-bench-floor-"))
     rootfs = [f"rootfs-{name}" for name in RUNTIMES]
     (floor_dir / "noxfile.py").write_text(
         'import nox\nnox.options.default_venv_backend = "uv|virtualenv"\nnox.options.reuse_existing_virtualenvs = True\n'
         "@nox.session\ndef guest(session):\n    pass\n"
         + "".join(f"@nox.session(name={n!r}, requires=['guest'])\ndef _{i}(session):\n    pass\n" for i, n in enumerate(rootfs))
-        + f"@nox.session(requires={rootfs!r})\ndef rootfs_all(session):\n    pass\n"
+        + "@nox.session(requires=['guest'])\ndef rootfs_all(session):\n    pass\n"
     )  # fmt: skip
     timed([nox, "-s", "rootfs_all"], env, cwd=floor_dir)  # create its venvs once
     timed([nox, "-s", "rootfs_all"], env)  # warm the session venvs
@@ -335,27 +358,27 @@ def main() -> int:
         n = len(mirror.requests)
         noop.append(timed([nox, "-s", "rootfs_all"], env)[0])
         reqs.append(len(mirror.requests) - n)
-    sessions = 1 + len(rootfs) + 1  # guest, rootfs-<each>, rootfs_all
+    sessions = 2  # guest, rootfs_all (which builds every runtime in one process)
     results["noop"] = {
         "rootfs_all_s": median(noop), "empty_sessions_s": median(floor), "sessions": sessions,
         "ours_s": median(noop) - median(floor), "requests": max(reqs),
     }  # fmt: skip
 
     # 2. warm rebuild vs mke2fs of the same tar; 4. size; 5. memory
-    keep = work / "tars"
+    ram = ram_work()
     warm: dict[str, Any] = {}
     warm_phases: dict[str, list[dict[str, float]]] = {}
     for name in RUNTIMES:
-        builds, floors, rss = [], [], []
+        builds, floors, ram_floors, rss = [], [], [], []
         for _ in range(args.runs):
             (w.out / "images" / f"{name}.ext4").unlink()
-            t, proc = timed([py, "-m", "scripts", "rootfs", "--runtime", name],
-                            {**env, "VULCAN_KEEP_TAR": str(keep), "VULCAN_TIMING": "1"})  # fmt: skip
+            t, proc = timed([py, "-m", "scripts", "rootfs", "--runtime", name], {**env, "VULCAN_TIMING": "1"})
             builds.append(t)
             warm_phases.setdefault(name, []).append(phases(proc.stderr))
             manifest = json.loads((w.out / "images" / f"{name}.manifest.json").read_text())
-            tar = keep / f"{name}-{arch}.tar"
+            tar = cached_tar(w.cache, manifest["tar_sha256"])
             floors.append(mke2fs_floor(tar, manifest, work, env))
+            ram_floors.append(mke2fs_floor(tar, manifest, ram, env))
         # memory: the full path (fetch from cache, verify, decompress, merge, write the stream)
         (w.out / "images" / f"{name}.ext4").unlink()
         wrapper = (
@@ -369,18 +392,24 @@ def main() -> int:
         size = manifest["size"]
         warm[name] = {
             "build_s": median(builds), "mke2fs_floor_s": median(floors), "ratio": median(builds) / median(floors),
+            "mke2fs_ram_floor_s": median(ram_floors), "ram_ratio": median(builds) / median(ram_floors),
             "image_mib": size / 2**20, "content_mib": content / 2**20, "size_ratio": size / content,
             "size_target_mib": (1.15 * content + (64 << 20)) / 2**20, "seed_fixed_mib": 512,
             "peak_rss_mib": max(rss), "files": sum(len(p["files"]) for p in manifest["packages"]),
         }  # fmt: skip
     results["warm"] = warm
+    # memory of the whole rootfs_all: every runtime assembled from its packages at once, in one process
+    for name in RUNTIMES:
+        (w.out / "images" / f"{name}.ext4").unlink()
+    _, proc = timed([py, "-c", wrapper, py, "-m", "scripts", "rootfs", "--all"], {**env, "VULCAN_REASSEMBLE": "1"})
+    results["all_at_once_peak_rss_mib"] = int(proc.stdout.strip().splitlines()[-1]) / 1024
     results["warm_phases"] = {name: median_phases(runs) for name, runs in warm_phases.items()}
 
     # 8. the agent changed (the developer loop): the agent rebuilt, then every image assembled
     # again from cached packages and written again; floor: go build + mke2fs -d of the final tars
     agent_src = work / "agent-src"
     shutil.copytree(ROOT / "guest", agent_src)
-    change_env = {**env, "VULCAN_GUEST_SOURCE": str(agent_src), "VULCAN_KEEP_TAR": str(keep), "VULCAN_TIMING": "1"}
+    change_env = {**env, "VULCAN_GUEST_SOURCE": str(agent_src), "VULCAN_TIMING": "1"}
     changed, change_floor, change_phases = [], [], []
     gobuild = [
         str(go),
@@ -407,7 +436,7 @@ def main() -> int:
         floor = timed(gobuild, go_env, cwd=agent_src)[0]
         for name in RUNTIMES:
             manifest = json.loads((w.out / "images" / f"{name}.manifest.json").read_text())
-            floor += mke2fs_floor(keep / f"{name}-{arch}.tar", manifest, work, env)
+            floor += mke2fs_floor(cached_tar(w.cache, manifest["tar_sha256"]), manifest, work, env)
         change_floor.append(floor)
     results["agent_change"] = {
         "rebuild_s": median(changed), "floor_s": median(change_floor), "ratio": median(changed) / median(change_floor),
@@ -428,21 +457,26 @@ def main() -> int:
     sq_env = {**env, "VULCAN_PINS": str(sq_dir / "pins.json"), "VULCAN_OUT": str(sq_out)}
     sq: dict[str, Any] = {}
     for name in RUNTIMES:
-        builds, floors = [], []
+        builds, floors, ram_floors = [], [], []
         timed([py, "-m", "scripts", "rootfs", "--runtime", name], sq_env)  # stamp and stream in place
         for _ in range(args.runs):
             (sq_out / "images" / f"{name}.squashfs").unlink()
             builds.append(timed([py, "-m", "scripts", "rootfs", "--runtime", name], sq_env)[0])
-            tar = keep / f"{name}-{arch}.tar"
-            start = time.perf_counter()
-            with open(tar, "rb") as stdin:
-                subprocess.run(["tar2sqfs", *squashfs.options(1_700_000_000), str(work / "floor.sqfs")], stdin=stdin,
-                               check=True)  # fmt: skip
-            floors.append(time.perf_counter() - start)
+            tar = cached_tar(
+                w.cache, json.loads((sq_out / "images" / f"{name}.manifest.json").read_text())["tar_sha256"]
+            )
+            for where, into in ((work, floors), (ram, ram_floors)):
+                start = time.perf_counter()
+                with open(tar, "rb") as stdin:
+                    subprocess.run(["tar2sqfs", *squashfs.options(1_700_000_000), str(where / "floor.sqfs")],
+                                   stdin=stdin, check=True)  # fmt: skip
+                into.append(time.perf_counter() - start)
+                (where / "floor.sqfs").unlink()
         size = (sq_out / "images" / f"{name}.squashfs").stat().st_size
         ext4_image = w.out / "images" / f"{name}.ext4"
         sq[name] = {
             "build_s": median(builds), "tar2sqfs_floor_s": median(floors), "ratio": median(builds) / median(floors),
+            "tar2sqfs_ram_floor_s": median(ram_floors), "ram_ratio": median(builds) / median(ram_floors),
             "squashfs_mib": size / 2**20, "content_ratio": size / (warm[name]["content_mib"] * 2**20),
             "ext4_ratio": size / (warm[name]["image_mib"] * 2**20),
             "ext4_start_copies_mib": ext4_image.stat().st_blocks * 512 / 2**20, "squashfs_start_copies_mib": 0,
@@ -475,6 +509,7 @@ def main() -> int:
     (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
     print(report(results))
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(ram, ignore_errors=True)
     shutil.rmtree(floor_dir, ignore_errors=True)
     return 0
 
@@ -493,7 +528,7 @@ def report(r: dict[str, Any]) -> str:
     for name, wv in r["warm"].items():
         lines.append(
             f"{'warm rebuild ' + name + ' vs mke2fs -d alone':<44} {wv['build_s']:>9.2f}s {wv['mke2fs_floor_s']:>9.2f}s "
-            f"{wv['ratio']:>6.2f}x  <= 1.5x"
+            f"{wv['ratio']:>6.2f}x  <= 1.5x (mke2fs writing in RAM: {wv['mke2fs_ram_floor_s']:.2f} s, {wv['ram_ratio']:.2f}x)"
         )
     lines.append(
         f"{'cold build, all three (parallel fetch)':<44} {c['parallel_s']:>9.2f}s {c['serial_s']:>9.2f}s "
@@ -510,13 +545,16 @@ def report(r: dict[str, Any]) -> str:
         lines.append(
             f"{'peak RSS building ' + name:<44} {wv['peak_rss_mib']:>8.0f}Mi {'':>10} {'':>7}  <= 200 MiB (go)"
         )
+    lines.append(f"{'peak RSS, rootfs --all assembling all at once':<44} {r['all_at_once_peak_rss_mib']:>8.0f}Mi "
+                 f"{'':>10} {'':>7}  <= 200 MiB")  # fmt: skip
     a = r["agent_change"]
     lines.append(f"{'agent changed: agent + all three images':<44} {a['rebuild_s']:>9.2f}s {a['floor_s']:>9.2f}s "
                  f"{a['ratio']:>6.2f}x  <= 2x (floor: go build + mke2fs -d of the three final tars)")  # fmt: skip
     q = r["squashfs"]
     for name, v in q["runtimes"].items():
         lines.append(f"{'warm squashfs ' + name + ' vs tar2sqfs alone':<44} {v['build_s']:>9.2f}s {v['tar2sqfs_floor_s']:>9.2f}s "
-                     f"{v['ratio']:>6.2f}x  <= 1.3x (zstd {q['level']}, {q['block_size'] // 1024} KiB blocks)")  # fmt: skip
+                     f"{v['ratio']:>6.2f}x  <= 1.3x (zstd {q['level']}, {q['block_size'] // 1024} KiB blocks; "
+                     f"tar2sqfs writing in RAM: {v['tar2sqfs_ram_floor_s']:.2f} s, {v['ram_ratio']:.2f}x)")  # fmt: skip
     for name, v in q["runtimes"].items():
         lines.append(f"{'squashfs size ' + name + ' / content, / ext4':<44} {v['squashfs_mib']:>8.0f}Mi {'':>10} "
                      f"{v['content_ratio']:>6.2f}x  <= 0.35x content; {v['ext4_ratio']:.2f}x the ext4 image")  # fmt: skip

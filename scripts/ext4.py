@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-import uuid as uuidlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -103,8 +102,11 @@ def layout(file_blocks: int, dirs: int, entries: int, headroom_mib: int) -> Layo
 
 def derived_uuid(seed: str, purpose: str) -> str:
     """A UUID from the content: same tar stream -> same filesystem UUID and hash seed."""
-    digest = hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:16]
-    return str(uuidlib.UUID(bytes=digest, version=4))
+    raw = bytearray(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:16])
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4 (what uuid.UUID(bytes=..., version=4) sets; the
+    raw[8] = raw[8] & 0x3F | 0x80  # uuid module imports platform: 3 ms of every build's start)
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _mke2fs_args(source: Path, image: Path, lay: Layout, uuid: str, hash_seed: str, label: str) -> list[str]:

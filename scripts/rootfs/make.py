@@ -15,19 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic, errors, log, paths, settings, stamps
-from ..apk import packages
 from ..background import Task, wait_all
 from ..errors import VulcanError, no_space
 from ..fetch import sha256_file
 from ..formats import Job, Writer, Written
 from . import manifest, sbom, stream
-from .plan import Plan, make_plan
+from .plan import Output, Plan, make_plan
 from .stream import Stream
 
 
 def _fetch_or_relock(plan: Plan) -> tuple[Plan, list[object]]:
     """The plan's verified packages; after a re-lock (a locked package left the mirror), a new
     plan from the new closure, so that stream, manifest and stamp all describe what was built."""
+    from ..apk import packages  # only a build that assembles fetches
+
     with log.phase("fetch+verify packages"):
         closure, verified = packages.fetch_locked(plan.pins, plan.runtime, plan.arch, plan.frozen, plan.closure)
     if closure != plan.closure:
@@ -85,22 +86,29 @@ def _write_all(plan: Plan, s: Stream, scratch: Path) -> dict[str, tuple[Written,
     for out in plan.outputs:
         final = scratch / out.image.name
         job = Job(s.tar, s.sha256, s.shape, plan.epoch, f"vulcan-{plan.runtime}", plan.headroom_mib)
-        # written in RAM when it fits (mke2fs is ~25% faster there), then copied next to the
-        # output beside its hash and check, which read the RAM copy on the other core
+        # written in RAM when it fits (mke2fs is ~25% faster there); then this thread hashes it
+        # while the other core checks it and copies it next to the output (one task, not two:
+        # three threads on two cores slowed the hash, which is what a build waits for)
         with atomic.ram_scratch(settings.ram_dir(), f"{plan.runtime}-{out.format}", out.writer.room(job)) as ram:
             built = ram / out.image.name if ram is not None else final
             with log.phase(f"write {out.format}"):
                 written, built = _write(out.writer, job, built, final)
-            tasks: list[Task[None]] = [Task(_timed, f"check {out.format}", out.writer.check, built)]
-            if built != final:
-                tasks.append(Task(_timed, f"copy {out.format} out of RAM", _copy_out, built, final))
+            beside = Task(_check_and_copy, out, built, final)
             try:
                 with log.phase(f"hash {out.format}"):
                     digest = sha256_file(built)
             finally:
-                wait_all(tasks)
+                wait_all([beside])
         results[out.format] = (written, digest)
     return results
+
+
+def _check_and_copy(out: Output, built: Path, final: Path) -> None:
+    with log.phase(f"check {out.format}"):
+        out.writer.check(built)
+    if built != final:
+        with log.phase(f"copy {out.format} out of RAM"):
+            _copy_out(built, final)
 
 
 def _write(writer: Writer, job: Job, built: Path, final: Path) -> tuple[Written, Path]:
