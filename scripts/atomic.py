@@ -70,21 +70,30 @@ def allocated_bytes(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
+def extents(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, is data) ranges covering a file, from SEEK_DATA/SEEK_HOLE (all data where
+    the file system cannot tell)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            yield pos, size, exc.errno != errno.ENXIO  # ENXIO: only a hole is left
+            return
+        if start > pos:
+            yield pos, start, False
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end, True
+        pos = end
+
+
 def sparse_copy(src: Path, dst: Path) -> None:
     """Copy the data extents of ``src`` into ``dst`` (same size; holes stay holes)."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         size = os.fstat(fin.fileno()).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole is left
-                    break
-                raise
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            copy_range(fin.fileno(), fout.fileno(), start, end - start)
-            pos = end
+        for start, end, data in extents(fin.fileno(), size):
+            if data:
+                copy_range(fin.fileno(), fout.fileno(), start, end - start)
         os.ftruncate(fout.fileno(), size)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from . import log, settings
+from . import atomic, log, settings
 from .errors import ChecksumError, DownloadError
 
 if TYPE_CHECKING:
@@ -104,6 +104,9 @@ def release(m: Any, start: int, end: int) -> None:
 
 
 def sha256_file(path: Path) -> str:
+    """A file's sha256; a sparse file's holes are hashed as the zeros they read as, without
+    touching them: mapping a hole of a file in RAM (tmpfs) would allocate it, which made an
+    image written in /dev/shm lose its holes when it was copied out beside its hash."""
     import mmap
 
     h = hashlib.sha256()
@@ -111,11 +114,25 @@ def sha256_file(path: Path) -> str:
         st = os.fstat(f.fileno())
         if stat.S_ISREG(st.st_mode) and st.st_size:
             with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-                hash_mapped(h, m, 0, st.st_size)
+                for start, end, data in atomic.extents(f.fileno(), st.st_size):
+                    if data:
+                        hash_mapped(h, m, start, end)
+                    else:
+                        _hash_zeros(h, end - start)
         else:  # empty, a pipe or a device: read it
             while chunk := f.read(CHUNK):
                 h.update(chunk)
     return h.hexdigest()
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _hash_zeros(h: Any, n: int) -> None:
+    while n:
+        k = min(n, len(_ZEROS))
+        h.update(memoryview(_ZEROS)[:k])
+        n -= k
 
 
 READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)

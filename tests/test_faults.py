@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -321,6 +322,29 @@ def test_an_image_is_written_in_ram_first_and_nothing_is_left_there(ready: World
     assert image.stat().st_blocks * 512 < image.stat().st_size  # the holes stayed holes
     assert [p for p in ram.rglob("*") if p.is_file() or p.name.startswith(".vulcan-")] == []
     assert (ram / f"vulcan-images-{os.getuid()}").stat().st_mode & 0o777 == 0o700  # /dev/shm is shared
+
+
+def test_hashing_a_sparse_file_in_ram_leaves_its_holes_alone(tmp_path: Path) -> None:
+    """Hashing an image still in /dev/shm must not allocate its holes (mapping a tmpfs hole
+    does): they would then be copied out as data, and the published image would lose them."""
+    from scripts.atomic import sparse_copy
+    from scripts.fetch import sha256_file
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    with tempfile.TemporaryDirectory(dir=shm) as d:
+        img = Path(d) / "sparse.img"
+        with open(img, "wb") as f:
+            f.truncate(64 << 20)
+            for at in (0, 20 << 20, (64 << 20) - 4096):
+                f.seek(at)
+                f.write(b"data" * 1024)
+        before = img.stat().st_blocks
+        assert sha256_file(img) == hashlib.sha256(img.read_bytes()).hexdigest()
+        assert img.stat().st_blocks == before
+        sparse_copy(img, tmp_path / "out.img")
+        assert (tmp_path / "out.img").stat().st_blocks * 512 <= 3 * 4096 * 4  # three pages of data, a few blocks
 
 
 def test_a_ram_file_system_without_room_is_passed_over(ready: World, tmp_path: Path) -> None:
