@@ -1,4 +1,4 @@
-"""The CI matrix, from what nox lists: ``nox -l --json | python -m scripts ci-matrix``.
+"""The CI matrix, from what nox lists: ``nox -t image -l --json | python -m scripts ci-matrix``.
 
 Every session tagged ``image`` (one per runtime in pins.json) times every architecture, in
 the form GitHub Actions' ``strategy.matrix`` takes (``{"include": [...]}``)."""
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     m = matrix(json.load(sys.stdin), args.tag)
     if not m["include"]:
-        print(f"no sessions tagged {args.tag!r} in nox -l --json", file=sys.stderr)
+        print(f"no sessions tagged {args.tag!r} in the JSON on stdin (nox -t {args.tag} -l --json)", file=sys.stderr)
         return 1
     print(f"matrix={json.dumps(m, separators=(',', ':'))}")
     return 0

@@ -42,7 +42,7 @@ STEPS = (
     Step("clean", "clean", "Remove bin/, images/ and their stamps; -- --all also removes the download cache."),
     Step("update_pins", "update_pins",
          "Move pins to the newest upstream versions in their lines, then re-lock (--check: report only)."),
-    Step("ci-matrix", "ci", "Print the CI matrix from `nox -l --json` on stdin (GitHub Actions).", session=""),
+    Step("ci-matrix", "ci", "Print the CI matrix from `nox -t image -l --json` on stdin (GitHub Actions).", session=""),
     Step("ci-lock", "ci_lock", "Print whether alpine.lock.json is fresh for the pins (CI's lock job).", session=""),
 )  # fmt: skip
 BY_COMMAND = {s.command: s for s in STEPS}

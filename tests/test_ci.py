@@ -1,4 +1,4 @@
-"""The CI workflow: valid, its matrix exactly what `nox -l --json` lists, its job graph and
+"""The CI workflow: valid, its matrix exactly what `nox -t image -l --json` lists, its job graph and
 supply chain as documented; and the parts that need no GitHub run here (the lock hand-off)."""
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ def load_workflow() -> dict:  # type: ignore[type-arg]
 
 def nox_list() -> list[dict]:  # type: ignore[type-arg]
     nox = shutil.which("nox") or pytest.skip("nox is not installed in this environment")
-    proc = subprocess.run([nox, "-l", "--json"], cwd=REPO, capture_output=True, text=True, check=True)
+    proc = subprocess.run([nox, "-t", "image", "-l", "--json"], cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
 
 def test_workflow_matrix_equals_what_nox_lists() -> None:
     wf = load_workflow()
     step = next(s for s in wf["jobs"]["sessions"]["steps"] if s.get("id") == "list")
-    assert step["run"].startswith("nox -l --json | python -m scripts ci-matrix")
+    assert step["run"].startswith("nox -t image -l --json | python -m scripts ci-matrix")
     listed = nox_list()
     proc = subprocess.run(
         [sys.executable, "-m", "scripts", "ci-matrix"], cwd=REPO, input=json.dumps(listed), capture_output=True,
