@@ -7,6 +7,7 @@ looks finished (and the next run removes the scratch).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import shutil
@@ -36,8 +37,13 @@ def _fetch_or_relock(plan: Plan) -> tuple[Plan, list[object]]:
     return plan, list(verified)
 
 
-def _stream(plan: Plan, scratch: Path) -> tuple[Plan, Stream, Task[tuple[str | None, stream.Facts | None]] | None]:
-    """The cached stream (its verification running on the other core) or a fresh one."""
+def _stream(
+    plan: Plan, scratch: Path, stack: contextlib.ExitStack
+) -> tuple[Plan, Stream, Task[tuple[str | None, stream.Facts | None]] | None]:
+    """The cached stream (its verification running on the other core) or a fresh one. A
+    spliced stream is written in RAM when it fits (``stack`` holds that directory until the
+    images are written) and is not stored: the base it came from stays the cache's entry, so an
+    agent change writes nothing to disk but the images (a go-like stream is 214 MiB)."""
     found = None if settings.reassemble() else stream.cached(plan.stream_digest)
     if found is not None:
         log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
@@ -48,9 +54,11 @@ def _stream(plan: Plan, scratch: Path) -> tuple[Plan, Stream, Task[tuple[str | N
             problem, facts = stream.verify(base)
         if facts is not None and problem is None:
             log.info(f"{plan.what}: only the agent changed since a cached build: replacing it in that build's tar")
+            agent = plan.guest.read_bytes()
+            room = base.tar.stat().st_size + len(agent)
+            ram = stack.enter_context(atomic.ram_scratch(settings.ram_dir(), f"{plan.runtime}-stream", room))
             with log.phase("splice the agent into the stream"):
-                fresh = stream.splice_agent(base, facts, plan.guest.read_bytes(), plan.epoch, scratch)
-            _keep(plan, fresh)
+                fresh = stream.splice_agent(base, facts, agent, plan.epoch, ram or scratch)
             return plan, fresh, None
         log.warn(f"cached tar stream {base.tar} is corrupt ({problem}); assembling it again")
     plan, fresh = _assemble(plan, scratch)
@@ -133,9 +141,11 @@ def _copy_out(src: Path, dest: Path) -> None:
         raise
 
 
-def _build(plan: Plan, scratch: Path) -> tuple[Plan, Stream, dict[str, tuple[Written, str]]]:
+def _build(
+    plan: Plan, scratch: Path, stack: contextlib.ExitStack
+) -> tuple[Plan, Stream, dict[str, tuple[Written, str]]]:
     """The stream and every image written from it, checked and hashed."""
-    plan, s, pending = _stream(plan, scratch)
+    plan, s, pending = _stream(plan, scratch, stack)
     try:
         images = _write_all(plan, s, scratch)
         failed: VulcanError | None = None
@@ -161,8 +171,9 @@ def make(plan: Plan) -> Plan:
 def _make(plan: Plan) -> Plan:
     start = time.monotonic()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.scratch(paths.scratch_parent(plan.out_dir), f"rootfs-{plan.runtime}") as scratch:
-        plan, s, images = _build(plan, scratch)
+    with atomic.scratch(paths.scratch_parent(plan.out_dir), f"rootfs-{plan.runtime}") as scratch, \
+            contextlib.ExitStack() as stack:  # fmt: skip
+        plan, s, images = _build(plan, scratch, stack)
         keep = settings.keep_tar()  # debugging and the benchmark: keep the stream
         if keep:
             keep.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 
 Assembling: fetch and verify the locked packages, merge them (tree.py), do what install
 scripts would (configure.py), write the sorted, normalised tar. The stream and what the
-build learnt about it are cached (``rootfs/<inputs digest>.tar`` + ``.json``), so a warm
-rebuild of a deleted image is the writer plus checks.
+build learnt about it are cached (``rootfs/<inputs digest>.tar`` + ``.json``, and under the
+digest of everything but the agent in ``rootfs/base/``), so a warm rebuild of a deleted image
+is the writer plus checks, and an agent change splices the new agent into the base
+(``splice_agent``; make.py writes that stream in RAM and does not store it).
 
 Nothing in the cache is trusted as it is: ``verify()`` re-hashes the tar against the sidecar's
 sha256 and recomputes from the tar itself everything that shapes an image (file blocks,
