@@ -189,9 +189,6 @@ def read_facts(tar: Path) -> Facts:
             return Facts(h.hexdigest(), Shape(0, 0, 0, 0), {}, {}, 0, None, identity)
         with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
             while pos + 512 <= size:
-                if pos - hashed > WINDOW:
-                    hash_mapped(h, m, hashed, pos)
-                    hashed = pos
                 header = m[pos : pos + 512]
                 if header == ZERO_BLOCK:
                     break
@@ -220,6 +217,9 @@ def read_facts(tar: Path) -> Facts:
                 entries += 1
                 spans[name] = (start, pos, length)
                 start = pos
+                if start - hashed > WINDOW:  # only at an entry's end: never between a PAX header and its entry
+                    hash_mapped(h, m, hashed, start)
+                    hashed = start
                 if kind == b"5":
                     dirs += 1
                 elif kind in (b"0", b"\0"):
