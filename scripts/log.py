@@ -16,12 +16,32 @@ def _stream() -> TextIO:
     return sys.stderr
 
 
+_console = threading.RLock()  # one writer at a time: builds and downloads run in threads
+_active: list[Progress] = []  # the downloads whose progress is on screen
+_bar_shown = False
+WIDTH = 120
+
+
+def _clear_bar(out: TextIO) -> None:
+    """Erase the progress line (the caller holds _console) so a log line starts on a clean line."""
+    global _bar_shown
+    if _bar_shown:
+        out.write("\r" + " " * WIDTH + "\r")
+        _bar_shown = False
+
+
 def info(msg: str) -> None:
-    print(f"vulcan: {msg}", file=_stream(), flush=True)
+    with _console:
+        out = _stream()
+        _clear_bar(out)
+        print(f"vulcan: {msg}", file=out, flush=True)
 
 
 def warn(msg: str) -> None:
-    print(f"vulcan: WARNING: {msg}", file=_stream(), flush=True)
+    with _console:
+        out = _stream()
+        _clear_bar(out)
+        print(f"vulcan: WARNING: {msg}", file=out, flush=True)
 
 
 def interactive() -> bool:
@@ -38,40 +58,69 @@ def human(n: float) -> str:
 
 
 class Progress:
-    """Byte progress for one download: a redrawn bar on a terminal, nothing otherwise."""
+    """Byte progress of a download: one redrawn line on a terminal, nothing otherwise. Several
+    downloads at once (parallel fetches, builds running together) share one line that sums them,
+    and log lines are printed above it, never glued onto it."""
 
     def __init__(self, label: str, total: int | None) -> None:
         self.label = label
         self.total = total
         self.done = 0
         self.enabled = interactive()
-        self._last = 0.0
         self._start = time.monotonic()
+        if self.enabled:
+            with _console:
+                _active.append(self)
 
     def update(self, n: int) -> None:
         self.done += n
         if not self.enabled:
             return
+        global _last_draw
         now = time.monotonic()
-        if now - self._last < 0.1:
-            return
-        self._last = now
-        self._draw()
-
-    def _draw(self) -> None:
-        rate = self.done / max(time.monotonic() - self._start, 1e-6)
-        if self.total:
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            text = f"{self.label} [{bar:<30}] {human(self.done)}/{human(self.total)} {human(rate)}/s"
-        else:
-            text = f"{self.label} {human(self.done)} {human(rate)}/s"
-        print(f"\r{text[:120]:<120}", end="", file=_stream(), flush=True)
+        with _console:
+            if now - _last_draw < 0.1:
+                return
+            _last_draw = now
+            _draw()
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw()
-            print(file=_stream(), flush=True)
+        if not self.enabled:
+            return
+        with _console:
+            if self in _active:
+                _active.remove(self)
+            _clear_bar(_stream())
+            if _active:
+                _draw()
+
+
+_last_draw = 0.0
+
+
+def _line(now: float) -> str:
+    """The progress line for what is being downloaded (the caller holds _console)."""
+    done = sum(p.done for p in _active)
+    rate = done / max(now - min(p._start for p in _active), 1e-6)
+    if len(_active) == 1:
+        p = _active[0]
+        if p.total:
+            bar = "#" * int(min(p.done / p.total, 1.0) * 30)
+            return f"{p.label} [{bar:<30}] {human(p.done)}/{human(p.total)} {human(rate)}/s"
+        return f"{p.label} {human(p.done)} {human(rate)}/s"
+    totals = [p.total for p in _active]
+    of = f" of {human(sum(t for t in totals if t))}" if all(totals) else ""
+    return f"downloading {len(_active)} files: {human(done)}{of} {human(rate)}/s"
+
+
+def _draw() -> None:
+    global _bar_shown
+    if not _active:
+        return
+    out = _stream()
+    out.write(f"\r{_line(time.monotonic())[:WIDTH]:<{WIDTH}}")
+    out.flush()
+    _bar_shown = True
 
 
 # Phase timings (VULCAN_TIMING=1), per build: concurrent builds each count their own.

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from scripts.pins import host_arch
 from tests.support.world import REPO, World
 
@@ -186,3 +188,37 @@ def test_archive_without_binaries_is_rejected(world: World, tmp_path: Path) -> N
     assert proc.returncode == 1
     assert f"lacks release-v1.17.0-{ARCH}/firecracker-v1.17.0-{ARCH}" in proc.stderr
     assert bin_files(world) == {}
+
+
+def test_downloads_at_once_share_one_progress_line_and_log_lines_never_glue_onto_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a terminal: one download shows its bar; several (parallel fetches, builds together)
+    share one line that sums them; a log line first erases the bar; a finished download leaves
+    no bar behind."""
+    import io
+
+    from scripts import log
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(log, "_stream", lambda: screen)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(log, "_last_draw", 0.0)
+    a = log.Progress("a.apk", 2048)
+    a.update(1024)
+    assert screen.getvalue().startswith("\ra.apk [###############               ] 1.0 KiB/2.0 KiB ")
+    monkeypatch.setattr(log, "_last_draw", 0.0)
+    b = log.Progress("b.apk", 1024 * 1024)
+    b.update(512)
+    assert "downloading 2 files: 1.5 KiB of 1.0 MiB" in screen.getvalue().rsplit("\r", 1)[1]
+    log.info("downloaded c.apk")
+    tail = screen.getvalue()
+    assert "\r" + " " * log.WIDTH + "\rvulcan: downloaded c.apk\n" in tail  # erased first, then the line
+    a.close()
+    b.close()
+    assert screen.getvalue().endswith("\r" + " " * log.WIDTH + "\r")  # nothing left on the line
+    assert log._active == []
