@@ -110,6 +110,7 @@ def test_actions_are_pinned_by_commit_and_jobs_ask_for_least_permissions() -> No
         assert job.get("permissions") == {"contents": "read"}, name
 
 
+@pytest.mark.slow  # 15 s: it resolves and builds like two CI jobs; the quick set must stay under 3 minutes
 def test_the_lock_hand_off_runs_here_as_in_ci(world: World) -> None:
     """No committed lock: the lock job's commands find it stale, resolve it once, and a
     --frozen build (what every cell runs) then succeeds with that lock; a fresh lock is a no-op."""
