@@ -77,6 +77,7 @@ def test_second_run_is_a_no_op_and_a_source_change_rebuilds(world: World, go: st
     assert subprocess.run([out, "-version"], capture_output=True, text=True).stdout.strip() == "vulcan-guest 0.1.1"
 
 
+@pytest.mark.slow  # 8 s (a cold cross-compile); test_cross_arch.py covers aarch64 too
 def test_cross_build_aarch64_gives_an_aarch64_elf(world: World, go: str) -> None:
     other = "aarch64" if ARCH == "x86_64" else "x86_64"
     world.run("guest", "--arch", other, check=True, VULCAN_GO=go)
