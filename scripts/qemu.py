@@ -116,23 +116,10 @@ def boot_qemu(
         return boot_qemu(t, kernel, arch, timeout, accel, logs, retry=False)
     if line == STALLED:
         line = f"the guest hung: no console output for {STALL_S:.0f}s"
-    if line and "vulcan-smoke: ok" in line:
-        return BootResult(
-            runtime,
-            f"qemu ({accel})",
-            True,
-            seconds,
-            line.split("vulcan-smoke: ok", 1)[1].strip(),
-            console_log,
-            disks.copied_bytes,
-        )
-    detail = line.strip() if line else f"no 'vulcan-smoke' line within {timeout:.0f}s"
-    return BootResult(
-        runtime,
-        f"qemu ({accel})",
-        False,
-        seconds,
-        f"{detail}; last console lines: {console.tail[-5:]}",
-        console_log,
-        disks.copied_bytes,
-    )
+    ok = line is not None and "vulcan-smoke: ok" in line
+    if line is not None and ok:
+        detail = line.split("vulcan-smoke: ok", 1)[1].strip()
+    else:
+        why = line.strip() if line else f"no 'vulcan-smoke' line within {timeout:.0f}s"
+        detail = f"{why}; last console lines: {console.tail[-5:]}"
+    return BootResult(runtime, f"qemu ({accel})", ok, seconds, detail, console_log, disks.copied_bytes)
