@@ -90,11 +90,11 @@ def hash_mapped(h: Any, m: Any, start: int, stop: int) -> None:
         while pos < stop:
             end = min(stop, pos + WINDOW)
             h.update(view[pos:end])
-            release(m, pos, end)
+            _release(m, pos, end)
             pos = end
 
 
-def release(m: Any, start: int, end: int) -> None:
+def _release(m: Any, start: int, end: int) -> None:
     """Drop pages ``start:end`` of a read-only file mapping from this process (not from the cache)."""
     import mmap
 

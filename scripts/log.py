@@ -38,10 +38,7 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    with _console:
-        out = _stream()
-        _clear_bar(out)
-        print(f"vulcan: WARNING: {msg}", file=out, flush=True)
+    info(f"WARNING: {msg}")
 
 
 def interactive() -> bool:
