@@ -4,9 +4,13 @@ import (
 	"bufio"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -177,4 +181,65 @@ func TestSmokeReportsOkAndFail(t *testing.T) {
 	if code := smoke(options{configDir: dir, poweroff: "false"}); code == 0 {
 		t.Fatal("failing check reported ok")
 	}
+}
+
+// running lists the processes whose command line holds token (read from /proc).
+func running(token string) []string {
+	var found []string
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		if data, err := os.ReadFile("/proc/" + d.Name() + "/cmdline"); err == nil && strings.Contains(string(data), token) {
+			found = append(found, d.Name())
+		}
+	}
+	return found
+}
+
+// gone waits (bounded) until no process holds token; an escaped one would live for minutes.
+func gone(token string) []string {
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if len(running(token)) == 0 {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return running(token)
+}
+
+// A grandchild that calls setsid leaves the program's process group, so killing the group
+// cannot reach it: the program's own PID namespace does, on timeout and on a normal exit.
+func TestSetsidGrandchildrenDoNotOutliveTheirCommand(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root: the agent contains programs in a PID namespace only as root (as in a guest)")
+	}
+	if _, err := exec.LookPath("setsid"); err != nil {
+		t.Skip("no setsid on this host")
+	}
+	c := newClient(t)
+	for _, tc := range []struct {
+		name, script string
+		timeout      int
+		timedOut     bool
+	}{
+		{"timeout", "setsid sleep %s & sleep 600", 300, true},
+		{"exit", "setsid sleep %s >/dev/null 2>&1 </dev/null & exit 0", 30_000, false},
+	} {
+		token := strconv.FormatInt(int64(600+os.Getpid()%1000), 10) + "." + strconv.Itoa(int(time.Now().UnixNano()%1_000_000))
+		r := c.exec(map[string]any{"argv": []string{"sh", "-c", fmt.Sprintf(tc.script, token)}, "timeout_ms": tc.timeout})
+		if r["ok"] != true || r["timed_out"] != tc.timedOut {
+			t.Fatalf("%s: %v", tc.name, r)
+		}
+		if left := gone(token); left != nil {
+			for _, pid := range left {
+				syscall.Kill(mustAtoi(pid), syscall.SIGKILL)
+			}
+			t.Fatalf("%s: the setsid grandchild (sleep %s) outlived its command: pids %v", tc.name, token, left)
+		}
+	}
+}
+
+func mustAtoi(s string) int {
+	n, _ := strconv.Atoi(s)
+	return n
 }

@@ -26,6 +26,8 @@ const (
 	sandboxHome      = "/work"
 )
 
+var noPidNamespace sync.Once
+
 var defaultEnv = map[string]string{
 	"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 	"LANG": "C.UTF-8",
@@ -94,7 +96,16 @@ func execute(req request) (execReply, error) {
 
 	cmd := exec.Command(req.Argv[0], req.Argv[1:]...)
 	cmd.Dir = cwd
+	// Each program is the first process of a PID namespace of its own (when the agent is root,
+	// as in every guest): when it exits or is killed, the kernel kills every process left in
+	// that namespace (pid_namespaces(7)), so nothing escapes by setsid, a new process group or
+	// a double fork. Chosen over a cgroup, whose cgroup.kill needs Linux >= 5.14 and a mounted
+	// cgroup2 (5.10 guests have neither); a PID namespace needs only CONFIG_PID_NS. The
+	// process group stays as well, for an agent that is not root (tests on a host).
 	attr := &syscall.SysProcAttr{Setpgid: true}
+	if os.Getuid() == 0 {
+		attr.Cloneflags = syscall.CLONE_NEWPID
+	}
 	user := "root"
 	env := map[string]string{}
 	for k, v := range defaultEnv {
@@ -152,7 +163,20 @@ func execute(req request) (execReply, error) {
 	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, errW
 	start := time.Now()
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	if err != nil && attr.Cloneflags != 0 && (errors.Is(err, syscall.EINVAL) || errors.Is(err, syscall.EPERM)) {
+		// a kernel without CONFIG_PID_NS: the process group alone, said on the console
+		noPidNamespace.Do(func() {
+			fmt.Fprintf(os.Stderr, "vulcan-guest: no PID namespace (%v): a program's setsid children can outlive it\n", err)
+		})
+		attr.Cloneflags = 0
+		retry := exec.Command(cmd.Path, cmd.Args[1:]...) // a Cmd starts once, even after a failed Start
+		retry.Dir, retry.Env, retry.SysProcAttr = cmd.Dir, cmd.Env, attr
+		retry.Stdin, retry.Stdout, retry.Stderr = inR, outW, errW
+		cmd = retry
+		err = cmd.Start()
+	}
+	if err != nil {
 		for _, f := range []*os.File{outR, outW, errR, errW, inR, inW} {
 			f.Close()
 		}
@@ -176,11 +200,11 @@ func execute(req request) (execReply, error) {
 		mu.Lock()
 		timedOut = true
 		mu.Unlock()
-		syscall.Kill(-pgid, syscall.SIGKILL)
+		syscall.Kill(-pgid, syscall.SIGKILL) // the namespace's first process: the kernel kills the rest
 	})
 	state, werr := cmd.Process.Wait()
 	timer.Stop()
-	syscall.Kill(-pgid, syscall.SIGKILL) // leftovers of the group
+	syscall.Kill(-pgid, syscall.SIGKILL) // leftovers of the group (without a PID namespace)
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
 	select {

@@ -92,7 +92,8 @@ func smoke(opt options) int {
 	case res.ExitCode != 0:
 		fmt.Printf("vulcan-smoke: fail %s exited %d: %s\n", strings.Join(argv, " "), res.ExitCode, firstLine(res.Stderr+res.Stdout))
 	default:
-		fmt.Printf("vulcan-smoke: ok %s | root=%s writable=%s\n", firstLine(res.Stdout+res.Stderr), rootType(), writable("/work", "/etc"))
+		fmt.Printf("vulcan-smoke: ok %s | root=%s writable=%s vulcan-mounts=%s\n", firstLine(res.Stdout+res.Stderr),
+			rootType(), writable("/work", "/etc"), vulcanMounts())
 		code = 0
 	}
 	return code
@@ -111,6 +112,25 @@ func rootType() string {
 		}
 	}
 	return kind
+}
+
+// vulcanMounts lists what is mounted under /.vulcan ("none" once overlay-init has detached the
+// read-only root and the upper layer: a sandbox must not see either).
+func vulcanMounts() string {
+	data, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return "unknown"
+	}
+	var found []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], "/.vulcan") {
+			found = append(found, f[1])
+		}
+	}
+	if len(found) == 0 {
+		return "none"
+	}
+	return strings.Join(found, ",")
 }
 
 // writable lists which of dirs accept a new file (written, read back, removed).

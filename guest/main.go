@@ -96,7 +96,10 @@ func listen(spec string, kargs map[string]string) (net.Listener, int, error) {
 			return nil, 0, fmt.Errorf("bad vsock port %q", addr)
 		}
 		ln, err := listenVsock(uint32(port))
-		return ln, port, err
+		if err != nil {
+			return nil, 0, err
+		}
+		return hostOnly{ln}, port, nil
 	case "tcp":
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {

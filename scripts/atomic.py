@@ -210,7 +210,7 @@ _ram_lock = threading.Lock()
 _ram_reserved = 0  # bytes this process's builds (threads) have claimed in RAM
 
 
-def _private_dir(path: Path) -> bool:
+def private_dir(path: Path) -> bool:
     """``path`` is (now) a directory of ours that nobody else can write (/dev/shm is shared)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # VULCAN_RAM may name a new directory
@@ -230,7 +230,7 @@ def ram_scratch(root: Path | None, what: str, needed: int) -> Iterator[Path | No
     parent = root / f"vulcan-images-{os.getuid()}" if root is not None else None
     with _ram_lock:
         try:
-            if parent is None or not _private_dir(parent):
+            if parent is None or not private_dir(parent):
                 raise OSError("no private directory there")
             st = os.statvfs(parent)
             free = st.f_bavail * st.f_frsize

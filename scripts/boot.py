@@ -65,6 +65,12 @@ def main(argv: list[str]) -> int:
         choices=["tmpfs", "disk"],
         help="a read-only boot's writable layer: in RAM, or a scratch ext4 drive per VM (default tmpfs)",
     )
+    p.add_argument(
+        "--append",
+        default="",
+        metavar="WORDS",
+        help="more kernel command line words after ours, e.g. 'vulcan.overlay_size=64m loglevel=8'",
+    )
     p.add_argument("--vmm", default="auto", choices=["auto", "firecracker", "qemu"])
     p.add_argument("--jailer", action="store_true",
                    help="start Firecracker through bin/jailer (chroot, cgroup, uid/gid 65534), as in production; "
@@ -104,6 +110,8 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
             f"its configuration lacks {', '.join(lacking)}",
             hint="use a kernel built with them (Firecracker's CI kernels are), or boot another --format",
         )
+    for risk in kconfig.risky(config or {}):
+        log.warn(f"kernel {kernel}: {risk}")
     which_vmm, why = choose_vmm(args.vmm, arch)
     if args.jailer and which_vmm != "firecracker":
         raise BootFailed(f"--jailer starts Firecracker, which cannot run here ({why})", hint="drop --jailer")
@@ -117,7 +125,7 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
             raise BootFailed(
                 f"{image} is missing", hint=f"run 'nox -s rootfs-{rt}' (with {args.format} in its formats)"
             )
-        t = Target(rt, image, args.format, args.read_only or args.format != "ext4", args.overlay)
+        t = Target(rt, image, args.format, args.read_only or args.format != "ext4", args.overlay, args.append)
         if which_vmm == "qemu":
             r = boot_qemu(t, kernel, arch, args.timeout, args.accel, logs)
         else:

@@ -145,6 +145,10 @@ def file_lock(target: Path, shared: bool = False) -> Iterator[None]:
     Raises OSError (EROFS, EACCES) where the lock file cannot be created: callers that only
     read use ``read_only_ok`` to carry on without it."""
     lock = target.with_name(target.name + ".lock")
+    if target.is_relative_to(settings.cache_dir()):
+        from .paths import claim_cache
+
+        claim_cache()
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)

@@ -73,7 +73,7 @@ def boot_firecracker(
     runtime = t.runtime
     with atomic.scratch(Path(tempfile.gettempdir()), "fc") as scratch:
         disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, scratch)
-        extra = f"vulcan.port={AGENT_PORT} {disks.kernel_args(with_root=False)}".strip()
+        extra = f"vulcan.port={AGENT_PORT} {disks.kernel_args(with_root=False)} {t.append}".strip()
         if jailer is None:
             uds = scratch / "vsock.sock"
             cfg = scratch / "vm.json"

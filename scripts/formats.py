@@ -48,6 +48,7 @@ class Written:
 
 class Writer(Protocol):
     name: str  # "ext4": the file suffix and the manifest's "format"
+    max_epoch: int  # the latest timestamp (SOURCE_DATE_EPOCH) the writer can store
 
     def tool_inputs(self) -> dict[str, Any]:
         """What the image bytes depend on besides the stream (tool versions): stamp inputs."""

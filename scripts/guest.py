@@ -17,12 +17,13 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from . import atomic, cli, log, paths, settings, stamps
 from .elf import check_static_binary
 from .errors import ArchiveError, PinError
-from .fetch import cached, file_lock
+from .fetch import cached, file_lock, writable
 from .pins import GOARCH, REPO_ROOT, Pins, host_arch
 from .pins import load as load_pins
 from .run import minimal_env, run_tool
@@ -123,6 +124,22 @@ def check(args: argparse.Namespace, dry: bool) -> list[Check]:
     return [Check(f"guest ({arch})", stamp, inputs, [out / "vulcan-guest"], why, paths.out_root(), (src, pkg, go))]
 
 
+def go_build_cache() -> Path:
+    """``VULCAN_GOCACHE``, else ``go-build`` in the download cache; when that cache is
+    read-only (a CI cache restore, a shared cache), a private directory in /tmp instead, said."""
+    gocache = settings.go_cache()
+    if settings.go_cache_is_set() or writable(gocache / "x"):
+        if gocache.is_relative_to(paths.cache_dir()):
+            paths.claim_cache()  # the Go build cache may be the cache's first entry
+        return gocache
+    fallback = Path(tempfile.gettempdir()) / f"vulcan-go-build-{os.getuid()}"
+    if not atomic.private_dir(fallback):  # /tmp is shared: only a directory of ours, 0700
+        fallback = Path(tempfile.mkdtemp(prefix="vulcan-go-build-"))
+    log.info(f"the cache {paths.cache_dir()} is read-only: Go's build cache is {fallback} instead "
+             "(set VULCAN_GOCACHE to choose)")  # fmt: skip
+    return fallback
+
+
 def run(args: argparse.Namespace, check: Check) -> None:
     src, pkg, go = check.context
     arch = args.arch
@@ -131,6 +148,7 @@ def run(args: argparse.Namespace, check: Check) -> None:
     if check.inputs["toolchain"]["kind"] != "pinned":
         want = go_line(src)
         log.info(f"building with {check.inputs['toolchain']['version']} from VULCAN_GO (the source needs go >= {want})")
+    gocache = go_build_cache()
     with atomic.scratch(out_dir, "guest") as scratch:
         env = minimal_env(
             HOME=str(scratch),
@@ -141,7 +159,7 @@ def run(args: argparse.Namespace, check: Check) -> None:
             GO111MODULE="on",
             GOPROXY=settings.go_proxy(),
             GOMODCACHE=str(scratch / "gomodcache"),
-            GOCACHE=str(settings.go_cache()),
+            GOCACHE=str(gocache),
             GOPATH=str(scratch / "gopath"),
             CGO_ENABLED="0",
             GOOS="linux",

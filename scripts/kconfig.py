@@ -15,7 +15,9 @@ from pathlib import Path
 START, END = b"IKCFG_ST", b"IKCFG_ED"
 # What each image format needs built in (=y: there is no initramfs to load modules from)
 NEEDS = {
-    "all": ("VIRTIO_BLK", "VIRTIO_VSOCKETS", "DEVTMPFS"),
+    # PID_NS: the agent runs each program in a PID namespace of its own, so that nothing it
+    # starts outlives it (guest/README.md)
+    "all": ("VIRTIO_BLK", "VIRTIO_VSOCKETS", "DEVTMPFS", "PID_NS"),
     "ext4": ("EXT4_FS",),
     "squashfs": ("SQUASHFS", "SQUASHFS_ZSTD", "OVERLAY_FS", "TMPFS"),
     "overlay": ("OVERLAY_FS", "TMPFS"),  # any read-only root: the writable layer on top
@@ -46,3 +48,16 @@ def missing(config: dict[str, str], formats: list[str]) -> list[str]:
     """The options the formats need that the kernel does not build in, as CONFIG_ names."""
     wanted = [*NEEDS["all"], *(o for f in formats for o in NEEDS.get(f, ()))]
     return [f"CONFIG_{o}" for o in dict.fromkeys(wanted) if config.get(o) != "y"]
+
+
+# Options that weaken a sandbox: warned about, not refused (a test kernel may have them).
+RISKY = {
+    "VSOCKETS_LOOPBACK": "a process in the guest can open vsock connections inside the guest (CID 1); the agent "
+    "refuses every peer but the host (CID 2), but nothing else in a sandbox should rely on that: build sandbox "
+    "kernels without it",
+}
+
+
+def risky(config: dict[str, str]) -> list[str]:
+    """``CONFIG_X=y: why`` for each option of RISKY that the kernel has."""
+    return [f"CONFIG_{o}={config[o]}: {why}" for o, why in RISKY.items() if config.get(o) in ("y", "m")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from . import settings
@@ -39,3 +40,88 @@ def cache_dir() -> Path:
 def scratch_parent(out_dir: Path) -> Path:
     """Where images are assembled: ``$VULCAN_SCRATCH`` or next to the output."""
     return settings.scratch_dir() or out_dir
+
+
+# -- what is ours: the marker clean relies on ---------------------------------------------------
+# A directory this tool created carries a CACHEDIR.TAG (https://bford.info/cachedir/: backup
+# tools skip it, as they skip cargo's target/) whose comment names this tool. `clean` removes
+# only in directories that carry it, and only entries this tool writes (OUTPUT_ENTRIES,
+# CACHE_ENTRIES): VULCAN_OUT=$HOME must never cost a user ~/bin, nor VULCAN_CACHE=~/.cache the
+# rest of ~/.cache. A directory that existed before is written into but not marked, unless it
+# is this tool's default location (the checkout's bin/ and images/, ~/.cache/vulcan-images).
+MARKER = "CACHEDIR.TAG"
+MARKER_TEXT = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# Created by vulcan-images. Its contents are rebuilt or fetched again on demand;\n"
+    "# `nox -s clean` removes what vulcan-images wrote here, and nothing else.\n"
+)
+# Top-level output directories, and what clean removes inside them (fnmatch patterns; arch
+# subdirectories hold the same). Scratch directories and temporary files of dead runs too.
+OUTPUT_DIRS = ("bin", "images")
+OUTPUT_ENTRIES = {
+    "bin": ("firecracker", "jailer", "vmlinux", "vulcan-guest"),
+    "images": ("*.ext4", "*.squashfs", "*.manifest.json", "*.spdx.json", ".boot"),
+}
+LEFTOVER_ENTRIES = (".stamps", ".vulcan-*", ".*.tmp", MARKER)
+CACHE_ENTRIES = ("sha256", "apk", "keys", "rootfs", "go", "go-build", MARKER)
+
+
+def is_marked(directory: Path) -> bool:
+    try:
+        return "vulcan-images" in (directory / MARKER).read_text(errors="replace")[:4096]
+    except OSError:
+        return False
+
+
+def _mark(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only location: clean will leave it, and say why
+        (directory / MARKER).write_text(MARKER_TEXT)
+
+
+def claim(directory: Path, default: bool = False) -> bool:
+    """Create ``directory`` (and its parents); mark it as ours when this call created it, or
+    when it is this tool's ``default`` location. True: this call created it."""
+    if directory.is_dir():
+        if default and not is_marked(directory):
+            _mark(directory)
+        return False
+    try:
+        directory.mkdir(parents=True)
+    except OSError:  # another run made it a moment ago (and marks it), or it cannot be made:
+        return False  # then the write that follows says so, naming the path
+    _mark(directory)
+    return True
+
+
+def claim_outputs(outputs: list[Path]) -> list[Path]:
+    """Before a step writes ``outputs``: the top-level output directories they sit in. Returns
+    those this call created (``unclaim`` them if the step fails: nothing is left of it)."""
+    root = out_root()
+    created = []
+    for top in OUTPUT_DIRS:
+        if any(p.is_relative_to(root / top) for p in outputs) and claim(root / top, default=root == settings.REPO_ROOT):
+            created.append(root / top)
+    return created
+
+
+def unclaim(created: list[Path]) -> None:
+    """Remove directories ``claim`` made that hold nothing but the marker (a failed step)."""
+    for directory in created:
+        try:
+            if [p.name for p in directory.iterdir()] == [MARKER]:
+                (directory / MARKER).unlink()
+                directory.rmdir()
+        except OSError:
+            pass
+
+
+def claim_cache() -> None:
+    """Before anything is written into the cache (first download, stream, Go build cache)."""
+    root = cache_dir()
+    if root in _claimed:
+        return
+    claim(root, default=settings.cache_is_default())
+    _claimed.add(root)
+
+
+_claimed: set[Path] = set()

@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 import re
+import stat
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import settings
+from . import names, settings
 from .errors import PinError
 from .formats import DEFAULT as FORMATS_DEFAULT
 from .formats import WRITERS
@@ -29,6 +30,7 @@ REPO_ROOT = settings.REPO_ROOT
 MAX_HEADROOM_MIB = 1 << 16  # 64 GiB of free space in an image is a typo, not a wish
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 UPDATE_HINT = "run 'nox -s update_pins' to fetch and pin it (nothing is trusted on first use)"
+MAX_PINS_BYTES = 1 << 20  # a pins file is a few KiB; more is not a pins file (VULCAN_PINS=/dev/zero)
 
 
 def host_arch() -> str:
@@ -148,6 +150,18 @@ class _Checker:
             raise self.fail(where, "expected a non-empty string")
         return value
 
+    def name(self, value: object, where: str, what: str = "a name") -> str:
+        """A value that becomes a file name: the one rule of scripts/names.py."""
+        problem = names.problem(value)
+        if problem is not None:
+            raise self.fail(
+                where,
+                f"{value!r} is not a plain file name: {problem}",
+                hint=f"{what} is used as a file name: no '/', not '.' or '..', printable, "
+                f"at most {names.NAME_MAX} bytes",
+            )
+        return str(value)
+
     def hex64(self, parent: Mapping[str, Any], key: str, where: str) -> str:
         if key not in parent or parent[key] in ("", None):
             raise self.fail(where, "missing checksum", hint=UPDATE_HINT)
@@ -161,9 +175,17 @@ class _Checker:
         if not value.startswith("https://"):
             raise self.fail(where, f"expected an https:// URL, got {value!r}")
         try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+            parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(value) if f is not None]
         except ValueError as exc:
             raise self.fail(where, f"bad URL template: {exc}") from None
+        for f, spec, conv in parsed:
+            if spec or conv:  # "{version:>999999999}" would be a format spec: placeholders are names only
+                raise self.fail(
+                    where,
+                    f"placeholder {{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} has a format spec",
+                    hint="placeholders are plain names: {version}, {arch}, {goarch}",
+                )
+        fields = {f for f, _, _ in parsed}
         unknown = fields - allowed
         if unknown and not allowed:
             raise self.fail(
@@ -181,7 +203,7 @@ class _Checker:
 
     def artifact(self, raw: Mapping[str, Any], name: str) -> Artifact:
         sec = self.obj(raw, name, name)
-        version = self.text(sec, "version", f"{name}.version")
+        version = self.name(self.text(sec, "version", f"{name}.version"), f"{name}.version", "a version")
         url = self.url(sec, "url", f"{name}.url", {"version", "arch", "goarch"})
         sums = self.obj(sec, "sha256", f"{name}.sha256")
         for key in sums:
@@ -227,13 +249,16 @@ class _Checker:
     def alpine(self, raw: Mapping[str, Any]) -> Alpine:
         sec = self.obj(raw, "alpine", "alpine")
         mirror = self.url(sec, "mirror", "alpine.mirror", set())
-        branch = self.text(sec, "branch", "alpine.branch")
+        branch = self.name(self.text(sec, "branch", "alpine.branch"), "alpine.branch", "the branch")
         repos = self.strings(sec, "repositories", "alpine.repositories")
+        for i, repo in enumerate(repos):
+            self.name(repo, f"alpine.repositories[{i}]", "a repository name")
         keys_sec = self.obj(sec, "keys", "alpine.keys")
         if not keys_sec:
             raise self.fail("alpine.keys", "no trusted keys", hint="pin at least one key with its fingerprint")
         keys = []
         for name in sorted(keys_sec):
+            self.name(name, f"alpine.keys.{name}", "a key name (the key's file in the cache and in /etc/apk/keys)")
             entry = self.obj(keys_sec, name, f"alpine.keys.{name}")
             url = self.url(entry, "url", f"alpine.keys.{name}.url", set())
             keys.append(AlpineKey(name, url, self.hex64(entry, "sha256", f"alpine.keys.{name}.sha256")))
@@ -243,6 +268,7 @@ class _Checker:
         runtimes = {}
         for name in rts:
             where = f"alpine.runtimes.{name}"
+            self.name(name, where, "a runtime name (it names images and sessions)")
             if not re.match(r"^[a-z][a-z0-9_]*$", name):
                 raise self.fail(where, "runtime names are lower-case letters, digits and _ (they name sessions)")
             rt = self.obj(rts, name, where)
@@ -273,20 +299,39 @@ class _Checker:
         return Alpine(mirror, branch, repos, tuple(keys), base, runtimes, headroom, formats)
 
 
+def read_json_text(path: Path, most: int, what: str) -> str:
+    """A JSON file's text, read only if it is a regular file of at most ``most`` bytes: a device
+    (/dev/zero) or a huge file is refused at once instead of read forever."""
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for a writer; a regular file reads as usual
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise PinError(f"{path}: not a regular file", hint=f"point it at a {what} (JSON)")
+            data = f.read(most + 1)
+    except FileNotFoundError:
+        raise PinError(f"{path}: no such {what}", hint="set VULCAN_PINS to an existing file or unset it") from None
+    except OSError as exc:
+        raise PinError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > most:
+        raise PinError(f"{path}: larger than {most >> 10} KiB: not a {what}", hint=f"point it at a {what} (JSON)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PinError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def load(path: Path | None = None) -> Pins:
     """Read and validate a pins file; raise PinError naming the JSON path of any problem."""
     path = path or pins_path()
     chk = _Checker(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PinError(f"{path}: no such pins file", hint="set VULCAN_PINS to an existing file or unset it") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PinError(f"{path}: cannot read: {exc}") from None
+    text = read_json_text(path, MAX_PINS_BYTES, "pins file")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PinError(f"{chk.label}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}") from None
+    except (RecursionError, ValueError) as exc:  # 100,000 nested arrays; a 5,000-digit number
+        what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise PinError(f"{chk.label}: invalid JSON: {what}") from None
     if not isinstance(raw, dict):
         raise chk.fail("(top level)", "expected an object")
     if "schema_version" not in raw:

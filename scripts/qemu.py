@@ -88,6 +88,7 @@ def boot_qemu(
         args = f"reboot=k panic=1 {disks.kernel_args(with_root=True)} vulcan.smoke=1"
         if accel == "tcg":
             args = f"{args} {tcg_kernel_args(arch)}".strip()
+        args = f"{args} {t.append}".strip()
         cmd = qemu_command(arch, kernel, disks, accel, args)
         log.info(f"boot {t.label}: {' '.join(cmd[:3])} ... (accel {accel}, console log {console_log})")
         start = time.monotonic()
@@ -95,11 +96,18 @@ def boot_qemu(
         console = Console(proc, console_log)
         try:
             line = console.wait_for(
-                ("vulcan-smoke: ok", "vulcan-smoke: fail", "KVM internal error", "Kernel panic"),
+                (
+                    "vulcan-smoke: ok",
+                    "vulcan-smoke: fail",
+                    "vulcan-overlay: fail",
+                    "KVM internal error",
+                    "Kernel panic",
+                ),
                 start + timeout,
                 stall=STALL_S,
             )
         finally:
+            exited = proc.poll()  # before kill(): did QEMU end on its own?
             kill(proc)
             console.close()
         seconds = time.monotonic() - start
@@ -119,6 +127,10 @@ def boot_qemu(
     ok = line is not None and "vulcan-smoke: ok" in line
     if line is not None and ok:
         detail = line.split("vulcan-smoke: ok", 1)[1].strip()
+    elif line is None and exited is not None:  # QEMU itself gave up (a bad kernel, a bad drive): its words
+        detail = f"QEMU exited with status {exited} after {seconds:.1f}s, before the guest's smoke check: " + (
+            " | ".join(console.tail[-5:]) or "no output"
+        )
     else:
         why = line.strip() if line else f"no 'vulcan-smoke' line within {timeout:.0f}s"
         detail = f"{why}; last console lines: {console.tail[-5:]}"

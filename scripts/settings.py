@@ -72,6 +72,11 @@ def _directory(name: str, value: str) -> Path:
     return path.resolve()
 
 
+def _whole(value: str) -> bool:
+    """ASCII digits only, and few of them: str.isdigit() also takes '²', which int() refuses."""
+    return value.isascii() and value.isdigit() and len(value) <= 20
+
+
 def _flag(name: str) -> bool:
     value = _raw(name)
     if value is None or value == "0":
@@ -106,6 +111,11 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "vulcan-images"
+
+
+def cache_is_default() -> bool:
+    """No VULCAN_CACHE: the cache is this tool's own directory under the user's cache home."""
+    return _raw("VULCAN_CACHE") is None
 
 
 def out_root() -> Path:
@@ -150,6 +160,10 @@ def go_cache() -> Path:
     return _directory("VULCAN_GOCACHE", value) if value else cache_dir() / "go-build"
 
 
+def go_cache_is_set() -> bool:
+    return _raw("VULCAN_GOCACHE") is not None
+
+
 def go_proxy() -> str:
     return _raw("VULCAN_GOPROXY") or "off"
 
@@ -169,7 +183,7 @@ def fetch_workers() -> int:
     value = _raw("VULCAN_FETCH_WORKERS")
     if value is None:
         return 4
-    if not value.isdigit() or not 1 <= int(value) <= MAX_FETCH_WORKERS:
+    if not _whole(value) or not 1 <= int(value) <= MAX_FETCH_WORKERS:
         raise SettingError(
             f"VULCAN_FETCH_WORKERS={value!r}: expected a whole number from 1 to {MAX_FETCH_WORKERS}",
             hint="or unset it (default 4)",
@@ -194,7 +208,7 @@ def source_date_epoch() -> int | None:
     value = _raw("SOURCE_DATE_EPOCH")
     if value is None:
         return None
-    if not value.isdigit() or int(value) > MAX_EPOCH:
+    if not _whole(value) or int(value) > MAX_EPOCH:
         raise SettingError(
             f"SOURCE_DATE_EPOCH={value!r}: expected whole seconds since 1970 from 0 to {MAX_EPOCH}",
             hint="or unset it: images are then clamped to the newest package's build time",

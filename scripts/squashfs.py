@@ -55,6 +55,9 @@ def options(epoch: int) -> list[str]:
 
 class SquashfsWriter:
     name = "squashfs"
+    # squashfs stores u32 mtimes, but tar2sqfs (1.2) reads the root's "-d mtime=" as a signed
+    # 32-bit number: "mtime: value too large" from 2038-01-19 on
+    max_epoch = 2**31 - 1
 
     def tool_inputs(self) -> dict[str, Any]:
         return {"tar2sqfs": version_text(), "squashfs": {"compressor": COMPRESSOR, "level": LEVEL, "block": BLOCK_SIZE}}

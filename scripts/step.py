@@ -68,11 +68,20 @@ def drive(module: StepModule, argv: list[str]) -> int:
             continue
         log.info(f"{c.what}: {c.why}")
         todo.append(c)
-    if len(todo) > 1 and getattr(module, "CONCURRENT", False):
-        _run_together(module, args, todo)
-    else:
-        for c in todo:
-            module.run(args, c)
+    if not todo:
+        return 0
+    from . import paths
+
+    created = paths.claim_outputs([p for c in todo for p in c.outputs])
+    try:
+        if len(todo) > 1 and getattr(module, "CONCURRENT", False):
+            _run_together(module, args, todo)
+        else:
+            for c in todo:
+                module.run(args, c)
+    except BaseException:
+        paths.unclaim(created)  # a failed first build leaves no empty bin/ or images/ behind
+        raise
     return 0
 
 

@@ -32,7 +32,7 @@ CHECK_NAME = {"ext4": "e2fsck -fn", "squashfs": "sqfs2tar reads it all"}
 class Row:
     artifact: str
     check: str
-    result: str  # pass, FAIL, skip, missing
+    result: str  # pass, FAIL, warn, skip, missing
     detail: str = ""
 
 
@@ -47,6 +47,10 @@ class Report:
     def same(self, artifact: str, check: str, actual: str, want: str | None) -> bool:
         """A sha256 comparison: the actual value, and the expected one when they differ."""
         return self.add(artifact, check, actual == want, actual if actual == want else f"{actual} != {want}")
+
+    def warn(self, artifact: str, check: str, detail: str) -> None:
+        """Worth a user's attention, not a failure."""
+        self.rows.append(Row(artifact, check, "warn", detail))
 
     def missing(self, artifact: str, hint: str) -> None:
         self.rows.append(Row(artifact, "exists", "missing", hint))
@@ -123,6 +127,8 @@ def check_kernel_config(rep: Report, kernel: Path, pins: Pins) -> None:
         return
     lacking = kconfig.missing(config, formats)
     rep.add(_rel(kernel), check, not lacking, f"lacks {', '.join(lacking)}" if lacking else "all options built in")
+    for risk in kconfig.risky(config):
+        rep.warn(_rel(kernel), "config for sandboxes", risk)
 
 
 def check_guest(rep: Report, arch: str) -> None:
@@ -319,7 +325,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"ok": not rep.failed and bool(present), "rows": [asdict(r) for r in rep.rows]}, indent=1))
     else:
         print(rep.table())
-        counts = {k: sum(1 for r in rep.rows if r.result == k) for k in ("pass", "skip", "missing", "FAIL")}
+        counts = {k: sum(1 for r in rep.rows if r.result == k) for k in ("pass", "warn", "skip", "missing", "FAIL")}
         log.info(", ".join(f"{n} {k.lower() if k != 'FAIL' else 'FAILED'}" for k, n in counts.items() if n))
     if not present:
         log.warn("nothing to verify: no artifacts found (run 'nox -s download' and 'nox -s rootfs_all')")

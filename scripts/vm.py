@@ -64,6 +64,7 @@ class Target:
     fmt: str
     read_only: bool  # every format but ext4 is; ext4 with --read-only too
     overlay: str  # tmpfs or disk
+    append: str = ""  # more kernel command line words (boot --append), after ours: the last value wins
 
     @property
     def label(self) -> str:

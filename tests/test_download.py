@@ -25,7 +25,7 @@ def bin_files(w: World) -> dict[str, int]:
 def test_fresh_download_puts_verified_binaries_in_bin(world: World) -> None:
     proc = world.run("download", check=True)
     b = world.out / "bin"
-    assert set(bin_files(world)) == {"firecracker", "jailer", "vmlinux"}
+    assert set(bin_files(world)) == {"firecracker", "jailer", "vmlinux", "CACHEDIR.TAG"}  # the tag: clean's marker
     out = subprocess.run([b / "firecracker", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "Firecracker v1.17.0"
     assert (b / "jailer").stat().st_mode & 0o111

@@ -16,7 +16,8 @@ from tests.support import imagerepo
 from tests.support.world import SHARED, World, sha256
 
 KERNELS = {"x86_64": SHARED / "kernel" / "vmlinux.xz", "aarch64": SHARED / "kernel" / "arm64" / "Image.xz"}
-FULL = ["VIRTIO_BLK", "VIRTIO_VSOCKETS", "DEVTMPFS", "EXT4_FS", "SQUASHFS", "SQUASHFS_ZSTD", "OVERLAY_FS", "TMPFS"]
+FULL = ["VIRTIO_BLK", "VIRTIO_VSOCKETS", "DEVTMPFS", "PID_NS", "EXT4_FS", "SQUASHFS", "SQUASHFS_ZSTD", "OVERLAY_FS",
+        "TMPFS"]  # fmt: skip
 
 
 def fake_kernel(options: list[str]) -> bytes:
@@ -44,6 +45,19 @@ def test_a_missing_option_is_named(tmp_path: Path) -> None:
     assert kconfig.missing(config, ["ext4", "squashfs"]) == ["CONFIG_SQUASHFS_ZSTD"]
     k.write_bytes(b"\x7fELF" + b"\0" * 100)
     assert kconfig.read(k) is None
+
+
+def test_a_kernel_without_pid_namespaces_is_named_and_vsock_loopback_is_a_warning(tmp_path: Path) -> None:
+    """The agent contains each program in a PID namespace; vsock loopback lets a guest process
+    reach guest-side vsock listeners (the agent refuses it; a sandbox kernel should not have it)."""
+    k = tmp_path / "k"
+    k.write_bytes(fake_kernel([o for o in FULL if o != "PID_NS"] + ["VSOCKETS_LOOPBACK"]))
+    config = kconfig.read(k)
+    assert config is not None
+    assert kconfig.missing(config, ["ext4"]) == ["CONFIG_PID_NS"]
+    assert [r.split(":")[0] for r in kconfig.risky(config)] == ["CONFIG_VSOCKETS_LOOPBACK=y"]
+    k.write_bytes(fake_kernel(FULL))
+    assert kconfig.risky(kconfig.read(k) or {}) == []
 
 
 def _with_kernel(world: World, data: bytes) -> None:

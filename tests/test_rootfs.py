@@ -16,6 +16,7 @@ import pytest
 
 from scripts import debugfs, ext4
 from scripts.pins import host_arch
+from scripts.rootfs import stream
 from tests.support import imagerepo
 from tests.support.apkrepo import CDN, Entry, Pkg, publish
 from tests.support.mirror import serve
@@ -355,11 +356,42 @@ def test_an_edited_stream_sidecar_is_not_trusted(built: World, tmp_path: Path, f
     for side in (built.cache / "rootfs").rglob("*.json"):
         data = json.loads(side.read_text())
         data["shape"][field] += 5000
+        data["binding"] = stream._binding(data)  # even an edit that binds the sidecar again: the tar says otherwise
         side.write_text(json.dumps(data))
     (out / "images/python.ext4").unlink()
     proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))
     assert re.search(rf"cached tar stream .* is corrupt \(the sidecar's shape .*{field}", proc.stderr)
     assert sha(out / "images/python.ext4") == sha(image(built))
+
+
+@pytest.mark.parametrize("edit", ["files", "os_release", "busybox_links", "not json"])
+def test_an_edited_or_unreadable_sidecar_is_assembled_again_and_repaired(
+    built: World, tmp_path: Path, edit: str
+) -> None:
+    """What only the assembly knows (each package's files, os-release, busybox's links) is bound
+    to the tar: an edit gives the same manifest as a clean build, never a false one, and the
+    cache entry is written anew (the next build reuses it)."""
+    out = tmp_path / "side"
+    shutil.copytree(built.out / "bin", out / "bin")
+    built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))
+    want = json.loads((out / "images/python.manifest.json").read_text())
+    for side in (built.cache / "rootfs").rglob("*.json"):
+        data = json.loads(side.read_text())
+        if edit == "files":
+            data["files"] = {pkg: {} for pkg in data["files"]}  # python3's files vanish from the manifest
+        elif edit == "os_release":
+            data["os_release"] = "Alpine Linux v0.1"
+        elif edit == "busybox_links":
+            data["busybox_links"] = 0
+        side.write_text("{not json" if edit == "not json" else json.dumps(data))
+    (out / "images/python.ext4").unlink()
+    proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))
+    assert re.search(r"a cached tar stream of .* is corrupt \(its sidecar (was changed|is unreadable)", proc.stderr)
+    assert json.loads((out / "images/python.manifest.json").read_text()) == want
+    assert sha(out / "images/python.ext4") == sha(image(built))
+    (out / "images/python.ext4").unlink()
+    proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))
+    assert "reusing its tar" in proc.stderr and "corrupt" not in proc.stderr
 
 
 def test_an_agent_change_splices_the_cached_stream_into_the_same_bytes_as_a_full_build(

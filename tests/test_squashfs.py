@@ -210,4 +210,38 @@ def test_a_read_only_image_boots_with_a_writable_overlay_and_is_not_changed(
     result = json.loads(report.read_text())[0]
     assert result["ok"] and result["format"] == fmt and result["copied_bytes"] == 0
     assert "root=overlay writable=/work,/etc" in result["detail"], result
+    # overlay-init detached the read-only root and the upper layer: a sandbox sees neither
+    assert "vulcan-mounts=none" in result["detail"], result
     assert sha(image) == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(host_arch() != "x86_64", reason="the x86_64 test kernel")
+@pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+@pytest.mark.parametrize(
+    ("append", "refused"),
+    [
+        ("vulcan.overlay=/dev/vda", "vulcan-overlay: fail vulcan.overlay=/dev/vda: expected tmpfs or a drive"),
+        ("vulcan.overlay_size=1m,nr_inodes=1", "vulcan-overlay: fail vulcan.overlay_size=1m,nr_inodes=1: expected"),
+        ("vulcan.overlay_size=64m", None),
+    ],
+)
+def test_overlay_init_takes_only_a_known_upper_layer_and_a_plain_size(
+    built: World, append: str, refused: str | None
+) -> None:
+    """The last word of the command line wins: a device that is not a spare drive, or mount
+    options smuggled into the size, stop the boot with a console message; a plain size boots."""
+    kernel = built.tmp / "vmlinux"
+    if not kernel.exists():
+        kernel.write_bytes(lzma.decompress(TEST_KERNEL.read_bytes()))
+    report = built.tmp / f"boot-append-{abs(hash(append))}.json"
+    proc = built.run("boot", "--vmm", "qemu", "--kernel", str(kernel), "--format", "squashfs", "--append", append,
+                     "--report", str(report), "--timeout", "120", "python")  # fmt: skip
+    result = json.loads(report.read_text())[0]
+    if refused is None:
+        assert proc.returncode == 0 and result["ok"], result
+        assert "vulcan-mounts=none" in result["detail"], result
+    else:
+        assert proc.returncode == 1 and not result["ok"], result
+        assert refused in result["detail"], result

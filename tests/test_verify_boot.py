@@ -73,6 +73,9 @@ def test_verify_passes_on_fresh_outputs(full: World) -> None:
     assert code == 0, [r for r in report["rows"] if r["result"] not in ("pass", "skip")]
     rows = {(r["artifact"], r["check"]): r for r in report["rows"]}
     assert rows[("bin/firecracker", "--version")]["detail"] == "Firecracker v1.17.0"
+    if TEST_KERNEL.is_file():  # the test kernel has vsock loopback: fine for tests, said for sandboxes
+        risk = rows[("bin/vmlinux", "config for sandboxes")]
+        assert risk["result"] == "warn" and risk["detail"].startswith("CONFIG_VSOCKETS_LOOPBACK=y"), risk
     assert rows[("images/python.ext4", "package files intact")]["result"] == "pass"
     if imagerepo.musl_python():  # a real musl binary: run through the image's own loader
         assert rows[("images/python.ext4", "runtime runs")] == {

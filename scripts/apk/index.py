@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from .. import names
 from . import version as V
 
 KNOWN = set("CPVASITULomtcDpikrq")
@@ -140,6 +141,11 @@ def _record(fields: list[tuple[str, str]], repo: str, repo_index: int) -> Packag
         return f"{where}: unknown field {unknown[0]}"
     if "P" not in values or "V" not in values:
         return f"{where}: record without P: or V:"
+    for letter in ("P", "V", "A"):  # they make the file name <P>-<V>.apk and cache paths
+        if letter in values and (why := names.problem(values[letter])) is not None:
+            return f"{where!r}: field {letter}: not a plain file name ({why})"
+    if (why := names.problem(f"{values['P']}-{values['V']}.apk")) is not None:
+        return f"{where!r}: its file name {why}"
     for k, v in fields:
         if k in _TEXT:
             kw[_TEXT[k]] = v

@@ -40,9 +40,9 @@ def key_pems(alpine: Alpine) -> dict[str, bytes]:
                     actual = _fp(part)
                     if actual is None:
                         raise TrustError(
-                            f"key {key.name} from {key.url} is not a PEM public key",
-                            hint="the URL serves something else (an HTML page, a truncated file?); "
-                            "check alpine.keys in pins.json and VULCAN_MIRROR",
+                            f"key {key.name} from {key.url} is not a PEM public key and nothing else",
+                            hint="the URL serves something else (an HTML page, a truncated file, text around the "
+                            "key?); nothing was kept; check alpine.keys in pins.json and VULCAN_MIRROR",
                         )
                     if actual != key.sha256:
                         raise TrustError(

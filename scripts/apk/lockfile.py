@@ -8,15 +8,17 @@ read-modify-write, so concurrent builds of different runtimes never lose each ot
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import atomic, log
+from .. import atomic, log, names
 from ..errors import PinError, VulcanError
 from ..pins import Pins
 
@@ -24,6 +26,8 @@ if TYPE_CHECKING:  # only a re-lock builds Packages: a warm rebuild does not imp
     from .index import Package
 
 LOCK_VERSION = 1
+CHECKSUM = re.compile(r"Q1[A-Za-z0-9+/]{27}=")  # "Q1" + base64(sha1): apk's C: field
+RELOCK_HINT = "the lock is damaged or was edited: run 'nox -s lock' and commit alpine.lock.json"
 
 
 class LockError(VulcanError):
@@ -64,6 +68,29 @@ class Locked:
     def filename(self) -> str:
         return f"{self.name}-{self.version}.apk"
 
+    @classmethod
+    def from_json(cls, value: object, where: str) -> Locked:
+        """One package of the lock, checked: the lock comes with the pins (a pull request's, in
+        CI), and its names become cache paths and file names (scripts/names.py)."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        if not isinstance(value, dict) or set(value) != set(fields):
+            raise LockError(f"{where}: expected an object with {', '.join(fields)}", hint=RELOCK_HINT)
+        for key, kind in fields.items():
+            want = int if kind in (int, "int") else str
+            if not isinstance(value[key], want) or isinstance(value[key], bool):
+                raise LockError(f"{where}.{key}: expected a {want.__name__}", hint=RELOCK_HINT)
+        for key in ("name", "version", "arch", "repo"):
+            if (key != "arch" or value[key]) and (why := names.problem(value[key])) is not None:
+                raise LockError(f"{where}.{key}: {value[key]!r} is not a plain file name ({why})", hint=RELOCK_HINT)
+        if (why := names.problem(f"{value['name']}-{value['version']}.apk")) is not None:
+            raise LockError(f"{where}: the package's file name {why}", hint=RELOCK_HINT)
+        if not CHECKSUM.fullmatch(value["checksum"]):
+            raise LockError(
+                f"{where}.checksum: {value['checksum']!r} is not an APK checksum (Q1 + base64 of 20 bytes)",
+                hint=RELOCK_HINT,
+            )
+        return cls(**value)
+
 
 def lock_path(pins: Pins) -> Path:
     """``alpine.lock.json`` next to the pins file."""
@@ -89,7 +116,7 @@ def read_lock(pins: Pins) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(path.read_text())
     except FileNotFoundError:
         return {"lock_version": LOCK_VERSION, "entries": {}}
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise LockError(f"{path}: not valid JSON ({exc})", hint="delete it and run 'nox -s lock'") from None
     if data.get("lock_version") != LOCK_VERSION:
         raise LockError(f"{path}: unsupported lock_version {data.get('lock_version')!r}", hint="run 'nox -s lock'")
@@ -125,7 +152,8 @@ def locked_entry(pins: Pins, runtime: str, arch: str) -> list[Locked] | None:
     entry = read_lock(pins).get("entries", {}).get(f"{runtime}/{arch}")
     if not entry or entry.get("request") != request_digest(pins, runtime, arch):
         return None
-    return [Locked(**p) for p in entry["packages"]]
+    where = f"{lock_path(pins).name}: entries.{runtime}/{arch}.packages"
+    return [Locked.from_json(p, f"{where}[{i}]") for i, p in enumerate(entry["packages"])]
 
 
 def lock_runtime(pins: Pins, runtime: str, arch: str) -> list[Locked]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,10 +30,19 @@ class TrustError(VulcanError):
     """A signature or checksum link of the trust chain is broken."""
 
 
+# One PEM public key block and nothing else (RFC 7468's strict form, with optional trailing
+# white space): cryptography accepts text before "-----BEGIN", so a key URL serving a shell
+# script followed by a key would otherwise pass, and the file would be kept as it was served.
+_PEM = re.compile(rb"-----BEGIN PUBLIC KEY-----\r?\n(?:[A-Za-z0-9+/=]{1,76}\r?\n)+-----END PUBLIC KEY-----\s*")
+
+
 def fingerprint(pem: bytes) -> str:
-    """SHA-256 of the key's DER SubjectPublicKeyInfo."""
+    """SHA-256 of the key's DER SubjectPublicKeyInfo; ValueError unless ``pem`` is exactly one
+    PEM public key block."""
     from cryptography.hazmat.primitives import serialization
 
+    if not _PEM.fullmatch(pem):
+        raise ValueError("not exactly one PEM public key block (text before or after it, or another format)")
     key = serialization.load_pem_public_key(pem)
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()

@@ -67,7 +67,11 @@ OVERLAY_INIT_SCRIPT = """\
 # Kernel command line: init=/etc/vulcan/overlay-init vulcan.overlay=tmpfs (upper layer in RAM,
 # size vulcan.overlay_size=, default half the RAM) or vulcan.overlay=/dev/vdb (a scratch ext4
 # drive the host made for this sandbox). Without vulcan.overlay: /sbin/init on the root as it is.
+# Only these values are accepted: the command line is the host's, but nothing else from it
+# reaches a mount: a drive is /dev/vdb../dev/vdz, a size is digits with an optional k, m, g
+# or %. Anything else stops the boot with a console message.
 fail() { echo "vulcan-overlay: fail $*" >/dev/console; exit 1; }
+set -f  # the command line's words are not file name patterns
 mount -t proc -o nosuid,nodev,noexec proc /proc || fail "cannot mount /proc"
 mode="" size="50%"
 for arg in $(cat /proc/cmdline); do
@@ -77,6 +81,14 @@ for arg in $(cat /proc/cmdline); do
   esac
 done
 umount /proc
+case "$mode" in
+  ""|tmpfs|/dev/vd[b-z]) ;;
+  *) fail "vulcan.overlay=$mode: expected tmpfs or a drive /dev/vdb to /dev/vdz" ;;
+esac
+digits="${size%[kmg%]}"
+case "$digits" in
+  ""|*[!0-9]*) fail "vulcan.overlay_size=$size: expected digits with an optional k, m, g or %" ;;
+esac
 [ -n "$mode" ] || exec /sbin/init
 if [ "$mode" = tmpfs ]; then
   mount -t tmpfs -o "size=$size,mode=0755" vulcan-rw /.vulcan/rw || fail "tmpfs upper layer"
@@ -87,6 +99,9 @@ mkdir -p /.vulcan/rw/upper /.vulcan/rw/work
 mount -t overlay -o lowerdir=/,upperdir=/.vulcan/rw/upper,workdir=/.vulcan/rw/work vulcan-root /.vulcan/new \\
   || fail "overlay mount"
 cd /.vulcan/new && pivot_root . .vulcan/ro || fail "pivot_root"
+# The overlay holds its layers itself: detach the old root (and the upper layer's mount under
+# it), so a sandbox sees neither the read-only image nor the upper layer's raw directories.
+umount -l /.vulcan/ro || fail "cannot detach the read-only root from /.vulcan/ro"
 exec /sbin/init
 """
 

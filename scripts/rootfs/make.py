@@ -44,11 +44,15 @@ def _stream(
     spliced stream is written in RAM when it fits (``stack`` holds that directory until the
     images are written) and is not stored: the base it came from stays the cache's entry, so an
     agent change writes nothing to disk but the images (a go-like stream is 214 MiB)."""
-    found = None if settings.reassemble() else stream.cached(plan.stream_digest)
-    if found is not None:
-        log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
-        return plan, found, Task(_timed, "verify cached stream", stream.verify, found)
-    base = None if settings.reassemble() else stream.cached(plan.base_digest, "base")
+    found = base = None
+    try:
+        found = None if settings.reassemble() else stream.cached(plan.stream_digest)
+        if found is not None:
+            log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
+            return plan, found, Task(_timed, "verify cached stream", stream.verify, found)
+        base = None if settings.reassemble() else stream.cached(plan.base_digest, "base")
+    except stream.Corrupt as exc:  # assembled again, which stores both names: the entry is repaired
+        log.warn(f"a cached tar stream of {plan.what} is corrupt ({exc}); assembling it again")
     if base is not None:
         with log.phase("verify cached stream"):
             problem, facts = stream.verify(base)

@@ -16,18 +16,26 @@ from typing import Any
 from .. import TOOL_VERSION, paths, settings, stamps
 from ..apk import lockfile
 from ..apk.lockfile import Locked
-from ..errors import BuildError, PinError
+from ..errors import BuildError, PinError, SettingError
 from ..fetch import sha256_file
 from ..formats import Writer, writer
 from ..pins import Pins, Runtime
 from ..step import Check, Unsure
 
 
-def source_date_epoch(closure: list[Locked]) -> int:
+def source_date_epoch(closure: list[Locked], writers: tuple[Writer, ...] = ()) -> int:
+    """SOURCE_DATE_EPOCH, else the newest package's build time; at most what every format of
+    the image can store (squashfs: 2038-01-19, through tar2sqfs)."""
     env = settings.source_date_epoch()
-    if env is not None:
-        return env
-    return max((p.build_time for p in closure), default=0)
+    epoch = env if env is not None else max((p.build_time for p in closure), default=0)
+    for w in writers:
+        if epoch > w.max_epoch:
+            source = f"SOURCE_DATE_EPOCH={env}" if env is not None else f"the newest package's build time {epoch}"
+            raise SettingError(
+                f"{source}: later than {w.name} images can store (at most {w.max_epoch})",
+                hint=f"set SOURCE_DATE_EPOCH to at most {w.max_epoch}, or leave {w.name} out of alpine.formats",
+            )
+    return epoch
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,9 @@ def make_plan(pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[L
     if not guest.is_file():
         raise BuildError(f"{guest} is missing", hint=f"run 'nox -s guest -- --arch {arch}' first")
     guest_sha = sha256_file(guest)
-    epoch = source_date_epoch(closure)
+    formats = alpine.formats_of(runtime)
+    outputs = tuple(Output(f, writer(f), out_dir / f"{runtime}.{f}") for f in formats)
+    epoch = source_date_epoch(closure, tuple(o.writer for o in outputs))
     headroom = rt.headroom_mib if rt.headroom_mib is not None else alpine.headroom_mib
     content_inputs = {
         "arch": arch,
@@ -107,8 +117,6 @@ def make_plan(pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[L
         "guest_sha256": guest_sha,
         "source_date_epoch": epoch,
     }
-    formats = alpine.formats_of(runtime)
-    outputs = tuple(Output(f, writer(f), out_dir / f"{runtime}.{f}") for f in formats)
     inputs: dict[str, Any] = {**content_inputs, "headroom_mib": headroom}
     for o in outputs:
         inputs.update(o.writer.tool_inputs())

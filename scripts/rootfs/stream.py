@@ -65,7 +65,7 @@ class Stream:
     os_release: str | None
 
     def sidecar(self) -> dict[str, Any]:
-        return {
+        side = {
             "sha256": self.sha256,
             "shape": self.shape.__dict__,
             "files": self.files,
@@ -73,6 +73,20 @@ class Stream:
             "busybox_links": self.busybox_links,
             "os_release": self.os_release,
         }
+        return {**side, "binding": _binding(side)}
+
+
+class Corrupt(Exception):
+    """A cached stream whose sidecar cannot be used (unreadable, or not bound to its tar)."""
+
+
+def _binding(side: dict[str, Any]) -> str:
+    """What binds a sidecar to its tar: the sha256 of all of it, the tar's sha256 included. What
+    the tar itself shows (shape, file sizes) is recomputed from it; the rest (each package's
+    files, the install scripts, busybox's links, os-release) is known only from the assembly,
+    so an edit of any of it breaks the binding and the stream is assembled again."""
+    body = {k: v for k, v in side.items() if k != "binding"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _cache_path(digest: str, kind: str = "") -> Path:
@@ -82,12 +96,15 @@ def _cache_path(digest: str, kind: str = "") -> Path:
 
 
 def cached(digest: str, kind: str = "") -> Stream | None:
-    """The cached stream as its sidecar describes it (None: absent or unreadable); not yet verified."""
+    """The cached stream as its sidecar describes it (None: absent), not yet verified against
+    its tar; ``Corrupt`` when the sidecar is unreadable or not bound to what it says."""
     tar = _cache_path(digest, kind)
+    if not tar.is_file():
+        return None
     try:
-        if not tar.is_file():
-            return None
         side = json.loads(tar.with_suffix(".json").read_text())
+        if side.get("binding") != _binding(side):
+            raise Corrupt("its sidecar was changed after it was written (or by an older version)")
         return Stream(
             tar=tar,
             sha256=str(side["sha256"]),
@@ -97,8 +114,8 @@ def cached(digest: str, kind: str = "") -> Stream | None:
             busybox_links=int(side["busybox_links"]),
             os_release=side["os_release"],
         )
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise Corrupt(f"its sidecar is unreadable: {exc}") from None
 
 
 def store(stream: Stream, names: list[tuple[str, str]]) -> None:
@@ -107,6 +124,7 @@ def store(stream: Stream, names: list[tuple[str, str]]) -> None:
     for digest, kind in names:
         dest = _cache_path(digest, kind)
         try:
+            paths.claim_cache()
             dest.parent.mkdir(parents=True, exist_ok=True)
             with atomic.replacing(dest) as tmp:
                 tmp.unlink()
