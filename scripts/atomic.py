@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import os
 import shutil
 import stat
@@ -33,17 +34,56 @@ def _space(exc: OSError, path: Path, needed: int | None = None) -> BaseException
     return no_space(path, needed) if exc.errno == errno.ENOSPC else exc
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask() sets it: not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def default_mode(dest: Path) -> int:
+    """The mode a replaced file gets: what ``dest`` had, else what a new file gets (0644 under the
+    usual umask). mkstemp's 0600 must never reach a published image, manifest or lock."""
+    try:
+        return stat.S_IMODE(os.stat(dest).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _sweep_temps(dest: Path) -> None:
+    """Remove temporary files of ``dest`` left by runs that died (kill -9 while publishing): a
+    live run holds an flock on its own (below), so only the unlocked ones go."""
+    for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # a live run's
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def replacing(dest: Path, mode: int | None = None, fsync: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; the caller writes it; it then replaces ``dest``."""
+    """Yield a temporary path next to ``dest``; the caller writes it; it then replaces ``dest``
+    with ``mode`` (default: ``dest``'s own, else 0666 less the umask)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    with directory_lock(dest.parent):  # sweeping and creating exclude each other
+        _sweep_temps(dest)
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while we write it: another run's sweep leaves it
     tmp = Path(name)
     try:
         yield tmp
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, default_mode(dest) if mode is None else mode)
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -54,6 +94,8 @@ def replacing(dest: Path, mode: int | None = None, fsync: bool = False) -> Itera
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def write_bytes(dest: Path, data: bytes, mode: int | None = None, fsync: bool = False) -> None:
@@ -126,6 +168,8 @@ def publish(src: Path, dest: Path, mode: int | None = None) -> None:
     """Move a finished file into place; across file systems, a sparse copy then a rename."""
     if mode is not None:
         os.chmod(src, mode)
+    with directory_lock(dest.parent):  # what a publish killed across file systems left of dest
+        _sweep_temps(dest)
     try:
         os.replace(src, dest)
         return
@@ -133,6 +177,8 @@ def publish(src: Path, dest: Path, mode: int | None = None) -> None:
         if exc.errno != errno.EXDEV:
             raise _space(exc, dest) from exc
     needed = allocated_bytes(src)
+    if mode is None:  # the mode a rename on one file system would have kept
+        mode = stat.S_IMODE(os.stat(src).st_mode)
     try:
         with replacing(dest, mode) as tmp:
             sparse_copy(src, tmp)
@@ -148,15 +194,31 @@ def publish(src: Path, dest: Path, mode: int | None = None) -> None:
 
 
 @contextlib.contextmanager
-def _parent_lock(parent: Path) -> Iterator[None]:
-    """Creating a scratch directory and sweeping stale ones exclude each other (an flock on
-    the parent directory itself: no lock file is left behind)."""
+def directory_lock(parent: Path) -> Iterator[None]:
+    """An flock on the directory itself (no lock file is left behind), held for the block:
+    creating scratch or temporary files there and sweeping stale ones exclude each other, and
+    the lock file's read-modify-write holds it on its directory. Re-entrant within a thread
+    (two flocks of one directory from one process would wait for each other)."""
     fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    held: set[tuple[int, int]] = _held.__dict__.setdefault("dirs", set())
+    if key in held:
+        os.close(fd)
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
     finally:
         os.close(fd)
+
+
+_held = threading.local()
 
 
 def remove_stale(parent: Path) -> list[Path]:
@@ -188,7 +250,7 @@ def remove_stale(parent: Path) -> list[Path]:
 def scratch(parent: Path, what: str) -> Iterator[Path]:
     """A scratch directory ``parent/.vulcan-<what>-XXXX``, removed at the end (or by the next run)."""
     parent.mkdir(parents=True, exist_ok=True)
-    with _parent_lock(parent):
+    with directory_lock(parent):
         stale = remove_stale(parent)
         path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{what}-", dir=parent))
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

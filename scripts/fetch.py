@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import atomic, log, settings
-from .errors import ChecksumError, DownloadError
+from .errors import ChecksumError, DownloadError, no_space
 
 if TYPE_CHECKING:
     import requests
@@ -275,6 +275,10 @@ def fetch(
             try:
                 h = _attempt(real, part, progress)
                 break
+            except OSError as exc:  # a write of the .part file: say which file system is full
+                if exc.errno == errno.ENOSPC:
+                    raise no_space(part, progress.total, "downloading") from None
+                raise
             except DownloadError as exc:
                 raise DownloadError(
                     f"cannot download {shown}: {exc.message}",

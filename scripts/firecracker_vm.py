@@ -18,6 +18,7 @@ from . import atomic, log
 from .agent import AgentClient, vsock_connect
 from .firecracker_config import config as firecracker_config
 from .pins import Runtime
+from .run import bound_to_us
 from .vm import AGENT_PORT, BootFailed, BootResult, Console, Target, kill, prepare_disks
 
 JAILER_ID = "vulcan-{runtime}"
@@ -95,7 +96,7 @@ def boot_firecracker(
         log.info(f"boot {runtime}: {' '.join(cmd)} (console log {console_log})")
         start = time.monotonic()
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=scratch
+            bound_to_us(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=scratch
         )
         console = Console(proc, console_log)
         try:

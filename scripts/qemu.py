@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import atomic, log
 from .pins import host_arch
+from .run import bound_to_us
 from .vm import STALL_S, STALLED, BootResult, Console, Disks, Target, kill, kvm_usable, prepare_disks
 
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
@@ -92,7 +93,8 @@ def boot_qemu(
         cmd = qemu_command(arch, kernel, disks, accel, args)
         log.info(f"boot {t.label}: {' '.join(cmd[:3])} ... (accel {accel}, console log {console_log})")
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(bound_to_us(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)  # fmt: skip
         console = Console(proc, console_log)
         try:
             line = console.wait_for(

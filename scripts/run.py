@@ -38,6 +38,24 @@ def which(tool: str | Path) -> str:
     return found
 
 
+def bound_to_us(cmd: list[str]) -> list[str]:
+    """``cmd`` so that the kernel kills it when we die (prctl PR_SET_PDEATHSIG, through
+    util-linux's setpriv: Python's preexec_fn is unsafe in a threaded build). A build killed
+    with -9 must not leave mke2fs writing into RAM scratch for a minute; nor boot a VM running."""
+    setpriv = _setpriv()
+    return [setpriv, "--pdeathsig", "KILL", "--", *cmd] if setpriv else cmd
+
+
+def _setpriv() -> str | None:
+    if not _SETPRIV:
+        found = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
+        _SETPRIV.append(found or "")
+    return _SETPRIV[0] or None
+
+
+_SETPRIV: list[str] = []
+
+
 def run_tool(
     argv: Sequence[str | Path],
     *,
@@ -61,7 +79,7 @@ def run_tool(
     source = open(stdin, "rb") if stdin is not None else None  # noqa: SIM115 - closed below
     try:
         proc = subprocess.run(
-            cmd,
+            bound_to_us(cmd),
             env=dict(env) if env is not None else None,
             cwd=cwd,
             input=input,

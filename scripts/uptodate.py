@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from types import ModuleType
 
 from . import log
 
@@ -22,6 +23,7 @@ def check(command: str, argv: list[str]) -> bool:
     try:  # silent: the step itself reports whatever made the check unsure (bad arguments, bad pins, ...)
         from . import settings, step, steps
 
+        _check_settings_once(settings)  # a bad value runs the step, which says what is wrong
         chosen = steps.BY_COMMAND.get(command)
         if chosen is None or not chosen.stamped or settings.no_fastpath():
             return False
@@ -34,3 +36,15 @@ def check(command: str, argv: list[str]) -> bool:
     for line in done:
         log.info(line)
     return True
+
+
+_settings_checked: list[bool] = []
+
+
+def _check_settings_once(settings: ModuleType) -> None:
+    """What ``python -m scripts`` checks before any step (settings.check_all), here too: an
+    up-to-date tree must not hide a bad value or warn nothing of a misspelt ``VULCAN_*`` name.
+    Once per nox process: the warning is said once, not once per session."""
+    if not _settings_checked:
+        settings.check_all()  # raises on a bad value: every step then runs, and says it
+        _settings_checked.append(True)

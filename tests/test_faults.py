@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts import atomic
 from scripts.apk import lockfile
 from scripts.apk.lockfile import Locked
 from scripts.pins import host_arch
@@ -187,8 +190,41 @@ def test_concurrent_lock_writers_keep_every_entry(ready: World, monkeypatch: pyt
         entries = json.loads(lock.read_text())["entries"]
         assert sorted(entries) == sorted([f"{RUNTIME}/{ARCH}", f"{RUNTIME}/aarch64"])
         assert not list(ready.tmp.glob("*.tmp")) and not list(ready.tmp.glob(".alpine.lock.json.*"))
+        assert not (ready.tmp / "alpine.lock.json.lock").exists()  # no lock file left in the checkout
+        assert lock.stat().st_mode & 0o777 == NEW_FILE_MODE  # not mkstemp's 0600
     finally:
         lock.write_bytes(saved)
+
+
+NEW_FILE_MODE = 0o666 & ~atomic._umask()
+
+
+def test_a_rewritten_file_keeps_its_mode_and_a_new_one_gets_the_usual_one(tmp_path: Path) -> None:
+    kept = tmp_path / "alpine.lock.json"
+    kept.write_text("{}")
+    kept.chmod(0o664)
+    atomic.write_text(kept, "{}\n", fsync=True)
+    assert kept.stat().st_mode & 0o777 == 0o664
+    atomic.write_text(tmp_path / "new.json", "{}")
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == NEW_FILE_MODE
+
+
+def test_a_temporary_file_of_a_dead_run_is_swept_and_a_live_one_kept(ready: World, tmp_path: Path) -> None:
+    """kill -9 while an image is published across file systems leaves images/.python.ext4.X.tmp:
+    the next write of that file removes it, unless a live run holds it (its flock)."""
+    out = fresh_out(ready, tmp_path)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    dead = images / f".{RUNTIME}.ext4.dead0001.tmp"
+    dead.write_bytes(b"\0" * 4096)
+    live = images / f".{RUNTIME}.ext4.live0001.tmp"
+    live.write_bytes(b"\0" * 4096)
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as replacing() holds its own while it writes
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(tmp_path / "s"))
+        assert proc.returncode == 0, proc.stderr
+        assert not dead.exists() and live.exists()
+    assert sha(images / f"{RUNTIME}.ext4") == ready.reference  # type: ignore[attr-defined]
 
 
 def test_two_full_builds_sharing_a_cache_both_succeed(ready: World, tmp_path: Path) -> None:
@@ -230,6 +266,8 @@ def test_publishing_across_file_systems_keeps_the_image_sparse(ready: World, tmp
         assert sha(image) == ready.reference  # type: ignore[attr-defined]
         assert image.stat().st_blocks * 512 < image.stat().st_size / 2  # the holes stayed holes
         assert not leftovers(out, tmp_path / "s")
+        for published in (image, out / "images" / f"{RUNTIME}.manifest.json", out / "images" / f"{RUNTIME}.spdx.json"):
+            assert published.stat().st_mode & 0o777 == NEW_FILE_MODE, published  # not the temporary file's 0600
 
 
 def test_a_full_output_file_system_is_an_error_that_names_it(ready: World, tmp_path: Path) -> None:
@@ -251,6 +289,19 @@ def test_a_full_scratch_file_system_is_an_error(ready: World, tmp_path: Path) ->
         assert proc.returncode == 1
         no_traceback(proc)
         assert f"no space left on {scratch}" in proc.stderr
+        assert not leftovers(out, scratch)
+
+
+def test_a_full_scratch_file_system_in_a_warm_build_names_it(ready: World, tmp_path: Path) -> None:
+    """The stream is cached, so mke2fs is the first to write: its failure is said as the full
+    file system it is, not as mke2fs's own words alone."""
+    out = fresh_out(ready, tmp_path)
+    with tmpfs(tmp_path / "s", "2m") as scratch:
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(scratch))
+        assert proc.returncode == 1
+        no_traceback(proc)
+        assert "reusing its tar" in proc.stderr
+        assert f"no space left on {scratch} writing the image" in proc.stderr, proc.stderr
         assert not leftovers(out, scratch)
 
 
@@ -281,6 +332,20 @@ def test_a_read_only_cache_serves_what_it_has(ready: World, tmp_path: Path) -> N
         assert "the cache is read-only" in missing.stderr
 
 
+@pytest.mark.slow  # a Go build, its cache cold the first time
+def test_a_read_only_cache_still_builds_the_agent(ready: World, tmp_path: Path) -> None:
+    """Go's build cache defaults to go-build in the download cache: read-only, go failed with a
+    raw 'read-only file system'. A writable one of ours is chosen instead, and said."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with read_only(cache):
+        proc = ready.run("guest", VULCAN_OUT=str(tmp_path / "o"), VULCAN_CACHE=str(cache), VULCAN_GOCACHE="",
+                         VULCAN_GO=find_go())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"the cache {cache} is read-only: Go's build cache is" in proc.stderr
+    assert (tmp_path / "o" / "bin" / "vulcan-guest").is_file()
+
+
 @pytest.mark.parametrize("marker", ["rootfs python (", "downloading", "$ mke2fs"])
 def test_kill_9_at_each_build_phase_then_a_rerun_succeeds_and_cleans_up(
     ready: World, tmp_path: Path, marker: str
@@ -307,6 +372,59 @@ def test_kill_9_at_each_build_phase_then_a_rerun_succeeds_and_cleans_up(
     verify = ready.run("verify", "--json", VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
     rows = json.loads(verify.stdout)["rows"]
     assert not [r for r in rows if r["result"] == "FAIL" and "python" in r["artifact"]]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text.encode() in (d / "cmdline").read_bytes():
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_tool_dies_with_the_build_that_started_it() -> None:
+    """kill -9 of the build's own process (not its group: a supervisor, the OOM killer): the
+    tool it runs (mke2fs into RAM scratch, a VM) must not run on as an orphan."""
+    token = f"{30 + os.getpid() % 1000}.{time.time_ns() % 10**6}"
+    build = subprocess.Popen(
+        [sys.executable, "-c", f"from scripts.run import run_tool; run_tool(['sleep', '{token}'])"], cwd=REPO,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert build.stderr is not None
+    assert "$ sleep" in build.stderr.readline()
+    deadline = time.monotonic() + 10
+    while not _processes_mentioning(f"sleep\0{token}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _processes_mentioning(f"sleep\0{token}"), "the tool never started"
+    build.kill()
+    build.wait(10)
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(f"sleep\0{token}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _processes_mentioning(f"sleep\0{token}")
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "the tool outlived the build that started it"
+
+
+def test_clean_sweeps_the_ram_scratch_a_killed_build_left(ready: World, tmp_path: Path) -> None:
+    out = fresh_out(ready, tmp_path)
+    ram = tmp_path / "ram"
+    proc = ready.popen("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=str(tmp_path / "cache"),
+                       VULCAN_RAM=str(ram))  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "$ mke2fs" in line:
+            proc.kill()
+            break
+    proc.wait(60)
+    assert [p for p in ram.rglob("*") if p.name.startswith(".vulcan-")]  # what the dead run left in RAM
+    done = ready.run("clean", VULCAN_OUT=str(out), VULCAN_RAM=str(ram))
+    assert done.returncode == 0, done.stderr
+    assert not (ram / f"vulcan-images-{os.getuid()}").exists()
 
 
 def test_an_image_is_written_in_ram_first_and_nothing_is_left_there(ready: World, tmp_path: Path) -> None:
@@ -357,6 +475,65 @@ def test_a_ram_file_system_without_room_is_passed_over(ready: World, tmp_path: P
         assert not leftovers(out, ram) and not [p for p in ram.rglob("*") if p.is_file()]
 
 
+def _fill(fs: Path, leave: int) -> None:
+    """Take a RAM file system's space, as another program would, leaving ``leave`` bytes."""
+    st = os.statvfs(fs)
+    with open(fs / "other-program", "wb") as f:
+        f.write(b"\xff" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+def test_ram_that_fills_while_any_writer_writes_there_falls_back_to_disk(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The RAM file system had room when the build looked, then another program took it:
+    mke2fs and tar2sqfs (which fails with 'I/O error' and removes its output) both land on disk."""
+    from scripts.formats import Job, writer
+    from scripts.rootfs import make, stream
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):  # 24 MiB, incompressible: squashfs needs the room too
+        (src / f"f{i}").write_bytes(os.urandom(4 << 20))
+    tar = tmp_path / "t.tar"
+    subprocess.run(["tar", "--format=pax", "--owner=0", "--group=0", "-cf", str(tar), "-C", str(src), "."],
+                   check=True)  # fmt: skip
+    facts = stream.read_facts(tar)
+    job = Job(tar, facts.sha256, facts.shape, 1_700_000_000, "vulcan-t", 1)
+    with tmpfs(tmp_path / "ram", "64m") as ram:
+        for fmt in ("ext4", "squashfs"):
+            if fmt == "squashfs" and shutil.which("tar2sqfs") is None:
+                continue
+            # more left than a writer's leftovers would suggest (tar2sqfs removes its partial
+            # image), less than the image needs
+            _fill(ram, 20 << 20)
+            final = tmp_path / f"t.{fmt}"
+            written, where = make._write(writer(fmt), job, ram / f"t.{fmt}", final)
+            assert where == final and final.stat().st_size == written.size
+            assert not (ram / f"t.{fmt}").exists()
+            assert f"{ram} (VULCAN_RAM) filled up while t.{fmt} was written there" in capfd.readouterr().err
+            (ram / "other-program").unlink()
+
+
+def test_ram_that_fills_while_the_agent_is_spliced_falls_back_to_disk(
+    ready: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from scripts.rootfs import make, stream
+
+    monkeypatch.setenv("VULCAN_CACHE", str(ready.cache))
+    tar = next((ready.cache / "rootfs" / "base").rglob("*.tar"))
+    base = stream.cached(tar.stem, "base")
+    assert base is not None
+    facts = stream.read_facts(base.tar)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with tmpfs(tmp_path / "ram", f"{(tar.stat().st_size >> 20) + 8}m") as ram:
+        _fill(ram, 64 << 10)
+        spliced = make._splice(base, facts, b"another agent", 1_700_000_000, ram, scratch)
+        assert spliced.tar == scratch / "rootfs.tar" and not list(ram.glob("*.tar"))
+    assert "(VULCAN_RAM) filled up while the agent was spliced into the stream there" in capfd.readouterr().err
+    assert stream.read_facts(spliced.tar).sha256 == spliced.sha256
+
+
 @pytest.mark.parametrize(
     ("env", "names"),
     [
@@ -366,6 +543,9 @@ def test_a_ram_file_system_without_room_is_passed_over(ready: World, tmp_path: P
         ({"VULCAN_KEEP_TAR": "/etc/hostname"}, "VULCAN_KEEP_TAR"),
         ({"VULCAN_FETCH_WORKERS": "abc"}, "VULCAN_FETCH_WORKERS"),
         ({"VULCAN_FETCH_WORKERS": "0"}, "VULCAN_FETCH_WORKERS"),
+        ({"VULCAN_FETCH_WORKERS": "²"}, "VULCAN_FETCH_WORKERS"),  # str.isdigit() says yes, int() no
+        ({"SOURCE_DATE_EPOCH": "²"}, "SOURCE_DATE_EPOCH"),
+        ({"SOURCE_DATE_EPOCH": "9" * 5000}, "SOURCE_DATE_EPOCH"),
         ({"VULCAN_MKE2FS_INPUT": "zip"}, "VULCAN_MKE2FS_INPUT"),
         ({"VULCAN_REASSEMBLE": "yes"}, "VULCAN_REASSEMBLE"),
         ({"VULCAN_RAM": "/etc/hostname"}, "VULCAN_RAM"),

@@ -92,6 +92,25 @@ def test_top_level_must_be_an_object_and_file_must_exist(tmp_path: Path) -> None
         load(tmp_path / "nope.json")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "pins.json: invalid JSON: nested too deeply"),
+        ('{"schema_version": ' + "9" * 5000 + "}", "pins.json: invalid JSON: Exceeds the limit"),
+        (" " * (2 << 20), "larger than 1024 KiB: not a pins file"),
+    ],
+)
+def test_hostile_json_is_an_error_not_a_crash(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(PinError, match=message):
+        load(write(tmp_path, text))
+
+
+def test_a_device_is_not_read_as_a_pins_file() -> None:
+    """VULCAN_PINS=/dev/zero would read forever."""
+    with pytest.raises(PinError, match="/dev/zero: not a regular file"):
+        load(Path("/dev/zero"))
+
+
 def test_repository_pins_are_valid() -> None:
     pins = load()
     assert pins.firecracker.url_for("aarch64").endswith("/v1.17.0/firecracker-v1.17.0-aarch64.tgz")

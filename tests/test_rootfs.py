@@ -144,6 +144,26 @@ def test_second_run_rewrites_nothing_and_one_runtime_change_rebuilds_only_it(bui
     assert after["python.ext4"] == before["python.ext4"] and after["go.ext4"] == before["go.ext4"]
 
 
+def test_an_up_to_date_nox_run_still_checks_every_setting(built: World) -> None:
+    """The no-op fast path starts no step, but a bad value or a misspelt name is said all the same."""
+    nox = shutil.which("nox") or pytest.skip("nox is not installed in this environment")
+
+    def nox_rootfs_all(**env: str) -> subprocess.CompletedProcess[str]:
+        built.write_pins()
+        return subprocess.run(
+            [nox, "--no-venv", "-s", "rootfs_all"], cwd=REPO, env=built.env(VULCAN_GO=find_go(), **env),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        )  # fmt: skip
+
+    assert nox_rootfs_all().returncode == 0  # up to date from here on
+    typo = nox_rootfs_all(VULCAN_OUTT="/tmp/elsewhere")
+    assert typo.returncode == 0 and "python -m scripts" not in typo.stdout, typo.stdout
+    assert typo.stdout.count("VULCAN_OUTT is not a setting of this tool and is ignored") == 1, typo.stdout
+    bad = nox_rootfs_all(VULCAN_MIRROR="ftp://x")
+    assert bad.returncode != 0, bad.stdout
+    assert "VULCAN_MIRROR='ftp://x': not an http:// or https:// URL" in bad.stdout
+
+
 def test_noop_nox_run_starts_no_step_and_a_hand_edited_image_is_still_rebuilt(built: World) -> None:
     nox = shutil.which("nox") or pytest.skip("nox is not installed in this environment")
 

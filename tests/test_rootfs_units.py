@@ -230,3 +230,16 @@ def test_the_filesystem_uuid_is_the_version_4_uuid_of_the_stream_digest(seed: st
     for purpose in ("uuid", "hash_seed"):
         digest = hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:16]
         assert derived_uuid(seed, purpose) == str(uuid.UUID(bytes=digest, version=4))
+
+
+def test_what_is_wrong_with_os_release_is_said_as_it_is(tree: Tree) -> None:
+    from scripts.rootfs.stream import os_release_problem
+
+    assert "add alpine-release to alpine.base" in (os_release_problem(tree, set()) or "")
+    assert "ships no /etc/os-release" in (os_release_problem(tree, {"alpine-release"}) or "")
+    tree.put_generated("etc/os-release", "symlink", 0o777, linkname="../usr/lib/os-release")
+    assert "links to ../usr/lib/os-release, which is not in the image" in (os_release_problem(tree, set()) or "")
+    tree.put_generated("usr/lib/os-release", "file", 0o644, b"<html>not found</html>\n")
+    assert "/usr/lib/os-release (from vulcan) has no ID= line" in (os_release_problem(tree, set()) or "")
+    tree.put_generated("usr/lib/os-release", "file", 0o644, b'NAME="Alpine Linux"\nID=alpine\nVERSION_ID=3.19.1\n')
+    assert os_release_problem(tree, set()) is None

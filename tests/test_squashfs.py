@@ -160,6 +160,20 @@ def test_the_build_check_reads_all_metadata_and_verify_also_every_block(built: W
             WRITER.check(bad, deep=True)
 
 
+def test_an_epoch_squashfs_cannot_store_is_refused_before_anything_is_built(built: World, tmp_path: Path) -> None:
+    """SOURCE_DATE_EPOCH takes up to 2106 (ext4, tar); tar2sqfs only up to 2038-01-19."""
+    out = tmp_path / "o"
+    shutil.copytree(built.out / "bin", out / "bin")
+    proc = built.run("rootfs", "--all", SOURCE_DATE_EPOCH="2147483648", VULCAN_OUT=str(out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "SOURCE_DATE_EPOCH=2147483648: later than squashfs images can store (at most 2147483647)" in proc.stderr
+    assert "leave squashfs out of alpine.formats" in proc.stderr
+    assert not (out / "images").exists() or not list((out / "images").glob("python.*"))
+    proc = built.run("rootfs", "--all", SOURCE_DATE_EPOCH="2147483647", VULCAN_OUT=str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "images/python.squashfs").is_file() and (out / "images/python.ext4").is_file()
+
+
 def test_an_unknown_format_is_a_pins_error(world: World) -> None:
     imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
     world.pins["alpine"]["formats"] = ["ext4", "erofs"]

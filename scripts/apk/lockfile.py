@@ -1,7 +1,7 @@
 """The lock file, ``alpine.lock.json`` next to pins.json: each runtime's exact closure per arch.
 
 npm-ci / uv --frozen semantics: builds read it and need no index; ``--frozen`` makes a missing
-or stale entry an error. Writers hold an flock on ``alpine.lock.json.lock`` across the whole
+or stale entry an error. Writers hold an flock on the lock's directory across the whole
 read-modify-write, so concurrent builds of different runtimes never lose each other's entries.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import re
@@ -137,14 +136,11 @@ def write_lock(pins: Pins, data: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def locked_for_update(pins: Pins) -> Iterator[None]:
-    """Hold the lock file's flock for a whole read-modify-write."""
-    path = lock_path(pins)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """Hold an flock for a whole read-modify-write of the lock. On the directory that holds it,
+    not on a lock file: the lock is replaced by rename (so not itself), and a lock file would be
+    left in the checkout, untracked."""
+    with atomic.directory_lock(lock_path(pins).parent):
+        yield
 
 
 def locked_entry(pins: Pins, runtime: str, arch: str) -> list[Locked] | None:

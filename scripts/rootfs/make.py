@@ -62,11 +62,30 @@ def _stream(
             room = base.tar.stat().st_size + len(agent)
             ram = stack.enter_context(atomic.ram_scratch(settings.ram_dir(), f"{plan.runtime}-stream", room))
             with log.phase("splice the agent into the stream"):
-                fresh = stream.splice_agent(base, facts, agent, plan.epoch, ram or scratch)
+                fresh = _splice(base, facts, agent, plan.epoch, ram, scratch)
             return plan, fresh, None
         log.warn(f"cached tar stream {base.tar} is corrupt ({problem}); assembling it again")
     plan, fresh = _assemble(plan, scratch)
     return plan, fresh, None
+
+
+def _splice(base: Stream, facts: stream.Facts, agent: bytes, epoch: int, ram: Path | None, scratch: Path) -> Stream:
+    """The spliced stream, in RAM when it had room; if RAM fills up meanwhile, in scratch."""
+    if ram is not None:
+        try:
+            return stream.splice_agent(base, facts, agent, epoch, ram)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            (ram / "rootfs.tar").unlink(missing_ok=True)
+            log.warn(f"{errors.mount_point(ram)} (VULCAN_RAM) filled up while the agent was spliced into the "
+                     f"stream there; splicing it in {scratch}")  # fmt: skip
+    try:
+        return stream.splice_agent(base, facts, agent, epoch, scratch)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise no_space(scratch, base.tar.stat().st_size, "splicing the agent into the stream in") from None
+        raise
 
 
 def _keep(plan: Plan, fresh: Stream) -> None:
@@ -125,15 +144,26 @@ def _check_and_copy(out: Output, built: Path, final: Path) -> None:
 
 def _write(writer: Writer, job: Job, built: Path, final: Path) -> tuple[Written, Path]:
     """Write the image at ``built``; if that was in RAM and RAM filled up meanwhile (another
-    program took it), write it at ``final`` instead."""
+    program took it), write it at ``final`` instead. Every writer fails its own way there
+    (mke2fs: a short write; tar2sqfs: "I/O error", and it removes its output), so the test is
+    the space left once the partial image is gone: less than the image may need means RAM."""
     try:
         return writer.write(job, built), built
-    except VulcanError:
-        if built == final or errors.free_bytes(built.parent) > atomic.RAM_MARGIN // 4:
+    except VulcanError as exc:
+        if isinstance(exc, errors.NoSpace) and built == final:
             raise
-    log.warn(f"{built.parent} filled up while {final.name} was written there; writing it in {final.parent}")
-    built.unlink(missing_ok=True)
-    return writer.write(job, final), final
+        built.unlink(missing_ok=True)
+        short = errors.free_bytes(built.parent) < writer.room(job) + atomic.RAM_MARGIN // 4
+        why = exc.message.strip().splitlines()[-1][:200] if exc.message.strip() else type(exc).__name__
+        if built == final:  # on disk: a full file system is said as one, naming it
+            if short or "No space left on device" in exc.message:
+                raise no_space(final, writer.room(job), f"writing the image ({why})") from None
+            raise
+        if not short:
+            raise  # RAM has room: the failure is not about space
+        log.warn(f"{errors.mount_point(built.parent)} (VULCAN_RAM) filled up while {final.name} was written "
+                 f"there ({why}); writing it in {final.parent}")  # fmt: skip
+    return _write(writer, job, final, final)
 
 
 def _copy_out(src: Path, dest: Path) -> None:

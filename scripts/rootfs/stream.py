@@ -335,6 +335,32 @@ def verify(stream: Stream) -> tuple[str | None, Facts | None]:
     return disagreement(stream, facts), facts
 
 
+def os_release_problem(tree: Tree, installed: set[str]) -> str | None:
+    """What is wrong with the image's /etc/os-release (os-release(5): KEY=value lines with an
+    ID), said as what to do; None when it is a good one."""
+    node = tree.nodes.get("etc/os-release")
+    if node is None:
+        if "alpine-release" in installed:
+            return "alpine-release is in the image but ships no /etc/os-release: is it a real Alpine alpine-release?"
+        return "no /etc/os-release in the image: add alpine-release to alpine.base"
+    path = "etc/os-release"
+    for _ in range(8):  # Alpine >= 3.17: etc/os-release -> ../usr/lib/os-release
+        if node.kind != "symlink":
+            break
+        target = os.path.normpath(os.path.join(os.path.dirname(path), node.linkname)).lstrip("/")
+        nxt = tree.nodes.get(target)
+        if nxt is None:
+            return f"/etc/os-release (from {node.owner}) links to {node.linkname}, which is not in the image"
+        path, node = target, nxt
+    data = tree.read(path)
+    if data is None:
+        return f"/{path} (from {node.owner}) is a {node.kind}, not a file"
+    lines = data.decode("utf-8", "replace").splitlines()
+    if not any(line.startswith("ID=") for line in lines):
+        return f"/{path} (from {node.owner}) has no ID= line: it is not an os-release file (os-release(5))"
+    return None
+
+
 def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
     """Merge the verified packages, do what install scripts would, write the tar."""
     from ..apk import keys  # the merge's modules: a warm rebuild or a splice needs none of them
@@ -369,8 +395,9 @@ def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
             )
             _require(tree, rt.binary.lstrip("/"), f"the runtime binary {rt.binary} is not in the image")
         os_release = tree.nodes.get("etc/os-release")
-        if os_release is None:
-            log.warn("no /etc/os-release in the image: add alpine-release to alpine.base")
+        problem = os_release_problem(tree, {p.pkginfo["pkgname"][0] for p in installed})
+        if problem is not None:
+            log.warn(problem)
         tar_path = scratch / "rootfs.tar"
         try:
             with log.phase("write tar (+ sha256)"), open(tar_path, "wb") as f:
