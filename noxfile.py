@@ -37,6 +37,7 @@ ROOT = Path(__file__).parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts import venvs  # noqa: E402  (stdlib only)
 from scripts.steps import step  # noqa: E402  (stdlib only, imports no step)
 
 nox.needs_version = ">=2024.10.9"
@@ -107,16 +108,22 @@ _explain_missing()
 
 
 def _install(session: nox.Session, requirements: str) -> None:
-    """Install hash-locked requirements once per venv: a no-op run must not touch pip."""
+    """Install hash-locked requirements once per venv: a no-op run must not touch pip. A venv
+    without pip (left by a virtualenv run that died or raced, before scripts/venvs.py) is made again."""
     if session.venv_backend == "none":  # nox --no-venv: this environment already has them (tests)
         return
     req = ROOT / requirements
     wanted = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(ROOT.glob("requirements*.txt")))).hexdigest()
-    marker = Path(session.virtualenv.location) / f".vulcan-{req.stem}.sha256"
-    if marker.exists() and marker.read_text() == wanted:
-        return
-    session.install("--require-hashes", "-r", str(req))
-    marker.write_text(wanted)
+    location = Path(session.virtualenv.location)
+    marker = location / f".vulcan-{req.stem}.sha256"
+    if not (marker.exists() and marker.read_text() == wanted):
+        if not list(location.glob("lib/python*/site-packages/pip/__main__.py")):
+            session.log(f"{location} has no pip (a broken virtualenv): making it again")
+            shutil.rmtree(location, ignore_errors=True)
+            session.virtualenv.create()
+        session.install("--require-hashes", "-r", str(req))
+        marker.write_text(wanted)
+    venvs.release(session.name)
 
 
 def _up_to_date(command: str, argv: list[str]) -> bool:
@@ -131,6 +138,7 @@ def _up_to_date(command: str, argv: list[str]) -> bool:
 
 def _scripts(session: nox.Session, command: str, *args: str) -> None:
     if _up_to_date(command, [*args, *session.posargs]):
+        venvs.release(session.name)  # its venv is as it was: others may go on
         return
     _install(session, "requirements.txt")
     session.run("python", "-m", "scripts", command, *args, *session.posargs, external=False, silent=False)
@@ -207,3 +215,25 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", "scripts", "noxfile.py")
     # the CI workflow, against the GitHub Actions schema that check-jsonschema ships (offline)
     session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", ".github/workflows/images.yml")
+
+
+_NO_SESSION_RUN = {"-l", "--list", "--list-sessions", "--json", "--version", "-h", "--help", "--no-venv"}
+
+
+def _hold_venv_creation() -> None:
+    """One nox at a time creates each session's virtualenv (scripts/venvs.py): the sessions
+    asked for (by name, by tag, or the defaults) and the sessions they require."""
+    argv = sys.argv[1:]
+    ours = argv[: argv.index("--")] if "--" in argv else argv
+    if _NO_SESSION_RUN & set(ours) or "none" in ours:  # listing, or no virtualenvs (-db none)
+        return
+    registry = nox.registry.get()
+    tags = {ours[i + 1] for i, a in enumerate(ours[:-1]) if a in ("-t", "--tags")}
+    wanted = _requested() + [n for n, f in registry.items() if tags & set(f.tags)]
+    if not wanted and not tags:
+        wanted = list(nox.options.sessions or [])
+    names = venvs.closure((n for n in wanted if n in registry), lambda n: registry[n].requires if n in registry else [])
+    venvs.hold(ROOT / ".nox", (n for n in names if n in registry and registry[n].venv_backend != "none"))
+
+
+_hold_venv_creation()

@@ -602,6 +602,66 @@ def test_every_python_requirement_is_hash_locked_and_installed_with_the_check_on
     assert "--require-hashes -r requirements-nox.txt" in setup
 
 
+def _pypi_reachable() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_two_first_nox_runs_at_once_share_one_virtualenv_and_a_broken_one_is_made_again(tmp_path: Path) -> None:
+    """Two `nox -s ...` started together on a fresh checkout raced in virtualenv creation
+    (tracebacks, then a venv without pip that every later run failed on)."""
+    nox_bin = shutil.which("nox") or pytest.skip("nox is not installed")
+    if not _pypi_reachable():
+        pytest.skip("a fresh session venv installs requirements.txt from PyPI, which is unreachable")
+    checkout = tmp_path / "checkout"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()  # fmt: skip
+    for name in files:
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VULCAN_", "NOX_", "VIRTUAL_ENV"))}
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen([nox_bin, "-s", "download", "--", "--help"], cwd=checkout, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    for _ in range(2):
+        shutil.rmtree(checkout / ".nox", ignore_errors=True)
+        runs = [start(), start()]
+        outs = [p.communicate(timeout=600)[0] for p in runs]
+        for p, out in zip(runs, outs, strict=True):
+            assert p.returncode == 0 and "Traceback" not in out, out
+    for pip in (checkout / ".nox" / "download").glob("lib/python*/site-packages/pip"):
+        shutil.rmtree(pip)  # what the race used to leave
+    for marker in (checkout / ".nox" / "download").glob(".vulcan-*.sha256"):
+        marker.unlink()
+    again = start()
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0 and "has no pip (a broken virtualenv): making it again" in out, out
+
+
+def test_the_nox_of_the_set_up_runs_for_every_user() -> None:
+    """.ci/setup-debian's nox once came from the python3 first on root's PATH (pyenv under
+    /root): 'Permission denied' for everyone else. Debian's own Python, and a check as nobody."""
+    nox = Path("/usr/local/bin/nox")
+    if not nox.exists():
+        pytest.skip("no /usr/local/bin/nox: .ci/setup-debian has not run on this machine")
+    python = Path(os.path.realpath(Path(os.path.realpath(nox)).parent / "python"))
+    assert not any(python.is_relative_to(home) for home in (Path("/root"), Path("/home"))), python
+    if os.geteuid() != 0:
+        pytest.skip("running it as another user needs root")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", str(nox), "--version"],
+                          capture_output=True, text=True, cwd="/")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_tampered_wheel_is_refused(tmp_path: Path) -> None:
     """A local index serving other bytes under a locked name and version: pip must refuse it."""
     lines = (REPO / "requirements-nox.txt").read_text().split("\n")
@@ -665,6 +725,29 @@ def test_a_relock_after_a_package_left_the_mirror_replans_the_build(ready: World
         assert manifest["source_date_epoch"] == max(p.build_time for p in locked)
         again = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=cache)
         assert again.returncode == 0 and "up to date" in again.stderr, again.stderr  # the stamp agrees too
+    finally:
+        publish(ready.mirror, imagerepo.packages())
+        (ready.tmp / "alpine.lock.json").write_bytes(saved_lock)
+
+
+def test_a_package_gone_from_mirror_and_index_says_that_a_relock_will_not_help(ready: World, tmp_path: Path) -> None:
+    """--frozen (CI): musl left the mirror and nothing provides it any more. 'run nox -s lock'
+    would fail the same way: the hint says to change the world."""
+    saved_lock = (ready.tmp / "alpine.lock.json").read_bytes()
+    out = fresh_out(ready, tmp_path)
+    pkgs = imagerepo.packages()
+    old = next(p for p in pkgs["main"] if p.name == "musl")
+    pkgs["main"] = [p for p in pkgs["main"] if p is not old]
+    try:
+        publish(ready.mirror, pkgs)
+        ready.mirror.remove(f"{CDN}/{BRANCH}/main/{ARCH}/musl-{old.version}.apk")
+        proc = ready.run("rootfs", "--runtime", RUNTIME, "--frozen", VULCAN_OUT=str(out),
+                         VULCAN_CACHE=str(tmp_path / "cache"))  # fmt: skip
+        assert proc.returncode == 1
+        no_traceback(proc)
+        assert f"musl-{old.version}.apk is gone from the mirror" in proc.stderr
+        assert "a re-lock would not help: the pins no longer resolve against the mirror" in proc.stderr
+        assert "alpine.runtimes.python.world" in proc.stderr
     finally:
         publish(ready.mirror, imagerepo.packages())
         (ready.tmp / "alpine.lock.json").write_bytes(saved_lock)

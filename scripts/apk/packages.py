@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import log, settings
-from ..errors import DownloadError
+from ..errors import DownloadError, VulcanError
 from ..fetch import fetch, file_lock, read_only_cache, writable
 from ..paths import cache_dir
 from ..pins import Pins
@@ -103,8 +103,25 @@ def fetch_locked(
         if frozen:
             raise LockError(
                 f"{exc.message}; the lock is out of date and --frozen forbids re-resolving",
-                hint="run 'nox -s lock' (Alpine keeps only the newest build of each package) and commit the lock",
+                hint=_relock_hint(pins, runtime, arch),
             ) from None
         log.warn(f"!!! {exc.message}: Alpine replaced it; re-resolving {runtime}/{arch} and updating the lock !!!")
         closure = lock_runtime(pins, runtime, arch)
         return closure, fetch_all(pins, closure, arch)
+
+
+def _relock_hint(pins: Pins, runtime: str, arch: str) -> str:
+    """What helps when a locked package left the mirror: a re-lock, if the pins still resolve
+    against today's indexes (resolved here, read-only, to know); otherwise a change of the world."""
+    from .indexes import resolve
+
+    try:
+        resolve(pins, runtime, arch)
+    except VulcanError as exc:
+        first = exc.message.splitlines()[0]
+        return (
+            f"a re-lock would not help: the pins no longer resolve against the mirror ({first}); change the world "
+            f"in {pins.path.name} (alpine.base, alpine.runtimes.{runtime}.world) or the branch, then run "
+            "'nox -s lock' and commit alpine.lock.json"
+        )
+    return "run 'nox -s lock' (Alpine keeps only the newest build of each package) and commit the lock"
