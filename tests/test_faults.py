@@ -305,6 +305,19 @@ def test_a_full_scratch_file_system_in_a_warm_build_names_it(ready: World, tmp_p
         assert not leftovers(out, scratch)
 
 
+def test_a_full_cache_while_downloading_names_the_file_system(world: World, tmp_path: Path) -> None:
+    kernel = world.pins["kernel"]
+    big = b"\x7fELF" + os.urandom(3 << 20)  # more than the cache's file system holds
+    for arch in ("x86_64", "aarch64"):
+        kernel["sha256"][arch] = hashlib.sha256(big).hexdigest()
+        world.mirror.add(kernel["url"].format(version=kernel["version"], arch=arch), big)
+    with tmpfs(tmp_path / "cache", "1m") as cache:
+        proc = world.run("download", VULCAN_CACHE=str(cache))
+        assert proc.returncode == 1
+        no_traceback(proc)
+        assert f"no space left on {cache} downloading" in proc.stderr and ".part" in proc.stderr, proc.stderr
+
+
 def test_a_read_only_cache_serves_what_it_has(ready: World, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     out = fresh_out(ready, tmp_path)

@@ -337,6 +337,19 @@ def test_host_tsc_rate_comes_from_cpuinfo(tmp_path: Path) -> None:
 @pytest.mark.skipif(ARCH != "x86_64", reason="the test kernel is x86_64")
 @pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+@pytest.mark.skipif(shutil.which(f"qemu-system-{ARCH}") is None, reason=f"qemu-system-{ARCH} is not installed")
+def test_a_kernel_qemu_cannot_load_is_said_in_qemus_words_at_once(full: World, tmp_path: Path) -> None:
+    """`boot --kernel /etc/passwd` used to blame KVM and wait for a smoke line for 300 s."""
+    report = tmp_path / "r.json"
+    proc = full.run("boot", "--vmm", "qemu", "--accel", "tcg", "--kernel", "/etc/passwd", "--report", str(report),
+                    "python")  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    result = json.loads(report.read_text())[0]
+    assert result["detail"].startswith("QEMU exited with status 1 after"), result
+    assert result["detail"].endswith("before the guest's smoke check: qemu: invalid kernel header"), result
+    assert result["seconds"] < 60
+
+
 def test_qemu_boot_of_a_broken_runtime_fails(world: World) -> None:
     runtimes = {"broken": {"world": ["python3"], "check": ["false"], "binary": "/usr/bin/python3"}}
     imagerepo.setup(world, runtimes=runtimes)
