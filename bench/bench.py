@@ -215,7 +215,7 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> tuple[float,
 def mke2fs_floor(tar: Path, manifest: dict[str, Any], work: Path, env: dict[str, str]) -> float:
     """mke2fs -d of the very tar, with the image's own size, inodes, UUID and hash seed, writing
     the image in ``work`` (the floor: on the output's file system; RAM_FLOOR: in /dev/shm)."""
-    from scripts.ext4 import MKE2FS_CONF
+    from scripts.formats.ext4 import MKE2FS_CONF
 
     img = work / "floor.ext4"
     img.unlink(missing_ok=True)
@@ -482,7 +482,7 @@ def main() -> int:
     }  # fmt: skip
 
     # 7. squashfs: the same stream (cached), tar2sqfs with our options vs tar2sqfs alone
-    from scripts import squashfs
+    from scripts.formats import squashfs
 
     sq_dir = work / "sq"
     sq_dir.mkdir()

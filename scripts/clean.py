@@ -2,7 +2,7 @@
 
 Only what this tool wrote, and only where it made the directory: each of bin/, images/ and the
 cache must carry the tool's marker (paths.MARKER, written when the tool created it), and inside
-it only the entries the tool writes are removed (paths.OUTPUT_ENTRIES, paths.CACHE_ENTRIES). A
+it only the entries the tool writes are removed (paths.output_entries, paths.CACHE_ENTRIES). A
 directory without the marker, a symbolic link, or anything else is left and reported, and the
 run then fails, saying what to do. Never the checkout, ``$HOME``, ``/``, or a parent of them.
 Scratch directories of runs that died (on disk and in RAM) are swept too; a live run's never.
@@ -36,7 +36,7 @@ def _precious() -> list[Path]:
 
 
 def _entries_of(top: str) -> tuple[str, ...]:
-    return (*paths.OUTPUT_ENTRIES.get(top, ()), *paths.LEFTOVER_ENTRIES)
+    return (*paths.output_entries(top), *paths.LEFTOVER_ENTRIES)
 
 
 def _remove(path: Path) -> None:

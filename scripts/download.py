@@ -92,7 +92,7 @@ def check(args: argparse.Namespace, dry: bool) -> list[Check]:
     out = paths.bin_dir(arch)
     stamp = paths.stamp_path(out, "download")
     inputs = {"arch": arch, "firecracker": pins.firecracker.entry(arch), "kernel": pins.kernel.entry(arch)}
-    outputs = [out / "firecracker", out / "jailer", out / "vmlinux"]
+    outputs = [paths.vmm(arch, "firecracker"), paths.vmm(arch, "jailer"), paths.kernel(arch)]
     why = stamps.outdated(stamp, inputs, paths.out_root())
     return [Check(f"download ({arch})", stamp, inputs, outputs, why, paths.out_root(), pins)]
 
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, check: Check) -> None:
     tgz = cached(fc.url_for(arch), fc.sha256_for(arch))
     kernel = cached(pins.kernel.url_for(arch), pins.kernel.sha256_for(arch))
     extract_firecracker(tgz, fc.version, arch, out)
-    install_kernel(kernel, out / "vmlinux")
+    install_kernel(kernel, paths.kernel(arch))
     stamps.write(check.stamp, check.inputs, check.base, check.outputs)
     for p in check.outputs:
         log.info(f"  {p.relative_to(check.base)}")

@@ -121,7 +121,7 @@ def check(args: argparse.Namespace, dry: bool) -> list[Check]:
     out = paths.bin_dir(arch)
     stamp = paths.stamp_path(out, "guest")
     why = stamps.outdated(stamp, inputs, paths.out_root())
-    return [Check(f"guest ({arch})", stamp, inputs, [out / "vulcan-guest"], why, paths.out_root(), (src, pkg, go))]
+    return [Check(f"guest ({arch})", stamp, inputs, [paths.agent(arch)], why, paths.out_root(), (src, pkg, go))]
 
 
 def go_build_cache() -> Path:

@@ -12,16 +12,14 @@ import mmap
 import zlib
 from pathlib import Path
 
+from .formats import OVERLAY_NEEDS
+from .formats import get as get_format
+
 START, END = b"IKCFG_ST", b"IKCFG_ED"
-# What each image format needs built in (=y: there is no initramfs to load modules from)
-NEEDS = {
-    # PID_NS: the agent runs each program in a PID namespace of its own, so that nothing it
-    # starts outlives it (guest/README.md)
-    "all": ("VIRTIO_BLK", "VIRTIO_VSOCKETS", "DEVTMPFS", "PID_NS"),
-    "ext4": ("EXT4_FS",),
-    "squashfs": ("SQUASHFS", "SQUASHFS_ZSTD", "OVERLAY_FS", "TMPFS"),
-    "overlay": ("OVERLAY_FS", "TMPFS"),  # any read-only root: the writable layer on top
-}
+# What every guest needs built in (=y: there is no initramfs to load modules from); each image
+# format's own needs are in its record (formats/__init__.py). PID_NS: the agent runs each
+# program in a PID namespace of its own, so that nothing it starts outlives it (guest/README.md).
+EVERY_GUEST = ("VIRTIO_BLK", "VIRTIO_VSOCKETS", "DEVTMPFS", "PID_NS")
 
 
 def read(kernel: Path) -> dict[str, str] | None:
@@ -44,9 +42,12 @@ def read(kernel: Path) -> dict[str, str] | None:
     return config
 
 
-def missing(config: dict[str, str], formats: list[str]) -> list[str]:
-    """The options the formats need that the kernel does not build in, as CONFIG_ names."""
-    wanted = [*NEEDS["all"], *(o for f in formats for o in NEEDS.get(f, ()))]
+def missing(config: dict[str, str], formats: list[str], read_only: bool = False) -> list[str]:
+    """The options booting these formats needs that the kernel does not build in, as CONFIG_
+    names. A format that is not writable is booted read-only, which needs the overlay too."""
+    records = [get_format(f) for f in formats]
+    overlay = OVERLAY_NEEDS if read_only or not all(r.writable for r in records) else ()
+    wanted = [*EVERY_GUEST, *(o for r in records for o in r.kernel_needs), *overlay]
     return [f"CONFIG_{o}" for o in dict.fromkeys(wanted) if config.get(o) != "y"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from . import settings
+from . import formats, settings
 from .pins import host_arch
 
 
@@ -28,6 +28,41 @@ def images_dir(arch: str) -> Path:
     return _per_arch(out_root() / "images", arch)
 
 
+# Every output's name, in one place (plan, download, guest, verify and boot ask here).
+
+
+def image(runtime: str, fmt: str, arch: str) -> Path:
+    return images_dir(arch) / f"{runtime}.{fmt}"
+
+
+def manifest(runtime: str, arch: str) -> Path:
+    return images_dir(arch) / f"{runtime}.manifest.json"
+
+
+def sbom(runtime: str, arch: str) -> Path:
+    return images_dir(arch) / f"{runtime}.spdx.json"
+
+
+def agent(arch: str) -> Path:
+    return bin_dir(arch) / "vulcan-guest"
+
+
+def vmm(arch: str, name: str) -> Path:
+    """``firecracker`` or ``jailer``."""
+    return bin_dir(arch) / name
+
+
+def kernel(arch: str) -> Path:
+    return bin_dir(arch) / "vmlinux"
+
+
+def console_log(runtime: str, fmt: str, vmm: str, arch: str) -> Path:
+    """A boot's serial console (its directory made on first use)."""
+    logs = images_dir(arch) / ".boot"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs / f"{runtime}.{fmt}.{vmm}.console.log"
+
+
 def stamp_path(base: Path, step: str) -> Path:
     return base / ".stamps" / f"{step}.json"
 
@@ -45,7 +80,7 @@ def scratch_parent(out_dir: Path) -> Path:
 # -- what is ours: the marker clean relies on ---------------------------------------------------
 # A directory this tool created carries a CACHEDIR.TAG (https://bford.info/cachedir/: backup
 # tools skip it, as they skip cargo's target/) whose comment names this tool. `clean` removes
-# only in directories that carry it, and only entries this tool writes (OUTPUT_ENTRIES,
+# only in directories that carry it, and only entries this tool writes (output_entries(),
 # CACHE_ENTRIES): VULCAN_OUT=$HOME must never cost a user ~/bin, nor VULCAN_CACHE=~/.cache the
 # rest of ~/.cache. A directory that existed before is written into but not marked, unless it
 # is this tool's default location (the checkout's bin/ and images/, ~/.cache/vulcan-images).
@@ -58,10 +93,15 @@ MARKER_TEXT = (
 # Top-level output directories, and what clean removes inside them (fnmatch patterns; arch
 # subdirectories hold the same). Scratch directories and temporary files of dead runs too.
 OUTPUT_DIRS = ("bin", "images")
-OUTPUT_ENTRIES = {
-    "bin": ("firecracker", "jailer", "vmlinux", "vulcan-guest"),
-    "images": ("*.ext4", "*.squashfs", "*.manifest.json", "*.spdx.json", ".boot"),
-}
+
+
+def output_entries(top: str) -> tuple[str, ...]:
+    """What clean removes in bin/ or images/ (and their arch subdirectories): what is named above."""
+    if top == "bin":
+        return ("firecracker", "jailer", "vmlinux", "vulcan-guest")
+    return (*(f"*.{name}" for name in formats.FORMATS), "*.manifest.json", "*.spdx.json", ".boot")
+
+
 LEFTOVER_ENTRIES = (".stamps", ".vulcan-*", ".*.tmp", MARKER)
 CACHE_ENTRIES = ("sha256", "apk", "keys", "rootfs", "go", "go-build", MARKER)
 

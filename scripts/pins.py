@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import formats as image_formats
 from . import names, settings
 from .errors import PinError
 from .formats import DEFAULT as FORMATS_DEFAULT
-from .formats import WRITERS
 
 ARCHES = ("x86_64", "aarch64")
 GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -229,8 +229,9 @@ class _Checker:
     def formats(self, parent: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
         value = self.strings(parent, key, where)
         for name in value:
-            if name not in WRITERS:
-                raise self.fail(where, f"unknown image format {name!r}", hint=f"formats: {', '.join(WRITERS)}")
+            if name not in image_formats.FORMATS:
+                known = ", ".join(image_formats.FORMATS)
+                raise self.fail(where, f"unknown image format {name!r}", hint=f"formats: {known}")
         if len(set(value)) != len(value):
             raise self.fail(where, "a format is listed twice")
         return value

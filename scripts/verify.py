@@ -25,8 +25,6 @@ from .pins import load as load_pins
 from .rootfs import AGENT
 from .run import run_tool
 
-CHECK_NAME = {"ext4": "e2fsck -fn", "squashfs": "sqfs2tar reads it all"}
-
 
 @dataclass
 class Row:
@@ -81,7 +79,7 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
     b = paths.bin_dir(arch)
     stamp = paths.stamp_path(b, "download")
     for name in ("firecracker", "jailer"):
-        f = b / name
+        f = paths.vmm(arch, name)
         if not f.is_file():
             rep.missing(_rel(f), "run 'nox -s download'")
             continue
@@ -106,7 +104,7 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
             rep.add(
                 _rel(f), "--version", None, f"cannot run {arch} binaries on {host_arch()}: install qemu-user-static"
             )
-    k = b / "vmlinux"
+    k = paths.kernel(arch)
     if not k.is_file():
         rep.missing(_rel(k), "run 'nox -s download'")
     else:
@@ -132,7 +130,7 @@ def check_kernel_config(rep: Report, kernel: Path, pins: Pins) -> None:
 
 
 def check_guest(rep: Report, arch: str) -> None:
-    g = paths.bin_dir(arch) / "vulcan-guest"
+    g = paths.agent(arch)
     if not g.is_file():
         rep.missing(_rel(g), "run 'nox -s guest'")
         return
@@ -148,8 +146,7 @@ def check_guest(rep: Report, arch: str) -> None:
 
 def check_image(rep: Report, runtime: str, fmt: str, arch: str) -> str | None:
     """Check one image; its sha256 if it passed the checks that make a rebuild worth comparing."""
-    d = paths.images_dir(arch)
-    img, man = d / f"{runtime}.{fmt}", d / f"{runtime}.manifest.json"
+    img, man = paths.image(runtime, fmt, arch), paths.manifest(runtime, arch)
     name = _rel(img)
     if not img.is_file():
         rep.missing(name, f"run 'nox -s rootfs-{runtime}'")
@@ -159,17 +156,19 @@ def check_image(rep: Report, runtime: str, fmt: str, arch: str) -> str | None:
     except (OSError, ValueError) as exc:
         rep.add(name, "manifest", False, f"{_rel(man)}: {exc}")
         return None
-    listed = {i["format"]: i for i in manifest.get("images", [])} or {"ext4": manifest}
+    record = formats.get(fmt)
+    # a manifest of one image (before formats) describes the default format
+    listed = {i["format"]: i for i in manifest.get("images", [])} or {formats.DEFAULT[0]: manifest}
     actual = sha256_file(img)
     rep.add(name, "sha256 = manifest", actual == listed.get(fmt, {}).get("sha256"), actual)
     try:
-        formats.writer(fmt).check(img, deep=True)
-        rep.add(name, CHECK_NAME[fmt], True, "clean")
+        record.writer.check(img, deep=True)
+        rep.add(name, record.check_name, True, "clean")
     except BuildError as exc:
-        rep.add(name, CHECK_NAME[fmt], False, exc.message.splitlines()[-1][:200])
+        rep.add(name, record.check_name, False, exc.message.splitlines()[-1][:200])
         return None
-    reader = formats.reader(fmt)
-    guest = paths.bin_dir(arch) / "vulcan-guest"
+    reader = record.reader
+    guest = paths.agent(arch)
     agent_path = AGENT
     runtime_bin = manifest.get("binary", "").lstrip("/")
     files = {p: size for pkg in manifest.get("packages", []) for p, size in pkg.get("files", {}).items()}

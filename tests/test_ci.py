@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from scripts.formats import WRITERS
+from scripts.formats import NAMES
 from scripts.pins import ARCHES
 from tests.support import imagerepo
 from tests.support.apkrepo import publish
@@ -89,12 +89,12 @@ def test_every_image_format_is_built_uploaded_and_booted_by_the_commands_a_user_
     jobs = load_workflow()["jobs"]
     upload = next(s for s in jobs["build"]["steps"] if "upload-artifact" in s.get("uses", ""))
     boot = " ".join(s.get("run", "") for s in jobs["boot"]["steps"])
-    for fmt in WRITERS:
+    for fmt in NAMES:
         assert f"images/**/*.{fmt}" in upload["with"]["path"], fmt
         assert f"nox -s boot -- --format {fmt}" in boot, fmt
     assert "nox -s download -- --frozen" in boot
     assert {m["arch"] for m in jobs["boot"]["strategy"]["matrix"]["include"]} == set(ARCHES)
-    assert set(json.loads((REPO / "pins.json").read_text())["alpine"]["formats"]) == set(WRITERS)
+    assert set(json.loads((REPO / "pins.json").read_text())["alpine"]["formats"]) == set(NAMES)
 
 
 def test_actions_are_pinned_by_commit_and_jobs_ask_for_least_permissions() -> None:

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from scripts import debugfs
 from scripts.elf import read_elf
+from scripts.formats import ext4_read as debugfs
 from scripts.pins import host_arch
 from tests.support import imagerepo
 from tests.support.toolchains import find_go

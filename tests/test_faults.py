@@ -500,7 +500,7 @@ def test_ram_that_fills_while_any_writer_writes_there_falls_back_to_disk(
 ) -> None:
     """The RAM file system had room when the build looked, then another program took it:
     mke2fs and tar2sqfs (which fails with 'I/O error' and removes its output) both land on disk."""
-    from scripts.formats import Job, writer
+    from scripts.formats import FORMATS, Job
     from scripts.rootfs import make, stream
 
     src = tmp_path / "src"
@@ -513,14 +513,14 @@ def test_ram_that_fills_while_any_writer_writes_there_falls_back_to_disk(
     facts = stream.read_facts(tar)
     job = Job(tar, facts.sha256, facts.shape, 1_700_000_000, "vulcan-t", 1)
     with tmpfs(tmp_path / "ram", "64m") as ram:
-        for fmt in ("ext4", "squashfs"):
+        for fmt in FORMATS:
             if fmt == "squashfs" and shutil.which("tar2sqfs") is None:
                 continue
             # more left than a writer's leftovers would suggest (tar2sqfs removes its partial
             # image), less than the image needs
             _fill(ram, 20 << 20)
             final = tmp_path / f"t.{fmt}"
-            written, where = make._write(writer(fmt), job, ram / f"t.{fmt}", final)
+            written, where = make._write(FORMATS[fmt].writer, job, ram / f"t.{fmt}", final)
             assert where == final and final.stat().st_size == written.size
             assert not (ram / f"t.{fmt}").exists()
             assert f"{ram} (VULCAN_RAM) filled up while t.{fmt} was written there" in capfd.readouterr().err

@@ -112,7 +112,7 @@ def _readme_table(heading: str) -> list[list[str]]:
 
 
 def test_the_readme_map_lists_every_module_and_only_files_that_exist() -> None:
-    listed = [row[0].strip("`") for row in _readme_table("Where things live")]
+    listed = [row[0].strip("*`") for row in _readme_table("Where things live")]
     for name in listed:
         assert (REPO / name).exists(), f"README lists {name}, which does not exist"
     modules = {str(p.relative_to(REPO)) for p in MODULES if p.name != "__init__.py"}
@@ -122,3 +122,34 @@ def test_the_readme_map_lists_every_module_and_only_files_that_exist() -> None:
 def test_the_readme_overrides_table_is_the_settings_module() -> None:
     names = {re.match(r"`([A-Z0-9_]+)", row[0]).group(1) for row in _readme_table("Overrides")}  # type: ignore[union-attr]
     assert names == set(settings.NAMES)
+
+
+def _strings_outside_docstrings(tree: ast.AST) -> list[ast.Constant]:
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    ]
+
+
+def test_only_the_formats_package_knows_a_format_by_name() -> None:
+    """Adding a format is a record in scripts/formats/: nothing else may branch on "ext4" or
+    "squashfs" (tests/test_formats.py builds an image in a format registered by the test)."""
+    from scripts.formats import FORMATS
+
+    named = []
+    for p in MODULES:
+        if p.is_relative_to(REPO / "scripts" / "formats"):
+            continue
+        for node in _strings_outside_docstrings(ast.parse(p.read_text())):
+            if node.value in FORMATS:
+                named.append(f"{p.relative_to(REPO)}:{node.lineno}: {node.value!r}")
+    assert named == []

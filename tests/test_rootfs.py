@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import debugfs, ext4
+from scripts.formats import ext4
+from scripts.formats import ext4_read as debugfs
 from scripts.pins import host_arch
 from scripts.rootfs import stream
 from tests.support import imagerepo

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from scripts.errors import BuildError
-from scripts.ext4 import BLOCK, layout
 from scripts.formats import Shape
+from scripts.formats.ext4 import BLOCK, layout
 from scripts.rootfs import configure, stream
 from scripts.rootfs.sbom import license_expression
 from scripts.rootfs.stream import AGENT, Stream, read_facts, splice_agent
@@ -225,7 +225,7 @@ def test_the_filesystem_uuid_is_the_version_4_uuid_of_the_stream_digest(seed: st
     uuid.UUID(bytes=..., version=4), so images keep their bytes."""
     import uuid
 
-    from scripts.ext4 import derived_uuid
+    from scripts.formats.ext4 import derived_uuid
 
     for purpose in ("uuid", "hash_seed"):
         digest = hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:16]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import debugfs, squashfs_read
+from scripts.formats import ext4_read as debugfs
+from scripts.formats import squashfs_read
 from scripts.pins import host_arch
 from tests.support import imagerepo
 from tests.support.mirror import serve
@@ -138,7 +139,7 @@ def test_the_build_check_reads_all_metadata_and_verify_also_every_block(built: W
     import struct
 
     from scripts.errors import BuildError
-    from scripts.squashfs import WRITER
+    from scripts.formats.squashfs import WRITER
 
     image = built.out / "images/python.squashfs"
     WRITER.check(image)

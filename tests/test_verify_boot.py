@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from scripts import ext4
-from scripts.agent import AgentClient, vsock_connect
-from scripts.firecracker_config import config
+from scripts.formats import ext4
 from scripts.pins import host_arch
+from scripts.vm.agent import AgentClient, vsock_connect
+from scripts.vm.firecracker_config import config
 from tests.support import imagerepo
 from tests.support.mirror import serve
 from tests.support.toolchains import find_go
@@ -323,7 +323,7 @@ def test_qemu_boot_succeeds_while_every_core_is_busy(full: World) -> None:
 
 
 def test_host_tsc_rate_comes_from_cpuinfo(tmp_path: Path) -> None:
-    from scripts.qemu import host_tsc_khz
+    from scripts.vm.qemu import host_tsc_khz
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\ncpu MHz\t\t: 2299.998\ncache size\t: 512 KB\n")
@@ -367,7 +367,7 @@ def test_the_jailer_gets_the_documented_flags_and_a_chroot_holding_everything(tm
     """firecracker docs/jailer.md: --id, --exec-file, --uid, --gid, --chroot-base-dir,
     --cgroup-version, --cgroup, then -- and Firecracker's own arguments; the VM's files inside
     <base>/<exec name>/<id>/root, referred to by paths inside the chroot."""
-    from scripts.firecracker_vm import Jail
+    from scripts.vm.firecracker import Jail
 
     kernel, image = tmp_path / "vmlinux", tmp_path / "python.squashfs"
     kernel.write_bytes(b"k" * 100)

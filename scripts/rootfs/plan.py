@@ -18,17 +18,18 @@ from ..apk import lockfile
 from ..apk.lockfile import Locked
 from ..errors import BuildError, PinError, SettingError
 from ..fetch import sha256_file
-from ..formats import Writer, writer
+from ..formats import Format, Writer
+from ..formats import get as get_format
 from ..pins import Pins, Runtime
 from ..step import Check, Unsure
 
 
-def source_date_epoch(closure: list[Locked], writers: tuple[Writer, ...] = ()) -> int:
+def source_date_epoch(closure: list[Locked], formats: tuple[Format, ...] = ()) -> int:
     """SOURCE_DATE_EPOCH, else the newest package's build time; at most what every format of
     the image can store (squashfs: 2038-01-19, through tar2sqfs)."""
     env = settings.source_date_epoch()
     epoch = env if env is not None else max((p.build_time for p in closure), default=0)
-    for w in writers:
+    for w in formats:
         if epoch > w.max_epoch:
             source = f"SOURCE_DATE_EPOCH={env}" if env is not None else f"the newest package's build time {epoch}"
             raise SettingError(
@@ -42,9 +43,16 @@ def source_date_epoch(closure: list[Locked], writers: tuple[Writer, ...] = ()) -
 class Output:
     """One image file of the plan, in one format."""
 
-    format: str
-    writer: Writer
+    fmt: Format
     image: Path
+
+    @property
+    def format(self) -> str:
+        return self.fmt.name
+
+    @property
+    def writer(self) -> Writer:
+        return self.fmt.writer
 
 
 @dataclass(frozen=True)
@@ -100,13 +108,13 @@ def make_plan(pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[L
     rt = alpine.runtimes[runtime]
     base = paths.out_root()
     out_dir = paths.images_dir(arch)
-    guest = paths.bin_dir(arch) / "vulcan-guest"
+    guest = paths.agent(arch)
     if not guest.is_file():
         raise BuildError(f"{guest} is missing", hint=f"run 'nox -s guest -- --arch {arch}' first")
     guest_sha = sha256_file(guest)
     formats = alpine.formats_of(runtime)
-    outputs = tuple(Output(f, writer(f), out_dir / f"{runtime}.{f}") for f in formats)
-    epoch = source_date_epoch(closure, tuple(o.writer for o in outputs))
+    outputs = tuple(Output(get_format(f), paths.image(runtime, f, arch)) for f in formats)
+    epoch = source_date_epoch(closure, tuple(o.fmt for o in outputs))
     headroom = rt.headroom_mib if rt.headroom_mib is not None else alpine.headroom_mib
     content_inputs = {
         "arch": arch,
@@ -123,7 +131,7 @@ def make_plan(pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[L
     return Plan(
         pins, runtime, arch, frozen, closure, guest, guest_sha, epoch, headroom, content_inputs, inputs,
         paths.stamp_path(out_dir, f"rootfs-{runtime}"), base, out_dir, outputs,
-        out_dir / f"{runtime}.manifest.json", out_dir / f"{runtime}.spdx.json",
+        paths.manifest(runtime, arch), paths.sbom(runtime, arch),
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from scripts.apk.index import Package, parse_index
 from scripts.apk.package import read_index, verify_package
 from scripts.apk.solver import Solver
 from scripts.apk.trust import Keyring
+from scripts.formats.squashfs_read import EXTRACT
 from scripts.pins import host_arch
 from scripts.rootfs.tree import Tree
 from tests.support.world import SHARED
@@ -72,7 +73,7 @@ def _installed(dest: Path) -> Apk:
         tree.write_tar(f, 0)
     tree.close()
     with tarfile.open(tar_path) as tar:
-        tar.extractall(dest, filter="tar")  # our own stream, checked paths (tree.py)
+        tar.extractall(dest, **EXTRACT)  # our own stream, checked paths (tree.py)
     return Apk(dest)
 
 

@@ -18,19 +18,18 @@ import os
 import shutil
 from pathlib import Path
 
-from . import atomic, kconfig, log, paths
-from .errors import VulcanError
-from .firecracker_vm import boot_firecracker
-from .formats import WRITERS
-from .pins import ARCHES, Pins, host_arch
-from .pins import load as load_pins
+from .. import atomic, formats, kconfig, log, paths
+from ..errors import VulcanError
+from ..pins import ARCHES, Pins, host_arch
+from ..pins import load as load_pins
+from . import BootFailed, BootResult, Target, kvm_problem
+from .firecracker import boot_firecracker
 from .qemu import QEMU, boot_qemu
-from .vm import BootFailed, BootResult, Target, kvm_usable
 
 
 def choose_vmm(requested: str, arch: str) -> tuple[str, str]:
-    fc = paths.bin_dir(arch) / "firecracker"
-    no_kvm = kvm_usable()
+    fc = paths.vmm(arch, "firecracker")
+    no_kvm = kvm_problem()
     qemu = shutil.which(QEMU[arch])
     fc_missing = no_kvm or (None if fc.is_file() else f"{fc} is missing (run 'nox -s download')")
     if requested == "firecracker" or (requested == "auto" and not fc_missing):
@@ -53,7 +52,8 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("runtimes", nargs="*", help="runtimes to boot (default: every image of the format that exists)")
     p.add_argument("--arch", default=host_arch(), choices=ARCHES)
-    p.add_argument("--format", default="ext4", choices=sorted(WRITERS), help="which image to boot (default ext4)")
+    p.add_argument("--format", default=formats.DEFAULT[0], choices=formats.NAMES,
+                   help=f"which image to boot (default {formats.DEFAULT[0]})")  # fmt: skip
     p.add_argument(
         "--read-only",
         action="store_true",
@@ -94,16 +94,15 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
     for rt in args.runtimes:
         if rt not in known:
             raise BootFailed(f"unknown runtime {rt!r}", hint=f"runtimes in pins.json: {', '.join(known)}")
-    chosen = args.runtimes or [rt for rt in known if (images / f"{rt}.{args.format}").is_file()]
+    chosen = args.runtimes or [rt for rt in known if paths.image(rt, args.format, arch).is_file()]
     if not chosen:
         raise BootFailed(f"no {args.format} images in {images}", hint="run 'nox -s rootfs_all' first (a format "
-                         "other than ext4 must be listed in alpine.formats)")  # fmt: skip
-    kernel = args.kernel or paths.bin_dir(arch) / "vmlinux"
+                         f"other than {formats.DEFAULT[0]} must be listed in alpine.formats)")  # fmt: skip
+    kernel = args.kernel or paths.kernel(arch)
     if not kernel.is_file():
         raise BootFailed(f"kernel {kernel} is missing", hint="run 'nox -s download', or pass --kernel PATH")
     config = kconfig.read(kernel)
-    formats = [args.format, "overlay"] if args.read_only else [args.format]  # a read-only root needs the overlay
-    lacking = kconfig.missing(config, formats) if config is not None else []
+    lacking = kconfig.missing(config, [args.format], args.read_only) if config is not None else []
     if lacking:
         raise BootFailed(
             f"kernel {kernel} cannot boot a {args.format} image{' read-only' if args.read_only else ''}: "
@@ -116,29 +115,26 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
     if args.jailer and which_vmm != "firecracker":
         raise BootFailed(f"--jailer starts Firecracker, which cannot run here ({why})", hint="drop --jailer")
     log.info(f"boot: using {which_vmm}: {why}")
-    logs = images / ".boot"
-    logs.mkdir(parents=True, exist_ok=True)
+    if args.jailer and os.geteuid() != 0:
+        raise BootFailed("the jailer needs root: it chroots, makes /dev/kvm and drops to uid 65534",
+                         hint="run boot as root, or without --jailer")  # fmt: skip
     results = []
     for rt in chosen:
-        image = images / f"{rt}.{args.format}"
+        image = paths.image(rt, args.format, arch)
         if not image.is_file():
             raise BootFailed(
                 f"{image} is missing", hint=f"run 'nox -s rootfs-{rt}' (with {args.format} in its formats)"
             )
-        t = Target(rt, image, args.format, args.read_only or args.format != "ext4", args.overlay, args.append)
+        t = Target(rt, image, args.format, args.read_only or not formats.get(args.format).writable, args.overlay,
+                   args.append)  # fmt: skip
         if which_vmm == "qemu":
-            r = boot_qemu(t, kernel, arch, args.timeout, args.accel, logs)
+            r = boot_qemu(t, kernel, arch, args.timeout, args.accel)
         else:
-            jailer = paths.bin_dir(arch) / "jailer" if args.jailer else None
-            if jailer is not None and os.geteuid() != 0:
-                raise BootFailed("the jailer needs root: it chroots, makes /dev/kvm and drops to uid 65534",
-                                 hint="run boot as root, or without --jailer")  # fmt: skip
             try:
-                r = boot_firecracker(t, known[rt], kernel, paths.bin_dir(arch) / "firecracker", args.timeout, logs,
-                                     jailer)  # fmt: skip
+                r = boot_firecracker(t, known[rt], kernel, arch, args.timeout, args.jailer)
             except (VulcanError, OSError) as exc:
-                r = BootResult(rt, "firecracker", False, 0.0, str(exc), logs / f"{rt}.{t.fmt}.firecracker.console.log")
-        r.fmt = t.fmt
+                r = BootResult(rt, t.fmt, "firecracker", False, 0.0, str(exc),
+                               paths.console_log(rt, t.fmt, "firecracker", arch))  # fmt: skip
         results.append(r)
         what = "boot-to-smoke" if which_vmm == "qemu" else "boot-to-ready"
         status = "ok" if r.ok else "FAILED"

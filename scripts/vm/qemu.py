@@ -6,15 +6,13 @@ line on the serial console, timed from QEMU's start (boot-to-smoke).
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from . import atomic, log
-from .pins import host_arch
-from .run import bound_to_us
-from .vm import STALL_S, STALLED, BootResult, Console, Disks, Target, kill, kvm_usable, prepare_disks
+from .. import atomic, log, paths
+from ..pins import host_arch
+from . import STALL_S, STALLED, BootResult, Disks, Target, kvm_problem, prepare_disks, running
 
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 _kvm_failed: list[str] = []  # KVM that failed once (e.g. nested KVM for patched guests only) is not tried again
@@ -76,16 +74,14 @@ def tcg_kernel_args(arch: str) -> str:
     return f"tsc_early_khz={khz}" if khz else ""
 
 
-def boot_qemu(
-    t: Target, kernel: Path, arch: str, timeout: float, accel: str, logs: Path, retry: bool = True
-) -> BootResult:
+def boot_qemu(t: Target, kernel: Path, arch: str, timeout: float, accel: str, retry: bool = True) -> BootResult:
     runtime = t.runtime
     auto = accel == "auto"
     if auto:  # KVM runs this host's architecture only
-        accel = "kvm" if arch == host_arch() and kvm_usable() is None and not _kvm_failed else "tcg"
+        accel = "kvm" if arch == host_arch() and kvm_problem() is None and not _kvm_failed else "tcg"
     with atomic.scratch(Path(tempfile.gettempdir()), "boot") as tmp:
         disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, tmp)
-        console_log = logs / f"{runtime}.{t.fmt}.qemu.console.log"
+        console_log = paths.console_log(runtime, t.fmt, "qemu", arch)
         args = f"reboot=k panic=1 {disks.kernel_args(with_root=True)} vulcan.smoke=1"
         if accel == "tcg":
             args = f"{args} {tcg_kernel_args(arch)}".strip()
@@ -93,25 +89,15 @@ def boot_qemu(
         cmd = qemu_command(arch, kernel, disks, accel, args)
         log.info(f"boot {t.label}: {' '.join(cmd[:3])} ... (accel {accel}, console log {console_log})")
         start = time.monotonic()
-        proc = subprocess.Popen(bound_to_us(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)  # fmt: skip
-        console = Console(proc, console_log)
-        try:
+        with running(cmd, console_log) as (proc, console):
             line = console.wait_for(
-                (
-                    "vulcan-smoke: ok",
-                    "vulcan-smoke: fail",
-                    "vulcan-overlay: fail",
-                    "KVM internal error",
-                    "Kernel panic",
-                ),
+                ("vulcan-smoke: ok", "vulcan-smoke: fail", "vulcan-overlay: fail", "KVM internal error",
+                 "Kernel panic"),
                 start + timeout,
                 stall=STALL_S,
-            )
-        finally:
-            exited = proc.poll()  # before kill(): did QEMU end on its own?
-            kill(proc)
-            console.close()
+            )  # fmt: skip
+            # before it is killed: did QEMU end on its own? (its console closes just before it exits)
+            exited = proc.wait(timeout=10) if line is None and console.ended.is_set() else proc.poll()
         seconds = time.monotonic() - start
     if auto and accel == "kvm" and not (line and "vulcan-smoke:" in line):
         # A KVM that cannot run this guest fails in several ways: "KVM internal error", or QEMU
@@ -120,10 +106,10 @@ def boot_qemu(
         why = line.strip() if line and line != STALLED else (console.tail[-1] if console.tail else "no output")
         _kvm_failed.append(why)
         log.warn(f"boot {runtime}: KVM is not usable for this guest here ({why}); retrying with TCG")
-        return boot_qemu(t, kernel, arch, timeout, "tcg", logs)
+        return boot_qemu(t, kernel, arch, timeout, "tcg")
     if line == STALLED and retry:
         log.warn(f"boot {runtime}: the guest printed nothing for {STALL_S:.0f}s (hung early); trying once more")
-        return boot_qemu(t, kernel, arch, timeout, accel, logs, retry=False)
+        return boot_qemu(t, kernel, arch, timeout, accel, retry=False)
     if line == STALLED:
         line = f"the guest hung: no console output for {STALL_S:.0f}s"
     ok = line is not None and "vulcan-smoke: ok" in line
@@ -136,4 +122,4 @@ def boot_qemu(
     else:
         why = line.strip() if line else f"no 'vulcan-smoke' line within {timeout:.0f}s"
         detail = f"{why}; last console lines: {console.tail[-5:]}"
-    return BootResult(runtime, f"qemu ({accel})", ok, seconds, detail, console_log, disks.copied_bytes)
+    return BootResult(runtime, t.fmt, f"qemu ({accel})", ok, seconds, detail, console_log, disks.copied_bytes)

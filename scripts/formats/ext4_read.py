@@ -1,27 +1,15 @@
 """Reads ext4 images without mounting them, through debugfs: stat, cat and rdump.
 
-verify.py and the tests use it; the writer is ext4.py.
+verify.py and the tests use it (the ext4 record's reader); the writer is ext4.py.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from .run import minimal_env, run_tool
-
-
-@dataclass(frozen=True)
-class Inode:
-    kind: str  # regular, directory, symlink, character special, block special, FIFO, socket
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    links: int
-    target: str  # symlink destination
-
+from ..run import minimal_env, run_tool
+from . import Inode
 
 _STAT_RE = re.compile(r"Type: (.+?)\s+Mode:\s+(\d+)")
 _OWNER_RE = re.compile(r"User:\s+(\d+)\s+Group:\s+(\d+).*?Size: (\d+)")

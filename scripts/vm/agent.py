@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import VulcanError
+from ..errors import VulcanError
 
 
 class AgentError(VulcanError):

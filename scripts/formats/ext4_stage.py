@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 
-from . import log
-from .run import which
+from .. import log
+from ..run import which
 
 
 def stage(tar_path: str, dest: str, mke2fs: list[str]) -> int:

@@ -9,7 +9,7 @@ stream into a staging directory (as root, or under fakeroot; ext4_stage.py) and
 
 Features are pinned in our own mke2fs.conf (never the host's /etc/mke2fs.conf), without
 ``orphan_file`` and ``metadata_csum_seed``, which 5.10 guest kernels cannot mount read-write.
-Reading images back (debugfs) is debugfs.py.
+Reading images back (debugfs) is ext4_read.py.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from . import settings
-from .errors import BuildError, ToolFailed, ToolMissing
-from .formats import Job, Written
-from .run import minimal_env, run_tool, which
+from .. import settings
+from ..errors import BuildError, ToolFailed, ToolMissing
+from ..run import minimal_env, run_tool, which
+from . import Job, Written
 
 BLOCK = 4096
 INODE_SIZE = 256
@@ -134,8 +134,8 @@ def make_image(tar: Path, image: Path, lay: Layout, uuid: str, hash_seed: str, e
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     args = _mke2fs_args(staging, image, lay, uuid, hash_seed, label)
-    helper = [sys.executable, "-m", "scripts.ext4_stage", str(tar), str(staging), "--", *args]
-    helper_env = {**env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    helper = [sys.executable, "-m", f"{__package__}.ext4_stage", str(tar), str(staging), "--", *args]
+    helper_env = {**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     if os.getuid() == 0:
         run_tool(helper, env=helper_env)
     else:
@@ -152,6 +152,15 @@ def make_image(tar: Path, image: Path, lay: Layout, uuid: str, hash_seed: str, e
     return how
 
 
+def blank(path: Path, size: int) -> None:
+    """An empty ext4 file system in a sparse file of ``size`` bytes (a read-only boot's upper
+    layer), with the features every guest kernel mounts read-write."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^orphan_file,^metadata_csum_seed", path],
+             env=minimal_env(), quiet=True)  # fmt: skip
+
+
 def fsck(image: Path) -> None:
     try:
         run_tool(["e2fsck", "-fn", str(image)], env=minimal_env(), quiet=True, merge_stderr=True)
@@ -160,9 +169,6 @@ def fsck(image: Path) -> None:
 
 
 class Ext4Writer:
-    name = "ext4"
-    max_epoch = 2**32 - 1  # 256-byte inodes keep extra epoch bits; 2106 is what every other part stores
-
     def tool_inputs(self) -> dict[str, Any]:
         return {"e2fsprogs": version_text(), "mke2fs_input": method()}
 

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic, log
+from .. import atomic, log, paths
+from ..pins import Runtime
+from . import AGENT_PORT, BootFailed, BootResult, Target, prepare_disks, running
 from .agent import AgentClient, vsock_connect
 from .firecracker_config import config as firecracker_config
-from .pins import Runtime
-from .run import bound_to_us
-from .vm import AGENT_PORT, BootFailed, BootResult, Console, Target, kill, prepare_disks
 
 JAILER_ID = "vulcan-{runtime}"
 JAILED_UID = JAILED_GID = 65534  # nobody: the VMM runs unprivileged inside its chroot
@@ -69,13 +67,14 @@ class Jail:
 
 
 def boot_firecracker(
-    t: Target, rt: Runtime, kernel: Path, firecracker: Path, timeout: float, logs: Path, jailer: Path | None = None
+    t: Target, rt: Runtime, kernel: Path, arch: str, timeout: float, jailed: bool = False
 ) -> BootResult:
     runtime = t.runtime
+    firecracker = paths.vmm(arch, "firecracker")
     with atomic.scratch(Path(tempfile.gettempdir()), "fc") as scratch:
         disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, scratch)
         extra = f"vulcan.port={AGENT_PORT} {disks.kernel_args(with_root=False)} {t.append}".strip()
-        if jailer is None:
+        if not jailed:
             uds = scratch / "vsock.sock"
             cfg = scratch / "vm.json"
             conf = firecracker_config(kernel, disks.root, uds, extra_args=extra, read_only=disks.read_only,
@@ -83,28 +82,24 @@ def boot_firecracker(
             cfg.write_text(json.dumps(conf, indent=1))
             cmd = [str(firecracker), "--no-api", "--config-file", str(cfg)]
         else:
-            jail = Jail(jailer, firecracker, scratch / "jail", JAILER_ID.format(runtime=runtime))
+            jail = Jail(paths.vmm(arch, "jailer"), firecracker, scratch / "jail", JAILER_ID.format(runtime=runtime))
             root = jail.place(disks.root, f"rootfs.{t.fmt}", writable=not disks.read_only)
-            upper = jail.place(disks.scratch, "upper.ext4", writable=True) if disks.scratch else None
+            upper = jail.place(disks.scratch, "upper.img", writable=True) if disks.scratch else None
             conf = firecracker_config(jail.place(kernel, "vmlinux", writable=False), root, Path("/vsock.sock"),
                                       extra_args=extra, read_only=disks.read_only, scratch=upper)  # fmt: skip
             (jail.root / "vm.json").write_text(json.dumps(conf, indent=1))
             os.chown(jail.root, jail.uid, jail.gid)  # Firecracker creates the vsock socket there
             uds = jail.root / "vsock.sock"
             cmd = jail.argv("/vm.json")
-        console_log = logs / f"{runtime}.{t.fmt}.firecracker.console.log"
+        console_log = paths.console_log(runtime, t.fmt, "firecracker", arch)
         log.info(f"boot {runtime}: {' '.join(cmd)} (console log {console_log})")
         start = time.monotonic()
-        proc = subprocess.Popen(
-            bound_to_us(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=scratch
-        )
-        console = Console(proc, console_log)
-        try:
+        with running(cmd, console_log, cwd=scratch) as (_, console):
             line = console.wait_for(("vulcan-guest: ready",), start + timeout)
             ready = time.monotonic() - start
             if line is None:
                 why = f"no 'vulcan-guest: ready' within {timeout:.0f}s; last console lines: {console.tail[-5:]}"
-                return BootResult(runtime, "firecracker", False, ready, why, console_log)
+                return BootResult(runtime, t.fmt, "firecracker", False, ready, why, console_log)
             client = AgentClient(vsock_connect(str(uds), AGENT_PORT, timeout=30))
             try:
                 client.ping()
@@ -120,7 +115,4 @@ def boot_firecracker(
                     detail += f"; program printed {out!r}"
             finally:
                 client.close()
-            return BootResult(runtime, "firecracker", True, ready, detail, console_log, disks.copied_bytes)
-        finally:
-            kill(proc)
-            console.close()
+            return BootResult(runtime, t.fmt, "firecracker", True, ready, detail, console_log, disks.copied_bytes)

@@ -1,8 +1,9 @@
-"""What every VM boot shares: the target and its disks, the serial console, the result.
+"""Booting images in VMs: what every boot shares (the target and its disks, the console, the result).
 
-A writable ext4 boot runs on a scratch copy of the image; a read-only one (squashfs, or ext4
-with --read-only) attaches the image itself with a throwaway overlay (rootfs/configure.py's
-overlay-init). qemu.py and firecracker_vm.py boot with these; boot.py is the session.
+A writable image (ext4) boots on a scratch copy; a read-only one (squashfs, or ext4 with
+--read-only) attaches the image itself with a throwaway overlay (rootfs/configure.py's
+overlay-init). qemu.py and firecracker.py boot with these, the session is boot.py; the host
+side of the agent protocol is agent.py, Firecracker's configuration firecracker_config.py.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import queue
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic, rootfs
-from .errors import VulcanError
-from .run import minimal_env, run_tool
+from .. import atomic, rootfs
+from ..errors import VulcanError
+from ..formats import scratch_drive
+from ..run import bound_to_us
 
 AGENT_PORT = 52
 STALLED = "\0stalled"
@@ -29,16 +32,16 @@ class BootFailed(VulcanError):
     """The VM did not show a working image in time."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class BootResult:
     runtime: str
+    fmt: str
     vmm: str
     ok: bool
     seconds: float
     detail: str
     console: Path
     copied_bytes: int = 0  # what the sandbox start copied (0 for a read-only image)
-    fmt: str = "ext4"
 
     def as_json(self) -> dict[str, object]:
         return {"runtime": self.runtime, "format": self.fmt, "vmm": self.vmm, "ok": self.ok,
@@ -46,8 +49,8 @@ class BootResult:
                 "console": str(self.console)}  # fmt: skip
 
 
-def kvm_usable() -> str | None:
-    """None if /dev/kvm can be opened read-write, else why not."""
+def kvm_problem() -> str | None:
+    """Why /dev/kvm cannot be used here, or None when it can (opened read-write)."""
     if not os.path.exists("/dev/kvm"):
         return "/dev/kvm does not exist (no KVM on this host)"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -62,7 +65,7 @@ class Target:
     runtime: str
     image: Path
     fmt: str
-    read_only: bool  # every format but ext4 is; ext4 with --read-only too
+    read_only: bool  # every format that is not writable is; a writable one with --read-only too
     overlay: str  # tmpfs or disk
     append: str = ""  # more kernel command line words (boot --append), after ours: the last value wins
 
@@ -79,6 +82,7 @@ class Console:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.log = open(log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by close()
         self.tail: list[str] = []
+        self.ended = threading.Event()  # the VM closed its console (it exited)
         threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
@@ -89,6 +93,7 @@ class Console:
             self.log.flush()
             self.tail = ([*self.tail, line])[-15:]
             self.lines.put(line)
+        self.ended.set()
         self.lines.put(None)
 
     def wait_for(self, markers: tuple[str, ...], deadline: float, stall: float | None = None) -> str | None:
@@ -124,6 +129,22 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def running(
+    cmd: list[str], console_log: Path, cwd: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], Console]]:
+    """A VM process (QEMU, Firecracker) with its serial console read into ``console_log``; killed
+    at the end whatever happens, and by the kernel if we die first."""
+    proc = subprocess.Popen(bound_to_us(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, cwd=cwd)  # fmt: skip
+    console = Console(proc, console_log)
+    try:
+        yield proc, console
+    finally:
+        kill(proc)
+        console.close()
+
+
 OVERLAY_INIT = f"/{rootfs.OVERLAY_INIT}"  # written into every image
 SCRATCH_MIB = 512  # the per-sandbox upper layer drive of --overlay disk (sparse)
 
@@ -151,15 +172,12 @@ class Disks:
 
 
 def prepare_disks(image: Path, fmt: str, read_only: bool, overlay: str, scratch: Path) -> Disks:
-    if not read_only:  # only ext4 can be booted writable (Target says which)
+    if not read_only:  # a writable format (Target says which)
         copy = scratch / image.name  # the VM writes; images/ is never modified (sparse copy)
         atomic.sparse_copy(image, copy)
-        return Disks(copy, False, "ext4", None, atomic.allocated_bytes(copy))
+        return Disks(copy, False, fmt, None, atomic.allocated_bytes(copy))
     upper = None
     if overlay == "disk":
-        upper = scratch / "upper.ext4"
-        with open(upper, "wb") as f:
-            f.truncate(SCRATCH_MIB << 20)
-        run_tool(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^orphan_file,^metadata_csum_seed", upper],
-                 env=minimal_env(), quiet=True)  # fmt: skip
+        upper = scratch / "upper.img"
+        scratch_drive(upper, SCRATCH_MIB << 20)
     return Disks(image, True, fmt, upper)

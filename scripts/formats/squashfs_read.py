@@ -1,18 +1,23 @@
 """Reads squashfs images without mounting them (sqfs2tar, rdsquashfs): stat, cat and unpack.
 
-The same three calls as debugfs.py, so verify.py reads either format the same way.
+The same three calls as ext4_read.py (the squashfs record's reader), so verify.py reads either
+format the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .debugfs import Inode
-from .errors import ToolFailed
-from .run import minimal_env, run_tool, which
+from ..errors import ToolFailed
+from ..run import minimal_env, run_tool, which
+from . import Inode
 
 _KINDS = {
     tarfile.REGTYPE: "regular",
@@ -37,25 +42,64 @@ class Entry:
     hardlink_to: str  # the first path of its hard-link group, "" if none
 
 
+# tarfile's "tar" filter (paths kept inside the destination, no setuid bits) exists from Python
+# 3.11.4 on; Debian 12's 3.11.2 lacks it, so the names are also checked here before extracting.
+EXTRACT: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+
+
 def _name(tar_name: str) -> str:
     """A tar member's path as the image's (``./usr/bin`` -> ``usr/bin``; ``.vulcan`` stays)."""
     return tar_name.removeprefix("./").strip("/")
 
 
+@contextlib.contextmanager
+def _tar_stream(image: Path) -> Iterator[tarfile.TarFile]:
+    """sqfs2tar's tar stream of the whole image, read to its very end, with its stderr kept in a
+    file: a full pipe on either side would have sqfs2tar wait for us while we wait for it (seen:
+    a verify that hung after the end-of-archive blocks). ToolFailed if sqfs2tar fails."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([which("sqfs2tar"), str(image)], stdout=subprocess.PIPE, stderr=err,
+                                env=minimal_env())  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                yield tar
+            while proc.stdout.read(1 << 16):  # what follows the end-of-archive blocks
+                pass
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+            code = proc.wait()
+        if code != 0:
+            err.seek(0)
+            raise ToolFailed(f"sqfs2tar {image} failed: {err.read().decode(errors='replace')[-500:]}")
+
+
 def entries(image: Path) -> dict[str, Entry]:
-    """Every path in the image, with owners, modes, sizes, link targets, devices and xattrs."""
-    proc = subprocess.Popen([which("sqfs2tar"), str(image)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=minimal_env())  # fmt: skip
-    assert proc.stdout is not None
+    """Every path in the image, with owners, modes, sizes, link targets, devices and xattrs. The
+    pass decompresses every block (sqfs2tar fails on a corrupt one): verify's deep check is this
+    pass, and its stat_many() the same one, kept for the image as it is (device, inode, size, mtime)."""
+    st = image.stat()
+    key = (str(image), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _passes:
+        _passes.clear()  # one image at a time is what verify reads
+        _passes[key] = _entries(image)
+    return _passes[key]
+
+
+_passes: dict[tuple[str, int, int, int, int], dict[str, Entry]] = {}
+
+
+def _entries(image: Path) -> dict[str, Entry]:
     out: dict[str, Entry] = {}
     sizes: dict[str, int] = {}
     links: dict[str, int] = {}
     try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        with _tar_stream(image) as tar:
             members = list(tar)
     except tarfile.TarError as exc:
-        proc.kill()
-        proc.wait()
         raise ToolFailed(f"sqfs2tar cannot read {image}: {exc}") from None
     for m in members:
         path = _name(m.name)
@@ -70,9 +114,6 @@ def entries(image: Path) -> dict[str, Entry]:
         inode = Inode(_KINDS.get(m.type, "unknown"), m.mode, m.uid, m.gid, size, 1,
                       m.linkname if m.issym() else "")  # fmt: skip
         out[path] = Entry(path, inode, (m.devmajor, m.devminor), xattrs, target)
-    err = proc.stderr.read() if proc.stderr else b""
-    if proc.wait() != 0:
-        raise ToolFailed(f"sqfs2tar {image} failed: {err.decode(errors='replace')[-500:]}")
     for e in out.values():  # link counts, as stat reports them
         n = links.get(e.hardlink_to or e.path, 1)
         if e.inode.kind == "regular" and n > 1:
@@ -101,11 +142,8 @@ def rdump(image: Path, dirs: list[str], root: Path) -> list[str]:
     def inside(name: str) -> str | None:
         return next((d for d in wanted if name.startswith(d + "/")), None)
 
-    proc = subprocess.Popen([which("sqfs2tar"), str(image)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env=minimal_env())  # fmt: skip
-    assert proc.stdout is not None
     try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        with _tar_stream(image) as tar:
             for m in tar:
                 m.name = _name(m.name)
                 top = inside(m.name)
@@ -115,11 +153,10 @@ def rdump(image: Path, dirs: list[str], root: Path) -> list[str]:
                     m.linkname = _name(m.linkname)
                     if inside(m.linkname) is None:
                         continue
-                tar.extract(m, root, filter="tar")  # our own image; "tar" keeps paths inside root
+                if m.name.startswith("/") or ".." in m.name.split("/"):
+                    continue  # our own image has no such path; never written outside root
+                tar.extract(m, root, **EXTRACT)
                 found.add(top)
-    except (tarfile.TarError, OSError):
-        proc.kill()
+    except (tarfile.TarError, OSError, ToolFailed):
         found.clear()
-    finally:
-        proc.wait()
-    return [d for d in dict.fromkeys(wanted) if d not in found or proc.returncode != 0]
+    return [d for d in dict.fromkeys(wanted) if d not in found]

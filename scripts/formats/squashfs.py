@@ -8,7 +8,7 @@ root directory, which the stream has no entry for, gets 0:0 0755 and the epoch, 
 
 Firecracker's 6.1 guest kernels (resources/guest_configs/ci.config, x86_64 and aarch64) set
 SQUASHFS=y, SQUASHFS_ZSTD=y and OVERLAY_FS=y, and leave EROFS_FS unset: hence squashfs and not
-EROFS (a third writer in formats.py can add it). Reading images back: squashfs_read.py.
+EROFS (a third record in formats/__init__.py can add it). Reading images back: squashfs_read.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import BuildError, ToolFailed, ToolMissing
-from .formats import Job, Written
-from .run import minimal_env, run_tool
+from ..errors import BuildError, ToolFailed, ToolMissing
+from ..run import minimal_env, run_tool
+from . import Job, Written
+from .squashfs_read import entries
 
 COMPRESSOR = "zstd"
 # Level and block size by measurement (2 cores, tar2sqfs -j 2, a 277 MB tar of a Python stdlib
@@ -54,11 +55,6 @@ def options(epoch: int) -> list[str]:
 
 
 class SquashfsWriter:
-    name = "squashfs"
-    # squashfs stores u32 mtimes, but tar2sqfs (1.2) reads the root's "-d mtime=" as a signed
-    # 32-bit number: "mtime: value too large" from 2038-01-19 on
-    max_epoch = 2**31 - 1
-
     def tool_inputs(self) -> dict[str, Any]:
         return {"tar2sqfs": version_text(), "squashfs": {"compressor": COMPRESSOR, "level": LEVEL, "block": BLOCK_SIZE}}
 
@@ -75,10 +71,13 @@ class SquashfsWriter:
     def check(self, image: Path, deep: bool = False) -> None:
         """After a build: read every inode and directory back (``rdsquashfs -d`` walks the whole
         tree: what e2fsck -fn is for ext4; 15 ms). ``deep`` (verify): also decompress every
-        block (sqfs2tar), since squashfs has no checksums of its own to catch a flipped byte."""
-        cmd: list[str | Path] = ["sqfs2tar", "-X", image] if deep else ["rdsquashfs", "-d", image]
+        block (sqfs2tar), since squashfs has no checksums of its own to catch a flipped byte: the
+        reader's one pass over the image, which verify's stat_many() then reuses."""
         try:
-            run_tool(cmd, quiet=True, env=minimal_env(), capture=False, stdout_null=True)
+            if deep:
+                entries(image)
+            else:
+                run_tool(["rdsquashfs", "-d", image], quiet=True, env=minimal_env(), capture=False, stdout_null=True)
         except ToolFailed as exc:
             raise BuildError(f"{image.name} cannot be read back: {exc.message[-2000:]}") from None
 

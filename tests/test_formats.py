@@ -1,0 +1,110 @@
+"""Adding an image format is one writer module, one reader module and one record: a format the
+test registers (a plain tar, "tarfs") is built, described and verified by the tool as it is."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tarfile
+import types
+from pathlib import Path
+
+import pytest
+
+from scripts import formats, kconfig
+from scripts.formats import Format, Inode, Job, Written
+from scripts.pins import host_arch
+from tests.support import imagerepo
+from tests.support.toolchains import find_go
+from tests.support.world import World
+
+ARCH = host_arch()
+
+
+class TarfsWriter:
+    """The stream as it is: a read-only "image" any tar reader opens."""
+
+    def tool_inputs(self) -> dict[str, str]:
+        return {"tarfs": "1"}
+
+    def write(self, job: Job, image: Path) -> Written:
+        shutil.copyfile(job.tar, image)
+        return Written(image.stat().st_size, True, {"tarfs": {"members": job.shape.entries}})
+
+    def check(self, image: Path, deep: bool = False) -> None:
+        with tarfile.open(image) as tar:
+            tar.getmembers()
+
+    def room(self, job: Job) -> int:
+        return job.tar.stat().st_size
+
+
+def _stat_many(image: Path, paths: list[str]) -> dict[str, Inode | None]:
+    kinds = {tarfile.REGTYPE: "regular", tarfile.DIRTYPE: "directory", tarfile.SYMTYPE: "symlink"}
+    with tarfile.open(image) as tar:
+        found = {m.name: m for m in tar.getmembers()}
+    return {
+        p: Inode(kinds.get(m.type, "other"), m.mode, m.uid, m.gid, m.size, 1, m.linkname)
+        if (m := found.get(p))
+        else None
+        for p in paths
+    }
+
+
+def _cat(image: Path, path: str) -> bytes:
+    with tarfile.open(image) as tar:
+        f = tar.extractfile(path)
+        return f.read() if f else b""
+
+
+def _rdump(image: Path, dirs: list[str], root: Path) -> list[str]:
+    return list(dirs)  # not needed here: the runtime check then says it could not copy them
+
+
+@pytest.fixture
+def tarfs(monkeypatch: pytest.MonkeyPatch) -> Format:
+    writer = types.ModuleType("scripts.formats.tarfs")
+    writer.WRITER = TarfsWriter()  # type: ignore[attr-defined]
+    reader = types.ModuleType("scripts.formats.tarfs_read")
+    reader.stat_many, reader.cat, reader.rdump = _stat_many, _cat, _rdump  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, writer.__name__, writer)
+    monkeypatch.setitem(sys.modules, reader.__name__, reader)
+    record = Format("tarfs", "tarfs", "tarfs_read", ("TARFS",), "tar reads it", writable=False, max_epoch=2**33)
+    monkeypatch.setitem(formats.FORMATS, "tarfs", record)  # the one table line
+    return record
+
+
+def test_the_kernel_check_asks_the_record(tarfs: Format) -> None:
+    config = {o: "y" for o in (*kconfig.EVERY_GUEST, "EXT4_FS")}
+    assert kconfig.missing(config, ["ext4"]) == []
+    # not writable: booted read-only, so the overlay is needed too
+    assert kconfig.missing(config, ["tarfs"]) == ["CONFIG_TARFS", "CONFIG_OVERLAY_FS", "CONFIG_TMPFS"]
+
+
+def test_a_registered_format_is_built_listed_and_verified(
+    world: World, tarfs: Format, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scripts import verify
+    from scripts.pins import load
+    from scripts.rootfs import make, plan
+
+    imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
+    world.run("guest", check=True, VULCAN_GO=find_go())  # another process: tarfs is this one's
+    world.pins["alpine"]["formats"] = ["ext4", "tarfs"]
+    world.write_pins()
+    for key, value in world.env().items():
+        monkeypatch.setenv(key, value)
+    pins = load(world.pins_path)
+    built = make.make(plan.check(pins, "python", ARCH, frozen=False, dry=False).context)
+    image = world.out / "images" / "python.tarfs"
+    assert [o.image for o in built.outputs] == [world.out / "images" / "python.ext4", image]
+    with tarfile.open(image) as tar:
+        names = tar.getnames()
+    assert "usr/local/bin/vulcan-guest" in names
+    listed = {i["format"]: i for i in json.loads((world.out / "images/python.manifest.json").read_text())["images"]}
+    assert listed["tarfs"]["tarfs"] == {"members": len(names)}
+    rows = {(r.artifact, r.check): r for r in verify.verify(pins, ARCH, False).rows}
+    assert rows[("images/python.tarfs", "tar reads it")].result == "pass"
+    assert rows[("images/python.tarfs", "agent = bin/vulcan-guest")].result == "pass"
+    assert rows[("images/python.tarfs", "sha256 = manifest")].result == "pass"
