@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import atomic, log, paths, settings
+from . import log, paths, settings, workspace
 from .errors import VulcanError
 from .pins import ARCHES
 
@@ -111,7 +111,7 @@ def sweep_ram() -> None:
     parent = root / f"vulcan-images-{os.getuid()}"
     if not parent.is_dir() or parent.is_symlink():
         return
-    removed = atomic.remove_stale(parent)
+    removed = workspace.remove_stale(parent)
     if removed:
         log.info(f"removed {len(removed)} RAM scratch director{'y' if len(removed) == 1 else 'ies'} of runs that died")
     with contextlib.suppress(OSError):  # a live run's scratch is still there
@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         clean_dir(paths.out_root() / top, _entries_of(top), True, problems)
     scratch = settings.scratch_dir()
     if scratch is not None and scratch.is_dir():
-        atomic.remove_stale(scratch)
+        workspace.remove_stale(scratch)
     sweep_ram()
     if args.all:
         clean_dir(paths.cache_dir(), paths.CACHE_ENTRIES, False, problems)

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import atomic, cli, log, paths, settings, stamps
+from . import atomic, cli, log, paths, settings, stamps, workspace
 from .elf import check_static_binary
 from .errors import ArchiveError, PinError
 from .fetch import cached, file_lock, writable
@@ -90,7 +90,7 @@ def toolchain(pins: Pins, fetch: bool = True) -> tuple[Path, dict[str, str]]:
         if not go.exists():
             tgz = cached(pins.go.url_for(arch), sha)
             log.info(f"unpacking Go {pins.go.version} into {root}")
-            with atomic.scratch(root.parent, "go") as tmp:
+            with workspace.scratch(root.parent, "go") as tmp:
                 import tarfile  # only when the pinned toolchain is unpacked
 
                 with tarfile.open(tgz, "r:gz") as tar:
@@ -133,7 +133,7 @@ def go_build_cache() -> Path:
             paths.claim_cache()  # the Go build cache may be the cache's first entry
         return gocache
     fallback = Path(tempfile.gettempdir()) / f"vulcan-go-build-{os.getuid()}"
-    if not atomic.private_dir(fallback):  # /tmp is shared: only a directory of ours, 0700
+    if not workspace.private_dir(fallback):  # /tmp is shared: only a directory of ours, 0700
         fallback = Path(tempfile.mkdtemp(prefix="vulcan-go-build-"))
     log.info(f"the cache {paths.cache_dir()} is read-only: Go's build cache is {fallback} instead "
              "(set VULCAN_GOCACHE to choose)")  # fmt: skip
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, check: Check) -> None:
         want = go_line(src)
         log.info(f"building with {check.inputs['toolchain']['version']} from VULCAN_GO (the source needs go >= {want})")
     gocache = go_build_cache()
-    with atomic.scratch(out_dir, "guest") as scratch:
+    with workspace.scratch(out_dir, "guest") as scratch:
         env = minimal_env(
             HOME=str(scratch),
             GOENV="off",

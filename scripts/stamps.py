@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import TOOL_VERSION, atomic
-from .fetch import sha256_file
+from .hashing import sha256_file
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

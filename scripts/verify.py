@@ -19,7 +19,7 @@ from typing import Any
 from . import formats, kconfig, log, paths, stamps
 from .elf import check_static_binary, kernel_arch, read_elf
 from .errors import BuildError, VulcanError
-from .fetch import sha256_file
+from .hashing import sha256_file
 from .pins import ARCHES, Pins, host_arch
 from .pins import load as load_pins
 from .rootfs import AGENT

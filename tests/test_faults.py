@@ -458,8 +458,8 @@ def test_an_image_is_written_in_ram_first_and_nothing_is_left_there(ready: World
 def test_hashing_a_sparse_file_in_ram_leaves_its_holes_alone(tmp_path: Path) -> None:
     """Hashing an image still in /dev/shm must not allocate its holes (mapping a tmpfs hole
     does): they would then be copied out as data, and the published image would lose them."""
-    from scripts.atomic import sparse_copy
-    from scripts.fetch import sha256_file
+    from scripts.hashing import sha256_file
+    from scripts.sparse import sparse_copy
 
     shm = Path("/dev/shm")
     if not shm.is_dir():
@@ -501,7 +501,7 @@ def test_ram_that_fills_while_any_writer_writes_there_falls_back_to_disk(
     """The RAM file system had room when the build looked, then another program took it:
     mke2fs and tar2sqfs (which fails with 'I/O error' and removes its output) both land on disk."""
     from scripts.formats import FORMATS, Job
-    from scripts.rootfs import make, stream
+    from scripts.rootfs import make, tarwalk
 
     src = tmp_path / "src"
     src.mkdir()
@@ -510,7 +510,7 @@ def test_ram_that_fills_while_any_writer_writes_there_falls_back_to_disk(
     tar = tmp_path / "t.tar"
     subprocess.run(["tar", "--format=pax", "--owner=0", "--group=0", "-cf", str(tar), "-C", str(src), "."],
                    check=True)  # fmt: skip
-    facts = stream.read_facts(tar)
+    facts = tarwalk.read_facts(tar)
     job = Job(tar, facts.sha256, facts.shape, 1_700_000_000, "vulcan-t", 1)
     with tmpfs(tmp_path / "ram", "64m") as ram:
         for fmt in FORMATS:
@@ -530,13 +530,13 @@ def test_ram_that_fills_while_any_writer_writes_there_falls_back_to_disk(
 def test_ram_that_fills_while_the_agent_is_spliced_falls_back_to_disk(
     ready: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from scripts.rootfs import make, stream
+    from scripts.rootfs import AGENT, cache, make, tarwalk
 
     monkeypatch.setenv("VULCAN_CACHE", str(ready.cache))
     tar = next((ready.cache / "rootfs" / "base").rglob("*.tar"))
-    base = stream.cached(tar.stem, "base")
+    base = cache.cached(tar.stem, "base")
     assert base is not None
-    facts = stream.read_facts(base.tar)
+    facts = tarwalk.read_facts(base.tar, AGENT)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     with tmpfs(tmp_path / "ram", f"{(tar.stat().st_size >> 20) + 8}m") as ram:
@@ -544,7 +544,7 @@ def test_ram_that_fills_while_the_agent_is_spliced_falls_back_to_disk(
         spliced = make._splice(base, facts, b"another agent", 1_700_000_000, ram, scratch)
         assert spliced.tar == scratch / "rootfs.tar" and not list(ram.glob("*.tar"))
     assert "(VULCAN_RAM) filled up while the agent was spliced into the stream there" in capfd.readouterr().err
-    assert stream.read_facts(spliced.tar).sha256 == spliced.sha256
+    assert tarwalk.read_facts(spliced.tar).sha256 == spliced.sha256
 
 
 @pytest.mark.parametrize(

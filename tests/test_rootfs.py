@@ -17,7 +17,7 @@ import pytest
 from scripts.formats import ext4
 from scripts.formats import ext4_read as debugfs
 from scripts.pins import host_arch
-from scripts.rootfs import stream
+from scripts.rootfs import cache
 from tests.support import imagerepo
 from tests.support.apkrepo import CDN, Entry, Pkg, publish
 from tests.support.mirror import serve
@@ -377,7 +377,7 @@ def test_an_edited_stream_sidecar_is_not_trusted(built: World, tmp_path: Path, f
     for side in (built.cache / "rootfs").rglob("*.json"):
         data = json.loads(side.read_text())
         data["shape"][field] += 5000
-        data["binding"] = stream._binding(data)  # even an edit that binds the sidecar again: the tar says otherwise
+        data["binding"] = cache.binding(data)  # even an edit that binds the sidecar again: the tar says otherwise
         side.write_text(json.dumps(data))
     (out / "images/python.ext4").unlink()
     proc = built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out))

@@ -15,9 +15,11 @@ import pytest
 from scripts.errors import BuildError
 from scripts.formats import Shape
 from scripts.formats.ext4 import BLOCK, layout
-from scripts.rootfs import configure, stream
+from scripts.rootfs import AGENT, configure, splice, tarwalk
 from scripts.rootfs.sbom import license_expression
-from scripts.rootfs.stream import AGENT, Stream, read_facts, splice_agent
+from scripts.rootfs.splice import splice_agent
+from scripts.rootfs.stream import Stream
+from scripts.rootfs.tarwalk import read_facts
 from scripts.rootfs.tree import Tree, UnsafePackage
 
 
@@ -144,8 +146,8 @@ def test_an_agent_splice_gives_the_bytes_and_sha256_of_a_stream_written_with_tha
     agent_path = AGENT
     if long_names:  # the agent's own entry behind a PAX header too
         agent_path = f"usr/local/{'b' * 120}/vulcan-guest"
-        monkeypatch.setattr(stream, "AGENT", agent_path)
-    monkeypatch.setattr(stream, "WINDOW", 1024)  # the hash trails the walk by windows: cross many
+        monkeypatch.setattr(splice, "AGENT", agent_path)
+    monkeypatch.setattr(tarwalk, "WINDOW", 1024)  # the hash trails the walk by windows: cross many
     out: dict[str, Path] = {}
     for name, agent in (("old", b"old agent" * 100), ("new", b"a new, longer agent" * 700)):
         tree.put_generated(agent_path, "file", 0o755, agent)
@@ -154,7 +156,7 @@ def test_an_agent_splice_gives_the_bytes_and_sha256_of_a_stream_written_with_tha
             tree.write_tar(f, epoch=1_700_000_000)
     with tarfile.open(out["old"]) as tar:
         assert bool(tar.getmember(agent_path).pax_headers) == long_names
-    facts = read_facts(out["old"])
+    facts = read_facts(out["old"], agent_path)  # the walk keeps the hash state where the splice asks
     base = Stream(out["old"], facts.sha256, facts.shape, {}, [], 0, None)
     (tmp_path / "scratch2").mkdir()
     spliced = splice_agent(base, facts, b"a new, longer agent" * 700, 1_700_000_000, tmp_path / "scratch2")
@@ -168,7 +170,7 @@ def test_a_splice_refuses_a_stream_replaced_after_its_verification(tree: Tree, t
     tar = tmp_path / "s.tar"
     with open(tar, "wb") as f:
         tree.write_tar(f, epoch=1_700_000_000)
-    facts = read_facts(tar)
+    facts = read_facts(tar, AGENT)
     other = tmp_path / "other.tar"
     other.write_bytes(tar.read_bytes())
     other.replace(tar)  # same bytes, but not the file that was read: its hash state says nothing of it

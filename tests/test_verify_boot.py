@@ -294,7 +294,7 @@ def test_qemu_boots_the_image_and_the_agent_reports_smoke_ok(full: World) -> Non
     assert "vulcan-smoke: ok Python 3.14.7" in log_text
     # the image in images/ was not modified by the VM
     manifest = json.loads((full.out / "images/python.manifest.json").read_text())
-    from scripts.fetch import sha256_file
+    from scripts.hashing import sha256_file
 
     assert sha256_file(full.out / "images/python.ext4") == manifest["sha256"]
     print("\n" + "\n".join(line for line in proc.stderr.splitlines() if "boot-to-smoke" in line))

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import atomic, log, names
+from .. import atomic, log, names, workspace
 from ..errors import PinError, VulcanError
 from ..pins import Pins
 
@@ -139,7 +139,7 @@ def locked_for_update(pins: Pins) -> Iterator[None]:
     """Hold an flock for a whole read-modify-write of the lock. On the directory that holds it,
     not on a lock file: the lock is replaced by rename (so not itself), and a lock file would be
     left in the checkout, untracked."""
-    with atomic.directory_lock(lock_path(pins).parent):
+    with workspace.directory_lock(lock_path(pins).parent):
         yield
 
 

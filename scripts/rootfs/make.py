@@ -15,14 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import atomic, errors, log, paths, settings, stamps
+from .. import atomic, errors, log, paths, settings, sparse, stamps, workspace
 from ..background import Task, wait_all
 from ..errors import VulcanError, no_space
-from ..fetch import sha256_file
 from ..formats import Job, Writer, Written
-from . import manifest, sbom, stream
+from ..hashing import sha256_file
+from . import AGENT, cache, manifest, sbom, stream
 from .plan import Output, Plan, make_plan
+from .splice import splice_agent
 from .stream import Stream
+from .tarwalk import Facts
 
 
 def _fetch_or_relock(plan: Plan) -> tuple[Plan, list[object]]:
@@ -39,28 +41,28 @@ def _fetch_or_relock(plan: Plan) -> tuple[Plan, list[object]]:
 
 def _stream(
     plan: Plan, scratch: Path, stack: contextlib.ExitStack
-) -> tuple[Plan, Stream, Task[tuple[str | None, stream.Facts | None]] | None]:
+) -> tuple[Plan, Stream, Task[tuple[str | None, Facts | None]] | None]:
     """The cached stream (its verification running on the other core) or a fresh one. A
     spliced stream is written in RAM when it fits (``stack`` holds that directory until the
     images are written) and is not stored: the base it came from stays the cache's entry, so an
     agent change writes nothing to disk but the images (a go-like stream is 214 MiB)."""
     found = base = None
     try:
-        found = None if settings.reassemble() else stream.cached(plan.stream_digest)
+        found = None if settings.reassemble() else cache.cached(plan.stream_digest)
         if found is not None:
             log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
-            return plan, found, Task(_timed, "verify cached stream", stream.verify, found)
-        base = None if settings.reassemble() else stream.cached(plan.base_digest, "base")
-    except stream.Corrupt as exc:  # assembled again, which stores both names: the entry is repaired
+            return plan, found, Task(_timed, "verify cached stream", cache.verify, found)
+        base = None if settings.reassemble() else cache.cached(plan.base_digest, "base")
+    except cache.Corrupt as exc:  # assembled again, which stores both names: the entry is repaired
         log.warn(f"a cached tar stream of {plan.what} is corrupt ({exc}); assembling it again")
     if base is not None:
         with log.phase("verify cached stream"):
-            problem, facts = stream.verify(base)
+            problem, facts = cache.verify(base, AGENT)
         if facts is not None and problem is None:
             log.info(f"{plan.what}: only the agent changed since a cached build: replacing it in that build's tar")
             agent = plan.guest.read_bytes()
             room = base.tar.stat().st_size + len(agent)
-            ram = stack.enter_context(atomic.ram_scratch(settings.ram_dir(), f"{plan.runtime}-stream", room))
+            ram = stack.enter_context(workspace.ram_scratch(settings.ram_dir(), f"{plan.runtime}-stream", room))
             with log.phase("splice the agent into the stream"):
                 fresh = _splice(base, facts, agent, plan.epoch, ram, scratch)
             return plan, fresh, None
@@ -69,11 +71,11 @@ def _stream(
     return plan, fresh, None
 
 
-def _splice(base: Stream, facts: stream.Facts, agent: bytes, epoch: int, ram: Path | None, scratch: Path) -> Stream:
+def _splice(base: Stream, facts: Facts, agent: bytes, epoch: int, ram: Path | None, scratch: Path) -> Stream:
     """The spliced stream, in RAM when it had room; if RAM fills up meanwhile, in scratch."""
     if ram is not None:
         try:
-            return stream.splice_agent(base, facts, agent, epoch, ram)
+            return splice_agent(base, facts, agent, epoch, ram)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -81,7 +83,7 @@ def _splice(base: Stream, facts: stream.Facts, agent: bytes, epoch: int, ram: Pa
             log.warn(f"{errors.mount_point(ram)} (VULCAN_RAM) filled up while the agent was spliced into the "
                      f"stream there; splicing it in {scratch}")  # fmt: skip
     try:
-        return stream.splice_agent(base, facts, agent, epoch, scratch)
+        return splice_agent(base, facts, agent, epoch, scratch)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise no_space(scratch, base.tar.stat().st_size, "splicing the agent into the stream in") from None
@@ -92,7 +94,7 @@ def _keep(plan: Plan, fresh: Stream) -> None:
     """Store the stream for the next build (a hard link and a sidecar: ~10 ms; done before the
     writers start, so a build killed while writing leaves no half-stored cache entry)."""
     with log.phase("store stream"):
-        stream.store(fresh, [(plan.stream_digest, ""), (plan.base_digest, "base")])
+        cache.store(fresh, [(plan.stream_digest, ""), (plan.base_digest, "base")])
 
 
 def _assemble(plan: Plan, scratch: Path) -> tuple[Plan, Stream]:
@@ -120,7 +122,7 @@ def _write_all(plan: Plan, s: Stream, scratch: Path) -> dict[str, tuple[Written,
         # written in RAM when it fits (mke2fs is ~25% faster there); then this thread hashes it
         # while the other core checks it and copies it next to the output (one task, not two:
         # three threads on two cores slowed the hash, which is what a build waits for)
-        with atomic.ram_scratch(settings.ram_dir(), f"{plan.runtime}-{out.format}", out.writer.room(job)) as ram:
+        with workspace.ram_scratch(settings.ram_dir(), f"{plan.runtime}-{out.format}", out.writer.room(job)) as ram:
             built = ram / out.image.name if ram is not None else final
             with log.phase(f"write {out.format}"):
                 written, built = _write(out.writer, job, built, final)
@@ -153,7 +155,7 @@ def _write(writer: Writer, job: Job, built: Path, final: Path) -> tuple[Written,
         if isinstance(exc, errors.NoSpace) and built == final:
             raise
         built.unlink(missing_ok=True)
-        short = errors.free_bytes(built.parent) < writer.room(job) + atomic.RAM_MARGIN // 4
+        short = errors.free_bytes(built.parent) < writer.room(job) + workspace.RAM_MARGIN // 4
         why = exc.message.strip().splitlines()[-1][:200] if exc.message.strip() else type(exc).__name__
         if built == final:  # on disk: a full file system is said as one, naming it
             if short or "No space left on device" in exc.message:
@@ -168,10 +170,10 @@ def _write(writer: Writer, job: Job, built: Path, final: Path) -> tuple[Written,
 
 def _copy_out(src: Path, dest: Path) -> None:
     try:
-        atomic.sparse_copy(src, dest)
+        sparse.sparse_copy(src, dest)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise no_space(dest, atomic.allocated_bytes(src), "copying the image to") from None
+            raise no_space(dest, sparse.allocated_bytes(src), "copying the image to") from None
         raise
 
 
@@ -205,7 +207,7 @@ def make(plan: Plan) -> Plan:
 def _make(plan: Plan) -> Plan:
     start = time.monotonic()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.scratch(paths.scratch_parent(plan.out_dir), f"rootfs-{plan.runtime}") as scratch, \
+    with workspace.scratch(paths.scratch_parent(plan.out_dir), f"rootfs-{plan.runtime}") as scratch, \
             contextlib.ExitStack() as stack:  # fmt: skip
         plan, s, images = _build(plan, scratch, stack)
         keep = settings.keep_tar()  # debugging and the benchmark: keep the stream

@@ -17,9 +17,9 @@ from .. import TOOL_VERSION, paths, settings, stamps
 from ..apk import lockfile
 from ..apk.lockfile import Locked
 from ..errors import BuildError, PinError, SettingError
-from ..fetch import sha256_file
 from ..formats import Format, Writer
 from ..formats import get as get_format
+from ..hashing import sha256_file
 from ..pins import Pins, Runtime
 from ..step import Check, Unsure
 

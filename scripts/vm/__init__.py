@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import atomic, rootfs
+from .. import rootfs, sparse
 from ..errors import VulcanError
 from ..formats import scratch_drive
 from ..run import bound_to_us
@@ -174,8 +174,8 @@ class Disks:
 def prepare_disks(image: Path, fmt: str, read_only: bool, overlay: str, scratch: Path) -> Disks:
     if not read_only:  # a writable format (Target says which)
         copy = scratch / image.name  # the VM writes; images/ is never modified (sparse copy)
-        atomic.sparse_copy(image, copy)
-        return Disks(copy, False, fmt, None, atomic.allocated_bytes(copy))
+        sparse.sparse_copy(image, copy)
+        return Disks(copy, False, fmt, None, sparse.allocated_bytes(copy))
     upper = None
     if overlay == "disk":
         upper = scratch / "upper.img"

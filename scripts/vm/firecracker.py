@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import atomic, log, paths
+from .. import log, paths, sparse, workspace
 from ..pins import Runtime
 from . import AGENT_PORT, BootFailed, BootResult, Target, prepare_disks, running
 from .agent import AgentClient, vsock_connect
@@ -58,7 +58,7 @@ class Jail:
         try:
             os.link(src, dest)
         except OSError:
-            atomic.sparse_copy(src, dest)
+            sparse.sparse_copy(src, dest)
         if writable:
             os.chown(dest, self.uid, self.gid)
         else:
@@ -71,7 +71,7 @@ def boot_firecracker(
 ) -> BootResult:
     runtime = t.runtime
     firecracker = paths.vmm(arch, "firecracker")
-    with atomic.scratch(Path(tempfile.gettempdir()), "fc") as scratch:
+    with workspace.scratch(Path(tempfile.gettempdir()), "fc") as scratch:
         disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, scratch)
         extra = f"vulcan.port={AGENT_PORT} {disks.kernel_args(with_root=False)} {t.append}".strip()
         if not jailed:

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import atomic, log, paths
+from .. import log, paths, workspace
 from ..pins import host_arch
 from . import STALL_S, STALLED, BootResult, Disks, Target, kvm_problem, prepare_disks, running
 
@@ -79,7 +79,7 @@ def boot_qemu(t: Target, kernel: Path, arch: str, timeout: float, accel: str, re
     auto = accel == "auto"
     if auto:  # KVM runs this host's architecture only
         accel = "kvm" if arch == host_arch() and kvm_problem() is None and not _kvm_failed else "tcg"
-    with atomic.scratch(Path(tempfile.gettempdir()), "boot") as tmp:
+    with workspace.scratch(Path(tempfile.gettempdir()), "boot") as tmp:
         disks = prepare_disks(t.image, t.fmt, t.read_only, t.overlay, tmp)
         console_log = paths.console_log(runtime, t.fmt, "qemu", arch)
         args = f"reboot=k panic=1 {disks.kernel_args(with_root=True)} vulcan.smoke=1"
