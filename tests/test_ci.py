@@ -15,7 +15,6 @@ from scripts.formats import NAMES
 from scripts.pins import ARCHES
 from tests.support import imagerepo
 from tests.support.apkrepo import publish
-from tests.support.toolchains import find_go
 from tests.support.world import BASE_PINS, REPO, World
 
 WORKFLOW = REPO / ".github/workflows/images.yml"
@@ -123,6 +122,6 @@ def test_the_lock_hand_off_runs_here_as_in_ci(world: World) -> None:
     lock = world.run("lock", check=True)
     assert "lock python/x86_64" in lock.stderr and "lock python/aarch64" in lock.stderr
     assert world.run("ci-lock", check=True).stdout.strip() == "fresh=true"
-    world.run("guest", check=True, VULCAN_GO=find_go())
+    world.use_agent()
     world.run("rootfs", "--runtime", "python", "--frozen", check=True)
     assert (world.out / "images/python.ext4").is_file()

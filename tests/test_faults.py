@@ -31,9 +31,8 @@ from scripts.pins import host_arch
 from scripts.pins import load as load_pins
 from tests.support import imagerepo
 from tests.support.apkrepo import BRANCH, CDN, publish
-from tests.support.mirror import serve
 from tests.support.toolchains import find_go
-from tests.support.world import BASE_PINS, REPO, World, serve_vmm
+from tests.support.world import BASE_PINS, REPO, World, built_world
 
 ARCH = host_arch()
 RUNTIME = "python"
@@ -44,18 +43,12 @@ def sha(p: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def ready(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def ready(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
     """The test repository, the agent and the lock; the python image built once as the reference."""
-    mirror, server = serve()
-    w = serve_vmm(
-        World(mirror, tmp_path_factory.mktemp("faults"), copy.deepcopy(BASE_PINS), tmp_path_factory.mktemp("gocache"))
-    )
-    imagerepo.setup(w, runtimes={RUNTIME: imagerepo.RUNTIMES[RUNTIME]})
-    w.run("guest", check=True, VULCAN_GO=find_go())
-    w.run("rootfs", "--runtime", RUNTIME, check=True)
-    w.reference = sha(w.out / "images" / f"{RUNTIME}.ext4")  # type: ignore[attr-defined]
-    yield w
-    server.shutdown()
+    runtimes = {RUNTIME: imagerepo.RUNTIMES[RUNTIME]}
+    with built_world(tmp_path_factory.mktemp("faults"), go_build_cache, agent_bin, runtimes=runtimes) as w:
+        w.reference = sha(w.out / "images" / f"{RUNTIME}.ext4")  # type: ignore[attr-defined]
+        yield w
 
 
 def fresh_out(w: World, tmp: Path) -> Path:
@@ -411,7 +404,9 @@ def test_a_tool_dies_with_the_build_that_started_it() -> None:
     deadline = time.monotonic() + 10
     while not _processes_mentioning(f"sleep\0{token}") and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _processes_mentioning(f"sleep\0{token}"), "the tool never started"
+    if not _processes_mentioning(f"sleep\0{token}"):
+        build.kill()
+        raise AssertionError(f"the tool never started: {build.communicate(timeout=10)[1]}")
     build.kill()
     build.wait(10)
     deadline = time.monotonic() + 10

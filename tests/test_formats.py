@@ -16,7 +16,6 @@ from scripts import formats, kconfig
 from scripts.formats import Format, Inode, Job, Written
 from scripts.pins import host_arch
 from tests.support import imagerepo
-from tests.support.toolchains import find_go
 from tests.support.world import World
 
 ARCH = host_arch()
@@ -90,7 +89,7 @@ def test_a_registered_format_is_built_listed_and_verified(
     from scripts.rootfs import make, plan
 
     imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
-    world.run("guest", check=True, VULCAN_GO=find_go())  # another process: tarfs is this one's
+    world.use_agent()
     world.pins["alpine"]["formats"] = ["ext4", "tarfs"]
     world.write_pins()
     for key, value in world.env().items():

@@ -6,7 +6,6 @@ nothing to add for the world, and can add and remove a package without losing a 
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
 import lzma
@@ -21,9 +20,7 @@ import pytest
 from scripts.pins import host_arch
 from tests.support import realapk
 from tests.support.apkrepo import CDN
-from tests.support.mirror import serve
-from tests.support.toolchains import find_go
-from tests.support.world import BASE_PINS, SHARED, World, serve_vmm
+from tests.support.world import SHARED, World, built_world
 
 BRANCH = "v3.19"
 BASE = ["alpine-baselayout", "alpine-keys", "alpine-release", "busybox", "busybox-binsh", "musl",
@@ -40,23 +37,21 @@ pytestmark = pytest.mark.skipif(host_arch() != "x86_64", reason="the real reposi
 
 
 @pytest.fixture(scope="module")
-def alpine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def alpine(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
     apk = realapk.real_apk()  # skips without ../shared
-    mirror, server = serve()
-    w = serve_vmm(World(mirror, tmp_path_factory.mktemp("alpine"), copy.deepcopy(BASE_PINS),
-                        tmp_path_factory.mktemp("gocache")))  # fmt: skip
-    for f in (realapk.ISO / "x86_64").iterdir():
-        mirror.add(f"{CDN}/{BRANCH}/main/x86_64/{f.name}", f.read_bytes())
-    keys = w.pins["alpine"]["keys"]
-    for name, entry in keys.items():
-        mirror.add(entry["url"], (realapk.KEYS / name).read_bytes())
-    w.pins["alpine"] = {"mirror": CDN, "branch": BRANCH, "repositories": ["main"], "keys": keys, "base": BASE,
-                        "headroom_mib": 16, "runtimes": RUNTIMES}  # fmt: skip
-    w.run("guest", check=True, VULCAN_GO=find_go())
-    w.build = w.run("rootfs", "--all", check=True)  # type: ignore[attr-defined]
-    w.apk = apk  # type: ignore[attr-defined]
-    yield w
-    server.shutdown()
+
+    def prepare(w: World) -> None:
+        for f in (realapk.ISO / "x86_64").iterdir():
+            w.mirror.add(f"{CDN}/{BRANCH}/main/x86_64/{f.name}", f.read_bytes())
+        keys = w.pins["alpine"]["keys"]
+        for name, entry in keys.items():
+            w.mirror.add(entry["url"], (realapk.KEYS / name).read_bytes())
+        w.pins["alpine"] = {"mirror": CDN, "branch": BRANCH, "repositories": ["main"], "keys": keys, "base": BASE,
+                            "headroom_mib": 16, "runtimes": RUNTIMES}  # fmt: skip
+
+    with built_world(tmp_path_factory.mktemp("alpine"), go_build_cache, agent_bin, prepare=prepare) as w:
+        w.apk = apk  # type: ignore[attr-defined]
+        yield w
 
 
 def image_root(w: World, runtime: str, dest: Path) -> Path:

@@ -20,9 +20,8 @@ from scripts.pins import host_arch
 from scripts.rootfs import cache
 from tests.support import imagerepo
 from tests.support.apkrepo import CDN, Entry, Pkg, publish
-from tests.support.mirror import serve
 from tests.support.toolchains import find_go
-from tests.support.world import BASE_PINS, REPO, World
+from tests.support.world import REPO, World, built_world
 
 pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None, reason="e2fsprogs (mke2fs) is not installed")
 TAR_OK = shutil.which("mke2fs") is not None and ext4.e2fsprogs_version() >= ext4.TAR_INPUT_VERSION
@@ -33,17 +32,11 @@ def sha(p: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def built(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
     """One world with all three images, shared by the inspection tests."""
-    mirror, server = serve()
-    w = World(mirror, tmp_path_factory.mktemp("built"), copy.deepcopy(BASE_PINS), tmp_path_factory.mktemp("gocache"))
-    imagerepo.setup(w)
-    go = find_go()
-    w.run("guest", check=True, VULCAN_GO=go)
-    proc = w.run("rootfs", "--all", check=True)
-    w.log = proc.stderr  # type: ignore[attr-defined]
-    yield w
-    server.shutdown()
+    with built_world(tmp_path_factory.mktemp("built"), go_build_cache, agent_bin) as w:
+        w.log = w.build.stderr  # type: ignore[attr-defined]
+        yield w
 
 
 def image(w: World, runtime: str = "python") -> Path:
@@ -313,7 +306,7 @@ def _malicious(world: World, entries: list[Entry], message: str) -> None:
     pkgs = imagerepo.packages()
     pkgs["main"].append(Pkg("evil", "1.0-r0", entries=entries))
     publish(world.mirror, pkgs)
-    world.run("guest", check=True, VULCAN_GO=find_go())
+    world.use_agent()
     proc = world.run("rootfs", "--runtime", "evil")
     assert proc.returncode == 1, proc.stderr
     assert "package evil" in proc.stderr and message in proc.stderr
@@ -334,7 +327,7 @@ def test_file_conflict_between_packages_is_refused(world: World) -> None:
     pkgs = imagerepo.packages()
     pkgs["main"].append(Pkg("clash", "1.0-r0", entries=[Entry("etc/hosts", b"mine\n")]))
     publish(world.mirror, pkgs)
-    world.run("guest", check=True, VULCAN_GO=find_go())
+    world.use_agent()
     proc = world.run("rootfs", "--runtime", "clash")
     assert (
         proc.returncode == 1 and "file conflict: etc/hosts is in both alpine-baselayout-data and clash" in proc.stderr
@@ -349,7 +342,7 @@ def test_many_small_files_in_many_directories_fit(world: World) -> None:
     entries = [Entry(f"usr/lib/many/d{i}/f{j}", b"x" * (j + 1)) for i in range(1500) for j in range(2)]
     pkgs["main"].append(Pkg("many", "1.0-r0", entries=entries))
     publish(world.mirror, pkgs)
-    world.run("guest", check=True, VULCAN_GO=find_go())
+    world.use_agent()
     world.run("rootfs", "--runtime", "many", check=True)
     ext4.fsck(world.out / "images/many.ext4")
 

@@ -3,7 +3,6 @@ as the ext4 image, checked by verify, and refused with a clear error where they 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import lzma
@@ -17,9 +16,7 @@ from scripts.formats import ext4_read as debugfs
 from scripts.formats import squashfs_read
 from scripts.pins import host_arch
 from tests.support import imagerepo
-from tests.support.mirror import serve
-from tests.support.toolchains import find_go
-from tests.support.world import BASE_PINS, SHARED, World, serve_vmm
+from tests.support.world import SHARED, World, built_world
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="squashfs-tools-ng (tar2sqfs) is not installed"),
@@ -38,16 +35,10 @@ def both_formats(w: World) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    mirror, server = serve()
-    w = serve_vmm(World(mirror, tmp_path_factory.mktemp("sq"), copy.deepcopy(BASE_PINS),
-                        tmp_path_factory.mktemp("gocache")))  # fmt: skip
-    imagerepo.setup(w, runtimes={"python": imagerepo.RUNTIMES["python"]})
-    both_formats(w)
-    w.run("guest", check=True, VULCAN_GO=find_go())
-    w.run("rootfs", "--all", check=True)
-    yield w
-    server.shutdown()
+def built(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
+    runtimes = {"python": imagerepo.RUNTIMES["python"]}
+    with built_world(tmp_path_factory.mktemp("sq"), go_build_cache, agent_bin, runtimes=runtimes, formats=BOTH) as w:
+        yield w
 
 
 def test_both_formats_are_built_described_and_listed_in_the_sbom(built: World) -> None:
@@ -186,7 +177,7 @@ def test_an_unknown_format_is_a_pins_error(world: World) -> None:
 def test_tar2sqfs_missing_is_a_clear_error_and_leaves_no_image(world: World, tmp_path: Path) -> None:
     imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
     both_formats(world)
-    world.run("guest", check=True, VULCAN_GO=find_go())
+    world.use_agent()
     bindir = tmp_path / "path"
     bindir.mkdir()
     for tool in ("mke2fs", "e2fsck", "debugfs", "go"):  # everything but tar2sqfs

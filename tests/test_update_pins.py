@@ -3,6 +3,7 @@ JSON and an Alpine branch: new releases appear, checksums disagree, the network 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -36,6 +37,7 @@ def _listing(objects: list[tuple[str, bytes, bool]]) -> bytes:
     ).encode()
 
 
+@functools.lru_cache(maxsize=1)
 def other_key_pem() -> bytes:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

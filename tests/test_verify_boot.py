@@ -4,7 +4,6 @@ cannot boot a normal guest on these machines (their /dev/kvm runs only patched k
 
 from __future__ import annotations
 
-import copy
 import json
 import lzma
 import os
@@ -23,9 +22,7 @@ from scripts.pins import host_arch
 from scripts.vm.agent import AgentClient, vsock_connect
 from scripts.vm.firecracker_config import config
 from tests.support import imagerepo
-from tests.support.mirror import serve
-from tests.support.toolchains import find_go
-from tests.support.world import BASE_PINS, SHARED, World
+from tests.support.world import SHARED, World, built_world
 
 pytestmark = pytest.mark.skipif(shutil.which("mke2fs") is None, reason="e2fsprogs is not installed")
 ARCH = host_arch()
@@ -33,25 +30,23 @@ TEST_KERNEL = SHARED / "kernel/vmlinux.xz"
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    mirror, server = serve()
-    w = World(mirror, tmp_path_factory.mktemp("full"), copy.deepcopy(BASE_PINS), tmp_path_factory.mktemp("gocache"))
-    from tests.support.world import firecracker_tgz, sha256, version_program
+def full(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
+    def prepare(w: World) -> None:
+        from tests.support.world import firecracker_tgz, sha256, version_program
 
-    fc, kernel = w.pins["firecracker"], w.pins["kernel"]
-    tgz = firecracker_tgz(fc["version"], ARCH)
-    fc["sha256"][ARCH] = sha256(tgz)
-    mirror.add(fc["url"].format(version=fc["version"], arch=ARCH), tgz)
-    # without ../shared: any ELF of this machine stands in (verify checks the header, not a boot)
-    vmlinux = lzma.decompress(TEST_KERNEL.read_bytes()) if TEST_KERNEL.is_file() else version_program("vmlinux", ARCH)
-    kernel["sha256"][ARCH] = sha256(vmlinux)
-    mirror.add(kernel["url"].format(version=kernel["version"], arch=ARCH), vmlinux)
-    imagerepo.setup(w)
-    w.run("download", check=True)
-    w.run("guest", check=True, VULCAN_GO=find_go())
-    w.run("rootfs", "--all", check=True)
-    yield w
-    server.shutdown()
+        fc, kernel = w.pins["firecracker"], w.pins["kernel"]
+        tgz = firecracker_tgz(fc["version"], ARCH)
+        fc["sha256"][ARCH] = sha256(tgz)
+        w.mirror.add(fc["url"].format(version=fc["version"], arch=ARCH), tgz)
+        # without ../shared: any ELF of this machine stands in (verify checks the header, not a boot)
+        test_kernel = TEST_KERNEL.is_file()
+        vmlinux = lzma.decompress(TEST_KERNEL.read_bytes()) if test_kernel else version_program("vmlinux", ARCH)
+        kernel["sha256"][ARCH] = sha256(vmlinux)
+        w.mirror.add(kernel["url"].format(version=kernel["version"], arch=ARCH), vmlinux)
+        imagerepo.setup(w)
+
+    with built_world(tmp_path_factory.mktemp("full"), go_build_cache, agent_bin, prepare=prepare, download=True) as w:
+        yield w
 
 
 def verify(w: World, *args: str, out: Path | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
@@ -353,7 +348,7 @@ def test_a_kernel_qemu_cannot_load_is_said_in_qemus_words_at_once(full: World, t
 def test_qemu_boot_of_a_broken_runtime_fails(world: World) -> None:
     runtimes = {"broken": {"world": ["python3"], "check": ["false"], "binary": "/usr/bin/python3"}}
     imagerepo.setup(world, runtimes=runtimes)
-    world.run("guest", check=True, VULCAN_GO=find_go())
+    world.use_agent()
     world.run("rootfs", "--runtime", "broken", check=True)
     kernel = world.tmp / "vmlinux"
     kernel.write_bytes(lzma.decompress(TEST_KERNEL.read_bytes()))

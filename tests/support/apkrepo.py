@@ -107,7 +107,14 @@ class Pkg:
     provider_priority: int | None = None
 
     def build(self) -> tuple[bytes, str]:
-        """The .apk bytes and its index record."""
+        """The .apk bytes and its index record (the same package is built once per run: the
+        bytes are deterministic, and most tests publish the same test repository)."""
+        key = hashlib.sha256(repr(self).encode("utf-8", "surrogateescape")).digest()
+        if key not in _BUILT:
+            _BUILT[key] = self._build()
+        return _BUILT[key]
+
+    def _build(self) -> tuple[bytes, str]:
         data_gz = _gz(_tar_segment([_info(e, self.build_time) for e in self.entries]) + b"\0" * 1024)
         size = sum(len(e.data) for e in self.entries)
         lines = [
@@ -159,6 +166,9 @@ class Pkg:
         if self.provider_priority is not None:
             record.append(f"k:{self.provider_priority}")
         return apk, "\n".join(record) + "\n"
+
+
+_BUILT: dict[bytes, tuple[bytes, str]] = {}
 
 
 def index(records: list[str], sha256: bool = False) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import gzip
 import hashlib
@@ -13,13 +15,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from scripts.pins import host_arch
-from tests.support.mirror import Mirror
+from tests.support.mirror import Mirror, serve
+from tests.support.toolchains import find_go
 
 REPO = Path(__file__).resolve().parent.parent.parent
 SHARED = REPO.parent / "shared" / "testdata"
@@ -75,6 +79,7 @@ class World:
     tmp: Path
     pins: dict  # type: ignore[type-arg]
     gocache: Path
+    agent_bin: Path | None = None  # bin/ with the session's one agent build (conftest's agent_bin)
 
     @property
     def out(self) -> Path:
@@ -87,6 +92,11 @@ class World:
     @property
     def pins_path(self) -> Path:
         return self.tmp / "pins.json"
+
+    def use_agent(self) -> None:
+        """bin/ with the agent, as `nox -s guest` leaves it: a copy of the session's one build."""
+        assert self.agent_bin is not None, "this world was made without the session's agent"
+        shutil.copytree(self.agent_bin, self.out / "bin", symlinks=True, dirs_exist_ok=True)
 
     def write_pins(self) -> None:
         self.pins_path.write_text(json.dumps(self.pins, indent=2))
@@ -147,3 +157,48 @@ def serve_vmm(w: World) -> World:
         kernel["sha256"][arch] = sha256(vmlinux)
         w.mirror.add(kernel["url"].format(version=kernel["version"], arch=arch), vmlinux)
     return w
+
+
+def agent_world(mirror: Mirror, tmp: Path, gocache: Path) -> Path:
+    """Build the agent once (the suite's session fixture does, on the session Go cache) and
+    return its bin/ directory: every built world starts from a copy of it."""
+    w = World(mirror, tmp, copy.deepcopy(BASE_PINS), gocache)
+    w.run("guest", check=True, VULCAN_GO=find_go())
+    return w.out / "bin"
+
+
+@contextlib.contextmanager
+def built_world(
+    tmp: Path,
+    gocache: Path,
+    agent_bin: Path,
+    *,
+    prepare: Callable[[World], None] | None = None,
+    runtimes: dict | None = None,  # type: ignore[type-arg]
+    formats: list[str] | None = None,
+    download: bool = False,
+) -> Iterator[World]:
+    """A world whose images are built, for a test module to share: its own mirror (the test
+    repository, or what ``prepare`` serves instead), pins, cache and outputs, the agent copied
+    from the session's one build (the stamp comes with it: `guest` is then up to date), then
+    `download` if asked and `rootfs --all`. ``w.build`` is that build's process."""
+    from tests.support import imagerepo
+
+    mirror, server = serve()
+    w = serve_vmm(World(mirror, tmp, copy.deepcopy(BASE_PINS), gocache, agent_bin))
+    try:
+        if prepare is None:
+            imagerepo.setup(w, runtimes=runtimes)
+        else:
+            prepare(w)
+        if formats is not None:
+            w.pins["alpine"]["formats"] = formats
+        w.write_pins()
+        w.use_agent()
+        if download:
+            w.run("download", check=True)
+        w.build = w.run("rootfs", "--all", check=True)  # type: ignore[attr-defined]
+        yield w
+    finally:
+        server.shutdown()
+        server.server_close()
