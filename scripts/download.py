@@ -20,6 +20,7 @@ from typing import IO
 from . import atomic, cli, log, paths, stamps
 from .errors import ArchiveError, ChecksumError
 from .fetch import cached
+from .pins import Pins
 from .pins import load as load_pins
 from .step import Check
 
@@ -87,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     return cli.parser("download", "Download the pinned Firecracker, jailer and guest kernel into bin/ (verified).")
 
 
-def check(args: argparse.Namespace, dry: bool) -> list[Check]:
+def check(args: argparse.Namespace, dry: bool) -> list[Check[Pins]]:
     pins, arch = load_pins(), args.arch
     out = paths.bin_dir(arch)
     stamp = paths.stamp_path(out, "download")
@@ -97,7 +98,7 @@ def check(args: argparse.Namespace, dry: bool) -> list[Check]:
     return [Check(f"download ({arch})", stamp, inputs, outputs, why, paths.out_root(), pins)]
 
 
-def run(args: argparse.Namespace, check: Check) -> None:
+def run(args: argparse.Namespace, check: Check[Pins]) -> None:
     pins, arch = check.context, args.arch
     out = paths.bin_dir(arch)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic, cli, log, paths, settings, stamps, workspace
@@ -108,7 +109,16 @@ def parser() -> argparse.ArgumentParser:
     return cli.parser("guest", "Build the static vulcan-guest agent into bin/ (reproducibly, from pinned inputs).")
 
 
-def check(args: argparse.Namespace, dry: bool) -> list[Check]:
+@dataclass(frozen=True)
+class Build:
+    """What run() builds the agent from: the source, its package and the go binary."""
+
+    source: Path
+    package: str
+    go: Path
+
+
+def check(args: argparse.Namespace, dry: bool) -> list[Check[Build]]:
     pins, arch = load_pins(), args.arch
     src, pkg = source(pins)
     go, tool = toolchain(pins, fetch=not dry)
@@ -121,7 +131,7 @@ def check(args: argparse.Namespace, dry: bool) -> list[Check]:
     out = paths.bin_dir(arch)
     stamp = paths.stamp_path(out, "guest")
     why = stamps.outdated(stamp, inputs, paths.out_root())
-    return [Check(f"guest ({arch})", stamp, inputs, [paths.agent(arch)], why, paths.out_root(), (src, pkg, go))]
+    return [Check(f"guest ({arch})", stamp, inputs, [paths.agent(arch)], why, paths.out_root(), Build(src, pkg, go))]
 
 
 def go_build_cache() -> Path:
@@ -140,8 +150,8 @@ def go_build_cache() -> Path:
     return fallback
 
 
-def run(args: argparse.Namespace, check: Check) -> None:
-    src, pkg, go = check.context
+def run(args: argparse.Namespace, check: Check[Build]) -> None:
+    src, pkg, go = check.context.source, check.context.package, check.context.go
     arch = args.arch
     out_dir = paths.bin_dir(arch)
     output = check.outputs[0]

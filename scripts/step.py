@@ -17,24 +17,29 @@ import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from . import log
+
+T = TypeVar("T")
 
 
 class Unsure(Exception):
     """A dry check cannot tell without network or writes: the step must run."""
 
 
-@dataclass
-class Check:
+@dataclass(frozen=True)
+class Check(Generic[T]):
+    """One output set of a step and why it is out of date; ``context`` is what the step's
+    check() decided and its run() builds from (the rootfs step's Plan, the pins, ...)."""
+
     what: str  # "rootfs python (x86_64)": how log lines name this output set
     stamp: Path
     inputs: Mapping[str, Any]
     outputs: list[Path]
     why: str | None  # None: up to date
     base: Path  # outputs are shown relative to it
-    context: Any = field(default=None, repr=False)  # the step's own plan, for run()
+    context: T = field(repr=False)
 
     def done_line(self) -> str:
         shown = ", ".join(_rel(p, self.base) for p in self.outputs)
@@ -48,15 +53,15 @@ def _rel(p: Path, base: Path) -> str:
         return str(p)
 
 
-class StepModule(Protocol):
+class StepModule(Protocol[T]):
     def parser(self) -> argparse.ArgumentParser: ...
 
-    def check(self, args: argparse.Namespace, dry: bool) -> list[Check]: ...
+    def check(self, args: argparse.Namespace, dry: bool) -> list[Check[T]]: ...
 
-    def run(self, args: argparse.Namespace, check: Check) -> None: ...
+    def run(self, args: argparse.Namespace, check: Check[T]) -> None: ...
 
 
-def drive(module: StepModule, argv: list[str]) -> int:
+def drive(module: StepModule[T], argv: list[str]) -> int:
     """Parse, check, and run what is out of date, saying why. A module whose Checks are
     independent (``CONCURRENT = True``: own outputs, scratch and cache entries) runs them all at
     once: the writers are single-threaded tools, so two images take the two cores."""
@@ -85,7 +90,7 @@ def drive(module: StepModule, argv: list[str]) -> int:
     return 0
 
 
-def _run_together(module: StepModule, args: argparse.Namespace, todo: list[Check]) -> None:
+def _run_together(module: StepModule[T], args: argparse.Namespace, todo: list[Check[T]]) -> None:
     """Every Check in its own thread; all of them finish (what succeeded is published), then
     the first failure is raised and any others are said before it."""
     from .background import Task
@@ -101,7 +106,7 @@ def _run_together(module: StepModule, args: argparse.Namespace, todo: list[Check
     raise failures[0]
 
 
-def all_up_to_date(module: StepModule, argv: list[str]) -> list[str] | None:
+def all_up_to_date(module: StepModule[T], argv: list[str]) -> list[str] | None:
     """The done lines if a dry check finds nothing to do, else None (then the step runs)."""
     args = module.parser().parse_args(argv)
     checks = module.check(args, dry=True)

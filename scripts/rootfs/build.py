@@ -13,6 +13,7 @@ from .. import cli
 from ..pins import load as load_pins
 from ..step import Check
 from . import plan
+from .plan import Plan
 
 CONCURRENT = True  # one Check per runtime: its own images, scratch directory and cache entries
 
@@ -21,13 +22,13 @@ def parser() -> argparse.ArgumentParser:
     return cli.parser("rootfs", "Build one runtime's images (or all) from the lock into images/.")
 
 
-def check(args: argparse.Namespace, dry: bool) -> list[Check]:
+def check(args: argparse.Namespace, dry: bool) -> list[Check[Plan]]:
     pins = load_pins()
     runtimes = list(pins.alpine.runtimes) if args.all or not args.runtime else list(args.runtime)
     return [plan.check(pins, rt, args.arch, args.frozen, dry) for rt in runtimes]
 
 
-def run(args: argparse.Namespace, check: Check) -> None:
+def run(args: argparse.Namespace, check: Check[Plan]) -> None:
     from .make import make
 
     make(check.context)

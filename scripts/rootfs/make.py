@@ -21,7 +21,7 @@ from ..errors import VulcanError, no_space
 from ..formats import Job, Writer, Written
 from ..hashing import sha256_file
 from . import AGENT, cache, manifest, sbom, stream
-from .plan import Output, Plan, make_plan
+from .plan import Image, Output, Plan, make_plan
 from .splice import splice_agent
 from .stream import Stream
 from .tarwalk import Facts
@@ -114,8 +114,8 @@ def _timed(name: str, fn: Any, *args: Any) -> Any:
         return fn(*args)
 
 
-def _write_all(plan: Plan, s: Stream, scratch: Path) -> dict[str, tuple[Written, str]]:
-    results: dict[str, tuple[Written, str]] = {}
+def _write_all(plan: Plan, s: Stream, scratch: Path) -> list[Image]:
+    results: list[Image] = []
     for out in plan.outputs:
         final = scratch / out.image.name
         job = Job(s.tar, s.sha256, s.shape, plan.epoch, f"vulcan-{plan.runtime}", plan.headroom_mib)
@@ -132,7 +132,7 @@ def _write_all(plan: Plan, s: Stream, scratch: Path) -> dict[str, tuple[Written,
                     digest = sha256_file(built)
             finally:
                 wait_all([beside])
-        results[out.format] = (written, digest)
+        results.append(Image(out, written, digest))
     return results
 
 
@@ -177,16 +177,14 @@ def _copy_out(src: Path, dest: Path) -> None:
         raise
 
 
-def _build(
-    plan: Plan, scratch: Path, stack: contextlib.ExitStack
-) -> tuple[Plan, Stream, dict[str, tuple[Written, str]]]:
+def _build(plan: Plan, scratch: Path, stack: contextlib.ExitStack) -> tuple[Plan, Stream, list[Image]]:
     """The stream and every image written from it, checked and hashed."""
     plan, s, pending = _stream(plan, scratch, stack)
     try:
         images = _write_all(plan, s, scratch)
         failed: VulcanError | None = None
     except VulcanError as exc:  # a corrupt cached stream can make a writer fail: judge the stream first
-        images, failed = {}, exc
+        images, failed = [], exc
     problem = pending.result()[0] if pending is not None else None
     if problem is not None:
         log.warn(f"cached tar stream {s.tar} is corrupt ({problem}); assembling it again")
@@ -216,10 +214,7 @@ def _make(plan: Plan) -> Plan:
             shutil.copyfile(s.tar, keep / f"{plan.runtime}-{plan.arch}.tar")
         rows = manifest.package_rows(plan, s)
         doc = manifest.manifest(plan, s, rows, images)
-        first = plan.outputs[0]
-        variants = [(o.image.name, images[o.format][1]) for o in plan.outputs[1:]]
-        spdx = sbom.document(first.image.name, images[first.format][1], plan.runtime, plan.arch,
-                             plan.pins.alpine.branch, rows, plan.guest_sha, plan.epoch, variants)  # fmt: skip
+        spdx = sbom.document(plan, rows, images)
         (scratch / "manifest.json").write_text(json.dumps(doc, indent=1) + "\n")
         (scratch / "spdx.json").write_text(json.dumps(spdx, indent=1) + "\n")
         with log.phase("publish"):
@@ -227,12 +222,12 @@ def _make(plan: Plan) -> Plan:
                 atomic.publish(scratch / out.image.name, out.image)
             atomic.publish(scratch / "manifest.json", plan.manifest)
             atomic.publish(scratch / "spdx.json", plan.spdx)
-    known = {o.image: images[o.format][1] for o in plan.outputs}
+    known = {i.output.image: i.sha256 for i in images}
     stamps.write(plan.stamp, plan.inputs, plan.base, plan.files(), known=known)
-    for out in plan.outputs:
-        written, digest = images[out.format]
+    for i in images:
         log.info(
-            f"{plan.what}: {out.image.relative_to(plan.base)} {written.size >> 20} MiB ({len(plan.closure)} packages, "
-            f"{s.shape.content_bytes >> 20} MiB content) in {time.monotonic() - start:.1f}s, sha256 {digest}"
+            f"{plan.what}: {i.output.image.relative_to(plan.base)} {i.written.size >> 20} MiB "
+            f"({len(plan.closure)} packages, {s.shape.content_bytes >> 20} MiB content) "
+            f"in {time.monotonic() - start:.1f}s, sha256 {i.sha256}"
         )
     return plan

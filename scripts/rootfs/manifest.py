@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import TOOL_VERSION
-from ..formats import Written
 from . import AGENT
-from .plan import Plan
+from .plan import Image, Plan
 from .stream import Stream
 
 
@@ -34,19 +33,17 @@ def package_rows(plan: Plan, stream: Stream) -> list[dict[str, Any]]:
     ]
 
 
-def manifest(
-    plan: Plan, stream: Stream, rows: list[dict[str, Any]], images: dict[str, tuple[Written, str]]
-) -> dict[str, Any]:
-    """``images``: format -> (what the writer wrote, the image's sha256). The first format's
-    figures stay at the top level, where ext4-only manifests had them."""
+def manifest(plan: Plan, stream: Stream, rows: list[dict[str, Any]], images: list[Image]) -> dict[str, Any]:
+    """``images``: as built, in the plan's order. The first one's figures stay at the top level,
+    where manifests of one image had them."""
     alpine = plan.pins.alpine
     rt = plan.rt
-    first = plan.outputs[0]
-    written, sha = images[first.format]
+    first = images[0]
+    written = first.written
     doc: dict[str, Any] = {
-        "image": first.image.name,
+        "image": first.output.image.name,
         "format": first.format,
-        "sha256": sha,
+        "sha256": first.sha256,
         "size": written.size,
         "runtime": plan.runtime,
         "arch": plan.arch,
@@ -67,14 +64,14 @@ def manifest(
         "reproducible": "yes" if written.reproducible else "no",
         "images": [
             {
-                "image": o.image.name,
-                "format": o.format,
-                "sha256": images[o.format][1],
-                "size": images[o.format][0].size,
-                "reproducible": images[o.format][0].reproducible,
-                **images[o.format][0].manifest,
+                "image": i.output.image.name,
+                "format": i.format,
+                "sha256": i.sha256,
+                "size": i.written.size,
+                "reproducible": i.written.reproducible,
+                **i.written.manifest,
             }
-            for o in plan.outputs
+            for i in images
         ],
         "install_scripts": stream.install_scripts,
         "busybox_links": stream.busybox_links,

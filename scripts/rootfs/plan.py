@@ -7,6 +7,7 @@ Plan: nothing downstream recomputes any of it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from .. import TOOL_VERSION, paths, settings, stamps
 from ..apk import lockfile
 from ..apk.lockfile import Locked
 from ..errors import BuildError, PinError, SettingError
-from ..formats import Format, Writer
+from ..formats import Format, Writer, Written
 from ..formats import get as get_format
 from ..hashing import sha256_file
 from ..pins import Pins, Runtime
@@ -56,26 +57,29 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Image:
+    """One image as built: its output (format, path), what its writer wrote, and its sha256."""
+
+    output: Output
+    written: Written
+    sha256: str
+
+    @property
+    def format(self) -> str:
+        return self.output.format
+
+
+@dataclass(frozen=True)
 class Plan:
-    """What an image is built from, and where it goes."""
+    """What an image is built from (pins, runtime, arch, the locked closure) and everything
+    derived from it, computed once: where it goes, the agent and its sha256, the epoch, the
+    stream's and the stamp's inputs."""
 
     pins: Pins
     runtime: str
     arch: str
     frozen: bool
     closure: list[Locked]
-    guest: Path
-    guest_sha: str
-    epoch: int
-    headroom_mib: int
-    content_inputs: dict[str, Any]  # what the image's bytes depend on (keys the stream cache)
-    inputs: dict[str, Any]  # the stamp's inputs: content + sizing + tool versions
-    stamp: Path
-    base: Path
-    out_dir: Path
-    outputs: tuple[Output, ...]
-    manifest: Path
-    spdx: Path
 
     @property
     def rt(self) -> Runtime:
@@ -84,6 +88,72 @@ class Plan:
     @property
     def what(self) -> str:
         return f"rootfs {self.runtime} ({self.arch})"
+
+    @property
+    def guest(self) -> Path:
+        return paths.agent(self.arch)
+
+    @functools.cached_property
+    def guest_sha(self) -> str:
+        if not self.guest.is_file():
+            raise BuildError(f"{self.guest} is missing", hint=f"run 'nox -s guest -- --arch {self.arch}' first")
+        return sha256_file(self.guest)
+
+    @functools.cached_property
+    def outputs(self) -> tuple[Output, ...]:
+        formats = self.pins.alpine.formats_of(self.runtime)
+        return tuple(Output(get_format(f), paths.image(self.runtime, f, self.arch)) for f in formats)
+
+    @functools.cached_property
+    def epoch(self) -> int:
+        return source_date_epoch(self.closure, tuple(o.fmt for o in self.outputs))
+
+    @property
+    def headroom_mib(self) -> int:
+        own = self.rt.headroom_mib
+        return own if own is not None else self.pins.alpine.headroom_mib
+
+    @functools.cached_property
+    def content_inputs(self) -> dict[str, Any]:
+        """What the image's bytes depend on (keys the stream cache)."""
+        alpine, rt = self.pins.alpine, self.rt
+        return {
+            "arch": self.arch,
+            "runtime": {"world": list(rt.world), "check": list(rt.check), "binary": rt.binary},
+            "alpine": {"branch": alpine.branch, "repositories": list(alpine.repositories), "base": list(alpine.base)},
+            "packages": [f"{p.name}-{p.version} {p.checksum}" for p in self.closure],
+            "keys": sorted(k.sha256 for k in alpine.keys),
+            "guest_sha256": self.guest_sha,
+            "source_date_epoch": self.epoch,
+        }
+
+    @functools.cached_property
+    def inputs(self) -> dict[str, Any]:
+        """The stamp's inputs: content, sizing and the writers' tool versions."""
+        inputs: dict[str, Any] = {**self.content_inputs, "headroom_mib": self.headroom_mib}
+        for o in self.outputs:
+            inputs.update(o.writer.tool_inputs())
+        return inputs
+
+    @property
+    def base(self) -> Path:
+        return paths.out_root()
+
+    @property
+    def out_dir(self) -> Path:
+        return paths.images_dir(self.arch)
+
+    @property
+    def stamp(self) -> Path:
+        return paths.stamp_path(self.out_dir, f"rootfs-{self.runtime}")
+
+    @property
+    def manifest(self) -> Path:
+        return paths.manifest(self.runtime, self.arch)
+
+    @property
+    def spdx(self) -> Path:
+        return paths.sbom(self.runtime, self.arch)
 
     @property
     def stream_digest(self) -> str:
@@ -102,40 +172,19 @@ class Plan:
     def files(self) -> list[Path]:
         return [*(o.image for o in self.outputs), self.manifest, self.spdx]
 
+    def check(self, why: str | None) -> Check[Plan]:
+        return Check(self.what, self.stamp, self.inputs, self.files(), why, self.base, self)
+
 
 def make_plan(pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[Locked]) -> Plan:
-    alpine = pins.alpine
-    rt = alpine.runtimes[runtime]
-    base = paths.out_root()
-    out_dir = paths.images_dir(arch)
-    guest = paths.agent(arch)
-    if not guest.is_file():
-        raise BuildError(f"{guest} is missing", hint=f"run 'nox -s guest -- --arch {arch}' first")
-    guest_sha = sha256_file(guest)
-    formats = alpine.formats_of(runtime)
-    outputs = tuple(Output(get_format(f), paths.image(runtime, f, arch)) for f in formats)
-    epoch = source_date_epoch(closure, tuple(o.fmt for o in outputs))
-    headroom = rt.headroom_mib if rt.headroom_mib is not None else alpine.headroom_mib
-    content_inputs = {
-        "arch": arch,
-        "runtime": {"world": list(rt.world), "check": list(rt.check), "binary": rt.binary},
-        "alpine": {"branch": alpine.branch, "repositories": list(alpine.repositories), "base": list(alpine.base)},
-        "packages": [f"{p.name}-{p.version} {p.checksum}" for p in closure],
-        "keys": sorted(k.sha256 for k in alpine.keys),
-        "guest_sha256": guest_sha,
-        "source_date_epoch": epoch,
-    }
-    inputs: dict[str, Any] = {**content_inputs, "headroom_mib": headroom}
-    for o in outputs:
-        inputs.update(o.writer.tool_inputs())
-    return Plan(
-        pins, runtime, arch, frozen, closure, guest, guest_sha, epoch, headroom, content_inputs, inputs,
-        paths.stamp_path(out_dir, f"rootfs-{runtime}"), base, out_dir, outputs,
-        paths.manifest(runtime, arch), paths.sbom(runtime, arch),
-    )  # fmt: skip
+    """A Plan, its derived parts computed now: a missing agent or an epoch no format can store
+    is said before anything is built."""
+    plan = Plan(pins, runtime, arch, frozen, closure)
+    plan.inputs  # noqa: B018 - computes guest_sha, epoch and the tool versions, raising what is wrong
+    return plan
 
 
-def check(pins: Pins, runtime: str, arch: str, frozen: bool, dry: bool) -> Check:
+def check(pins: Pins, runtime: str, arch: str, frozen: bool, dry: bool) -> Check[Plan]:
     """The plan and why its outputs are out of date. ``dry`` never resolves or writes the lock."""
     alpine = pins.alpine
     if runtime not in alpine.runtimes:
@@ -150,5 +199,4 @@ def check(pins: Pins, runtime: str, arch: str, frozen: bool, dry: bool) -> Check
     else:
         closure = lockfile.ensure_locked(pins, runtime, arch, frozen)
     plan = make_plan(pins, runtime, arch, frozen, closure)
-    why = stamps.outdated(plan.stamp, plan.inputs, plan.base)
-    return Check(plan.what, plan.stamp, plan.inputs, plan.files(), why, plan.base, plan)
+    return plan.check(stamps.outdated(plan.stamp, plan.inputs, plan.base))

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import TOOL_VERSION
+from .plan import Image, Plan
 
 _IDCHARS = re.compile(r"[^A-Za-z0-9.-]")
 _LICENSE_TOKEN = re.compile(r"^[A-Za-z0-9.+-]+$")
@@ -50,20 +51,13 @@ def _own_package(name: str, spdxid: str, sha256: str, purpose: str) -> dict[str,
     }
 
 
-def document(
-    image_name: str,
-    image_sha256: str,
-    runtime: str,
-    arch: str,
-    branch: str,
-    packages: Sequence[Mapping[str, Any]],
-    guest_sha256: str,
-    epoch: int,
-    variants: Sequence[tuple[str, str]] = (),
-) -> dict[str, Any]:
-    """``variants``: (file name, sha256) of the same image in other formats (squashfs): each is
+def document(plan: Plan, packages: Sequence[Mapping[str, Any]], images: Sequence[Image]) -> dict[str, Any]:
+    """The SBOM of the plan's first image; the same image in other formats (squashfs) is
     described too, as a VARIANT_OF the first, since it holds the very same files."""
-    distro = f"alpine-{branch.lstrip('v')}"
+    image_name, image_sha256 = images[0].output.image.name, images[0].sha256
+    runtime, arch, guest_sha256, epoch = plan.runtime, plan.arch, plan.guest_sha, plan.epoch
+    variants = [(i.output.image.name, i.sha256) for i in images[1:]]
+    distro = f"alpine-{plan.pins.alpine.branch.lstrip('v')}"
     image_id = "SPDXRef-Image"
     doc_packages: list[dict[str, Any]] = [
         _own_package(image_name, image_id, image_sha256, "OPERATING-SYSTEM"),
