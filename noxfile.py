@@ -1,23 +1,12 @@
 """Vulcan image tooling: everything a Vulcan host needs to boot a sandbox.
 
-Sessions (``nox -l``; the logic lives in scripts/, this file only wires; the steps and their
-one-line summaries come from scripts/steps.py, the table ``python -m scripts --help`` shows):
-  download        pinned Firecracker, jailer and guest kernel -> bin/
-  guest           the static vulcan-guest agent (guest/) -> bin/vulcan-guest
-  lock            resolve every runtime's Alpine packages -> alpine.lock.json (on request)
-  rootfs-<rt>     one runtime's images (ext4, squashfs) per pins.json -> images/ (tags: rootfs, image)
-  rootfs_all      all of them at once, in one process (tag: rootfs)
-  verify          check bin/ and images/ against the pins and manifests (--json, --reproduce)
-  boot            boot images and run their runtime (Firecracker, or --vmm qemu) (on request)
-  clean           remove bin/, images/ and stamps; --all also the cache (on request)
-  update_pins     newest upstream versions within the pinned lines; --check for CI (on request)
-  bench           benchmarks against their floors, on a local mirror (on request)
-  tests           the test suite (offline; local HTTP mirrors on 127.0.0.1)
-  lint            ruff and mypy
-
-Arguments after ``--`` go to the scripts, e.g. ``nox -s download -- --arch aarch64``; a build
-session passes them on to the build sessions it requires. Environment overrides: README.md,
-"Overrides" (scripts/settings.py reads and checks them all).
+The logic lives in scripts/, this file only wires. The sessions and their one-line summaries
+come from scripts/steps.py (the table ``python -m scripts --help`` shows) and from the
+sessions below; the list at the end of this docstring is made from them when it loads
+(``nox -l`` shows the same). Tags: ``rootfs`` (every image), ``image`` (one session per
+runtime: CI's matrix). Arguments after ``--`` go to the scripts, e.g. ``nox -s download --
+--arch aarch64``; a build session passes them on to the build sessions it requires.
+Environment overrides: README.md, "Overrides" (scripts/settings.py reads and checks them all).
 """
 
 from __future__ import annotations
@@ -237,3 +226,6 @@ def _hold_venv_creation() -> None:
 
 
 _hold_venv_creation()
+__doc__ += "\nSessions:\n" + "\n".join(
+    f"  {name:<15} {func.__doc__}" for name, func in nox.registry.get().items()
+)  # fmt: skip

@@ -32,9 +32,10 @@ def main(argv: list[str]) -> int:
         return 2
     chosen = BY_COMMAND[argv[0]]
     try:
-        from .settings import check_all
+        from . import log, settings
 
-        check_all()
+        settings.check_all()
+        log.setup(settings.ci(), "json" if settings.timing_json() else "1" if settings.timing() else None)
         module = chosen.load()
         if chosen.stamped:
             from .step import drive

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from .pins import ARCHES
+from .steps import prog
 
 
 def matrix(sessions: list[dict[str, Any]], tag: str = "image") -> dict[str, list[dict[str, str]]]:
@@ -19,7 +20,7 @@ def matrix(sessions: list[dict[str, Any]], tag: str = "image") -> dict[str, list
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m scripts ci-matrix", description=__doc__)
+    p = argparse.ArgumentParser(prog=prog("ci-matrix"), description=__doc__)
     p.add_argument("--tag", default="image")
     args = p.parse_args(argv)
     m = matrix(json.load(sys.stdin), args.tag)

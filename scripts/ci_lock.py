@@ -12,6 +12,7 @@ import argparse
 from .apk import lockfile
 from .pins import ARCHES
 from .pins import load as load_pins
+from .steps import prog
 
 
 def stale_entries() -> list[str]:
@@ -21,7 +22,7 @@ def stale_entries() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="python -m scripts ci-lock", description=__doc__).parse_args(argv)
+    argparse.ArgumentParser(prog=prog("ci-lock"), description=__doc__).parse_args(argv)
     stale = stale_entries()
     print(f"fresh={'false' if stale else 'true'}")
     if stale:

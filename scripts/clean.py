@@ -20,6 +20,7 @@ from pathlib import Path
 from . import log, paths, settings, workspace
 from .errors import VulcanError
 from .pins import ARCHES
+from .steps import prog
 
 
 class CleanLeft(VulcanError):
@@ -119,7 +120,7 @@ def sweep_ram() -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="nox -s clean --", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog("clean"), description=__doc__.split("\n\n")[0])
     p.add_argument("--all", action="store_true", help=f"also remove the download cache ({paths.cache_dir()})")
     args = p.parse_args(argv)
     problems: list[str] = []

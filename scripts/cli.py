@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 
 from .pins import ARCHES, host_arch
-
-PROG = "nox -s {download,guest,rootfs-<runtime>,rootfs_all} --"
+from .steps import prog
 
 
 def parser(step: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog(step),
         description=f"{step}: {description}",
         epilog="Build sessions pass these arguments on to the sessions they require "
         "(rootfs-<runtime> -> guest), so every build step accepts all of them.",

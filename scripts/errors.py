@@ -86,7 +86,7 @@ def free_bytes(path: Path) -> int:
 
 
 def no_space(path: Path, needed: int | None = None, what: str = "writing") -> NoSpace:
-    from .log import human
+    from .text import human
 
     fs = mount_point(path)
     need = f"; needs {human(needed)}" if needed else ""

@@ -9,12 +9,13 @@ import argparse
 from .apk.lockfile import lock_all, lock_path
 from .pins import ARCHES
 from .pins import load as load_pins
+from .steps import prog
 
 
 def main(argv: list[str]) -> int:
     pins = load_pins()
     parser = argparse.ArgumentParser(
-        prog="nox -s lock --",
+        prog=prog("lock"),
         description="Resolve each runtime's Alpine world (base + runtime) against the pinned branch and record "
         f"the exact closure in {lock_path(pins).name}. Builds use the lock.",
     )

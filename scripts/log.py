@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
+import json
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TextIO
+
+from .text import human as human  # log.human: what callers format sizes with
 
 
 def _stream() -> TextIO:
@@ -43,15 +46,22 @@ def warn(msg: str) -> None:
 
 def interactive() -> bool:
     """A progress bar only makes sense on a terminal, and never in CI logs."""
-    return _stream().isatty() and not os.environ.get("CI")
+    return _stream().isatty() and not _config.ci
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
+@dataclass
+class _Config:
+    ci: bool = False  # CI: plain lines, never a progress bar
+    timing: str | None = None  # VULCAN_TIMING: "1" a line of phases per build, "json" a JSON line
+
+
+_config = _Config()
+
+
+def setup(ci: bool, timing: str | None) -> None:
+    """What the settings say about output (``python -m scripts`` calls it once they are checked):
+    the log reads no environment itself, so it imports nothing of ours but text.py."""
+    _config.ci, _config.timing = ci, timing
 
 
 class Progress:
@@ -147,9 +157,11 @@ def timing(what: str) -> Iterator[None]:
         yield
     finally:
         _timings.reset(token)
-        from . import settings
-
-        if settings.timing() and phases:
+        if _config.timing and phases:
             with _phase_lock:
-                text = "; ".join(f"{k}={v:.3f}s" for k, v in phases.items())
-            info(f"timing {what}: {text}")
+                spent = {k: round(v, 4) for k, v in phases.items()}
+            if _config.timing == "json":  # what the benchmark reads: no parsing of log text
+                with _console:
+                    print(json.dumps({"timing": what, "phases": spent}), file=_stream(), flush=True)
+            else:
+                info(f"timing {what}: " + "; ".join(f"{k}={v:.3f}s" for k, v in spent.items()))

@@ -8,6 +8,7 @@ silent default. Each reader is a small function, so a no-op run reads only what 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,35 +18,6 @@ from .errors import SettingError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_EPOCH = 2**32 - 1  # 2106-02-07: what tar, ext4 and squashfs all store without surprises
 MAX_FETCH_WORKERS = 64
-
-
-@dataclass(frozen=True)
-class Variable:
-    name: str
-    takes: str
-    effect: str
-
-
-VARIABLES = (
-    Variable("VULCAN_PINS", "path", "another pins file (the lock is read next to it)"),
-    Variable("VULCAN_MIRROR", "http(s) URL", "fetch every upstream https://HOST/PATH as $VULCAN_MIRROR/HOST/PATH"),
-    Variable("VULCAN_CACHE", "directory", "the shared download cache"),
-    Variable("VULCAN_OUT", "directory", "where bin/ and images/ are written"),
-    Variable("VULCAN_SCRATCH", "directory", "where images are assembled"),
-    Variable("VULCAN_RAM", "directory or 0", "where images are first written when it has room (0: never)"),
-    Variable("VULCAN_GO", "path to go", "build the agent with a local Go"),
-    Variable("VULCAN_GUEST_SOURCE", "dir[:package]", "build another agent"),
-    Variable("VULCAN_GOCACHE", "directory", "the Go build cache"),
-    Variable("VULCAN_GOPROXY", "GOPROXY value", "a Go module proxy for agents with dependencies"),
-    Variable("VULCAN_MKE2FS_INPUT", "tar or dir", "force the tar path or the staging-directory path"),
-    Variable("VULCAN_REASSEMBLE", "1", "assemble the tar stream even if the cache has it"),
-    Variable("VULCAN_FETCH_WORKERS", "1-64", "parallel package downloads"),
-    Variable("VULCAN_KEEP_TAR", "directory", "also keep each image's tar stream there"),
-    Variable("VULCAN_NO_FASTPATH", "1", "always start the step, even when the in-process check says up to date"),
-    Variable("VULCAN_TIMING", "1", "print how long each build phase took (the benchmark reads it)"),
-    Variable("SOURCE_DATE_EPOCH", "seconds", "the timestamp images are clamped to"),
-)
-NAMES = frozenset(v.name for v in VARIABLES)
 
 
 def _raw(name: str) -> str | None:
@@ -201,6 +173,9 @@ def no_fastpath() -> bool:
 
 
 def timing() -> bool:
+    value = _raw("VULCAN_TIMING")
+    if value == "json":
+        return True
     return _flag("VULCAN_TIMING")
 
 
@@ -216,34 +191,67 @@ def source_date_epoch() -> int | None:
     return int(value)
 
 
-_READERS = {
-    "VULCAN_PINS": pins_path,
-    "VULCAN_MIRROR": mirror,
-    "VULCAN_CACHE": cache_dir,
-    "VULCAN_OUT": out_root,
-    "VULCAN_SCRATCH": scratch_dir,
-    "VULCAN_RAM": ram_dir,
-    "VULCAN_GO": local_go,
-    "VULCAN_GUEST_SOURCE": guest_source,
-    "VULCAN_GOCACHE": go_cache,
-    "VULCAN_GOPROXY": go_proxy,
-    "VULCAN_MKE2FS_INPUT": mke2fs_input,
-    "VULCAN_REASSEMBLE": reassemble,
-    "VULCAN_FETCH_WORKERS": fetch_workers,
-    "VULCAN_KEEP_TAR": keep_tar,
-    "VULCAN_NO_FASTPATH": no_fastpath,
-    "VULCAN_TIMING": timing,
-    "SOURCE_DATE_EPOCH": source_date_epoch,
-}
+def ci() -> bool:
+    """Set by CI systems (GitHub Actions, GitLab, ...): plain log lines, never a progress bar."""
+    return _raw("CI") is not None
+
+
+def timing_json() -> bool:
+    return _raw("VULCAN_TIMING") == "json"
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its name, what it takes, what it does, and its reader (the
+    only code that reads it; a bad value is the reader's SettingError)."""
+
+    name: str
+    takes: str
+    effect: str
+    read: Callable[[], object]
+
+
+VARIABLES = (
+    Variable("VULCAN_PINS", "path", "another pins file (the lock is read next to it)", pins_path),
+    Variable("VULCAN_MIRROR", "http(s) URL", "fetch every upstream https://HOST/PATH as $VULCAN_MIRROR/HOST/PATH",
+             mirror),
+    Variable("VULCAN_CACHE", "directory", "the shared download cache", cache_dir),
+    Variable("VULCAN_OUT", "directory", "where bin/ and images/ are written", out_root),
+    Variable("VULCAN_SCRATCH", "directory", "where images are assembled", scratch_dir),
+    Variable("VULCAN_RAM", "directory or 0", "where images are first written when it has room (0: never)", ram_dir),
+    Variable("VULCAN_GO", "path to go", "build the agent with a local Go", local_go),
+    Variable("VULCAN_GUEST_SOURCE", "dir[:package]", "build another agent", guest_source),
+    Variable("VULCAN_GOCACHE", "directory", "the Go build cache", go_cache),
+    Variable("VULCAN_GOPROXY", "GOPROXY value", "a Go module proxy for agents with dependencies", go_proxy),
+    Variable("VULCAN_MKE2FS_INPUT", "tar or dir", "force the tar path or the staging-directory path", mke2fs_input),
+    Variable("VULCAN_REASSEMBLE", "1", "assemble the tar stream even if the cache has it", reassemble),
+    Variable("VULCAN_FETCH_WORKERS", "1-64", "parallel package downloads", fetch_workers),
+    Variable("VULCAN_KEEP_TAR", "directory", "also keep each image's tar stream there", keep_tar),
+    Variable("VULCAN_NO_FASTPATH", "1", "always start the step, even when the in-process check says up to date",
+             no_fastpath),
+    Variable("VULCAN_TIMING", "1 or json", "say how long each build phase took (json: one JSON line per build)",
+             timing),
+    Variable("SOURCE_DATE_EPOCH", "seconds", "the timestamp images are clamped to", source_date_epoch),
+    Variable("CI", "any value", "plain log lines, no progress bar (CI systems set it)", ci),
+)  # fmt: skip
+NAMES = frozenset(v.name for v in VARIABLES)
+
+
+def environ(**values: str) -> dict[str, str]:
+    """This process's environment with some settings given other values, for a run of this
+    tool in a child process (``environ(VULCAN_OUT=...)``); only names of this table."""
+    unknown = set(values) - NAMES
+    assert not unknown, unknown
+    return {**os.environ, **values}
 
 
 def check_all() -> None:
     """Validate every variable that is set, before a command starts: a typo fails in a second,
     not after a build. Unknown ``VULCAN_*`` names get a warning (a misspelt override would
     otherwise be silently ignored; an error would break unrelated VULCAN_ variables)."""
-    for name, read in _READERS.items():
-        if os.environ.get(name):
-            read()
+    for v in VARIABLES:
+        if os.environ.get(v.name):
+            v.read()
     for name in sorted(k for k in os.environ if k.startswith("VULCAN_") and k not in NAMES):
         from . import log
 

@@ -18,6 +18,7 @@ class Step:
     summary: str  # what nox -l and --help show
     stamped: bool = False  # follows step.py's protocol: check() + run(), so no-op runs can skip it
     session: str | None = None  # the nox session name, when it differs from the command ("" = none)
+    also: tuple[str, ...] = ()  # other nox sessions that run this step (the noxfile's rootfs_all)
 
     @property
     def session_name(self) -> str | None:
@@ -35,7 +36,7 @@ STEPS = (
     Step("guest", "guest", "Build the static, reproducible vulcan-guest agent into bin/ (VULCAN_GO: a local Go).",
          stamped=True),
     Step("rootfs", "rootfs.build", "Build one runtime's images (+ manifest, SPDX SBOM) from the lock.",
-         stamped=True, session="rootfs-<runtime>"),
+         stamped=True, session="rootfs-<runtime>", also=("rootfs_all",)),
     Step("lock", "lock", "Resolve each runtime's Alpine packages for each arch into alpine.lock.json."),
     Step("verify", "verify", "Check every artifact in bin/ and images/ (table, or --json; --reproduce rebuilds)."),
     Step("boot", "vm.boot", "Boot images and prove the runtime works: Firecracker, or -- --vmm qemu."),
@@ -50,3 +51,14 @@ BY_COMMAND = {s.command: s for s in STEPS}
 
 def step(command: str) -> Step:
     return BY_COMMAND[command]
+
+
+def prog(command: str) -> str:
+    """How a user starts a step, as its --help names it: ``nox -s SESSION --``. The build steps
+    share one parser (a session passes its arguments on to the sessions it requires), so theirs
+    names every build session."""
+    s = BY_COMMAND[command]
+    if s.stamped:
+        names = [n for x in STEPS if x.stamped for n in (x.session_name, *x.also) if n]
+        return f"nox -s {{{','.join(names)}}} --"
+    return f"nox -s {s.session_name} --" if s.session_name else f"python -m scripts {s.command}"

@@ -40,6 +40,7 @@ from .errors import ChecksumError, PinError, VulcanError
 from .fetch import cached, fetch
 from .pins import ARCHES, GOARCH, REPO_ROOT, Pins
 from .pins import load as load_pins
+from .steps import prog
 
 RELEASES_API = "https://api.github.com/repos/firecracker-microvm/firecracker/releases?per_page=100"
 BUCKET = "https://s3.amazonaws.com/spec.ccfc.min"
@@ -291,7 +292,7 @@ def update_actions(path: Path, check: bool) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="nox -s update_pins --", description=__doc__.split("\n\n")[0] if __doc__ else "")
+    p = argparse.ArgumentParser(prog=prog("update_pins"), description=__doc__.split("\n\n")[0] if __doc__ else "")
     p.add_argument("--check", action="store_true", help="only report: exit 1 with the diff when pins are outdated")
     p.add_argument("--firecracker", metavar="X.Y.Z", help="pin this Firecracker version instead of the newest")
     p.add_argument("--kernel", metavar="6.1.N", help="pin this kernel version instead of the newest")

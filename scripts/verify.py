@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import formats, kconfig, log, paths, stamps
+from . import formats, kconfig, log, paths, settings, stamps
 from .elf import check_static_binary, kernel_arch, read_elf
 from .errors import BuildError, VulcanError
 from .hashing import sha256_file
@@ -24,6 +24,7 @@ from .pins import ARCHES, Pins, host_arch
 from .pins import load as load_pins
 from .rootfs import AGENT
 from .run import run_tool
+from .steps import prog
 
 
 @dataclass
@@ -283,7 +284,7 @@ def check_reproduce(rep: Report, runtime: str, arch: str, published: dict[str, s
     format's sha256 with the published one (``published``: format -> sha256)."""
     with tempfile.TemporaryDirectory(prefix="vulcan-reproduce-") as tmp:
         shutil.copytree(paths.bin_dir(arch), Path(tmp) / paths.bin_dir(arch).relative_to(paths.out_root()))
-        env = {**os.environ, "VULCAN_OUT": tmp, "VULCAN_REASSEMBLE": "1"}  # from the packages, not a cached stream
+        env = settings.environ(VULCAN_OUT=tmp, VULCAN_REASSEMBLE="1")  # from the packages, not a cached stream
         proc = run_tool(
             [sys.executable, "-m", "scripts", "rootfs", "--runtime", runtime, "--arch", arch, "--frozen"],
             cwd=Path(__file__).resolve().parent.parent, env=env, check=False, quiet=True,
@@ -312,7 +313,7 @@ def verify(pins: Pins, arch: str, reproduce: bool) -> Report:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="nox -s verify --", description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(prog=prog("verify"), description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--arch", default=host_arch(), choices=ARCHES)
     p.add_argument("--json", action="store_true", help="print the rows as JSON (for CI)")
     p.add_argument("--reproduce", action="store_true", help="rebuild each image in a scratch directory and compare")

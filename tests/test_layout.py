@@ -153,3 +153,19 @@ def test_only_the_formats_package_knows_a_format_by_name() -> None:
             if node.value in FORMATS:
                 named.append(f"{p.relative_to(REPO)}:{node.lineno}: {node.value!r}")
     assert named == []
+
+
+def test_the_leaves_import_nothing_of_ours_not_even_lazily() -> None:
+    """errors -> log -> settings -> errors was a circle that imports inside functions hid: the
+    log and the errors now share their formatting through a leaf (text.py) and read no settings."""
+    for leaf, allowed in (("errors", {"scripts.text"}), ("log", {"scripts.text"}), ("text", set())):
+        tree = ast.parse((REPO / "scripts" / f"{leaf}.py").read_text())
+        found = {
+            f"scripts.{node.module}" if node.level else node.module or ""
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("scripts"))
+        }
+        found |= {f"scripts.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level
+                  and not n.module for a in n.names}  # fmt: skip
+        found = {m.rstrip(".") for m in found if m != "scripts.None"}
+        assert found <= allowed, (leaf, found - allowed)

@@ -22,6 +22,7 @@ from .. import atomic, formats, kconfig, log, paths
 from ..errors import VulcanError
 from ..pins import ARCHES, Pins, host_arch
 from ..pins import load as load_pins
+from ..steps import prog
 from . import BootFailed, BootResult, Target, kvm_problem
 from .firecracker import boot_firecracker
 from .qemu import QEMU, boot_qemu
@@ -47,7 +48,7 @@ def choose_vmm(requested: str, arch: str) -> tuple[str, str]:
 def main(argv: list[str]) -> int:
     pins = load_pins()
     p = argparse.ArgumentParser(
-        prog="nox -s boot --",
+        prog=prog("boot"),
         description="Boot images and prove their runtime works (Firecracker with /dev/kvm, or QEMU).",
     )
     p.add_argument("runtimes", nargs="*", help="runtimes to boot (default: every image of the format that exists)")
