@@ -35,6 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -260,13 +262,13 @@ def ram_work() -> Path:
 
 
 def phases(stderr: str) -> dict[str, float]:
-    """The build's own account of where its time went (VULCAN_TIMING=1), summed over images."""
+    """The build's own account of where its time went (VULCAN_TIMING=json: one JSON line per
+    build), summed over its images."""
     out: dict[str, float] = {}
     for line in stderr.splitlines():
-        if "vulcan: timing " in line:
-            for item in line.split("): ", 1)[-1].split("; "):
-                key, _, secs = item.rpartition("=")
-                out[key] = out.get(key, 0.0) + float(secs.rstrip("s"))
+        if line.startswith('{"timing"'):
+            for key, secs in json.loads(line)["phases"].items():
+                out[key] = out.get(key, 0.0) + float(secs)
     return out
 
 
@@ -279,20 +281,373 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
-    ap.add_argument("--runs", type=int, default=3, help="runs per figure (median; default 3)")
-    ap.add_argument("--latency-ms", type=float, default=30.0, help="simulated link latency per request")
-    ap.add_argument("--mbps", type=float, default=200.0, help="simulated bandwidth per connection, Mbit/s")
-    ap.add_argument("--no-boot", action="store_true")
-    ap.add_argument("--only-setup", action="store_true", help="build once, print the environment, keep it (profiling)")
-    args = ap.parse_args()
+@dataclass
+class Bench:
+    """What every figure shares: the arguments, the world (mirror, pins, cache, outputs) and the
+    environment its builds run in, the tools, and the results so far."""
+
+    args: argparse.Namespace
+    w: World
+    mirror: Any
+    env: dict[str, str]
+    nox: str
+    go: str
+    arch: str
+    work: Path
+    ram: Path
+    results: dict[str, Any]
+    py: str = sys.executable
+    first_bin: Path | None = None  # the agent the cached streams were assembled with
+    wrapper: str = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+
+    def build(self, *args: str, **env: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+        return timed([self.py, "-m", "scripts", *args], {**self.env, **env})
+
+    def manifest(self, name: str, out: Path | None = None) -> dict[str, Any]:
+        return dict(json.loads(((out or self.w.out) / "images" / f"{name}.manifest.json").read_text()))
+
+
+def cold(b: Bench) -> dict[str, Any]:
+    """3. cold build of all three, parallel vs serial fetch, over a simulated link."""
+    w, mirror, args = b.w, b.mirror, b.args
+    mirror.latency_s, mirror.rate = args.latency_ms / 1000, args.mbps * 1e6 / 8
+    subprocess.run([b.py, "-m", "scripts", "guest"], env=b.env, cwd=ROOT, check=True, capture_output=True)
+    runs: dict[str, list[float]] = {"parallel": [], "serial": []}
+    fetched = needed = 0
+    for run in range(args.runs):
+        for mode, workers in (("parallel", "4"), ("serial", "1")):
+            shutil.rmtree(w.cache / "apk", ignore_errors=True)
+            shutil.rmtree(w.cache / "rootfs", ignore_errors=True)
+            shutil.rmtree(w.out / "images", ignore_errors=True)
+            (w.tmp / "alpine.lock.json").unlink(missing_ok=True)
+            before = mirror.bytes_served
+            n_before = len(mirror.requests)
+            t, _ = b.build("rootfs", "--all", VULCAN_FETCH_WORKERS=workers)
+            runs[mode].append(t)
+            if run == 0 and mode == "parallel":
+                fetched = mirror.bytes_served - before
+                paths = {p for _, p, _ in mirror.requests[n_before:]}
+                needed = sum(len(mirror.files[p]) for p in paths if p in mirror.files)
+    mirror.latency_s = mirror.rate = 0.0
+    return {
+        "parallel_s": median(runs["parallel"]), "serial_s": median(runs["serial"]),
+        "speedup": median(runs["serial"]) / median(runs["parallel"]),
+        "bytes_fetched": fetched, "unique_bytes_needed": needed, "fetch_ratio": fetched / needed if needed else None,
+        "link": f"{args.latency_ms:.0f} ms latency, {args.mbps:.0f} Mbit/s per connection",
+    }  # fmt: skip
+
+
+def noop(b: Bench) -> dict[str, Any]:
+    """1. no-op, against the nox floor: the same sessions with the same requires= chain (guest,
+    then rootfs_all; the rootfs-<rt> sessions defined, not run) and venv settings, each doing
+    nothing, so the difference is exactly our part."""
+    floor_dir = b.work / "nox-floor"
+    floor_dir.mkdir()
+    rootfs = [f"rootfs-{name}" for name in RUNTIMES]
+    (floor_dir / "noxfile.py").write_text(
+        'import nox\nnox.options.default_venv_backend = "uv|virtualenv"\nnox.options.reuse_existing_virtualenvs = True\n'
+        "@nox.session\ndef guest(session):\n    pass\n"
+        + "".join(f"@nox.session(name={n!r}, requires=['guest'])\ndef _{i}(session):\n    pass\n" for i, n in enumerate(rootfs))
+        + "@nox.session(requires=['guest'])\ndef rootfs_all(session):\n    pass\n"
+    )  # fmt: skip
+    timed([b.nox, "-s", "rootfs_all"], b.env, cwd=floor_dir)  # create its venvs once
+    timed([b.nox, "-s", "rootfs_all"], b.env)  # warm the session venvs
+    ours, floor, reqs = [], [], []
+    for _ in range(b.args.runs):
+        floor.append(timed([b.nox, "-s", "rootfs_all"], b.env, cwd=floor_dir)[0])
+        n = len(b.mirror.requests)
+        ours.append(timed([b.nox, "-s", "rootfs_all"], b.env)[0])
+        reqs.append(len(b.mirror.requests) - n)
+    return {
+        "rootfs_all_s": median(ours), "empty_sessions_s": median(floor), "sessions": 2,  # guest, rootfs_all
+        "ours_s": median(ours) - median(floor), "requests": max(reqs),
+    }  # fmt: skip
+
+
+def warm(b: Bench) -> dict[str, Any]:
+    """2. warm rebuild vs mke2fs of the same tar; 4. size; 5. memory (each image assembled from
+    its packages alone, then all three at once in one process)."""
+    w = b.w
+    out: dict[str, Any] = {"runtimes": {}, "phases": {}}
+    for name in RUNTIMES:
+        builds, floors, ram_floors, runs = [], [], [], []
+        for _ in range(b.args.runs):
+            (w.out / "images" / f"{name}.ext4").unlink()
+            t, proc = b.build("rootfs", "--runtime", name, VULCAN_TIMING="json")
+            builds.append(t)
+            runs.append(phases(proc.stderr))
+            manifest = b.manifest(name)
+            tar = cached_tar(w.cache, manifest["tar_sha256"])
+            floors.append(mke2fs_floor(tar, manifest, b.work, b.env))
+            ram_floors.append(mke2fs_floor(tar, manifest, b.ram, b.env))
+        (w.out / "images" / f"{name}.ext4").unlink()
+        _, proc = timed([b.py, "-c", b.wrapper, b.py, "-m", "scripts", "rootfs", "--runtime", name],
+                        {**b.env, "VULCAN_REASSEMBLE": "1"})  # fmt: skip
+        rss = int(proc.stdout.strip().splitlines()[-1]) / 1024
+        content, size = manifest["filesystem"]["content_bytes"], manifest["size"]
+        out["runtimes"][name] = {
+            "build_s": median(builds), "mke2fs_floor_s": median(floors), "ratio": median(builds) / median(floors),
+            "mke2fs_ram_floor_s": median(ram_floors), "ram_ratio": median(builds) / median(ram_floors),
+            "image_mib": size / 2**20, "content_mib": content / 2**20, "size_ratio": size / content,
+            "size_target_mib": (1.15 * content + (64 << 20)) / 2**20, "seed_fixed_mib": 512,
+            "peak_rss_mib": rss, "files": sum(len(p["files"]) for p in manifest["packages"]),
+        }  # fmt: skip
+        out["phases"][name] = median_phases(runs)
+    for name in RUNTIMES:
+        (w.out / "images" / f"{name}.ext4").unlink()
+    _, proc = timed([b.py, "-c", b.wrapper, b.py, "-m", "scripts", "rootfs", "--all"],
+                    {**b.env, "VULCAN_REASSEMBLE": "1"})  # fmt: skip
+    out["all_at_once_peak_rss_mib"] = int(proc.stdout.strip().splitlines()[-1]) / 1024
+    return out
+
+
+def agent_change(b: Bench) -> dict[str, Any]:
+    """8. the agent changed (the developer loop): the agent rebuilt, then every image from the
+    cached stream with the new agent spliced in; floor: go build + mke2fs -d of the final tars."""
+    w, work, env = b.w, b.work, b.env
+    agent_src = work / "agent-src"
+    b.first_bin = work / "first-bin"  # the agent the streams were assembled with (squashfs below)
+    shutil.copytree(w.out / "bin", b.first_bin)
+    shutil.copytree(ROOT / "guest", agent_src)
+    change = {"VULCAN_GUEST_SOURCE": str(agent_src), "VULCAN_TIMING": "json"}
+    gobuild = [
+        b.go,
+        "build",
+        "-trimpath",
+        "-buildvcs=false",
+        "-ldflags=-s -w -buildid=",
+        "-o",
+        str(work / "agent"),
+        ".",
+    ]
+    # the floor's go build gets its own build cache, warmed like ours: with ours, it would find
+    # the very package our guest step just compiled and only link (a floor no build can reach)
+    go_env = {**env, "CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "", "GOCACHE": str(work / "gocache-floor")}
+    timed(gobuild, go_env, cwd=agent_src)  # warm it (the standard library), as ours is
+
+    def change_agent(tag: str) -> None:  # a change that stays in the binary
+        (agent_src / "bench_change.go").write_text(
+            f'package main\n\nimport "os"\n\nvar benchChange = "bench {tag}"\n\n'
+            "func init() {\n\tif len(os.Args) > 1000 {\n\t\tprintln(benchChange)\n\t}\n}\n"
+        )
+
+    each: dict[str, Any] = {}
+    for name in RUNTIMES:  # each size alone: the agent, then that one image
+        ours, floors = [], []
+        for run in range(b.args.runs):
+            change_agent(f"{name} {run}")
+            t_guest, _ = b.build("guest", **change)
+            t_rootfs, proc = b.build("rootfs", "--runtime", name, **change)
+            if "only the agent changed" not in proc.stderr:
+                raise SystemExit(f"bench: the agent change did not splice:\n{proc.stderr}")
+            ours.append(t_guest + t_rootfs)
+            tar = final_tar(b.py, env, w.out, name, b.arch, work)
+            floors.append(timed(gobuild, go_env, cwd=agent_src)[0] + mke2fs_floor(tar, b.manifest(name), work, env))
+        each[name] = {"rebuild_s": median(ours), "floor_s": median(floors), "ratio": median(ours) / median(floors)}
+    changed, floors, runs = [], [], []
+    for run in range(b.args.runs):
+        change_agent(f"all {run}")
+        t_guest, _ = b.build("guest", **change)
+        t_rootfs, proc = b.build("rootfs", "--all", **change)
+        if '{"timing"' not in proc.stderr:
+            raise SystemExit(f"bench: the agent change did not rebuild the images:\n{proc.stderr}")
+        changed.append(t_guest + t_rootfs)
+        runs.append({**phases(proc.stderr), "guest step (go build)": t_guest})
+        floor = timed(gobuild, go_env, cwd=agent_src)[0]
+        for name in RUNTIMES:
+            floor += mke2fs_floor(final_tar(b.py, env, w.out, name, b.arch, work), b.manifest(name), work, env)
+        floors.append(floor)
+    return {
+        "rebuild_s": median(changed), "floor_s": median(floors), "ratio": median(changed) / median(floors),
+        "each": each, "phases": median_phases(runs),
+    }  # fmt: skip
+
+
+def squashfs(b: Bench) -> dict[str, Any]:
+    """7. squashfs: the same stream (cached), tar2sqfs with our options vs tar2sqfs alone; sizes;
+    bytes a sandbox start copies."""
+    from scripts.formats import squashfs as writer
+
+    w, work = b.w, b.work
+    sq_dir = work / "sq"
+    sq_dir.mkdir()
+    sq_pins = copy.deepcopy(w.pins)
+    sq_pins["alpine"]["formats"] = ["squashfs"]
+    (sq_dir / "pins.json").write_text(json.dumps(sq_pins))
+    shutil.copy(w.tmp / "alpine.lock.json", sq_dir / "alpine.lock.json")
+    sq_out = sq_dir / "out"
+    # the agent the cached streams hold: a warm rebuild (an agent change's stream is spliced
+    # in RAM and not kept, so after one a rebuild splices again)
+    assert b.first_bin is not None, "the agent-change figure keeps the first agent"
+    shutil.copytree(b.first_bin, sq_out / "bin")
+    sq_env = {"VULCAN_PINS": str(sq_dir / "pins.json"), "VULCAN_OUT": str(sq_out)}
+    b.results["squashfs_env"] = sq_env  # the boot figure boots these images
+    runtimes: dict[str, Any] = {}
+    warm_rt = b.results["warm"]["runtimes"]
+    for name in RUNTIMES:
+        builds, floors, ram_floors = [], [], []
+        b.build("rootfs", "--runtime", name, **sq_env)  # stamp and stream in place
+        for _ in range(b.args.runs):
+            (sq_out / "images" / f"{name}.squashfs").unlink()
+            builds.append(b.build("rootfs", "--runtime", name, **sq_env)[0])
+            tar = cached_tar(w.cache, b.manifest(name, sq_out)["tar_sha256"])
+            for where, into in ((work, floors), (b.ram, ram_floors)):
+                start = time.perf_counter()
+                with open(tar, "rb") as stdin:
+                    subprocess.run(["tar2sqfs", *writer.options(1_700_000_000), str(where / "floor.sqfs")],
+                                   stdin=stdin, check=True)  # fmt: skip
+                into.append(time.perf_counter() - start)
+                (where / "floor.sqfs").unlink()
+        size = (sq_out / "images" / f"{name}.squashfs").stat().st_size
+        ext4_image = w.out / "images" / f"{name}.ext4"
+        runtimes[name] = {
+            "build_s": median(builds), "tar2sqfs_floor_s": median(floors), "ratio": median(builds) / median(floors),
+            "tar2sqfs_ram_floor_s": median(ram_floors), "ram_ratio": median(builds) / median(ram_floors),
+            "squashfs_mib": size / 2**20, "content_ratio": size / (warm_rt[name]["content_mib"] * 2**20),
+            "ext4_ratio": size / (warm_rt[name]["image_mib"] * 2**20),
+            "ext4_start_copies_mib": ext4_image.stat().st_blocks * 512 / 2**20, "squashfs_start_copies_mib": 0,
+        }  # fmt: skip
+    return {"level": writer.LEVEL, "block_size": writer.BLOCK_SIZE, "runtimes": runtimes}
+
+
+def boot(b: Bench) -> dict[str, Any]:
+    """6. boot-to-smoke under QEMU (TCG), python, both formats, when a test kernel is at hand."""
+    kernel_xz = SHARED / "kernel/vmlinux.xz"
+    if b.args.no_boot or not kernel_xz.is_file() or not shutil.which("qemu-system-x86_64") or b.arch != "x86_64":
+        return {"skipped": "no test kernel / QEMU (or --no-boot)"}
+    import lzma
+
+    kernel = b.work / "vmlinux"
+    kernel.write_bytes(lzma.decompress(kernel_xz.read_bytes()))
+    boots: dict[str, float] = {}
+    for fmt, fmt_env in (("ext4", {}), ("squashfs", b.results["squashfs_env"])):
+        times = []
+        for _ in range(b.args.runs):
+            _, proc = b.build("boot", "--vmm", "qemu", "--accel", "tcg", "--kernel", str(kernel), "--format", fmt,
+                              "python", **fmt_env)  # fmt: skip
+            line = next(x for x in proc.stderr.splitlines() if "boot-to-smoke" in x)
+            times.append(float(line.split("boot-to-smoke ")[1].split("s")[0]))
+        boots[fmt] = median(times)
+    return {"qemu_tcg_boot_to_smoke_s": boots, "firecracker": "not measurable here (nested KVM)"}
+
+
+# -- the printed table: one function per figure, in the order of FIGURES ------------------------
+
+ROW = "{:<44} {:>10} {:>10} {:>7}  {}"
+
+
+def _s(x: float) -> str:
+    return f"{x:.2f}s"
+
+
+def noop_rows(n: dict[str, Any]) -> list[str]:
+    return [ROW.format("no-op rootfs_all vs the same sessions empty", _s(n["rootfs_all_s"]), _s(n["empty_sessions_s"]),
+                       f"{n['rootfs_all_s'] / n['empty_sessions_s']:.1f}x",
+                       f"ours <= 0.3 s: {n['ours_s']:.2f} s beyond nox ({n['sessions']} sessions); "
+                       f"{n['requests']} requests")]  # fmt: skip
+
+
+def warm_rows(r: dict[str, Any]) -> list[str]:
+    rt = r["runtimes"]
+    rows = [ROW.format(f"warm rebuild {n} vs mke2fs -d alone", _s(v["build_s"]), _s(v["mke2fs_floor_s"]),
+                       f"{v['ratio']:.2f}x", f"<= 1.5x (mke2fs writing in RAM: {v['mke2fs_ram_floor_s']:.2f} s, "
+                       f"{v['ram_ratio']:.2f}x)") for n, v in rt.items()]  # fmt: skip
+    rows += [ROW.format(f"size {n} ({v['files']} files)", f"{v['image_mib']:.0f}Mi", f"{v['content_mib']:.0f}Mi",
+                        f"{v['size_ratio']:.2f}x", f"<= {v['size_target_mib']:.0f} MiB (1.15x content + 64); "
+                        "seed: 512 MiB") for n, v in rt.items()]  # fmt: skip
+    rows += [ROW.format(f"peak RSS building {n}", f"{v['peak_rss_mib']:.0f}Mi", "", "", "<= 200 MiB")
+             for n, v in rt.items()]  # fmt: skip
+    rows.append(ROW.format("peak RSS, rootfs --all assembling all at once", f"{r['all_at_once_peak_rss_mib']:.0f}Mi",
+                           "", "", "<= 200 MiB"))  # fmt: skip
+    return rows
+
+
+def cold_rows(c: dict[str, Any]) -> list[str]:
+    return [
+        ROW.format("cold build, all three (parallel fetch)", _s(c["parallel_s"]), _s(c["serial_s"]),
+                   f"{c['speedup']:.2f}x", f"serial/parallel ({c['link']})"),
+        ROW.format("bytes fetched / unique bytes needed", c["bytes_fetched"], c["unique_bytes_needed"],
+                   f"{c['fetch_ratio']:.2f}", "1.00"),
+    ]  # fmt: skip
+
+
+def agent_change_rows(a: dict[str, Any]) -> list[str]:
+    rows = [ROW.format(f"agent changed: agent + the {n} image", _s(v["rebuild_s"]), _s(v["floor_s"]),
+                       f"{v['ratio']:.2f}x", "<= 2x (floor: go build + mke2fs -d of the final tar)")
+            for n, v in a["each"].items()]  # fmt: skip
+    rows.append(ROW.format("agent changed: agent + all three images", _s(a["rebuild_s"]), _s(a["floor_s"]),
+                           f"{a['ratio']:.2f}x", "<= 2x (floor: go build + mke2fs -d of the three final tars)"))  # fmt: skip
+    return rows
+
+
+def squashfs_rows(q: dict[str, Any]) -> list[str]:
+    rt = q["runtimes"]
+    rows = [ROW.format(f"warm squashfs {n} vs tar2sqfs alone", _s(v["build_s"]), _s(v["tar2sqfs_floor_s"]),
+                       f"{v['ratio']:.2f}x", f"<= 1.3x (zstd {q['level']}, {q['block_size'] // 1024} KiB blocks; "
+                       f"tar2sqfs writing in RAM: {v['tar2sqfs_ram_floor_s']:.2f} s, {v['ram_ratio']:.2f}x)")
+            for n, v in rt.items()]  # fmt: skip
+    rows += [ROW.format(f"squashfs size {n} / content, / ext4", f"{v['squashfs_mib']:.0f}Mi", "",
+                        f"{v['content_ratio']:.2f}x", f"<= 0.35x content; {v['ext4_ratio']:.2f}x the ext4 image")
+             for n, v in rt.items()]  # fmt: skip
+    rows += [ROW.format(f"bytes a sandbox start copies, {n}", f"{v['squashfs_start_copies_mib']:.0f}Mi",
+                        f"{v['ext4_start_copies_mib']:.0f}Mi", "",
+                        "squashfs (read-only, shared) vs ext4 (a copy per sandbox)") for n, v in rt.items()]  # fmt: skip
+    return rows
+
+
+def boot_rows(bt: dict[str, Any]) -> list[str]:
+    rows = [ROW.format(f"QEMU (TCG) boot-to-smoke, python, {fmt}", _s(secs), "", "", "")
+            for fmt, secs in bt.get("qemu_tcg_boot_to_smoke_s", {}).items()]  # fmt: skip
+    return [*rows, "Firecracker boot-to-ready: not measurable on these machines (their KVM runs only patched guests)"]
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str  # its place in bench/results/latest.json
+    measure: Callable[[Bench], dict[str, Any]]  # run in this table's order: later figures use earlier ones' state
+    rows: Callable[[dict[str, Any]], list[str]]  # its lines of the printed table, in this order too
+
+
+FIGURES = (
+    Figure("cold", cold, cold_rows),
+    Figure("noop", noop, noop_rows),
+    Figure("warm", warm, warm_rows),
+    Figure("agent_change", agent_change, agent_change_rows),
+    Figure("squashfs", squashfs, squashfs_rows),
+    Figure("boot", boot, boot_rows),
+)
+
+
+def report(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, e2fsprogs {m['e2fsprogs']}; "
+        f"medians of {r['runs']} runs",
+        "",
+        ROW.format("figure", "ours", "floor", "ratio", "target"),
+    ]
+    for f in FIGURES:
+        lines += f.rows(r[f.key])
+    lines += ["", "where the time goes (the build's own phases, VULCAN_TIMING=json; medians, seconds):"]
+    for name, ph in r["warm"]["phases"].items():
+        lines.append(f"  warm {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+    lines.append(
+        "  agent change, all three: " + ", ".join(f"{k} {v:.2f}" for k, v in r["agent_change"]["phases"].items())
+    )
+    return "\n".join(lines)
+
+
+def setup(args: argparse.Namespace) -> Bench:
+    """The mirror with the synthetic runtimes, the pins and the environment every build runs in."""
     nox = shutil.which("nox")
     go = shutil.which("go") or next(iter(sorted(Path("/usr/lib").glob("go-*/bin/go"))), None)
     if nox is None or go is None:
         raise SystemExit("bench: needs nox and a Go toolchain (see README set-up)")
     arch = "x86_64" if platform.machine() in ("x86_64", "amd64") else "aarch64"
-    mirror, server = serve()
+    mirror, _server = serve()
     work = Path(tempfile.mkdtemp(prefix="vulcan-bench-"))
     w = World(mirror, work, copy.deepcopy(BASE_PINS), work / "gocache")
     Apks(ROOT / "bench/.cache").publish(mirror, arch)  # first: it fixes the signing key
@@ -315,306 +670,34 @@ def main() -> int:
         },
         "runs": args.runs,
     }
-    py = sys.executable
+    return Bench(args, w, mirror, env, nox, str(go), arch, work, ram_work(), results)
 
-    if args.only_setup:
-        subprocess.run([py, "-m", "scripts", "guest"], env=env, cwd=ROOT, check=True, capture_output=True)
-        timed([py, "-m", "scripts", "rootfs", "--all"], env)
-        print("\n".join(f"export {k}={v}" for k, v in env.items() if k.startswith("VULCAN_")))
-        print(f"# mirror stays up while this process runs; Ctrl-C to stop ({work})")
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure (median; default 3)")
+    ap.add_argument("--latency-ms", type=float, default=30.0, help="simulated link latency per request")
+    ap.add_argument("--mbps", type=float, default=200.0, help="simulated bandwidth per connection, Mbit/s")
+    ap.add_argument("--no-boot", action="store_true")
+    ap.add_argument("--only-setup", action="store_true", help="build once, print the environment, keep it (profiling)")
+    b = setup(ap.parse_args())
+    if b.args.only_setup:
+        subprocess.run([b.py, "-m", "scripts", "guest"], env=b.env, cwd=ROOT, check=True, capture_output=True)
+        b.build("rootfs", "--all")
+        print("\n".join(f"export {k}={v}" for k, v in b.env.items() if k.startswith("VULCAN_")))
+        print(f"# mirror stays up while this process runs; Ctrl-C to stop ({b.work})")
         time.sleep(3600)
         return 0
-
-    # 3. cold build, parallel vs serial fetch, over a simulated link
-    mirror.latency_s, mirror.rate = args.latency_ms / 1000, args.mbps * 1e6 / 8
-    subprocess.run([py, "-m", "scripts", "guest"], env=env, cwd=ROOT, check=True, capture_output=True)
-    cold: dict[str, list[float]] = {"parallel": [], "serial": []}
-    fetched = needed = 0
-    for run in range(args.runs):
-        for mode, workers in (("parallel", "4"), ("serial", "1")):
-            shutil.rmtree(w.cache / "apk", ignore_errors=True)
-            shutil.rmtree(w.cache / "rootfs", ignore_errors=True)
-            shutil.rmtree(w.out / "images", ignore_errors=True)
-            (w.tmp / "alpine.lock.json").unlink(missing_ok=True)
-            before = mirror.bytes_served
-            n_before = len(mirror.requests)
-            t, _ = timed([py, "-m", "scripts", "rootfs", "--all"], {**env, "VULCAN_FETCH_WORKERS": workers})
-            cold[mode].append(t)
-            if run == 0 and mode == "parallel":
-                fetched = mirror.bytes_served - before
-                paths = {p for _, p, _ in mirror.requests[n_before:]}
-                needed = sum(len(mirror.files[p]) for p in paths if p in mirror.files)
-    mirror.latency_s = mirror.rate = 0.0
-    results["cold"] = {
-        "parallel_s": median(cold["parallel"]), "serial_s": median(cold["serial"]),
-        "speedup": median(cold["serial"]) / median(cold["parallel"]),
-        "bytes_fetched": fetched, "unique_bytes_needed": needed, "fetch_ratio": fetched / needed if needed else None,
-        "link": f"{args.latency_ms:.0f} ms latency, {args.mbps:.0f} Mbit/s per connection",
-    }  # fmt: skip
-
-    # 1. no-op, against the nox floor: the same sessions with the same requires= chain (guest,
-    # then rootfs_all; the rootfs-<rt> sessions defined, not run) and venv settings, each doing
-    # nothing, so the difference is exactly our part.
-    floor_dir = Path(tempfile.mkdtemp(prefix="vulcan-bench-floor-"))
-    rootfs = [f"rootfs-{name}" for name in RUNTIMES]
-    (floor_dir / "noxfile.py").write_text(
-        'import nox\nnox.options.default_venv_backend = "uv|virtualenv"\nnox.options.reuse_existing_virtualenvs = True\n'
-        "@nox.session\ndef guest(session):\n    pass\n"
-        + "".join(f"@nox.session(name={n!r}, requires=['guest'])\ndef _{i}(session):\n    pass\n" for i, n in enumerate(rootfs))
-        + "@nox.session(requires=['guest'])\ndef rootfs_all(session):\n    pass\n"
-    )  # fmt: skip
-    timed([nox, "-s", "rootfs_all"], env, cwd=floor_dir)  # create its venvs once
-    timed([nox, "-s", "rootfs_all"], env)  # warm the session venvs
-    noop, floor, reqs = [], [], []
-    for _ in range(args.runs):
-        floor.append(timed([nox, "-s", "rootfs_all"], env, cwd=floor_dir)[0])
-        n = len(mirror.requests)
-        noop.append(timed([nox, "-s", "rootfs_all"], env)[0])
-        reqs.append(len(mirror.requests) - n)
-    sessions = 2  # guest, rootfs_all (which builds every runtime in one process)
-    results["noop"] = {
-        "rootfs_all_s": median(noop), "empty_sessions_s": median(floor), "sessions": sessions,
-        "ours_s": median(noop) - median(floor), "requests": max(reqs),
-    }  # fmt: skip
-
-    # 2. warm rebuild vs mke2fs of the same tar; 4. size; 5. memory
-    ram = ram_work()
-    warm: dict[str, Any] = {}
-    warm_phases: dict[str, list[dict[str, float]]] = {}
-    for name in RUNTIMES:
-        builds, floors, ram_floors, rss = [], [], [], []
-        for _ in range(args.runs):
-            (w.out / "images" / f"{name}.ext4").unlink()
-            t, proc = timed([py, "-m", "scripts", "rootfs", "--runtime", name], {**env, "VULCAN_TIMING": "1"})
-            builds.append(t)
-            warm_phases.setdefault(name, []).append(phases(proc.stderr))
-            manifest = json.loads((w.out / "images" / f"{name}.manifest.json").read_text())
-            tar = cached_tar(w.cache, manifest["tar_sha256"])
-            floors.append(mke2fs_floor(tar, manifest, work, env))
-            ram_floors.append(mke2fs_floor(tar, manifest, ram, env))
-        # memory: the full path (fetch from cache, verify, decompress, merge, write the stream)
-        (w.out / "images" / f"{name}.ext4").unlink()
-        wrapper = (
-            "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-        )
-        _, proc = timed([py, "-c", wrapper, py, "-m", "scripts", "rootfs", "--runtime", name],
-                        {**env, "VULCAN_REASSEMBLE": "1"})  # fmt: skip
-        rss.append(int(proc.stdout.strip().splitlines()[-1]) / 1024)
-        content = manifest["filesystem"]["content_bytes"]
-        size = manifest["size"]
-        warm[name] = {
-            "build_s": median(builds), "mke2fs_floor_s": median(floors), "ratio": median(builds) / median(floors),
-            "mke2fs_ram_floor_s": median(ram_floors), "ram_ratio": median(builds) / median(ram_floors),
-            "image_mib": size / 2**20, "content_mib": content / 2**20, "size_ratio": size / content,
-            "size_target_mib": (1.15 * content + (64 << 20)) / 2**20, "seed_fixed_mib": 512,
-            "peak_rss_mib": max(rss), "files": sum(len(p["files"]) for p in manifest["packages"]),
-        }  # fmt: skip
-    results["warm"] = warm
-    # memory of the whole rootfs_all: every runtime assembled from its packages at once, in one process
-    for name in RUNTIMES:
-        (w.out / "images" / f"{name}.ext4").unlink()
-    _, proc = timed([py, "-c", wrapper, py, "-m", "scripts", "rootfs", "--all"], {**env, "VULCAN_REASSEMBLE": "1"})
-    results["all_at_once_peak_rss_mib"] = int(proc.stdout.strip().splitlines()[-1]) / 1024
-    results["warm_phases"] = {name: median_phases(runs) for name, runs in warm_phases.items()}
-
-    # 8. the agent changed (the developer loop): the agent rebuilt, then every image assembled
-    # again from cached packages and written again; floor: go build + mke2fs -d of the final tars
-    agent_src = work / "agent-src"
-    first_bin = work / "first-bin"  # the agent the streams were assembled with (for 7.)
-    shutil.copytree(w.out / "bin", first_bin)
-    shutil.copytree(ROOT / "guest", agent_src)
-    change_env = {**env, "VULCAN_GUEST_SOURCE": str(agent_src), "VULCAN_TIMING": "1"}
-    changed, change_floor, change_phases = [], [], []
-    gobuild = [
-        str(go),
-        "build",
-        "-trimpath",
-        "-buildvcs=false",
-        "-ldflags=-s -w -buildid=",
-        "-o",
-        str(work / "agent"),
-        ".",
-    ]
-    # the floor's go build gets its own build cache, warmed like ours: with ours, it would find
-    # the very package our guest step just compiled and only link (a floor no build can reach)
-    go_env = {**env, "CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "", "GOCACHE": str(work / "gocache-floor")}
-    timed(gobuild, go_env, cwd=agent_src)  # warm it (the standard library), as ours is
-
-    def change_agent(tag: str) -> None:  # a change that stays in the binary
-        (agent_src / "bench_change.go").write_text(
-            f'package main\n\nimport "os"\n\nvar benchChange = "bench {tag}"\n\n'
-            "func init() {\n\tif len(os.Args) > 1000 {\n\t\tprintln(benchChange)\n\t}\n}\n"
-        )
-
-    # each size alone: the agent, then that one image (rootfs --runtime); floor: go build + mke2fs
-    one: dict[str, Any] = {}
-    for name in RUNTIMES:
-        ours, floors = [], []
-        for run in range(args.runs):
-            change_agent(f"{name} {run}")
-            t_guest, _ = timed([py, "-m", "scripts", "guest"], change_env)
-            t_rootfs, proc = timed([py, "-m", "scripts", "rootfs", "--runtime", name], change_env)
-            if "only the agent changed" not in proc.stderr:
-                raise SystemExit(f"bench: the agent change did not splice:\n{proc.stderr}")
-            ours.append(t_guest + t_rootfs)
-            manifest = json.loads((w.out / "images" / f"{name}.manifest.json").read_text())
-            tar = final_tar(py, env, w.out, name, arch, work)
-            floors.append(timed(gobuild, go_env, cwd=agent_src)[0] + mke2fs_floor(tar, manifest, work, env))
-        one[name] = {"rebuild_s": median(ours), "floor_s": median(floors), "ratio": median(ours) / median(floors)}
-    for run in range(args.runs):
-        change_agent(f"all {run}")
-        t_guest, _ = timed([py, "-m", "scripts", "guest"], change_env)
-        t_rootfs, proc = timed([py, "-m", "scripts", "rootfs", "--all"], change_env)
-        if "timing rootfs" not in proc.stderr:
-            raise SystemExit(f"bench: the agent change did not rebuild the images:\n{proc.stderr}")
-        changed.append(t_guest + t_rootfs)
-        change_phases.append({**phases(proc.stderr), "guest step (go build)": t_guest})
-        floor = timed(gobuild, go_env, cwd=agent_src)[0]
-        for name in RUNTIMES:
-            manifest = json.loads((w.out / "images" / f"{name}.manifest.json").read_text())
-            floor += mke2fs_floor(final_tar(py, env, w.out, name, arch, work), manifest, work, env)
-        change_floor.append(floor)
-    results["agent_change"] = {
-        "rebuild_s": median(changed), "floor_s": median(change_floor), "ratio": median(changed) / median(change_floor),
-        "each": one,
-        "phases": median_phases(change_phases),
-    }  # fmt: skip
-
-    # 7. squashfs: the same stream (cached), tar2sqfs with our options vs tar2sqfs alone
-    from scripts.formats import squashfs
-
-    sq_dir = work / "sq"
-    sq_dir.mkdir()
-    sq_pins = copy.deepcopy(w.pins)
-    sq_pins["alpine"]["formats"] = ["squashfs"]
-    (sq_dir / "pins.json").write_text(json.dumps(sq_pins))
-    shutil.copy(w.tmp / "alpine.lock.json", sq_dir / "alpine.lock.json")
-    sq_out = sq_dir / "out"
-    # the agent the cached streams hold: a warm rebuild (an agent change's stream is spliced
-    # in RAM and not kept, so after one a rebuild splices again)
-    shutil.copytree(first_bin, sq_out / "bin")
-    sq_env = {**env, "VULCAN_PINS": str(sq_dir / "pins.json"), "VULCAN_OUT": str(sq_out)}
-    sq: dict[str, Any] = {}
-    for name in RUNTIMES:
-        builds, floors, ram_floors = [], [], []
-        timed([py, "-m", "scripts", "rootfs", "--runtime", name], sq_env)  # stamp and stream in place
-        for _ in range(args.runs):
-            (sq_out / "images" / f"{name}.squashfs").unlink()
-            builds.append(timed([py, "-m", "scripts", "rootfs", "--runtime", name], sq_env)[0])
-            tar = cached_tar(
-                w.cache, json.loads((sq_out / "images" / f"{name}.manifest.json").read_text())["tar_sha256"]
-            )
-            for where, into in ((work, floors), (ram, ram_floors)):
-                start = time.perf_counter()
-                with open(tar, "rb") as stdin:
-                    subprocess.run(["tar2sqfs", *squashfs.options(1_700_000_000), str(where / "floor.sqfs")],
-                                   stdin=stdin, check=True)  # fmt: skip
-                into.append(time.perf_counter() - start)
-                (where / "floor.sqfs").unlink()
-        size = (sq_out / "images" / f"{name}.squashfs").stat().st_size
-        ext4_image = w.out / "images" / f"{name}.ext4"
-        sq[name] = {
-            "build_s": median(builds), "tar2sqfs_floor_s": median(floors), "ratio": median(builds) / median(floors),
-            "tar2sqfs_ram_floor_s": median(ram_floors), "ram_ratio": median(builds) / median(ram_floors),
-            "squashfs_mib": size / 2**20, "content_ratio": size / (warm[name]["content_mib"] * 2**20),
-            "ext4_ratio": size / (warm[name]["image_mib"] * 2**20),
-            "ext4_start_copies_mib": ext4_image.stat().st_blocks * 512 / 2**20, "squashfs_start_copies_mib": 0,
-        }  # fmt: skip
-    results["squashfs"] = {"level": squashfs.LEVEL, "block_size": squashfs.BLOCK_SIZE, "runtimes": sq}
-
-    # 6. boot under QEMU
-    kernel_xz = SHARED / "kernel/vmlinux.xz"
-    if not args.no_boot and kernel_xz.is_file() and shutil.which("qemu-system-x86_64") and arch == "x86_64":
-        import lzma
-
-        kernel = work / "vmlinux"
-        kernel.write_bytes(lzma.decompress(kernel_xz.read_bytes()))
-        boots: dict[str, float] = {}
-        for fmt, fmt_env in (("ext4", env), ("squashfs", sq_env)):
-            times = []
-            for _ in range(args.runs):
-                _, proc = timed([py, "-m", "scripts", "boot", "--vmm", "qemu", "--accel", "tcg", "--kernel", str(kernel),
-                                 "--format", fmt, "python"], fmt_env)  # fmt: skip
-                line = next(x for x in proc.stderr.splitlines() if "boot-to-smoke" in x)
-                times.append(float(line.split("boot-to-smoke ")[1].split("s")[0]))
-            boots[fmt] = median(times)
-        results["boot"] = {"qemu_tcg_boot_to_smoke_s": boots, "firecracker": "not measurable here (nested KVM)"}
-    else:
-        results["boot"] = {"skipped": "no test kernel / QEMU"}
-
-    server.shutdown()
+    for f in FIGURES:
+        b.results[f.key] = f.measure(b)
+    b.results.pop("squashfs_env", None)
     out = ROOT / "bench/results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(report(results))
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(ram, ignore_errors=True)
-    shutil.rmtree(floor_dir, ignore_errors=True)
+    (out / "latest.json").write_text(json.dumps(b.results, indent=1) + "\n")
+    print(report(b.results))
+    shutil.rmtree(b.work, ignore_errors=True)
+    shutil.rmtree(b.ram, ignore_errors=True)
     return 0
-
-
-def report(r: dict[str, Any]) -> str:
-    n, c = r["noop"], r["cold"]
-    lines = [
-        f"machine: {r['machine']['cpus']} CPUs, {r['machine']['platform']}, Python {r['machine']['python']}, "
-        f"e2fsprogs {r['machine']['e2fsprogs']}; medians of {r['runs']} runs",
-        "",
-        f"{'figure':<44} {'ours':>10} {'floor':>10} {'ratio':>7}  target",
-        f"{'no-op rootfs_all vs the same sessions empty':<44} {n['rootfs_all_s']:>9.2f}s {n['empty_sessions_s']:>9.2f}s "
-        f"{n['rootfs_all_s'] / n['empty_sessions_s']:>6.1f}x  ours <= 0.3 s: {n['ours_s']:.2f} s beyond nox "
-        f"({n['sessions']} sessions); {n['requests']} requests",
-    ]
-    for name, wv in r["warm"].items():
-        lines.append(
-            f"{'warm rebuild ' + name + ' vs mke2fs -d alone':<44} {wv['build_s']:>9.2f}s {wv['mke2fs_floor_s']:>9.2f}s "
-            f"{wv['ratio']:>6.2f}x  <= 1.5x (mke2fs writing in RAM: {wv['mke2fs_ram_floor_s']:.2f} s, {wv['ram_ratio']:.2f}x)"
-        )
-    lines.append(
-        f"{'cold build, all three (parallel fetch)':<44} {c['parallel_s']:>9.2f}s {c['serial_s']:>9.2f}s "
-        f"{c['speedup']:>6.2f}x  serial/parallel ({c['link']})"
-    )
-    lines.append(f"{'bytes fetched / unique bytes needed':<44} {c['bytes_fetched']:>10} {c['unique_bytes_needed']:>10} "
-                 f"{c['fetch_ratio']:>6.2f}   1.00")  # fmt: skip
-    for name, wv in r["warm"].items():
-        lines.append(
-            f"{'size ' + name + ' (' + str(wv['files']) + ' files)':<44} {wv['image_mib']:>8.0f}Mi {wv['content_mib']:>8.0f}Mi "
-            f"{wv['size_ratio']:>6.2f}x  <= {wv['size_target_mib']:.0f} MiB (1.15x content + 64); seed: 512 MiB"
-        )
-    for name, wv in r["warm"].items():
-        lines.append(
-            f"{'peak RSS building ' + name:<44} {wv['peak_rss_mib']:>8.0f}Mi {'':>10} {'':>7}  <= 200 MiB (go)"
-        )
-    lines.append(f"{'peak RSS, rootfs --all assembling all at once':<44} {r['all_at_once_peak_rss_mib']:>8.0f}Mi "
-                 f"{'':>10} {'':>7}  <= 200 MiB")  # fmt: skip
-    a = r["agent_change"]
-    for name, v in a["each"].items():
-        lines.append(f"{'agent changed: agent + the ' + name + ' image':<44} {v['rebuild_s']:>9.2f}s {v['floor_s']:>9.2f}s "
-                     f"{v['ratio']:>6.2f}x  <= 2x (floor: go build + mke2fs -d of the final tar)")  # fmt: skip
-    lines.append(f"{'agent changed: agent + all three images':<44} {a['rebuild_s']:>9.2f}s {a['floor_s']:>9.2f}s "
-                 f"{a['ratio']:>6.2f}x  <= 2x (floor: go build + mke2fs -d of the three final tars)")  # fmt: skip
-    q = r["squashfs"]
-    for name, v in q["runtimes"].items():
-        lines.append(f"{'warm squashfs ' + name + ' vs tar2sqfs alone':<44} {v['build_s']:>9.2f}s {v['tar2sqfs_floor_s']:>9.2f}s "
-                     f"{v['ratio']:>6.2f}x  <= 1.3x (zstd {q['level']}, {q['block_size'] // 1024} KiB blocks; "
-                     f"tar2sqfs writing in RAM: {v['tar2sqfs_ram_floor_s']:.2f} s, {v['ram_ratio']:.2f}x)")  # fmt: skip
-    for name, v in q["runtimes"].items():
-        lines.append(f"{'squashfs size ' + name + ' / content, / ext4':<44} {v['squashfs_mib']:>8.0f}Mi {'':>10} "
-                     f"{v['content_ratio']:>6.2f}x  <= 0.35x content; {v['ext4_ratio']:.2f}x the ext4 image")  # fmt: skip
-    for name, v in q["runtimes"].items():
-        lines.append(f"{'bytes a sandbox start copies, ' + name:<44} {v['squashfs_start_copies_mib']:>8.0f}Mi "
-                     f"{v['ext4_start_copies_mib']:>8.0f}Mi {'':>7}  squashfs (read-only, shared) vs ext4 (a copy per sandbox)")  # fmt: skip
-    b = r["boot"]
-    if "qemu_tcg_boot_to_smoke_s" in b:
-        for fmt, secs in b["qemu_tcg_boot_to_smoke_s"].items():
-            lines.append(f"{'QEMU (TCG) boot-to-smoke, python, ' + fmt:<44} {secs:>9.2f}s")
-    lines.append("Firecracker boot-to-ready: not measurable on these machines (their KVM runs only patched guests)")
-    lines.append("")
-    lines.append("where the time goes (the build's own phases, VULCAN_TIMING=1; medians, seconds):")
-    for name, ph in r["warm_phases"].items():
-        lines.append(f"  warm {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
-    lines.append("  agent change, all three: " + ", ".join(f"{k} {v:.2f}" for k, v in a["phases"].items()))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import no_space
 from .sparse import allocated_bytes, sparse_copy
-from .workspace import directory_lock
+from .workspace import directory_lock, remove_if_abandoned
 
 
 def _space(exc: OSError, path: Path, needed: int | None = None) -> BaseException:
@@ -52,17 +52,7 @@ def _sweep_temps(dest: Path) -> None:
     """Remove temporary files of ``dest`` left by runs that died (kill -9 while publishing): a
     live run holds an flock on its own (below), so only the unlocked ones go."""
     for tmp in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
-        try:
-            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # a live run's
-        finally:
-            os.close(fd)
+        remove_if_abandoned(tmp, os.O_NOFOLLOW, lambda p: p.unlink(missing_ok=True))
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 It resolves the binary with shutil.which, fails with an install hint when it is missing, logs
 the command with shlex.join, and on failure shows the command, exit code and captured stderr.
-VMs, which run in the background, are started by boot.py with ``which()`` from here.
+VMs, which run in the background, are started by vm/__init__.py (running()), bound to us the same way.
 """
 
 from __future__ import annotations

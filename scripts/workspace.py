@@ -17,7 +17,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SCRATCH_PREFIX = ".vulcan-"
@@ -59,21 +59,28 @@ def remove_stale(parent: Path) -> list[Path]:
     except OSError:
         return removed
     for path in candidates:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue  # a live run holds it
-        try:
-            shutil.rmtree(path, ignore_errors=True)
+        if remove_if_abandoned(path, os.O_DIRECTORY, lambda p: shutil.rmtree(p, ignore_errors=True)):
             removed.append(path)
-        finally:
-            os.close(fd)
     return removed
+
+
+def remove_if_abandoned(path: Path, flags: int, remove: Callable[[Path], None]) -> bool:
+    """Remove ``path`` (a scratch directory, a temporary file) unless a live run holds its flock;
+    taking the flock first means no run can be holding it while it goes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | flags)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False  # a live run's
+    try:
+        remove(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -1,13 +1,13 @@
 """`nox -s boot`: prove that images boot and run their runtime.
 
-- Firecracker (needs /dev/kvm; firecracker_vm.py): ``bin/firecracker --no-api --config-file``,
+- Firecracker (needs /dev/kvm; firecracker.py): ``bin/firecracker --no-api --config-file``,
   wait for ``vulcan-guest: ready`` on the serial console, reach the agent over vsock, run the
   runtime check and a program, stop the VM; reports boot-to-ready time. ``--jailer``: through
   the jailer, as in production.
 - QEMU (``--vmm qemu``; qemu.py): ``microvm``/``virt`` with virtio-mmio, KVM if usable else TCG,
   and ``vulcan.smoke=1``: success is the agent's ``vulcan-smoke: ok`` line; reports boot-to-smoke.
 Every VM runs under a timeout and is always killed; a writable one on a scratch copy of the
-image, a read-only one on the image itself with an overlay (vm.py).
+image, a read-only one on the image itself with an overlay (__init__.py).
 """
 
 from __future__ import annotations
