@@ -42,6 +42,7 @@ class BootResult:
     detail: str
     console: Path
     copied_bytes: int = 0  # what the sandbox start copied (0 for a read-only image)
+    stopped_by_host: bool = False  # this host's KVM stopped the guest (another VMM here may boot it)
 
     def as_json(self) -> dict[str, object]:
         return {"runtime": self.runtime, "format": self.fmt, "vmm": self.vmm, "ok": self.ok,

@@ -128,14 +128,18 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
             )
         t = Target(rt, image, args.format, args.read_only or not formats.get(args.format).writable, args.overlay,
                    args.append)  # fmt: skip
-        if which_vmm == "qemu":
-            r = boot_qemu(t, kernel, arch, args.timeout, args.accel)
-        else:
+        if which_vmm == "firecracker":
             try:
                 r = boot_firecracker(t, known[rt], kernel, arch, args.timeout, args.jailer)
             except (VulcanError, OSError) as exc:
                 r = BootResult(rt, t.fmt, "firecracker", False, 0.0, str(exc),
                                paths.console_log(rt, t.fmt, "firecracker", arch))  # fmt: skip
+            if r.stopped_by_host and args.vmm == "auto" and shutil.which(QEMU[arch]) and not args.jailer:
+                log.warn(f"boot {rt}: leaving Firecracker: {r.detail}; booting with QEMU instead "
+                         f"(console log of the Firecracker attempt: {r.console})")  # fmt: skip
+                which_vmm = "qemu"  # and for the runtimes after this one
+        if which_vmm == "qemu":
+            r = boot_qemu(t, kernel, arch, args.timeout, args.accel)
         results.append(r)
         what = "boot-to-smoke" if which_vmm == "qemu" else "boot-to-ready"
         status = "ok" if r.ok else "FAILED"

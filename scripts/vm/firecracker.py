@@ -37,33 +37,81 @@ class Jail:
     uid: int = JAILED_UID
     gid: int = JAILED_GID
     mem_mib: int = 256
+    cgroups: bool = True  # a memory limit through cgroup v2 (only where the host has it)
 
     @property
     def root(self) -> Path:
         return self.base / self.firecracker.name / self.id / "root"
 
     def argv(self, config_in_jail: str) -> list[str]:
+        limit = ["--cgroup-version", "2", "--cgroup", f"memory.max={self.mem_mib << 20}"] if self.cgroups else []
         return [
             str(self.jailer), "--id", self.id, "--exec-file", str(self.firecracker),
-            "--uid", str(self.uid), "--gid", str(self.gid), "--chroot-base-dir", str(self.base),
-            "--cgroup-version", "2", "--cgroup", f"memory.max={self.mem_mib << 20}",
+            "--uid", str(self.uid), "--gid", str(self.gid), "--chroot-base-dir", str(self.base), *limit,
             "--", "--no-api", "--config-file", config_in_jail,
         ]  # fmt: skip
 
     def place(self, src: Path, name: str, writable: bool) -> Path:
-        """Put a file the VM needs into the jail (hard link when it can, else a copy) and give
-        the jailed user what it needs of it; returns its path inside the jail."""
+        """Put a file the VM needs into the jail and give the jailed user what it needs of it;
+        returns its path inside the jail. A hard link is the same inode as ``src``: it is used
+        only where nothing of the file must change (read-only, and readable by everyone); else a
+        copy (sparse) is made and changed. (A hard-linked then chmod-ed image changed the mode of
+        the published image itself.)"""
         self.root.mkdir(parents=True, exist_ok=True)
         dest = self.root / name
-        try:
-            os.link(src, dest)
-        except OSError:
+        st = os.stat(src)
+        linked = False
+        if not writable and st.st_mode & 0o004:
+            try:
+                os.link(src, dest)
+                linked = True
+            except OSError:  # another file system
+                pass
+        if not linked:
             sparse.sparse_copy(src, dest)
-        if writable:
-            os.chown(dest, self.uid, self.gid)
-        else:
-            os.chmod(dest, 0o644)
+            if writable:
+                os.chown(dest, self.uid, self.gid)
+            else:
+                os.chmod(dest, 0o644)
         return Path("/") / name
+
+
+def cgroup_v2_problem(root: Path = Path("/sys/fs/cgroup")) -> str | None:
+    """Why the jailer cannot put the VM in a cgroup v2 with a memory limit here, or None (the
+    jailer panics with "Controller memory is unavailable" on a host without it)."""
+    try:
+        controllers = (root / "cgroup.controllers").read_text().split()
+    except OSError:
+        return f"{root} is not a cgroup v2 hierarchy (no cgroup.controllers)"
+    if "memory" not in controllers:
+        return f"the memory controller is not enabled in {root}"
+    return None
+
+
+READY = "vulcan-guest: ready"
+# What Firecracker prints when it stops before the guest is ready (v1.12 and later): the host's
+# KVM gave up on the guest (a nested, paravirtual KVM that runs only patched guests stops a
+# normal kernel in its early boot), or Firecracker refused the VM it was given.
+KVM_STOPPED = "KVM_EXIT_INTERNAL_ERROR"
+REFUSED = "RunWithoutApiError error: "
+STOPPED = (KVM_STOPPED, REFUSED, "Firecracker exiting with error")
+NESTED_KVM = (
+    "the guest kernel started, then this host's KVM stopped it (KVM_EXIT_INTERNAL_ERROR): a nested KVM that runs "
+    "only patched guests; boot on a host with a normal /dev/kvm, or use --vmm qemu"
+)
+
+
+def _why_not_ready(line: str | None, exited: int | None, tail: list[str], timeout: float) -> tuple[str, bool]:
+    """What happened instead of ``vulcan-guest: ready``, said for a user; and whether it was
+    this host's KVM (then another VMM on this host may still boot the image)."""
+    if line is not None and KVM_STOPPED in line:
+        return NESTED_KVM, True
+    refused = next((x for x in [line or "", *tail] if REFUSED in x), None)
+    if refused is not None:  # Firecracker's own words: the config, a file it names, the kernel
+        return f"Firecracker refused the VM: {refused.split(REFUSED, 1)[1].strip()}", False
+    if exited is not None:
+        return f"Firecracker exited with status {exited} before the guest was ready: {' | '.join(tail[-5:])}", False
+    return f"no '{READY}' within {timeout:.0f}s; last console lines: {tail[-5:]}", False
 
 
 def boot_firecracker(
@@ -82,7 +130,11 @@ def boot_firecracker(
             cfg.write_text(json.dumps(conf, indent=1))
             cmd = [str(firecracker), "--no-api", "--config-file", str(cfg)]
         else:
-            jail = Jail(paths.vmm(arch, "jailer"), firecracker, scratch / "jail", JAILER_ID.format(runtime=runtime))
+            problem = cgroup_v2_problem()
+            if problem is not None:
+                log.warn(f"!!! boot {runtime}: jailed WITHOUT a memory limit: {problem} !!!")
+            jail = Jail(paths.vmm(arch, "jailer"), firecracker, scratch / "jail", JAILER_ID.format(runtime=runtime),
+                        cgroups=problem is None)  # fmt: skip
             root = jail.place(disks.root, f"rootfs.{t.fmt}", writable=not disks.read_only)
             upper = jail.place(disks.scratch, "upper.img", writable=True) if disks.scratch else None
             conf = firecracker_config(jail.place(kernel, "vmlinux", writable=False), root, Path("/vsock.sock"),
@@ -94,12 +146,13 @@ def boot_firecracker(
         console_log = paths.console_log(runtime, t.fmt, "firecracker", arch)
         log.info(f"boot {runtime}: {' '.join(cmd)} (console log {console_log})")
         start = time.monotonic()
-        with running(cmd, console_log, cwd=scratch) as (_, console):
-            line = console.wait_for(("vulcan-guest: ready",), start + timeout)
+        with running(cmd, console_log, cwd=scratch) as (proc, console):
+            line = console.wait_for((READY, *STOPPED), start + timeout)
             ready = time.monotonic() - start
-            if line is None:
-                why = f"no 'vulcan-guest: ready' within {timeout:.0f}s; last console lines: {console.tail[-5:]}"
-                return BootResult(runtime, t.fmt, "firecracker", False, ready, why, console_log)
+            if line is None or READY not in line:
+                exited = proc.wait(timeout=10) if console.ended.is_set() else proc.poll()
+                why, host = _why_not_ready(line, exited, console.tail, timeout)
+                return BootResult(runtime, t.fmt, "firecracker", False, ready, why, console_log, stopped_by_host=host)
             client = AgentClient(vsock_connect(str(uds), AGENT_PORT, timeout=30))
             try:
                 client.ping()

@@ -47,12 +47,15 @@ def version_program(text: str, arch: str) -> bytes:
     return f'#!/bin/sh\necho "{text}"\n'.encode()
 
 
-def firecracker_tgz(version: str, arch: str, extra_member: bool = True) -> bytes:
-    """A Firecracker-release-shaped archive whose binaries print their version."""
+def firecracker_tgz(version: str, arch: str, extra_member: bool = True, real: Path | None = None) -> bytes:
+    """A Firecracker-release-shaped archive whose binaries print their version; with ``real``
+    (a directory holding firecracker and jailer), the real binaries in the upstream layout."""
     top = f"release-v{version}-{arch}"
+    fc = (real / "firecracker").read_bytes() if real else version_program(f"Firecracker v{version}", arch)
+    jailer = (real / "jailer").read_bytes() if real else version_program(f"Jailer v{version}", arch)
     members = {
-        f"{top}/firecracker-v{version}-{arch}": version_program(f"Firecracker v{version}", arch),
-        f"{top}/jailer-v{version}-{arch}": version_program(f"Jailer v{version}", arch),
+        f"{top}/firecracker-v{version}-{arch}": fc,
+        f"{top}/jailer-v{version}-{arch}": jailer,
         f"{top}/seccomp-filter-v{version}-{arch}.json": b"{}\n",
     }
     sums = "".join(f"{sha256(d)}  {n.rsplit('/', 1)[1]}\n" for n, d in members.items())
@@ -202,3 +205,28 @@ def built_world(
     finally:
         server.shutdown()
         server.server_close()
+
+
+REAL_FIRECRACKER = SHARED / "firecracker-v1.12.1" / "x86_64"
+REAL_FIRECRACKER_VERSION = "1.12.1"
+
+
+def require_real_firecracker() -> Path:
+    """The real Firecracker 1.12.1 and jailer in ../shared (a test oracle), or a skip saying why."""
+    if host_arch() != "x86_64":
+        pytest.skip("the real Firecracker in ../shared is an x86_64 build")
+    if not (REAL_FIRECRACKER / "firecracker").is_file():
+        pytest.skip(f"no real Firecracker at {REAL_FIRECRACKER} (../shared/testdata/firecracker-v1.12.1)")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("/dev/kvm is not usable here: Firecracker cannot start a VM")
+    return REAL_FIRECRACKER
+
+
+def serve_real_firecracker(w: World) -> None:
+    """Pin Firecracker to the real 1.12.1, served from the mirror as GitHub serves a release."""
+    fc = w.pins["firecracker"]
+    fc["version"] = REAL_FIRECRACKER_VERSION
+    for arch in ("x86_64", "aarch64"):
+        tgz = firecracker_tgz(fc["version"], arch, real=REAL_FIRECRACKER if arch == "x86_64" else None)
+        fc["sha256"][arch] = sha256(tgz)
+        w.mirror.add(fc["url"].format(version=fc["version"], arch=arch), tgz)

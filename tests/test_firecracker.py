@@ -1,0 +1,142 @@
+"""The real Firecracker (1.12.1, from ../shared) as the oracle of our Firecracker path: a real
+release downloaded and verified, every boot shape started by it as far as this machine allows
+(the guest kernel's early boot: then the nested KVM stops the guest), its own errors said, the
+jailer for real. What only a normal KVM shows (init, the agent, the vsock round trip) is CI's
+boot job."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scripts.vm.firecracker import NESTED_KVM
+from tests.support import imagerepo
+from tests.support.world import (
+    SHARED,
+    World,
+    built_world,
+    require_real_firecracker,
+    serve_real_firecracker,
+    sha256,
+)
+
+TEST_KERNEL = SHARED / "kernel" / "vmlinux.xz"
+pytestmark = pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="squashfs-tools-ng is not installed")
+
+
+@pytest.fixture(scope="module")
+def fc(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
+    require_real_firecracker()
+    if not TEST_KERNEL.is_file():
+        pytest.skip(f"{TEST_KERNEL} is absent")
+
+    def prepare(w: World) -> None:
+        imagerepo.setup(w, runtimes={"python": imagerepo.RUNTIMES["python"]})
+        serve_real_firecracker(w)
+        kernel = w.pins["kernel"]
+        vmlinux = lzma.decompress(TEST_KERNEL.read_bytes())
+        kernel["sha256"]["x86_64"] = sha256(vmlinux)
+        w.mirror.add(kernel["url"].format(version=kernel["version"], arch="x86_64"), vmlinux)
+
+    with built_world(tmp_path_factory.mktemp("fc"), go_build_cache, agent_bin, prepare=prepare,
+                     formats=["ext4", "squashfs"], download=True) as w:  # fmt: skip
+        yield w
+
+
+def test_a_real_release_is_downloaded_and_verified(fc: World) -> None:
+    rows = {(r["artifact"], r["check"]): r for r in json.loads(fc.run("verify", "--json").stdout)["rows"]}
+    assert rows[("bin/firecracker", "--version")] == {"artifact": "bin/firecracker", "check": "--version",
+                                                      "result": "pass", "detail": "Firecracker v1.12.1"}  # fmt: skip
+    assert rows[("bin/jailer", "--version")]["detail"] == "Jailer v1.12.1"
+    assert rows[("bin/firecracker", "ELF machine")]["result"] == "pass"
+
+
+def _state(p: Path) -> tuple[str, int, int, int]:
+    st = p.stat()
+    return sha256(p.read_bytes()), st.st_mode, st.st_uid, st.st_gid
+
+
+def _boot(fc: World, tmp_path: Path, *args: str) -> tuple[int, dict, str]:  # type: ignore[type-arg]
+    report = tmp_path / "report.json"
+    proc = fc.run("boot", "--report", str(report), "--timeout", "120", *args, "python")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(report.read_text())[0], proc.stderr
+
+
+def _scratch_left() -> set[str]:
+    return {p.name for p in Path("/tmp").glob(".vulcan-fc-*")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fmt", "extra", "wanted"),
+    [
+        ("ext4", [], {"root=/dev/vda", "rw"}),
+        ("ext4", ["--read-only"], {"root=/dev/vda", "ro", "rootfstype=ext4", "init=/etc/vulcan/overlay-init",
+                                   "vulcan.overlay=tmpfs"}),
+        ("squashfs", [], {"root=/dev/vda", "ro", "rootfstype=squashfs", "init=/etc/vulcan/overlay-init",
+                          "vulcan.overlay=tmpfs"}),
+        ("squashfs", ["--overlay", "disk"], {"root=/dev/vda", "ro", "rootfstype=squashfs", "vulcan.overlay=/dev/vdb"}),
+    ],
+    ids=["ext4", "ext4-read-only", "squashfs-tmpfs", "squashfs-disk"],
+)  # fmt: skip
+def test_every_boot_shape_is_started_by_real_firecracker(
+    fc: World, tmp_path: Path, fmt: str, extra: list[str], wanted: set[str]
+) -> None:
+    """Firecracker accepts the config we write and starts the VM; the guest kernel gets exactly
+    the command line we meant; then this host's KVM stops it, and boot says that at once."""
+    image = fc.out / "images" / f"python.{fmt}"
+    before, left_before = _state(image), _scratch_left()
+    code, result, _ = _boot(fc, tmp_path, "--vmm", "firecracker", "--format", fmt, *extra)
+    assert code == 1 and not result["ok"]
+    assert result["detail"] == NESTED_KVM
+    assert result["seconds"] < 60  # it stopped when Firecracker did, not at the timeout
+    console = Path(result["console"]).read_text()
+    assert "Successfully started microvm that was configured from one single json" in console
+    line = next(x for x in console.splitlines() if "Command line: " in x).split("Command line: ", 1)[1]
+    args = set(line.split())
+    assert wanted | {"console=ttyS0", "reboot=k", "panic=1", "vulcan.port=52"} <= args, line
+    if fmt == "ext4" and not extra:
+        assert not any(a.startswith(("init=", "vulcan.overlay")) for a in args), line
+    assert _state(image) == before  # the published image: same bytes, mode and owner
+    assert _scratch_left() == left_before  # the scratch copy, config and sockets are gone
+
+
+def test_firecrackers_own_error_reaches_the_user(fc: World, tmp_path: Path) -> None:
+    code, result, _ = _boot(fc, tmp_path, "--vmm", "firecracker", "--kernel", "/etc/passwd")
+    assert code == 1
+    assert result["detail"].startswith("Firecracker refused the VM: "), result
+    assert "Invalid Elf magic number" in result["detail"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+def test_auto_leaves_firecracker_for_qemu_and_says_why(fc: World, tmp_path: Path) -> None:
+    code, result, err = _boot(fc, tmp_path, "--vmm", "auto", "--accel", "tcg")
+    assert code == 0 and result["ok"] and result["vmm"].startswith("qemu"), result
+    assert f"leaving Firecracker: {NESTED_KVM}; booting with QEMU instead" in err
+
+
+@pytest.mark.slow
+def test_a_jailed_boot_leaves_the_published_image_as_it_was(fc: World, tmp_path: Path) -> None:
+    """Through the real jailer (chroot, uid/gid 65534). The read-only image is hard-linked into
+    the jail only as it is: it used to be chmod-ed there, changing the published image's mode."""
+    if os.geteuid() != 0:
+        pytest.skip("the jailer needs root")
+    image = fc.out / "images" / "python.squashfs"
+    image.chmod(0o640)  # not world-readable: the jail gets a copy it may change, not a link
+    before, left_before = _state(image), _scratch_left()
+    code, result, err = _boot(fc, tmp_path, "--vmm", "firecracker", "--jailer", "--format", "squashfs")
+    assert code == 1 and result["detail"] == NESTED_KVM, result
+    if not Path("/sys/fs/cgroup/cgroup.controllers").is_file():
+        assert re.search(r"jailed WITHOUT a memory limit: /sys/fs/cgroup is not a cgroup v2 hierarchy", err), err
+    assert _state(image) == before
+    image.chmod(0o644)
+    assert _scratch_left() == left_before  # the jail went with the scratch directory
