@@ -53,15 +53,22 @@ def interactive() -> bool:
 class _Config:
     ci: bool = False  # CI: plain lines, never a progress bar
     timing: str | None = None  # VULCAN_TIMING: "1" a line of phases per build, "json" a JSON line
+    debug: bool = False  # --debug: tracebacks, and the lines debug() writes
 
 
 _config = _Config()
 
 
-def setup(ci: bool, timing: str | None) -> None:
+def setup(ci: bool, timing: str | None, debug: bool = False) -> None:
     """What the settings say about output (``python -m scripts`` calls it once they are checked):
     the log reads no environment itself, so it imports nothing of ours but text.py."""
-    _config.ci, _config.timing = ci, timing
+    _config.ci, _config.timing, _config.debug = ci, timing, debug
+
+
+def debug(msg: str) -> None:
+    """A line for ``--debug`` only (API requests and answers, ...)."""
+    if _config.debug:
+        info(f"debug: {msg}")
 
 
 class Progress:

@@ -140,3 +140,24 @@ def test_a_jailed_boot_leaves_the_published_image_as_it_was(fc: World, tmp_path:
     assert _state(image) == before
     image.chmod(0o644)
     assert _scratch_left() == left_before  # the jail went with the scratch directory
+
+
+@pytest.mark.slow
+def test_the_api_socket_starts_the_same_vm_as_the_config_file(fc: World, tmp_path: Path) -> None:
+    """boot --api: PUT /boot-source, /drives/<id>, /machine-config, /vsock, /actions on the
+    socket, as Vulcan hosts drive Firecracker: the guest kernel gets the same command line."""
+    lines = {}
+    for mode in ([], ["--api"]):
+        code, result, _ = _boot(fc, tmp_path, "--vmm", "firecracker", "--format", "squashfs", *mode, "--debug")
+        assert code == 1 and result["detail"] == NESTED_KVM, result
+        console = Path(result["console"]).read_text()
+        lines[bool(mode)] = next(x for x in console.splitlines() if "Command line: " in x).split("Command line: ")[1]
+    assert lines[True] == lines[False]
+
+
+def test_a_request_firecracker_refuses_on_the_api_socket_is_said_in_its_words(fc: World, tmp_path: Path) -> None:
+    code, result, err = _boot(fc, tmp_path, "--vmm", "firecracker", "--api", "--kernel", "/etc/passwd", "--debug")
+    assert code == 1
+    assert result["detail"].startswith("Firecracker refused PUT /actions (HTTP 400): "), result
+    assert "Invalid Elf magic number" in result["detail"]
+    assert "debug: api PUT /boot-source" in err and "-> 204" in err  # the requests, logged under --debug

@@ -372,7 +372,7 @@ def test_the_jailer_gets_the_documented_flags_and_a_chroot_holding_everything(tm
     assert inside == (Path("/rootfs.squashfs"), Path("/vmlinux"))
     assert jail.root == tmp_path / "jail/firecracker/vulcan-python/root"
     assert (jail.root / "rootfs.squashfs").read_bytes() == image.read_bytes()
-    argv = jail.argv("/vm.json")
+    argv = jail.argv(["--no-api", "--config-file", "/vm.json"])
     flags = dict(zip(argv[1 : argv.index("--") : 2], argv[2 : argv.index("--") : 2], strict=True))
     assert flags == {"--id": "vulcan-python", "--exec-file": str(tmp_path / "bin/firecracker"), "--uid": "65534",
                      "--gid": "65534", "--chroot-base-dir": str(tmp_path / "jail"), "--cgroup-version": "2",

@@ -76,6 +76,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--jailer", action="store_true",
                    help="start Firecracker through bin/jailer (chroot, cgroup, uid/gid 65534), as in production; "
                    "needs root")  # fmt: skip
+    p.add_argument(
+        "--api",
+        action="store_true",
+        help="configure Firecracker through its API socket (as Vulcan hosts do), not --config-file",
+    )
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"], help="QEMU accelerator")
     p.add_argument("--kernel", type=Path, help="guest kernel (default: bin/vmlinux from 'nox -s download')")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per VM (default 300: TCG is slow)")
@@ -130,7 +135,7 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
                    args.append)  # fmt: skip
         if which_vmm == "firecracker":
             try:
-                r = boot_firecracker(t, known[rt], kernel, arch, args.timeout, args.jailer)
+                r = boot_firecracker(t, known[rt], kernel, arch, args.timeout, args.jailer, args.api)
             except (VulcanError, OSError) as exc:
                 r = BootResult(rt, t.fmt, "firecracker", False, 0.0, str(exc),
                                paths.console_log(rt, t.fmt, "firecracker", arch))  # fmt: skip

@@ -17,6 +17,7 @@ from .. import log, paths, sparse, workspace
 from ..pins import Runtime
 from . import AGENT_PORT, BootFailed, BootResult, Target, prepare_disks, running
 from .agent import AgentClient, vsock_connect
+from .api import ApiError, configure_and_start, wait_for_socket
 from .firecracker_config import config as firecracker_config
 
 JAILER_ID = "vulcan-{runtime}"
@@ -43,12 +44,13 @@ class Jail:
     def root(self) -> Path:
         return self.base / self.firecracker.name / self.id / "root"
 
-    def argv(self, config_in_jail: str) -> list[str]:
+    def argv(self, firecracker_args: list[str]) -> list[str]:
+        """The jailer's command line; ``firecracker_args`` (after ``--``) name paths inside the jail."""
         limit = ["--cgroup-version", "2", "--cgroup", f"memory.max={self.mem_mib << 20}"] if self.cgroups else []
         return [
             str(self.jailer), "--id", self.id, "--exec-file", str(self.firecracker),
             "--uid", str(self.uid), "--gid", str(self.gid), "--chroot-base-dir", str(self.base), *limit,
-            "--", "--no-api", "--config-file", config_in_jail,
+            "--", *firecracker_args,
         ]  # fmt: skip
 
     def place(self, src: Path, name: str, writable: bool) -> Path:
@@ -115,8 +117,10 @@ def _why_not_ready(line: str | None, exited: int | None, tail: list[str], timeou
 
 
 def boot_firecracker(
-    t: Target, rt: Runtime, kernel: Path, arch: str, timeout: float, jailed: bool = False
+    t: Target, rt: Runtime, kernel: Path, arch: str, timeout: float, jailed: bool = False, api: bool = False
 ) -> BootResult:
+    """``api``: configure the VM through Firecracker's API socket (as Vulcan hosts and snapshots
+    do) instead of ``--config-file``: the same description of the VM (firecracker_config.py)."""
     runtime = t.runtime
     firecracker = paths.vmm(arch, "firecracker")
     with workspace.scratch(Path(tempfile.gettempdir()), "fc") as scratch:
@@ -124,11 +128,12 @@ def boot_firecracker(
         extra = f"vulcan.port={AGENT_PORT} {disks.kernel_args(with_root=False)} {t.append}".strip()
         if not jailed:
             uds = scratch / "vsock.sock"
-            cfg = scratch / "vm.json"
+            cfg, sock = scratch / "vm.json", scratch / "api.sock"
             conf = firecracker_config(kernel, disks.root, uds, extra_args=extra, read_only=disks.read_only,
                                       scratch=disks.scratch)  # fmt: skip
             cfg.write_text(json.dumps(conf, indent=1))
-            cmd = [str(firecracker), "--no-api", "--config-file", str(cfg)]
+            fc_args = ["--api-sock", str(sock)] if api else ["--no-api", "--config-file", str(cfg)]
+            cmd = [str(firecracker), *fc_args]
         else:
             problem = cgroup_v2_problem()
             if problem is not None:
@@ -140,13 +145,20 @@ def boot_firecracker(
             conf = firecracker_config(jail.place(kernel, "vmlinux", writable=False), root, Path("/vsock.sock"),
                                       extra_args=extra, read_only=disks.read_only, scratch=upper)  # fmt: skip
             (jail.root / "vm.json").write_text(json.dumps(conf, indent=1))
-            os.chown(jail.root, jail.uid, jail.gid)  # Firecracker creates the vsock socket there
-            uds = jail.root / "vsock.sock"
-            cmd = jail.argv("/vm.json")
+            os.chown(jail.root, jail.uid, jail.gid)  # Firecracker creates the vsock (and API) socket there
+            uds, sock = jail.root / "vsock.sock", jail.root / "api.sock"
+            cmd = jail.argv(["--api-sock", "/api.sock"] if api else ["--no-api", "--config-file", "/vm.json"])
         console_log = paths.console_log(runtime, t.fmt, "firecracker", arch)
         log.info(f"boot {runtime}: {' '.join(cmd)} (console log {console_log})")
         start = time.monotonic()
         with running(cmd, console_log, cwd=scratch) as (proc, console):
+            if api:
+                try:
+                    wait_for_socket(sock, 30, alive=lambda: proc.poll() is None)
+                    configure_and_start(sock, conf)
+                except ApiError as exc:
+                    why = exc.message + (f" | {' | '.join(console.tail[-3:])}" if proc.poll() is not None else "")
+                    return BootResult(runtime, t.fmt, "firecracker", False, time.monotonic() - start, why, console_log)
             line = console.wait_for((READY, *STOPPED), start + timeout)
             ready = time.monotonic() - start
             if line is None or READY not in line:
