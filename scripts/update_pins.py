@@ -25,6 +25,7 @@ import json
 import re
 import tarfile
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
@@ -127,20 +128,51 @@ def list_bucket(prefix: str) -> list[dict[str, str]]:
     raise VulcanError(f"{BUCKET}: listing did not end after 100 pages")
 
 
-def newest_kernel(pins: Pins, wanted: str | None) -> dict[str, Any]:
-    line = _line(pins.kernel.version, 2)
+# Firecracker's guest kernel policy (docs/kernel-policy.md): each line, the first release that
+# supports it, and its minimum end of support. update_pins follows the newest line the pinned
+# Firecracker supports that the CI bucket holds; the pinned line otherwise (said when its
+# support has ended). ``--kernel 6.1.N`` pins any version of a supported line.
+KERNEL_POLICY: dict[tuple[int, ...], tuple[str, str]] = {
+    (6, 1): ("1.0.0", "2026-09-02"),
+    (6, 18): ("1.16.1", "2028-06-01"),
+}
+
+
+def kernel_lines(firecracker: str) -> list[tuple[int, ...]]:
+    """The guest kernel lines Firecracker ``firecracker`` supports, newest first."""
+    fc = Version(firecracker)
+    lines = [line for line, (since, _) in KERNEL_POLICY.items() if fc >= Version(since)]
+    return sorted(lines, reverse=True)
+
+
+def newest_kernel(pins: Pins, wanted: str | None, firecracker: str | None = None) -> dict[str, Any]:
+    supported = kernel_lines(firecracker or pins.firecracker.version)
+    pinned = _line(pins.kernel.version, 2)
     found: dict[tuple[str, str], dict[str, dict[str, str]]] = {}
     for obj in list_bucket("firecracker-ci/"):
         m = _KERNEL_KEY.match(obj["Key"])
-        if not m or _line(m.group("v"), 2) != line:
+        if not m or (_line(m.group("v"), 2) not in supported and _line(m.group("v"), 2) != pinned):
             continue
         if wanted is not None and m.group("v") != wanted:
             continue
         found.setdefault((m.group("v"), m.group("prefix")), {})[m.group("arch")] = obj
     complete = [k for k, v in found.items() if set(v) == set(ARCHES)]
-    if not complete:
-        raise PinError(f"no vmlinux-{wanted or '.'.join(map(str, line)) + '.*'} for both architectures in {BUCKET}")
-    version, prefix = max(complete, key=lambda k: (Version(k[0]), k[1]))
+    lines_found = sorted({_line(k[0], 2) for k in complete}, reverse=True)
+    line = next((x for x in lines_found if x in supported and x >= pinned), None) or (
+        pinned if pinned in lines_found else None
+    )
+    if wanted is not None and complete:
+        line = _line(wanted, 2)
+    if line is None:
+        which = wanted or ", ".join(".".join(map(str, x)) + ".*" for x in dict.fromkeys([*supported, pinned]))
+        raise PinError(f"no vmlinux-{which} for both architectures in {BUCKET}")
+    _, until = KERNEL_POLICY.get(line, ("", ""))
+    if not until:
+        log.warn(f"kernel {'.'.join(map(str, line))} is not a line Firecracker's kernel policy lists")
+    elif time.strftime("%Y-%m-%d") > until:
+        log.warn(f"kernel {'.'.join(map(str, line))}: Firecracker's minimum end of support ({until}) has passed; "
+                 "the bucket has no newer supported line yet")  # fmt: skip
+    version, prefix = max((k for k in complete if _line(k[0], 2) == line), key=lambda k: (Version(k[0]), k[1]))
     template = f"{BUCKET}/firecracker-ci/{prefix}/{{arch}}/vmlinux-{{version}}"
     entry = dict(pins.raw["kernel"], version=version, url=template, sha256={})
     for arch in ARCHES:
@@ -232,7 +264,7 @@ def alpine_keys(pins: Pins) -> dict[str, Any]:
 def proposed(pins: Pins, args: argparse.Namespace) -> dict[str, Any]:
     new = copy.deepcopy(dict(pins.raw))
     new["firecracker"] = newest_firecracker(pins, args.firecracker)
-    new["kernel"] = newest_kernel(pins, args.kernel)
+    new["kernel"] = newest_kernel(pins, args.kernel, new["firecracker"]["version"])
     if pins.go is not None:
         new["go"] = newest_go(pins, args.go)
     if pins.alpine_pins is not None:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from scripts.pins import host_arch
-from tests.support.world import REPO, World
+from tests.support.world import BASE_PINS, REPO, World
 
 ARCH = host_arch()
 FC_TGZ = f"firecracker-v1.17.0-{ARCH}.tgz"
-KERNEL = "vmlinux-6.1.186"
+KERNEL = f"vmlinux-{BASE_PINS['kernel']['version']}"  # the pinned line (6.18)
 
 
 def bin_files(w: World) -> dict[str, int]:

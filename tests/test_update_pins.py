@@ -100,6 +100,9 @@ def upstream(world: World) -> World:
         pkgs["main"].append(Pkg("alpine-keys", "2.6-r0", arch, entries=keys_entries))
         publish(m, pkgs, arch)
     world.pins["alpine"] = imagerepo.alpine_pins(imagerepo.RUNTIMES, imagerepo.BASE, ["main", "community"])
+    # the 6.1 line pinned, newer 6.1 builds in the bucket (the 6.18 line joins it in a test below)
+    world.pins["kernel"]["version"] = "6.1.186"
+    world.pins["kernel"]["url"] = f"{BUCKET}/firecracker-ci/{OLD_PREFIX}/{{arch}}/vmlinux-{{version}}"
     world.write_pins()
     # the workflow's actions: each one's pinned tag is its latest release (a test changes that)
     for repo, _sha, tag in re.findall(r"uses: ([\w.-]+/[\w.-]+)@([0-9a-f]{40}) # (v[\d.]+)", WORKFLOW.read_text()):
@@ -183,3 +186,26 @@ def test_network_errors_leave_the_pins_unchanged(upstream: World, fault: str) ->
     assert proc.returncode == 1 and "spec.ccfc.min" in proc.stderr and "Traceback" not in proc.stderr
     assert upstream.pins_path.read_text() == before
     assert not list(Path(upstream.pins_path.parent).glob(".pins.json.new"))
+
+
+def test_the_newest_line_firecrackers_policy_supports_is_followed_and_6_1_stays_selectable(upstream: World) -> None:
+    """The bucket gains 6.18.51 (Firecracker supports 6.18 guests from v1.16.1): update_pins moves
+    the pin to that line; --kernel 6.1.190 still pins the older line."""
+    objects = list(upstream.kernel_objects)  # type: ignore[attr-defined]
+    for arch in ("x86_64", "aarch64"):
+        key = f"firecracker-ci/{NEW_PREFIX}/{arch}/vmlinux-6.18.51"
+        data = f"kernel 6.18.51 {arch}".encode() * 100
+        upstream.mirror.add(f"{BUCKET}/{key}", data)
+        objects.append((key, data, True))
+    upstream.mirror.add(f"{BUCKET}/", _listing(objects))
+    proc = upstream.run("update_pins", "--check")
+    assert proc.returncode == 1 and '+    "version": "6.18.51"' in proc.stdout, proc.stdout + proc.stderr
+    proc = upstream.run("update_pins", "--check", "--kernel", "6.1.190")
+    assert '+    "version": "6.1.190"' in proc.stdout and "6.18.51" not in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_firecracker_before_6_18_support_keeps_the_6_1_line() -> None:
+    from scripts.update_pins import kernel_lines
+
+    assert kernel_lines("1.12.1") == [(6, 1)]
+    assert kernel_lines("1.16.1") == [(6, 18), (6, 1)]
