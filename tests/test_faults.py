@@ -5,7 +5,6 @@ systems (small tmpfs mounts: these tests need root, as CI has, and skip otherwis
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fcntl
 import hashlib
@@ -31,6 +30,7 @@ from scripts.pins import host_arch
 from scripts.pins import load as load_pins
 from tests.support import imagerepo
 from tests.support.apkrepo import BRANCH, CDN, publish
+from tests.support.mounts import read_only, tmpfs
 from tests.support.toolchains import find_go
 from tests.support.world import BASE_PINS, REPO, World, built_world
 
@@ -68,34 +68,6 @@ def leftovers(*roots: Path) -> list[Path]:
         if root.exists():
             found += [p for p in root.rglob("*") if p.name.startswith(".vulcan-") or p.name.endswith((".tmp", ".part"))]
     return found
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-@contextlib.contextmanager
-def read_only(path: Path) -> Iterator[Path]:
-    """``path`` bind-mounted read-only onto itself (as a CI cache restore or a shared cache is)."""
-    if os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root (CI runs as root)")
-    if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode != 0:
-        pytest.skip("cannot bind-mount here")
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from scripts.vm.firecracker import NESTED_KVM
 from tests.support import imagerepo
+from tests.support.mounts import tmpfs
 from tests.support.world import (
     SHARED,
     World,
@@ -140,6 +141,17 @@ def test_a_jailed_boot_leaves_the_published_image_as_it_was(fc: World, tmp_path:
     assert _state(image) == before
     image.chmod(0o644)
     assert _scratch_left() == left_before  # the jail went with the scratch directory
+    # images/ on another file system than the jail (a hard link cannot be made): a copy, and
+    # the published image is still as it was
+    with tmpfs(tmp_path / "other-fs", "256m") as other:
+        shutil.copytree(fc.out, other / "out", symlinks=True)
+        moved = other / "out" / "images" / "python.squashfs"
+        before = _state(moved)
+        report = tmp_path / "other.json"
+        proc = fc.run("boot", "--report", str(report), "--timeout", "120", "--vmm", "firecracker", "--jailer",
+                      "--format", "squashfs", "python", VULCAN_OUT=str(other / "out"))  # fmt: skip
+        assert proc.returncode == 1 and json.loads(report.read_text())[0]["detail"] == NESTED_KVM, proc.stderr
+        assert _state(moved) == before
 
 
 @pytest.mark.slow
