@@ -173,3 +173,32 @@ def test_a_request_firecracker_refuses_on_the_api_socket_is_said_in_its_words(fc
     assert result["detail"].startswith("Firecracker refused PUT /actions (HTTP 400): "), result
     assert "Invalid Elf magic number" in result["detail"]
     assert "debug: api PUT /boot-source" in err and "-> 204" in err  # the requests, logged under --debug
+
+
+@pytest.mark.parametrize("broken", ["drive", "vsock"])
+def test_a_config_firecracker_refuses_is_said_in_its_words_naming_the_file(tmp_path: Path, broken: str) -> None:
+    """The real Firecracker on a config we wrote with a drive that is not there, or a vsock
+    socket in a directory that is not there: its own message, with the path, is what boot says."""
+    import subprocess
+
+    from scripts.vm.firecracker import _why_not_ready
+    from scripts.vm.firecracker_config import config
+
+    real = require_real_firecracker()
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    drive = tmp_path / ("missing.ext4" if broken == "drive" else "root.ext4")
+    if broken != "drive":
+        drive.write_bytes(b"\0" * 4096)
+    uds = tmp_path / ("no-such-dir" if broken == "vsock" else ".") / "v.sock"
+    (tmp_path / "vm.json").write_text(json.dumps(config(kernel, drive, uds)))
+    proc = subprocess.run([str(real / "firecracker"), "--no-api", "--config-file", str(tmp_path / "vm.json")],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    tail = (proc.stdout + proc.stderr).splitlines()[-15:]
+    why, by_host = _why_not_ready(None, proc.returncode, tail, 60)
+    assert proc.returncode == 1 and not by_host
+    assert why.startswith("Firecracker refused the VM: "), why
+    if broken == "drive":
+        assert "No such file or directory" in why and str(drive) in why
+    else:
+        assert "Error binding to the host-side Unix socket: No such file or directory" in why
