@@ -123,6 +123,12 @@ class Console:
         self.log.close()
 
 
+def exit_status(proc: subprocess.Popen[bytes], console: Console) -> int | None:
+    """The VM process's exit status if it ended on its own, else None (still running). Its
+    console closes just before it exits: then the status is waited for, not read too early."""
+    return proc.wait(timeout=10) if console.ended.is_set() else proc.poll()
+
+
 def kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()

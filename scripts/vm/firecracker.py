@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import log, paths, sparse, workspace
 from ..pins import Runtime
-from . import AGENT_PORT, BootFailed, BootResult, Target, prepare_disks, running
+from . import AGENT_PORT, BootFailed, BootResult, Target, exit_status, prepare_disks, running
 from .agent import AgentClient, vsock_connect
 from .api import ApiError, configure_and_start, wait_for_socket
 from .firecracker_config import config as firecracker_config
@@ -162,7 +162,7 @@ def boot_firecracker(
             line = console.wait_for((READY, *STOPPED), start + timeout)
             ready = time.monotonic() - start
             if line is None or READY not in line:
-                exited = proc.wait(timeout=10) if console.ended.is_set() else proc.poll()
+                exited = exit_status(proc, console)
                 why, host = _why_not_ready(line, exited, console.tail, timeout)
                 return BootResult(runtime, t.fmt, "firecracker", False, ready, why, console_log, stopped_by_host=host)
             client = AgentClient(vsock_connect(str(uds), AGENT_PORT, timeout=30))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import log, paths, workspace
 from ..pins import host_arch
-from . import STALL_S, STALLED, BootResult, Disks, Target, kvm_problem, prepare_disks, running
+from . import STALL_S, STALLED, BootResult, Disks, Target, exit_status, kvm_problem, prepare_disks, running
 
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}
 _kvm_failed: list[str] = []  # KVM that failed once (e.g. nested KVM for patched guests only) is not tried again
@@ -96,8 +96,7 @@ def boot_qemu(t: Target, kernel: Path, arch: str, timeout: float, accel: str, re
                 start + timeout,
                 stall=STALL_S,
             )  # fmt: skip
-            # before it is killed: did QEMU end on its own? (its console closes just before it exits)
-            exited = proc.wait(timeout=10) if line is None and console.ended.is_set() else proc.poll()
+            exited = exit_status(proc, console) if line is None else None  # before it is killed
         seconds = time.monotonic() - start
     if auto and accel == "kvm" and not (line and "vulcan-smoke:" in line):
         # A KVM that cannot run this guest fails in several ways: "KVM internal error", or QEMU
