@@ -157,8 +157,8 @@ def _write(writer: Writer, job: Job, built: Path, final: Path) -> tuple[Written,
         built.unlink(missing_ok=True)
         short = errors.free_bytes(built.parent) < writer.room(job) + workspace.RAM_MARGIN // 4
         why = exc.message.strip().splitlines()[-1][:200] if exc.message.strip() else type(exc).__name__
-        if built == final:  # on disk: a full file system is said as one, naming it
-            if short or "No space left on device" in exc.message:
+        if built == final:  # on disk: a full file system is said as one, naming it (on the tool's word)
+            if "No space left on device" in exc.message or (short and "I/O error" in exc.message):
                 raise no_space(final, writer.room(job), f"writing the image ({why})") from None
             raise
         if not short:
