@@ -55,6 +55,11 @@ def _sweep(directory: Path, patterns: tuple[str, ...], arch_dirs: bool, left: li
         if arch_dirs and name in ARCHES and entry.is_dir() and not entry.is_symlink():
             _sweep(entry, patterns, False, left)
             _rmdir_if_empty(entry)
+        elif name.startswith(workspace.SCRATCH_PREFIX) or (name.startswith(".") and name.endswith(".tmp")):
+            # a run's scratch directory or temporary file: only if that run is gone (its flock)
+            flags = os.O_DIRECTORY if entry.is_dir() and not entry.is_symlink() else os.O_NOFOLLOW
+            if not workspace.remove_if_abandoned(entry, flags, _remove):
+                left.append(f"{entry}: in use by a build that is running")
         elif any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
             _remove(entry)
         else:

@@ -221,3 +221,20 @@ def test_clean_sweeps_ram_scratch_of_runs_that_died(world: World, tmp_path: Path
 def test_the_marker_is_a_cachedir_tag() -> None:
     """https://bford.info/cachedir/: backup tools skip a directory whose tag starts so."""
     assert paths.MARKER_TEXT.startswith("Signature: 8a477f597d28d172789f06886806bc55")
+
+
+def test_clean_leaves_the_scratch_of_a_build_that_is_running(world: World) -> None:
+    import fcntl
+
+    paths.claim(world.out / "images")  # as a build makes it
+    live = world.out / "images" / ".vulcan-rootfs-python-live"
+    live.mkdir()
+    (world.out / "images" / ".vulcan-rootfs-go-dead").mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as workspace.scratch() holds its own
+        code, err = clean(world)
+    finally:
+        os.close(fd)
+    assert code == 1 and f"{live}: in use by a build that is running" in err
+    assert live.is_dir() and not (world.out / "images" / ".vulcan-rootfs-go-dead").exists()
