@@ -334,6 +334,25 @@ def test_file_conflict_between_packages_is_refused(world: World) -> None:
     )
 
 
+def test_meta_packages_dummy_files_are_not_installed_as_apk_does(world: World) -> None:
+    """Meta packages ship a .dummy (no files of their own): apk never installs a name that
+    begins with ".", so two meta packages in one world are no file conflict."""
+    rt = {"meta": {"world": ["meta-a", "meta-b"], "check": ["true"], "binary": "/bin/busybox"}}
+    imagerepo.setup(world, runtimes=rt)
+    pkgs = imagerepo.packages()
+    for name in ("meta-a", "meta-b"):
+        pkgs["main"].append(Pkg(name, "1.0-r0", entries=[Entry(".dummy", b""), Entry(f"etc/{name}", b"x\n")]))
+    publish(world.mirror, pkgs)
+    world.use_agent()
+    proc = world.run("rootfs", "--runtime", "meta")
+    assert proc.returncode == 0, proc.stderr
+    img = world.out / "images" / "meta.ext4"
+    st = debugfs.stat_many(img, [".dummy", "etc/meta-a", "etc/meta-b"])
+    assert st[".dummy"] is None and st["etc/meta-a"] is not None and st["etc/meta-b"] is not None
+    db = debugfs.cat(img, "lib/apk/db/installed").decode()
+    assert "R:.dummy" not in db and "P:meta-a" in db
+
+
 def test_many_small_files_in_many_directories_fit(world: World) -> None:
     """The size estimate counts a block per directory and per small file (a go-like tree)."""
     rt = {"many": {"world": ["many"], "check": ["true"], "binary": "/bin/busybox", "headroom_mib": 0}}

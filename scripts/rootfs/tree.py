@@ -149,11 +149,17 @@ class Tree:
                 self._add_entry(info, index, name)
 
     def _add_entry(self, info: tarfile.TarInfo, index: int, pkg: str) -> None:
+        # An entry whose name begins with "." is package metadata, never installed: apk-tools 2.14
+        # (src/database.c, apk_db_install_archive_entry: "APK 2.0 format") reads .PKGINFO and the
+        # scripts and skips every other such name, e.g. the .dummy of meta packages (alpine-base,
+        # libc-utils, build-base): two of them in one world are no file conflict for apk. ("." and
+        # ".." are not such names: a path through them is judged, and refused, by clean_name.)
+        first = info.name.split("/", 1)[0]
+        if first.startswith(".") and first not in (".", ".."):
+            return
         path = self.clean_name(info.name, pkg)
         if not path:
             return  # the root itself: ours, not the package's
-        if path.startswith(".SIGN.") or path in (".PKGINFO",):
-            return
         path = self.resolve_parent(path, pkg)
         xattrs = {k[len("SCHILY.xattr.") :]: v for k, v in info.pax_headers.items() if k.startswith("SCHILY.xattr.")}
         node = Node(
