@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
         from . import log, settings
 
         settings.check_all()
-        log.setup(settings.ci(), "json" if settings.timing_json() else "1" if settings.timing() else None, debug)
+        log.setup(settings.ci(), settings.timing(), debug)
         module = chosen.load()
         if chosen.stamped:
             from .step import drive

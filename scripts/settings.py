@@ -172,11 +172,14 @@ def no_fastpath() -> bool:
     return _raw("VULCAN_NO_FASTPATH") is not None
 
 
-def timing() -> bool:
+def timing() -> str | None:
+    """None (off), "1" (a line of a build's phases) or "json" (one JSON line per build)."""
     value = _raw("VULCAN_TIMING")
-    if value == "json":
-        return True
-    return _flag("VULCAN_TIMING")
+    if value is None or value == "0":
+        return None
+    if value in ("1", "json"):
+        return value
+    raise SettingError(f"VULCAN_TIMING={value!r}: expected 1, json or 0 (off)")
 
 
 def source_date_epoch() -> int | None:
@@ -194,10 +197,6 @@ def source_date_epoch() -> int | None:
 def ci() -> bool:
     """Set by CI systems (GitHub Actions, GitLab, ...): plain log lines, never a progress bar."""
     return _raw("CI") is not None
-
-
-def timing_json() -> bool:
-    return _raw("VULCAN_TIMING") == "json"
 
 
 @dataclass(frozen=True)
