@@ -34,7 +34,3 @@ def problem(name: object) -> str | None:
     if size > NAME_MAX:
         return f"is {size} bytes long; a file name takes at most {NAME_MAX}"
     return None
-
-
-def is_plain(name: object) -> bool:
-    return problem(name) is None
