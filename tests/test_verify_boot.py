@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -326,6 +327,25 @@ def test_host_tsc_rate_comes_from_cpuinfo(tmp_path: Path) -> None:
     cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # aarch64 has no "cpu MHz"
     assert host_tsc_khz(cpuinfo) is None
     assert host_tsc_khz(tmp_path / "absent") is None
+
+
+def test_console_lines_after_the_vm_is_killed_reach_the_log_without_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VMM's child can still hold the console pipe when the VMM is killed: what it writes
+    then is logged, and the reader thread does not die writing to a closed log (a traceback
+    in the middle of boot's output, as CI once showed for a Firecracker that refused a kernel)."""
+    from scripts.vm import running
+
+    crashes: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", crashes.append)
+    log = tmp_path / "console.log"
+    vmm = "(echo started; while kill -0 $$ 2>/dev/null; do sleep 0.05; done; seq 1000) & exec sleep 60"
+    with running(["sh", "-c", vmm], log) as (_, console):
+        assert console.wait_for(("started",), deadline=time.monotonic() + 60) == "started"
+    # the "VMM" is killed here; its child writes once it has seen that
+    assert crashes == []
+    assert log.read_text().split() == ["started", *(str(n) for n in range(1, 1001))]
 
 
 @pytest.mark.slow

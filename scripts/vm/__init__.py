@@ -84,14 +84,18 @@ class Console:
         self.log = open(log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by close()
         self.tail: list[str] = []
         self.ended = threading.Event()  # the VM closed its console (it exited)
-        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+        self._writing = threading.Lock()  # the log is closed only between two writes
+        self._pumping = threading.Thread(target=self._pump, args=(proc,), daemon=True)
+        self._pumping.start()
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            self.log.write(line + "\n")
-            self.log.flush()
+            with self._writing:
+                if not self.log.closed:  # lines after close() (a child still holding the pipe)
+                    self.log.write(line + "\n")
+                    self.log.flush()
             self.tail = ([*self.tail, line])[-15:]
             self.lines.put(line)
         self.ended.set()
@@ -120,7 +124,10 @@ class Console:
                 return line
 
     def close(self) -> None:
-        self.log.close()
+        """After the VM was killed: the console's last lines are in the log, then it is closed."""
+        self._pumping.join(timeout=10)
+        with self._writing:
+            self.log.close()
 
 
 def exit_status(proc: subprocess.Popen[bytes], console: Console) -> int | None:
