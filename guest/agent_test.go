@@ -243,3 +243,72 @@ func mustAtoi(s string) int {
 	n, _ := strconv.Atoi(s)
 	return n
 }
+
+func TestClockIsSetAtTheHostsWord(t *testing.T) {
+	var got time.Time
+	defer func(mode string, set func(time.Time) error) { clockMode, setRealtime = mode, set }(clockMode, setRealtime)
+	setRealtime = func(t time.Time) error { got = t; return nil }
+	clockMode = "true"
+	host := time.Now().Add(90 * time.Second) // a clone's clock is behind: it resumed from the past
+	r := newClient(t).send(fmt.Sprintf(`{"op":"clock","unix_ns":%d,"id":3}`, host.UnixNano()))
+	if r["ok"] != true || r["id"] != float64(3) || !got.Equal(time.Unix(0, host.UnixNano())) {
+		t.Fatalf("clock: %v (set to %v)", r, got)
+	}
+	if off := r["offset_ms"].(float64); off > -89000 || off < -91000 {
+		t.Fatalf("offset_ms %v: want about -90000", off)
+	}
+	if r := newClient(t).send(`{"op":"clock"}`); r["ok"] != false || !strings.Contains(r["error"].(string), "unix_ns") {
+		t.Fatalf("clock without a time: %v", r)
+	}
+	clockMode = "false"
+	got = time.Time{}
+	r = newClient(t).send(fmt.Sprintf(`{"op":"clock","unix_ns":%d}`, host.UnixNano()))
+	if r["ok"] != false || !strings.Contains(r["error"].(string), "does not own") || !got.IsZero() {
+		t.Fatalf("clock with -set-clock=false: %v (set to %v)", r, got)
+	}
+}
+
+func TestClockOfTheHostIsLeftAloneByAnAgentItDoesNotOwn(t *testing.T) {
+	if os.Getpid() == 1 || os.Getppid() == 1 {
+		t.Skip("this test runs as init or its child: auto would set the clock")
+	}
+	defer func(set func(time.Time) error) { setRealtime = set }(setRealtime)
+	setRealtime = func(time.Time) error { t.Fatal("auto set the clock of a machine it does not own"); return nil }
+	r := newClient(t).send(fmt.Sprintf(`{"op":"clock","unix_ns":%d}`, time.Now().UnixNano()))
+	if r["ok"] != false || !strings.Contains(r["error"].(string), "-set-clock=auto") {
+		t.Fatalf("clock under auto on a host: %v", r)
+	}
+}
+
+// failing is a listener whose accept always fails, as a broken transport's would.
+type failing struct{ closed chan struct{} }
+
+func (f failing) Accept() (net.Conn, error) { return nil, syscall.ECONNRESET }
+func (f failing) Close() error              { close(f.closed); return nil }
+func (f failing) Addr() net.Addr            { return vsockAddr{vmaddrCIDAny, 52} }
+
+func TestAgentListensAgainWhenAcceptKeepsFailing(t *testing.T) {
+	broken := failing{make(chan struct{})}
+	fresh, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	go serve(broken, func() (net.Listener, error) { return fresh, nil })
+	conn, err := net.DialTimeout("tcp", fresh.Addr().String(), 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	fmt.Fprintln(conn, `{"op":"ping"}`)
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil || !strings.Contains(line, `"ok":true`) {
+		t.Fatalf("ping after the listener was made again: %q, %v", line, err)
+	}
+	select {
+	case <-broken.closed:
+	default:
+		t.Fatal("the broken listener was not closed")
+	}
+}

@@ -37,6 +37,7 @@ func main() {
 	flag.StringVar(&opt.cmdline, "cmdline", "/proc/cmdline", "kernel command line to read vulcan.* options from")
 	flag.StringVar(&opt.configDir, "config", "/etc/vulcan", "directory with the image's runtime check (check.json)")
 	flag.StringVar(&opt.poweroff, "poweroff", "auto", "stop the VM after a smoke check: auto (only when PID 1 or a child of init), true, false")
+	flag.StringVar(&clockMode, "set-clock", "auto", "obey the host's clock op: auto (only when PID 1 or a child of init), true, false")
 	showVersion := flag.Bool("version", false, "print the version and exit")
 	flag.Parse()
 	if *showVersion {
@@ -56,7 +57,10 @@ func main() {
 		os.Exit(1)
 	}
 	fmt.Printf("vulcan-guest: ready port=%d\n", port)
-	serve(ln)
+	serve(ln, func() (net.Listener, error) {
+		again, _, err := listen(opt.listen, kargs)
+		return again, err
+	})
 }
 
 // readCmdline returns the key=value words of the kernel command line.

@@ -26,6 +26,7 @@ type request struct {
 	Env         map[string]string `json:"env"`
 	TimeoutMs   int64             `json:"timeout_ms"`
 	User        string            `json:"user"`
+	UnixNs      int64             `json:"unix_ns"`
 }
 
 type errorReply struct {
@@ -42,15 +43,37 @@ type pingReply struct {
 	Pid      int             `json:"pid"`
 }
 
-func serve(ln net.Listener) {
+// After this many failed accepts in a row the listener is closed and made again.
+const relistenAfter = 5
+
+// serve answers every connection, for ever. A snapshot restore resets the vsock transport: the
+// connections open at the snapshot are closed (their handlers end), the listener stays
+// (Firecracker docs/snapshotting/snapshot-support.md, "Vsock device reset"). Should accept
+// keep failing anyway, the listener is made again with relisten rather than the agent
+// going deaf in a VM nobody can log in to.
+func serve(ln net.Listener, relisten func() (net.Listener, error)) {
+	failures := 0
 	for {
 		conn, err := ln.Accept()
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "vulcan-guest: accept: %v\n", err)
-			time.Sleep(100 * time.Millisecond)
+		if err == nil {
+			failures = 0
+			go handleConn(conn)
 			continue
 		}
-		go handleConn(conn)
+		failures++
+		fmt.Fprintf(os.Stderr, "vulcan-guest: accept: %v\n", err)
+		if failures >= relistenAfter && relisten != nil {
+			ln.Close()
+			fresh, lerr := relisten()
+			if lerr != nil {
+				fmt.Fprintf(os.Stderr, "vulcan-guest: listening again failed: %v\n", lerr)
+			} else {
+				fmt.Fprintf(os.Stderr, "vulcan-guest: listening again on %v after %d failed accepts\n", fresh.Addr(), failures)
+				ln, failures = fresh, 0
+				continue
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
@@ -142,9 +165,11 @@ func handle(line []byte) any {
 		}
 		res.ID = req.ID
 		return res
+	case "clock":
+		return setClock(req)
 	case "":
-		return errorReply{ID: req.ID, Error: `missing "op" (want "ping" or "exec")`}
+		return errorReply{ID: req.ID, Error: `missing "op" (want "ping", "exec" or "clock")`}
 	default:
-		return errorReply{ID: req.ID, Error: fmt.Sprintf("unknown op %q (want \"ping\" or \"exec\")", req.Op)}
+		return errorReply{ID: req.ID, Error: fmt.Sprintf("unknown op %q (want \"ping\", \"exec\" or \"clock\")", req.Op)}
 	}
 }

@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,16 +118,17 @@ def test_bad_toolchain_and_source_are_clear_errors(world: World, tmp_path: Path)
 
 
 class Agent:
-    def __init__(self, binary: Path) -> None:
+    def __init__(self, binary: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [binary, "-listen", "tcp:127.0.0.1:0", "-cmdline", "/dev/null"],
+            [*prefix, binary, "-listen", "tcp:127.0.0.1:0", "-cmdline", "/dev/null", *args],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.startswith("vulcan-guest: ready port="), line
-        self.sock = socket.create_connection(("127.0.0.1", int(line.split("port=")[1])), timeout=30)
+        self.port = int(line.split("port=")[1])
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
         self.file = self.sock.makefile("rwb")
 
     def send(self, obj: object) -> dict:  # type: ignore[type-arg]
@@ -159,3 +162,49 @@ def test_built_agent_runs_programs_over_the_protocol(agent: Agent, tmp_path: Pat
     r = agent.send(b"{this is not json")
     assert r["ok"] is False and "malformed JSON" in r["error"]
     assert agent.send({"op": "ping"})["ok"]  # still usable
+
+
+def test_the_clock_op_never_moves_the_clock_of_a_host_the_agent_does_not_own(agent_bin: Path) -> None:
+    """A restored clone is told the time by the host ({"op":"clock"}); an agent started on a
+    host (here: a child of pytest, as root) refuses it under the default -set-clock=auto, and
+    an agent that may not set the clock says why in the system's words."""
+    agent = Agent(agent_bin / "vulcan-guest")
+    try:
+        before = time.time()
+        r = agent.send({"op": "clock", "unix_ns": 86_400 * 10**9})  # 1970-01-02
+        assert r["ok"] is False and "-set-clock=auto" in r["error"], r
+        assert abs(time.time() - before) < 3600  # the host's clock is where it was
+        r = agent.send({"op": "clock"})
+        assert r["ok"] is False and "unix_ns" in r["error"]
+    finally:
+        agent.close()
+    if os.getuid() == 0 and shutil.which("setpriv"):
+        nobody = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--")
+        agent = Agent(agent_bin / "vulcan-guest", "-set-clock", "true", prefix=nobody)
+        try:
+            r = agent.send({"op": "clock", "unix_ns": time.time_ns()})
+            assert r["ok"] is False and "cannot set the guest's clock: operation not permitted" in r["error"], r
+        finally:
+            agent.close()
+
+
+def test_the_agent_serves_new_connections_after_one_is_reset_mid_request(agent_bin: Path) -> None:
+    """What a snapshot restore does to the connections open at the snapshot (the vsock
+    transport is reset): the host's side goes away mid-request; the agent keeps serving."""
+    agent = Agent(agent_bin / "vulcan-guest")
+    try:
+        cut = socket.create_connection(("127.0.0.1", agent.port), timeout=30)
+        cut.sendall(json.dumps({"op": "exec", "argv": ["sleep", "1"], "cwd": "/tmp"}).encode() + b"\n")
+        cut.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        cut.close()  # an RST, not a FIN: the reply of the running request has nowhere to go
+        for _ in range(3):
+            fresh = Agent.__new__(Agent)
+            fresh.sock = socket.create_connection(("127.0.0.1", agent.port), timeout=30)
+            fresh.file = fresh.sock.makefile("rwb")
+            r = fresh.send({"op": "exec", "argv": ["echo", "still here"], "cwd": "/tmp"})
+            assert (r["ok"], r["stdout"]) == (True, "still here\n")
+            fresh.sock.close()
+        assert agent.send({"op": "ping"})["ok"]
+        assert agent.proc.poll() is None
+    finally:
+        agent.close()
