@@ -171,6 +171,7 @@ def rootfs_all(session: nox.Session) -> None:
 
 _step_session("verify")
 _step_session("boot", default=False)
+_step_session("snapshot", default=False)
 _step_session("lock", default=False)
 _step_session("update_pins", default=False)
 

@@ -20,6 +20,11 @@ START, END = b"IKCFG_ST", b"IKCFG_ED"
 # format's own needs are in its record (formats/__init__.py). PID_NS: the agent runs each
 # program in a PID namespace of its own, so that nothing it starts outlives it (guest/README.md).
 EVERY_GUEST = ("VIRTIO_BLK", "VIRTIO_VSOCKETS", "DEVTMPFS", "PID_NS")
+# What a kernel needs for snapshots that sandboxes start from: every clone of a snapshot resumes
+# with the same memory, hence the same random state; Firecracker changes the VM generation ID
+# on restore and a kernel with VMGENID (Linux >= 5.18) reseeds its RNG from it (Firecracker's
+# docs/snapshotting/snapshot-support.md, "Reusing snapshotted states securely").
+SNAPSHOT_NEEDS = ("VMGENID",)
 
 
 def read(kernel: Path) -> dict[str, str] | None:
@@ -42,12 +47,18 @@ def read(kernel: Path) -> dict[str, str] | None:
     return config
 
 
-def missing(config: dict[str, str], formats: list[str], read_only: bool = False) -> list[str]:
+def missing(config: dict[str, str], formats: list[str], read_only: bool = False, snapshot: bool = False) -> list[str]:
     """The options booting these formats needs that the kernel does not build in, as CONFIG_
-    names. A format that is not writable is booted read-only, which needs the overlay too."""
+    names. A format that is not writable is booted read-only, which needs the overlay too;
+    ``snapshot``: sandboxes start from snapshots of it (SNAPSHOT_NEEDS)."""
     records = [get_format(f) for f in formats]
     overlay = OVERLAY_NEEDS if read_only or not all(r.writable for r in records) else ()
-    wanted = [*EVERY_GUEST, *(o for r in records for o in r.kernel_needs), *overlay]
+    wanted = [
+        *EVERY_GUEST,
+        *(o for r in records for o in r.kernel_needs),
+        *overlay,
+        *(SNAPSHOT_NEEDS if snapshot else ()),
+    ]
     return [f"CONFIG_{o}" for o in dict.fromkeys(wanted) if config.get(o) != "y"]
 
 

@@ -56,6 +56,19 @@ def kernel(arch: str) -> Path:
     return bin_dir(arch) / "vmlinux"
 
 
+def snapshot(runtime: str, fmt: str, arch: str) -> Path:
+    """A runtime's Firecracker snapshot of one image format (vm/snapshot.py): a directory."""
+    return images_dir(arch) / "snapshots" / f"{runtime}.{fmt}"
+
+
+def rel(p: Path) -> str:
+    """``p`` as a user reads it in a report: relative to the output root when it is inside."""
+    try:
+        return str(p.relative_to(out_root()))
+    except ValueError:
+        return str(p)
+
+
 def console_log(runtime: str, fmt: str, vmm: str, arch: str) -> Path:
     """A boot's serial console (its directory made on first use)."""
     logs = images_dir(arch) / ".boot"
@@ -99,7 +112,7 @@ def output_entries(top: str) -> tuple[str, ...]:
     """What clean removes in bin/ or images/ (and their arch subdirectories): what is named above."""
     if top == "bin":
         return ("firecracker", "jailer", "vmlinux", "vulcan-guest")
-    return (*(f"*.{name}" for name in formats.FORMATS), "*.manifest.json", "*.spdx.json", ".boot")
+    return (*(f"*.{name}" for name in formats.FORMATS), "*.manifest.json", "*.spdx.json", ".boot", "snapshots")
 
 
 LEFTOVER_ENTRIES = (".stamps", ".vulcan-*", ".*.tmp", MARKER)

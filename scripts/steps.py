@@ -40,6 +40,8 @@ STEPS = (
     Step("lock", "lock", "Resolve each runtime's Alpine packages for each arch into alpine.lock.json."),
     Step("verify", "verify", "Check every artifact in bin/ and images/ (table, or --json; --reproduce rebuilds)."),
     Step("boot", "vm.boot", "Boot images and prove the runtime works: Firecracker, or -- --vmm qemu."),
+    Step("snapshot", "vm.snapshot",
+         "Snapshot each runtime's VM once it is ready and warm, for 'boot -- --restore' (a KVM host)."),
     Step("clean", "clean", "Remove bin/, images/ and their stamps; -- --all also removes the download cache."),
     Step("update_pins", "update_pins",
          "Move pins to the newest upstream versions in their lines, then re-lock (--check: report only)."),

@@ -69,27 +69,20 @@ class Report:
         return "\n".join(lines)
 
 
-def _rel(p: Path) -> str:
-    try:
-        return str(p.relative_to(paths.out_root()))
-    except ValueError:
-        return str(p)
-
-
 def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
     b = paths.bin_dir(arch)
     stamp = paths.stamp_path(b, "download")
     for name in ("firecracker", "jailer"):
         f = paths.vmm(arch, name)
         if not f.is_file():
-            rep.missing(_rel(f), "run 'nox -s download'")
+            rep.missing(paths.rel(f), "run 'nox -s download'")
             continue
-        rep.same(_rel(f), "sha256 = stamp", sha256_file(f), stamps.output_sha256(stamp, _rel(f)))
+        rep.same(paths.rel(f), "sha256 = stamp", sha256_file(f), stamps.output_sha256(stamp, paths.rel(f)))
         try:
             machine = read_elf(f).machine
-            rep.add(_rel(f), "ELF machine", machine == arch, machine)
+            rep.add(paths.rel(f), "ELF machine", machine == arch, machine)
         except BuildError as exc:
-            rep.add(_rel(f), "ELF machine", False, exc.message)
+            rep.add(paths.rel(f), "ELF machine", False, exc.message)
         emulator = emulator_for(arch)
         if emulator is not None:
             try:
@@ -100,19 +93,22 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
             first = out.strip().splitlines()[:1]
             want = pins.firecracker.version
             ok = proc is not None and proc.returncode == 0 and bool(first) and want in first[0]
-            rep.add(_rel(f), "--version", ok, " ".join(first))
+            rep.add(paths.rel(f), "--version", ok, " ".join(first))
         else:
             rep.add(
-                _rel(f), "--version", None, f"cannot run {arch} binaries on {host_arch()}: install qemu-user-static"
+                paths.rel(f),
+                "--version",
+                None,
+                f"cannot run {arch} binaries on {host_arch()}: install qemu-user-static",
             )
     k = paths.kernel(arch)
     if not k.is_file():
-        rep.missing(_rel(k), "run 'nox -s download'")
+        rep.missing(paths.rel(k), "run 'nox -s download'")
     else:
-        rep.same(_rel(k), "sha256 = pins", sha256_file(k), pins.kernel.sha256_for(arch))
+        rep.same(paths.rel(k), "sha256 = pins", sha256_file(k), pins.kernel.sha256_for(arch))
         found = kernel_arch(k)
         kind = "ELF vmlinux" if arch == "x86_64" else "arm64 Image"
-        rep.add(_rel(k), f"is an {kind}", found == arch, f"looks like {found or 'neither'}")
+        rep.add(paths.rel(k), f"is an {kind}", found == arch, f"looks like {found or 'neither'}")
         check_kernel_config(rep, k, pins)
 
 
@@ -122,40 +118,43 @@ def check_kernel_config(rep: Report, kernel: Path, pins: Pins) -> None:
     config = kconfig.read(kernel)
     check = f"config can mount {', '.join(formats)}"
     if config is None:
-        rep.add(_rel(kernel), check, None, "no embedded configuration (CONFIG_IKCONFIG): cannot tell")
+        rep.add(paths.rel(kernel), check, None, "no embedded configuration (CONFIG_IKCONFIG): cannot tell")
         return
     lacking = kconfig.missing(config, formats)
-    rep.add(_rel(kernel), check, not lacking, f"lacks {', '.join(lacking)}" if lacking else "all options built in")
+    rep.add(paths.rel(kernel), check, not lacking, f"lacks {', '.join(lacking)}" if lacking else "all options built in")
     for risk in kconfig.risky(config):
-        rep.warn(_rel(kernel), "config for sandboxes", risk)
+        rep.warn(paths.rel(kernel), "config for sandboxes", risk)
 
 
 def check_guest(rep: Report, arch: str) -> None:
     g = paths.agent(arch)
     if not g.is_file():
-        rep.missing(_rel(g), "run 'nox -s guest'")
+        rep.missing(paths.rel(g), "run 'nox -s guest'")
         return
     try:
         check_static_binary(g, arch)
-        rep.add(_rel(g), f"static {arch} ELF", True)
+        rep.add(paths.rel(g), f"static {arch} ELF", True)
     except BuildError as exc:
-        rep.add(_rel(g), f"static {arch} ELF", False, exc.message)
+        rep.add(paths.rel(g), f"static {arch} ELF", False, exc.message)
     rep.same(
-        _rel(g), "sha256 = stamp", sha256_file(g), stamps.output_sha256(paths.stamp_path(g.parent, "guest"), _rel(g))
+        paths.rel(g),
+        "sha256 = stamp",
+        sha256_file(g),
+        stamps.output_sha256(paths.stamp_path(g.parent, "guest"), paths.rel(g)),
     )
 
 
 def check_image(rep: Report, runtime: str, fmt: str, arch: str) -> str | None:
     """Check one image; its sha256 if it passed the checks that make a rebuild worth comparing."""
     img, man = paths.image(runtime, fmt, arch), paths.manifest(runtime, arch)
-    name = _rel(img)
+    name = paths.rel(img)
     if not img.is_file():
         rep.missing(name, f"run 'nox -s rootfs-{runtime}'")
         return None
     try:
         manifest: dict[str, Any] = json.loads(man.read_text())
     except (OSError, ValueError) as exc:
-        rep.add(name, "manifest", False, f"{_rel(man)}: {exc}")
+        rep.add(name, "manifest", False, f"{paths.rel(man)}: {exc}")
         return None
     record = formats.get(fmt)
     # a manifest of one image (before formats) describes the default format
@@ -213,7 +212,7 @@ def check_image(rep: Report, runtime: str, fmt: str, arch: str) -> str | None:
 def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, Any], arch: str) -> None:
     """Run the runtime check from the image's own files, through its musl loader (no root);
     another architecture's under qemu-user (Debian: qemu-user-static)."""
-    name = _rel(img)
+    name = paths.rel(img)
     emulator = emulator_for(arch)
     if emulator is None:
         rep.add(name, "runtime runs", None, f"cannot run {arch} code on {host_arch()}: install qemu-user-static")
@@ -291,13 +290,57 @@ def check_reproduce(rep: Report, runtime: str, arch: str, published: dict[str, s
         )  # fmt: skip
         lines = proc.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"]
         for fmt, digest in published.items():
-            name = _rel(paths.images_dir(arch) / f"{runtime}.{fmt}")
+            name = paths.rel(paths.images_dir(arch) / f"{runtime}.{fmt}")
             if proc.returncode != 0:
                 rep.add(name, "--reproduce", False, lines[-1][:200])
                 continue
             again = sha256_file(Path(tmp) / paths.images_dir(arch).relative_to(paths.out_root()) / f"{runtime}.{fmt}")
             detail = f"rebuilt {again}" + ("" if again == digest else f" != {digest}")
             rep.add(name, "--reproduce", again == digest, detail)
+
+
+def check_snapshots(rep: Report, arch: str) -> None:
+    """Each snapshot in images/snapshots/: its files as snapshot.json records them, its binding
+    against this host (a new image, kernel or Firecracker makes it stale: the field is named),
+    and a kernel that reseeds its RNG on restore."""
+    from .vm import snapshot
+
+    top = paths.images_dir(arch) / "snapshots"
+    dirs = sorted(d for d in top.glob("*.*") if d.is_dir() and not d.name.startswith(".")) if top.is_dir() else []
+    kernel = paths.kernel(arch)
+    for d in dirs:
+        name = paths.rel(d)
+        try:
+            doc = snapshot.load(d)
+        except VulcanError as exc:
+            rep.add(name, "snapshot.json", False, exc.message)
+            continue
+        b = doc["binding"]
+        bad = [f"{n}: {'missing' if not (d / n).is_file() else 'sha256 differs'}"
+               for n, f in sorted(doc.get("files", {}).items())
+               if not (d / n).is_file() or sha256_file(d / n) != f.get("sha256")]  # fmt: skip
+        rep.add(name, "files = snapshot.json", not bad, "; ".join(bad) or ", ".join(sorted(doc.get("files", {}))))
+        runtime, fmt = str(b.get("runtime")), str(b.get("format"))
+        if not kernel.is_file() or not paths.image(runtime, fmt, arch).is_file():
+            rep.add(name, "binding = this host", False, f"{paths.rel(kernel)} or the {runtime}.{fmt} image is missing")
+            continue
+        try:
+            wrong = snapshot.differences(b, snapshot.binding(runtime, fmt, arch, kernel, bool(b.get("ready"))))
+        except VulcanError as exc:
+            rep.add(name, "binding = this host", False, exc.message)
+            continue
+        rep.add(name, "binding = this host", not wrong,
+                "stale: " + "; ".join(wrong) + " (nox -s snapshot makes it again)" if wrong
+                else f"{b.get('firecracker_version')}, image and kernel as built, this CPU")  # fmt: skip
+        if not b.get("ready"):
+            rep.warn(name, "ready", f"a test-only snapshot ({snapshot.TEST_ONLY_FLAG}): no sandbox starts from it")
+        lacking = snapshot.kernel_problems(kernel, fmt)
+        if lacking:
+            detail = f"{paths.rel(kernel)} lacks {', '.join(lacking)}: clones would share the kernel's random state"
+            if b.get("ready"):
+                rep.add(name, "kernel reseeds on restore", False, detail)
+            else:
+                rep.warn(name, "kernel reseeds on restore", detail)
 
 
 def verify(pins: Pins, arch: str, reproduce: bool) -> Report:
@@ -309,6 +352,7 @@ def verify(pins: Pins, arch: str, reproduce: bool) -> Report:
         checked = {fmt: digest for fmt, digest in published.items() if digest is not None}
         if reproduce and checked:  # one rebuild writes every format
             check_reproduce(rep, runtime, arch, checked)
+    check_snapshots(rep, arch)
     return rep
 
 

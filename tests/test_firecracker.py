@@ -7,48 +7,24 @@ boot job."""
 from __future__ import annotations
 
 import json
-import lzma
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scripts.vm.firecracker import NESTED_KVM
-from tests.support import imagerepo
 from tests.support.mounts import tmpfs
 from tests.support.world import (
     SHARED,
     World,
-    built_world,
     require_real_firecracker,
-    serve_real_firecracker,
     sha256,
 )
 
 TEST_KERNEL = SHARED / "kernel" / "vmlinux.xz"
 pytestmark = pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="squashfs-tools-ng is not installed")
-
-
-@pytest.fixture(scope="module")
-def fc(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
-    require_real_firecracker()
-    if not TEST_KERNEL.is_file():
-        pytest.skip(f"{TEST_KERNEL} is absent")
-
-    def prepare(w: World) -> None:
-        imagerepo.setup(w, runtimes={"python": imagerepo.RUNTIMES["python"]})
-        serve_real_firecracker(w)
-        kernel = w.pins["kernel"]
-        vmlinux = lzma.decompress(TEST_KERNEL.read_bytes())
-        kernel["sha256"]["x86_64"] = sha256(vmlinux)
-        w.mirror.add(kernel["url"].format(version=kernel["version"], arch="x86_64"), vmlinux)
-
-    with built_world(tmp_path_factory.mktemp("fc"), go_build_cache, agent_bin, prepare=prepare,
-                     formats=["ext4", "squashfs"], download=True) as w:  # fmt: skip
-        yield w
 
 
 def test_a_real_release_is_downloaded_and_verified(fc: World) -> None:

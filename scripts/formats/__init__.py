@@ -127,6 +127,9 @@ FORMATS: dict[str, Format] = {
 }  # fmt: skip
 DEFAULT = ("ext4",)
 NAMES = tuple(FORMATS)
+# What a sandbox fleet shares: the first read-only format (every sandbox attaches the one image in
+# place); snapshots are made of it unless told otherwise.
+SHARED = next(f.name for f in FORMATS.values() if not f.writable)
 
 
 def get(name: str) -> Format:

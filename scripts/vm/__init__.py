@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import socket
 import subprocess
 import threading
 import time
@@ -48,6 +49,24 @@ class BootResult:
         return {"runtime": self.runtime, "format": self.fmt, "vmm": self.vmm, "ok": self.ok,
                 "seconds": round(self.seconds, 3), "copied_bytes": self.copied_bytes, "detail": self.detail,
                 "console": str(self.console)}  # fmt: skip
+
+
+SUN_PATH = 107  # bytes of a Unix socket's path that connect(2) takes (sockaddr_un.sun_path, with its NUL)
+
+
+def connect_unix(sock: socket.socket, path: Path | str) -> None:
+    """Connect to a Unix socket whatever the length of its path: a longer one than sun_path
+    holds (a checkout deep in a home directory, pytest's temporary directories) is reached
+    through a descriptor of its directory (/proc/self/fd/N/NAME)."""
+    path = Path(path)
+    if len(os.fsencode(path)) <= SUN_PATH - 1:
+        sock.connect(str(path))
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{fd}/{path.name}")
+    finally:
+        os.close(fd)
 
 
 def kvm_problem() -> str | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import VulcanError
+from . import connect_unix
 
 
 class AgentError(VulcanError):
@@ -28,7 +29,7 @@ def vsock_connect(uds_path: str, port: int, timeout: float) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(max(0.5, deadline - time.monotonic()))
         try:
-            sock.connect(uds_path)
+            connect_unix(sock, uds_path)
             sock.sendall(f"CONNECT {port}\n".encode())
             reply = _readline(sock, 64)
             if reply.startswith(b"OK "):
@@ -82,6 +83,11 @@ class AgentClient:
 
     def ping(self) -> dict[str, Any]:
         return self.request({"op": "ping"})
+
+    def clock(self, unix_ns: int) -> int:
+        """Set the guest's clock to the host's (a restored clone resumes with its snapshot's
+        time); returns how far the guest's clock was off, in ms (negative: behind)."""
+        return int(self.request({"op": "clock", "unix_ns": unix_ns})["offset_ms"])
 
     def exec(self, argv: list[str], timeout_ms: int = 60_000, user: str | None = None) -> ExecResult:
         req: dict[str, Any] = {"op": "exec", "argv": argv, "timeout_ms": timeout_ms}

@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import log
 from ..errors import VulcanError
+from . import connect_unix
 
 
 class ApiError(VulcanError):
@@ -32,7 +33,7 @@ def wait_for_socket(path: Path, timeout: float, alive: Any = None) -> None:
             raise ApiError(f"Firecracker exited before it listened on {path}")
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(str(path))
+                connect_unix(s, path)
                 return
         except OSError:
             time.sleep(0.01)
@@ -46,7 +47,7 @@ def request(sock: Path, method: str, path: str, body: Any = None, timeout: float
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")  # fmt: skip
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        s.connect(str(sock))
+        connect_unix(s, sock)
         s.sendall(head.encode() + data)
         raw = b""
         while b"\r\n\r\n" not in raw:
@@ -71,11 +72,22 @@ def request(sock: Path, method: str, path: str, body: Any = None, timeout: float
     return status, answer
 
 
-def put(sock: Path, path: str, body: Any) -> None:
-    status, answer = request(sock, "PUT", path, body)
+def put(sock: Path, path: str, body: Any, timeout: float = 30.0) -> None:
+    _obeyed(sock, "PUT", path, body, timeout)
+
+
+def patch(sock: Path, path: str, body: Any, timeout: float = 30.0) -> None:
+    _obeyed(sock, "PATCH", path, body, timeout)
+
+
+def _obeyed(sock: Path, method: str, path: str, body: Any, timeout: float) -> None:
+    try:
+        status, answer = request(sock, method, path, body, timeout)
+    except OSError as exc:  # it died on the request, or never answered
+        raise ApiError(f"{method} {path}: Firecracker did not answer on {sock}: {exc}") from None
     if status >= 300:
         fault = answer.get("fault_message") if isinstance(answer, dict) else answer
-        raise ApiError(f"Firecracker refused PUT {path} (HTTP {status}): {fault}")
+        raise ApiError(f"Firecracker refused {method} {path} (HTTP {status}): {fault}")
 
 
 def configure_and_start(sock: Path, conf: dict[str, Any]) -> None:

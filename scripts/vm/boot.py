@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from .. import atomic, formats, kconfig, log, paths
@@ -26,6 +27,8 @@ from ..steps import prog
 from . import BootFailed, BootResult, Target, kvm_problem
 from .firecracker import boot_firecracker
 from .qemu import QEMU, boot_qemu
+from .restore import Restored, report, restore, shared_state
+from .snapshot import MANIFEST
 
 
 def choose_vmm(requested: str, arch: str) -> tuple[str, str]:
@@ -85,21 +88,71 @@ def main(argv: list[str]) -> int:
     p.add_argument("--kernel", type=Path, help="guest kernel (default: bin/vmlinux from 'nox -s download')")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per VM (default 300: TCG is slow)")
     p.add_argument("--report", type=Path, help="also write the results as JSON here (CI: boot-to-ready times)")
+    p.add_argument("--restore", action="store_true",
+                   help="start the runtimes from their snapshots ('nox -s snapshot') instead of booting them; "
+                   "reports restore-to-first-result beside a cold boot-to-ready")  # fmt: skip
+    p.add_argument("--count", type=int, default=1, metavar="N", help="with --restore: N sandboxes at once (default 1)")
+    p.add_argument("--no-cold", action="store_true", help="with --restore: skip the cold boot measured beside it")
     p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.restore:
+        restored = restore_all(pins, args)
+        if args.report:
+            atomic.write_text(args.report, json.dumps([r.as_json() for r in restored], indent=1) + "\n")
+        return 0 if restored and all(r.ok for r in restored) else 1
+    if args.count != 1 or args.no_cold:
+        raise BootFailed("--count and --no-cold go with --restore", hint="add --restore, or drop them")
     results = boot_all(pins, args)
     if args.report:
         atomic.write_text(args.report, json.dumps([r.as_json() for r in results], indent=1) + "\n")
     return 0 if results and all(r.ok for r in results) else 1
 
 
+def restore_all(pins: Pins, args: argparse.Namespace) -> list[Restored]:
+    """``--restore``: each runtime's snapshot, ``--count`` clones at once, and a cold boot beside them."""
+    arch, known = args.arch, pins.alpine.runtimes
+    if args.vmm == "qemu" or args.jailer or args.read_only or args.overlay != "tmpfs" or args.append:
+        raise BootFailed("--restore starts Firecracker without the jailer from a snapshot, whose VM is fixed when "
+                         "it is made: --vmm qemu, --jailer, --read-only, --overlay and --append do not apply",
+                         hint="drop them (a read-only image's clones get a tmpfs overlay)")  # fmt: skip
+    if args.count < 1:
+        raise BootFailed(f"--count {args.count}: want at least 1")
+    _check_runtimes(args.runtimes, known)
+    chosen = args.runtimes or [rt for rt in known if (paths.snapshot(rt, args.format, arch) / MANIFEST).is_file()]
+    if not chosen:
+        raise BootFailed(f"no {args.format} snapshots in {paths.images_dir(arch) / 'snapshots'}",
+                         hint=f"run 'nox -s snapshot -- --format {args.format}' first")  # fmt: skip
+    which_vmm, why = choose_vmm("firecracker", arch)
+    kernel = args.kernel or paths.kernel(arch)
+    log.info(f"boot --restore: using {which_vmm}: {why}")
+    out = []
+    for rt in chosen:
+        image = paths.image(rt, args.format, arch)
+        t = Target(rt, image, args.format, not formats.get(args.format).writable, "tmpfs")
+        clones = restore(known[rt], t, arch, kernel, args.count, args.timeout)
+        r = Restored(rt, args.format, clones, problems=shared_state(clones))
+        if not args.no_cold:
+            try:
+                r.cold = boot_firecracker(t, known[rt], kernel, arch, args.timeout, api=True)
+            except (VulcanError, OSError) as exc:
+                r.cold = BootResult(rt, t.fmt, "firecracker", False, 0.0, str(exc),
+                                    paths.console_log(rt, t.fmt, "firecracker", arch))  # fmt: skip
+        report(r)
+        out.append(r)
+    return out
+
+
+def _check_runtimes(asked: list[str], known: Mapping[str, object]) -> None:
+    for rt in asked:
+        if rt not in known:
+            raise BootFailed(f"unknown runtime {rt!r}", hint=f"runtimes in pins.json: {', '.join(known)}")
+
+
 def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
     arch = args.arch
     images = paths.images_dir(arch)
     known = pins.alpine.runtimes
-    for rt in args.runtimes:
-        if rt not in known:
-            raise BootFailed(f"unknown runtime {rt!r}", hint=f"runtimes in pins.json: {', '.join(known)}")
+    _check_runtimes(args.runtimes, known)
     chosen = args.runtimes or [rt for rt in known if paths.image(rt, args.format, arch).is_file()]
     if not chosen:
         raise BootFailed(f"no {args.format} images in {images}", hint="run 'nox -s rootfs_all' first (a format "

@@ -1,0 +1,203 @@
+"""`nox -s boot -- --restore RUNTIME [--count N]`: sandboxes started from a snapshot (snapshot.py).
+
+Each clone is a fresh Firecracker in a directory of its own, where the snapshot's relative
+paths find that clone's resources: ``rootfs.<fmt>`` (a read-only image: a symbolic link to the
+image itself, shared by every clone; a writable one: a sparse copy of the snapshot's disk) and
+``vsock.sock`` (made by Firecracker). ``PUT /snapshot/load`` maps the snapshot's memory file
+(backend ``File``: MAP_PRIVATE, every clone shares its page cache until it writes) and resumes
+the VM; the host then reaches the agent over vsock, sets the guest's clock (the clone resumed
+with the snapshot's) and runs the runtime's program. Restore-to-first-result is measured from
+starting Firecracker to the program's output; N clones run at once.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .. import formats, log, paths, sparse
+from ..pins import Runtime
+from . import AGENT_PORT, BootResult, Target, running
+from .agent import AgentClient, AgentError, vsock_connect
+from .api import ApiError, put, wait_for_socket
+from .snapshot import API, MEMORY, STATE, TEST_ONLY_FLAG, VSOCK, SnapshotError, binding, differences, load, root_name
+
+FIRECRACKER_LOAD = re.compile(r"'load snapshot' API request took (\d+) us")
+RANDOM = ["od", "-An", "-tx1", "-N16", "/dev/urandom"]  # busybox od: 16 bytes of the guest's RNG, in hex
+
+
+@dataclass(frozen=True)
+class Clone:
+    """One sandbox started from a snapshot."""
+
+    index: int
+    ok: bool
+    detail: str
+    console: Path
+    copied_bytes: int = 0  # what starting it copied: 0 for a read-only image
+    load_ms: float | None = None  # PUT /snapshot/load with resume, as the host waited for it
+    firecracker_load_ms: float | None = None  # the same request by Firecracker's own log
+    first_result_ms: float | None = None  # Firecracker started -> the program's output
+    clock_offset_ms: int | None = None  # how far the clone's clock was off before the agent set it
+    random: str = ""  # 16 bytes from the clone's /dev/urandom: clones must differ
+    directory: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else str(v) if isinstance(v, Path) else v)
+                for k, v in self.__dict__.items()}  # fmt: skip
+
+
+@dataclass
+class Restored:
+    """``boot --restore`` of one image: its clones and the cold boot measured beside them."""
+
+    runtime: str
+    fmt: str
+    clones: list[Clone]
+    cold: BootResult | None = None
+    problems: list[str] = field(default_factory=list)  # what the clones show together (shared randomness)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.clones) and all(c.ok for c in self.clones) and not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        firsts = [c.first_result_ms for c in self.clones if c.first_result_ms is not None]
+        loads = [c.load_ms for c in self.clones if c.load_ms is not None]
+        return {
+            "runtime": self.runtime, "format": self.fmt, "vmm": "firecracker", "restore": True, "ok": self.ok,
+            "count": len(self.clones),
+            "restore_to_first_result_ms": round(statistics.median(firsts), 3) if firsts else None,
+            "load_ms": round(statistics.median(loads), 3) if loads else None,
+            "copied_bytes": sum(c.copied_bytes for c in self.clones),
+            "cold_boot_to_ready_s": round(self.cold.seconds, 3) if self.cold and self.cold.ok else None,
+            "cold": self.cold.as_json() if self.cold else None,
+            "problems": self.problems,
+            "clones": [c.as_json() for c in self.clones],
+        }  # fmt: skip
+
+
+def check_binding(doc: dict[str, Any], runtime: str, fmt: str, arch: str, kernel: Path) -> None:
+    """Refuse a snapshot made for another host, Firecracker, kernel or image, naming the field."""
+    recorded = doc["binding"]
+    current = binding(runtime, fmt, arch, kernel, bool(recorded.get("ready")))
+    wrong = differences(recorded, current)
+    if wrong:
+        raise SnapshotError(f"snapshot {runtime}.{fmt} does not belong to this host: {'; '.join(wrong)}",
+                            hint=f"run 'nox -s snapshot -- {runtime} --format {fmt}' here")  # fmt: skip
+
+
+def restore(rt: Runtime, t: Target, arch: str, kernel: Path, count: int, timeout: float) -> list[Clone]:
+    """``count`` clones of the image's snapshot, started at once; each is stopped once it answered."""
+    directory = paths.snapshot(t.runtime, t.fmt, arch)
+    doc = load(directory)
+    check_binding(doc, t.runtime, t.fmt, arch, kernel)
+    from .. import workspace
+
+    clones: list[Clone | None] = [None] * count
+    with workspace.scratch(paths.images_dir(arch) / "snapshots", f"clones-{t.runtime}.{t.fmt}") as work:
+
+        def one(i: int) -> None:
+            try:
+                clones[i] = _clone(rt, t, arch, directory, doc, i, work / f"clone-{i}", timeout)
+            except Exception as exc:  # said as this clone's failure; the others go on
+                why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                clones[i] = Clone(i, False, why, _console(t, arch, i))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    return [c for c in clones if c is not None]
+
+
+def _console(t: Target, arch: str, i: int) -> Path:
+    return paths.console_log(t.runtime, t.fmt, f"firecracker-restore-{i}", arch)
+
+
+def _clone(rt: Runtime, t: Target, arch: str, snap: Path, doc: dict[str, Any], i: int, d: Path,
+           timeout: float) -> Clone:  # fmt: skip
+    d.mkdir()
+    if formats.get(t.fmt).writable:  # the guest's memory describes the disk as it was: a copy of it
+        sparse.sparse_copy(snap / root_name(t.fmt), d / root_name(t.fmt))
+        copied = sparse.allocated_bytes(d / root_name(t.fmt))
+    else:  # the image itself, read-only, in place; the overlay's upper layer is in the clone's RAM
+        (d / root_name(t.fmt)).symlink_to(t.image.resolve())
+        copied = 0
+    console_log = _console(t, arch, i)
+    cmd = [str(paths.vmm(arch, "firecracker")), "--api-sock", API]
+    start = time.monotonic()
+    with running(cmd, console_log, cwd=d) as (proc, console):
+        try:
+            wait_for_socket(d / API, 30, alive=lambda: proc.poll() is None)
+            asked = time.monotonic()
+            memory = {"backend_type": "File", "backend_path": str(snap / MEMORY)}
+            put(d / API, "/snapshot/load", {"snapshot_path": str(snap / STATE), "mem_backend": memory,
+                                            "resume_vm": True}, timeout=60)  # fmt: skip
+            load_ms = (time.monotonic() - asked) * 1000
+        except ApiError as exc:
+            why = exc.message + (f" | {' | '.join(console.tail[-3:])}" if proc.poll() is not None else "")
+            return Clone(i, False, why, console_log, copied, directory=str(d))
+        said = console.wait_for(("'load snapshot' API request took",), time.monotonic() + 5)
+        found = FIRECRACKER_LOAD.search(said or "")
+        own = int(found.group(1)) / 1000 if found else None
+        base = Clone(i, False, "", console_log, copied, load_ms, own, directory=str(d))
+        if not doc["binding"].get("ready"):
+            return replace(base, detail=f"restored and resumed; a test-only snapshot ({TEST_ONLY_FLAG}: taken "
+                           "before the guest was ready) is never handed out as a sandbox")  # fmt: skip
+        try:
+            client = AgentClient(vsock_connect(str(d / VSOCK), AGENT_PORT, timeout=timeout))
+        except AgentError as exc:
+            return replace(base, detail=f"restored, but the agent did not answer: {exc.message}")
+        try:
+            offset = client.clock(time.time_ns())
+            base = replace(base, clock_offset_ms=offset)
+            prog = client.exec(list(rt.program or rt.check), timeout_ms=int(timeout * 1000))
+            base = replace(base, first_result_ms=(time.monotonic() - start) * 1000)
+            out = prog.stdout.decode(errors="replace").strip()
+            if prog.exit_code != 0 or (rt.program and rt.expect and out != rt.expect):
+                return replace(base, detail=f"program gave exit {prog.exit_code}, output {out!r}")
+            rnd = client.exec(RANDOM).stdout.decode(errors="replace").split()
+        except AgentError as exc:
+            return replace(base, detail=f"restored; the agent failed: {exc.message}")
+        finally:
+            client.close()
+        return replace(base, ok=True, detail=f"program printed {out!r}", random="".join(rnd))
+
+
+def shared_state(clones: list[Clone]) -> list[str]:
+    """What clones that should differ share: the same random bytes means the kernel did not
+    reseed on restore (a kernel without CONFIG_VMGENID)."""
+    seen: dict[str, list[int]] = {}
+    for c in clones:
+        if c.random:
+            seen.setdefault(c.random, []).append(c.index)
+    return [f"clones {', '.join(map(str, ix))} read the same bytes from /dev/urandom ({r[:16]}...): the kernel did "
+            "not reseed on restore (CONFIG_VMGENID)" for r, ix in seen.items() if len(ix) > 1]  # fmt: skip
+
+
+def report(r: Restored) -> None:
+    for c in r.clones:
+        figures = ", ".join(x for x in (
+            f"load {c.load_ms:.1f} ms" if c.load_ms is not None else "",
+            f"(Firecracker: {c.firecracker_load_ms:.1f} ms)" if c.firecracker_load_ms is not None else "",
+            f"first result {c.first_result_ms:.0f} ms" if c.first_result_ms is not None else "",
+            f"clock was {c.clock_offset_ms / 1000:+.1f} s off, set" if c.clock_offset_ms is not None else "",
+            f"copied {log.human(c.copied_bytes)}",
+        ) if x)  # fmt: skip
+        log.info(f"restore {r.runtime}.{r.fmt} #{c.index}: {'ok' if c.ok else 'FAILED'}: {figures}: {c.detail}")
+    for p in r.problems:
+        log.warn(f"restore {r.runtime}.{r.fmt}: {p}")
+    j = r.as_json()
+    cold = (f"cold boot-to-ready {r.cold.seconds:.2f} s" if r.cold and r.cold.ok
+            else f"cold boot: {r.cold.detail}" if r.cold else "no cold boot (--no-cold)")  # fmt: skip
+    first = j["restore_to_first_result_ms"]
+    said = f"{first:.0f} ms (median)" if first is not None else "none"
+    log.info(f"restore {r.runtime}.{r.fmt}: {sum(c.ok for c in r.clones)}/{len(r.clones)} clones ok; "
+             f"restore-to-first-result {said}; {cold}")  # fmt: skip
