@@ -198,13 +198,15 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Check the code with ruff and mypy (the noxfile included)."""
+    """Check the code with ruff and mypy (the noxfile included), the workflow with check-jsonschema and zizmor."""
     _install(session, "requirements-dev.txt")
     session.run("ruff", "check", "scripts", "tests", "bench", "noxfile.py")
     session.run("ruff", "format", "--check", "scripts", "tests", "bench", "noxfile.py")
     session.run("mypy", "scripts", "noxfile.py")
     # the CI workflow, against the GitHub Actions schema that check-jsonschema ships (offline)
     session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", ".github/workflows/images.yml")
+    # and against zizmor's audits (template injection, credentials left in checkouts, ...), offline
+    session.run("zizmor", "--offline", ".github/workflows/images.yml")
 
 
 _NO_SESSION_RUN = {"-l", "--list", "--list-sessions", "--json", "--version", "-h", "--help", "--no-venv"}

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import formats, log, paths, sparse
 from ..pins import Runtime
-from . import AGENT_PORT, BootResult, Target, running
+from . import AGENT_PORT, BootResult, Console, Target, running
 from .agent import AgentClient, AgentError, vsock_connect
 from .api import ApiError, put, wait_for_socket
 from .snapshot import API, MEMORY, STATE, TEST_ONLY_FLAG, VSOCK, SnapshotError, binding, differences, load, root_name
@@ -144,31 +144,42 @@ def _clone(rt: Runtime, t: Target, arch: str, snap: Path, doc: dict[str, Any], i
         except ApiError as exc:
             why = exc.message + (f" | {' | '.join(console.tail[-3:])}" if proc.poll() is not None else "")
             return Clone(i, False, why, console_log, copied, directory=str(d))
-        said = console.wait_for(("'load snapshot' API request took",), time.monotonic() + 5)
-        found = FIRECRACKER_LOAD.search(said or "")
-        own = int(found.group(1)) / 1000 if found else None
-        base = Clone(i, False, "", console_log, copied, load_ms, own, directory=str(d))
+        base = Clone(i, False, "", console_log, copied, load_ms, directory=str(d))
         if not doc["binding"].get("ready"):
-            return replace(base, detail=f"restored and resumed; a test-only snapshot ({TEST_ONLY_FLAG}: taken "
+            return replace(base, firecracker_load_ms=_firecrackers_own(console, 5),
+                           detail=f"restored and resumed; a test-only snapshot ({TEST_ONLY_FLAG}: taken "
                            "before the guest was ready) is never handed out as a sandbox")  # fmt: skip
-        try:
-            client = AgentClient(vsock_connect(str(d / VSOCK), AGENT_PORT, timeout=timeout))
-        except AgentError as exc:
-            return replace(base, detail=f"restored, but the agent did not answer: {exc.message}")
-        try:
-            offset = client.clock(time.time_ns())
-            base = replace(base, clock_offset_ms=offset)
-            prog = client.exec(list(rt.program or rt.check), timeout_ms=int(timeout * 1000))
-            base = replace(base, first_result_ms=(time.monotonic() - start) * 1000)
-            out = prog.stdout.decode(errors="replace").strip()
-            if prog.exit_code != 0 or (rt.program and rt.expect and out != rt.expect):
-                return replace(base, detail=f"program gave exit {prog.exit_code}, output {out!r}")
-            rnd = client.exec(RANDOM).stdout.decode(errors="replace").split()
-        except AgentError as exc:
-            return replace(base, detail=f"restored; the agent failed: {exc.message}")
-        finally:
-            client.close()
-        return replace(base, ok=True, detail=f"program printed {out!r}", random="".join(rnd))
+        done = _session(rt, d, base, start, timeout)
+        return replace(done, firecracker_load_ms=_firecrackers_own(console, 1))  # read after: not on the clock
+
+
+def _firecrackers_own(console: Console, wait: float) -> float | None:
+    """The load request's time by Firecracker's own log (its stdout, with the console), in ms."""
+    said = console.wait_for(("'load snapshot' API request took",), time.monotonic() + wait)
+    found = FIRECRACKER_LOAD.search(said or "")
+    return int(found.group(1)) / 1000 if found else None
+
+
+def _session(rt: Runtime, d: Path, base: Clone, start: float, timeout: float) -> Clone:
+    """The host's first session with a restored clone: its clock, the program, its randomness."""
+    try:
+        client = AgentClient(vsock_connect(str(d / VSOCK), AGENT_PORT, timeout=timeout))
+    except AgentError as exc:
+        return replace(base, detail=f"restored, but the agent did not answer: {exc.message}")
+    try:
+        offset = client.clock(time.time_ns())
+        base = replace(base, clock_offset_ms=offset)
+        prog = client.exec(list(rt.program or rt.check), timeout_ms=int(timeout * 1000))
+        base = replace(base, first_result_ms=(time.monotonic() - start) * 1000)
+        out = prog.stdout.decode(errors="replace").strip()
+        if prog.exit_code != 0 or (rt.program and rt.expect and out != rt.expect):
+            return replace(base, detail=f"program gave exit {prog.exit_code}, output {out!r}")
+        rnd = client.exec(RANDOM).stdout.decode(errors="replace").split()
+    except AgentError as exc:
+        return replace(base, detail=f"restored; the agent failed: {exc.message}")
+    finally:
+        client.close()
+    return replace(base, ok=True, detail=f"program printed {out!r}", random="".join(rnd))
 
 
 def shared_state(clones: list[Clone]) -> list[str]:
