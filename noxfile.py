@@ -172,6 +172,8 @@ def rootfs_all(session: nox.Session) -> None:
 _step_session("verify")
 _step_session("boot", default=False)
 _step_session("snapshot", default=False)
+_step_session("publish", default=False)
+_step_session("pull", default=False)
 _step_session("lock", default=False)
 _step_session("update_pins", default=False)
 

@@ -112,11 +112,18 @@ def output_entries(top: str) -> tuple[str, ...]:
     """What clean removes in bin/ or images/ (and their arch subdirectories): what is named above."""
     if top == "bin":
         return ("firecracker", "jailer", "vmlinux", "vulcan-guest")
-    return (*(f"*.{name}" for name in formats.FORMATS), "*.manifest.json", "*.spdx.json", ".boot", "snapshots")
+    return (
+        *(f"*.{name}" for name in formats.FORMATS),
+        "*.manifest.json",
+        "*.spdx.json",
+        ".boot",
+        "snapshots",
+        "published.json",
+    )
 
 
 LEFTOVER_ENTRIES = (".stamps", ".vulcan-*", ".*.tmp", MARKER)
-CACHE_ENTRIES = ("sha256", "apk", "keys", "rootfs", "go", "go-build", MARKER)
+CACHE_ENTRIES = ("sha256", "apk", "keys", "rootfs", "go", "go-build", "oci", MARKER)
 
 
 def is_marked(directory: Path) -> bool:

@@ -194,6 +194,72 @@ def source_date_epoch() -> int | None:
     return int(value)
 
 
+def registry_user() -> tuple[str, str] | None:
+    """``VULCAN_REGISTRY_USER`` and ``VULCAN_REGISTRY_PASSWORD``, both or neither."""
+    user, password = _raw("VULCAN_REGISTRY_USER"), _raw("VULCAN_REGISTRY_PASSWORD")
+    if (user is None) != (password is None):
+        given, missing = ("VULCAN_REGISTRY_USER", "VULCAN_REGISTRY_PASSWORD")[:: 1 if user else -1]
+        raise SettingError(f"{given} is set but {missing} is not", hint="set both, or neither (then Docker's "
+                           "config.json is read)")  # fmt: skip
+    return (user, password) if user is not None and password is not None else None
+
+
+def registry_credentials(registry: str) -> tuple[str, str] | None:
+    """The user and password for ``registry``: VULCAN_REGISTRY_USER/PASSWORD, else Docker's
+    config.json (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``, ``auths``: the
+    host, ``https://host`` or ``https://host/v1/``; ``auth`` base64 ``user:password``, or
+    ``username``/``password``), else None (anonymous). Credential helpers are not run."""
+    given = registry_user()
+    if given is not None:
+        return given
+    import base64
+    import json
+
+    config = docker_config() / "config.json"
+    try:
+        auths = json.loads(config.read_text()).get("auths", {})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SettingError(f"{config} is not a Docker config.json: {exc}", hint="fix or move it") from None
+    for key in (registry, f"https://{registry}", f"https://{registry}/v1/", f"http://{registry}"):
+        entry = auths.get(key) if isinstance(auths, dict) else None
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("auth"):
+            try:
+                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            except ValueError:
+                raise SettingError(f"{config}: auths[{key!r}].auth is not base64 of user:password") from None
+            return user, password
+        if entry.get("username") and entry.get("password"):
+            return str(entry["username"]), str(entry["password"])
+    return None
+
+
+def docker_config() -> Path:
+    """``DOCKER_CONFIG``: the directory of Docker's config.json (default ~/.docker)."""
+    value = _raw("DOCKER_CONFIG")
+    return Path(value).expanduser() if value else Path.home() / ".docker"
+
+
+def signing_key() -> bytes | None:
+    """``VULCAN_SIGNING_KEY``: the publisher's private key, PEM text (CI: from a secret)."""
+    value = _raw("VULCAN_SIGNING_KEY")
+    if value is None:
+        return None
+    if "-----BEGIN" not in value:
+        raise SettingError("VULCAN_SIGNING_KEY is not a PEM private key", hint="the key's PEM text itself, not a path "
+                           "(a path goes to publish --key)")  # fmt: skip
+    return value.encode()
+
+
+def trust_file() -> Path | None:
+    """``VULCAN_TRUST``: the PEM public keys a host trusts for what it pulls."""
+    value = _raw("VULCAN_TRUST")
+    return Path(value).expanduser() if value else None
+
+
 def ci() -> bool:
     """Set by CI systems (GitHub Actions, GitLab, ...): plain log lines, never a progress bar."""
     return _raw("CI") is not None
@@ -231,6 +297,14 @@ VARIABLES = (
     Variable("VULCAN_TIMING", "1 or json", "say how long each build phase took (json: one JSON line per build)",
              timing),
     Variable("SOURCE_DATE_EPOCH", "seconds", "the timestamp images are clamped to", source_date_epoch),
+    Variable("VULCAN_REGISTRY_USER", "user name", "the registry user for publish and pull (with the password)",
+             registry_user),
+    Variable("VULCAN_REGISTRY_PASSWORD", "password or token", "that user's password (or a token, e.g. GitHub's)",
+             registry_user),
+    Variable("DOCKER_CONFIG", "directory", "where Docker's config.json with registry credentials is",
+             docker_config),
+    Variable("VULCAN_SIGNING_KEY", "PEM text", "the key publish signs with (else publish --key FILE)", signing_key),
+    Variable("VULCAN_TRUST", "path", "the PEM public keys pull trusts (else pull --trust FILE)", trust_file),
     Variable("CI", "any value", "plain log lines, no progress bar (CI systems set it)", ci),
 )  # fmt: skip
 NAMES = frozenset(v.name for v in VARIABLES)

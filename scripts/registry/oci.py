@@ -1,0 +1,112 @@
+"""OCI 1.1 artifacts: our media types, descriptors, image manifests and indexes.
+
+Every document is written as compact JSON with sorted keys: the same files give the same bytes,
+hence the same digest, so publishing twice changes nothing (image-spec manifest.md, artifacts
+guidance: ``artifactType``, the empty config, ``subject``; ORAS names each layer's file with
+``org.opencontainers.image.title``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY = "application/vnd.oci.empty.v1+json"
+EMPTY_DATA = b"{}"
+TITLE = "org.opencontainers.image.title"
+CREATED_BY = "org.opencontainers.image.vendor"
+
+# Ours (vnd.vulcan.*). An image manifest per runtime and architecture holds the images and their
+# manifest; a host manifest per architecture holds Firecracker, the jailer and the kernel.
+RUNTIME_ARTIFACT = "application/vnd.vulcan.rootfs.v1"
+HOST_ARTIFACT = "application/vnd.vulcan.host.v1"
+IMAGE_MANIFEST = "application/vnd.vulcan.rootfs.manifest.v1+json"  # images/<runtime>.manifest.json
+# a layer's media type per image format: ext4 is sparse (mostly holes), so it travels zstd-compressed
+# and is written back sparse; squashfs is compressed already and travels as it is
+FORMAT_LAYER = {
+    "ext4": "application/vnd.vulcan.rootfs.ext4.v1+zstd",
+    "squashfs": "application/vnd.vulcan.rootfs.squashfs.v1",
+}
+HOST_LAYER = {
+    "firecracker": "application/vnd.vulcan.host.firecracker.v1",
+    "jailer": "application/vnd.vulcan.host.jailer.v1",
+    "vmlinux": "application/vnd.vulcan.host.kernel.v1",
+    "vulcan-guest": "application/vnd.vulcan.host.agent.v1",  # the agent the images hold (verify compares)
+}
+SBOM = "application/spdx+json"
+DSSE = "application/vnd.dsse.envelope.v1+json"
+ATTESTATION = "application/vnd.in-toto+json"  # a referrer's artifactType: a signed in-toto statement
+COMPRESSED = {media for media in FORMAT_LAYER.values() if media.endswith("+zstd")}
+PLATFORM = {"x86_64": {"architecture": "amd64", "os": "linux"}, "aarch64": {"architecture": "arm64", "os": "linux"}}
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A blob to push: its descriptor fields, and where its bytes are (``data``, or a file)."""
+
+    media_type: str
+    digest: str
+    size: int
+    data: bytes | None = None
+    path: str | None = None
+    title: str | None = None
+
+    def descriptor(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.title:
+            d["annotations"] = {TITLE: self.title}
+        return d
+
+
+def empty_config() -> Blob:
+    return Blob(EMPTY, digest_of(EMPTY_DATA), len(EMPTY_DATA), EMPTY_DATA)
+
+
+def manifest(artifact_type: str, layers: list[Blob], subject: dict[str, Any] | None = None,
+             annotations: dict[str, str] | None = None) -> bytes:  # fmt: skip
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST,
+        "artifactType": artifact_type,
+        "config": {**empty_config().descriptor(), "data": base64.b64encode(EMPTY_DATA).decode()},
+        "layers": [b.descriptor() for b in layers],
+    }
+    if subject is not None:
+        doc["subject"] = subject
+    if annotations:
+        doc["annotations"] = annotations
+    return canonical(doc)
+
+
+def index(entries: list[dict[str, Any]], artifact_type: str | None = None,
+          annotations: dict[str, str] | None = None) -> bytes:  # fmt: skip
+    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": INDEX, "manifests": entries}
+    if artifact_type:
+        doc["artifactType"] = artifact_type
+    if annotations:
+        doc["annotations"] = annotations
+    return canonical(doc)
+
+
+def descriptor_of(media_type: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": digest_of(data), "size": len(data), **extra}
+
+
+def referrers_tag(digest: str) -> str:
+    """The referrers tag schema's tag for a subject (distribution-spec: ``sha256-<hex>``)."""
+    return digest.replace(":", "-")
