@@ -100,6 +100,7 @@ class Format:
     check_name: str  # what verify's table calls the writer's deep check
     writable: bool  # a VM may write the image (a copy of it); else it is booted read-only + overlay
     max_epoch: int  # the latest timestamp (SOURCE_DATE_EPOCH) its writer stores
+    sparse: bool = False  # mostly holes, uncompressed: it travels compressed (publish) and lands sparse (pull)
 
     @property
     def writer(self) -> Writer:
@@ -118,7 +119,8 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         # 256-byte inodes keep extra epoch bits; 2106 is what tar and every other part store
-        Format("ext4", "ext4", "ext4_read", ("EXT4_FS",), "e2fsck -fn", writable=True, max_epoch=2**32 - 1),
+        Format("ext4", "ext4", "ext4_read", ("EXT4_FS",), "e2fsck -fn", writable=True, max_epoch=2**32 - 1,
+               sparse=True),
         # squashfs stores u32 mtimes, but tar2sqfs (1.2) reads the root's "-d mtime=" as a signed
         # 32-bit number: "mtime: value too large" from 2038-01-19 on
         Format("squashfs", "squashfs", "squashfs_read", ("SQUASHFS", "SQUASHFS_ZSTD"), "sqfs2tar reads it all",

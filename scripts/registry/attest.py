@@ -1,6 +1,8 @@
-"""Signed statements about what is published: an in-toto Statement v1 whose predicate is a SLSA
-v1 provenance, in a DSSE envelope (securesystemslib's: the envelope of in-toto and of cosign's
-attestations), one per published manifest, attached to it as a referrer.
+"""Signed statements about what is published: SLSA v1 provenance in DSSE envelopes.
+
+An in-toto Statement v1 whose predicate is a SLSA v1 provenance, in a DSSE envelope
+(securesystemslib's: the envelope of in-toto and of cosign's attestations), one per published
+manifest, attached to it as a referrer.
 
 The statement's ``subject`` is the manifest's digest: a valid signature by a trusted key over
 a statement naming that digest is what a host requires before it uses what it pulled.

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..formats import FORMATS
+
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
 EMPTY = "application/vnd.oci.empty.v1+json"
@@ -29,10 +31,8 @@ HOST_ARTIFACT = "application/vnd.vulcan.host.v1"
 IMAGE_MANIFEST = "application/vnd.vulcan.rootfs.manifest.v1+json"  # images/<runtime>.manifest.json
 # a layer's media type per image format: ext4 is sparse (mostly holes), so it travels zstd-compressed
 # and is written back sparse; squashfs is compressed already and travels as it is
-FORMAT_LAYER = {
-    "ext4": "application/vnd.vulcan.rootfs.ext4.v1+zstd",
-    "squashfs": "application/vnd.vulcan.rootfs.squashfs.v1",
-}
+FORMAT_LAYER = {f.name: f"application/vnd.vulcan.rootfs.{f.name}.v1" + ("+zstd" if f.sparse else "")
+                for f in FORMATS.values()}  # fmt: skip
 HOST_LAYER = {
     "firecracker": "application/vnd.vulcan.host.firecracker.v1",
     "jailer": "application/vnd.vulcan.host.jailer.v1",

@@ -83,7 +83,7 @@ class Fingerprints:
         return str(digest)
 
 
-def compressed(image: Path, cache: Path, prints: Fingerprints) -> oci.Blob:
+def compressed(image: Path, media_type: str, cache: Path, prints: Fingerprints) -> oci.Blob:
     """The image zstd-compressed (kept in the cache by the image's fingerprint), as a blob."""
     import tempfile
 
@@ -91,7 +91,7 @@ def compressed(image: Path, cache: Path, prints: Fingerprints) -> oci.Blob:
 
     known = prints.get(image, "zstd")
     if known is not None and (cache / known["digest"].replace(":", "-")).is_file():
-        return oci.Blob(oci.FORMAT_LAYER["ext4"], known["digest"], known["size"],
+        return oci.Blob(media_type, known["digest"], known["size"],
                         path=str(cache / known["digest"].replace(":", "-")), title=image.name)  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=".zstd-", suffix=".tmp", dir=cache)
@@ -110,9 +110,7 @@ def compressed(image: Path, cache: Path, prints: Fingerprints) -> oci.Blob:
         Path(name).unlink(missing_ok=True)
         raise
     prints.put(image, "zstd", {"digest": digest, "size": size})
-    return oci.Blob(
-        oci.FORMAT_LAYER["ext4"], digest, size, path=str(cache / digest.replace(":", "-")), title=image.name
-    )
+    return oci.Blob(media_type, digest, size, path=str(cache / digest.replace(":", "-")), title=image.name)
 
 
 class _Hashing:
@@ -233,8 +231,9 @@ def publish(pins: Pins, pins_file: Path, target: Reference, reg: Registry, key: 
             if not images or not man.is_file():
                 continue
             p.blob(config)
-            layers = [compressed(img, cache / "blobs", prints) if oci.FORMAT_LAYER[f] in oci.COMPRESSED
-                      else file_blob(oci.FORMAT_LAYER[f], img, prints) for f, img in images]  # fmt: skip
+            media = {f: oci.FORMAT_LAYER[f] for f, _ in images}
+            layers = [compressed(img, media[f], cache / "blobs", prints) if media[f] in oci.COMPRESSED
+                      else file_blob(media[f], img, prints) for f, img in images]  # fmt: skip
             layers.append(file_blob(oci.IMAGE_MANIFEST, man, prints))
             for b in layers:
                 p.blob(b)
