@@ -20,7 +20,14 @@ import requests
 
 from scripts.registry.client import Reference, RegistryError
 from tests.support.imagerepo import RUNTIMES
-from tests.support.registry import PASSWORD, USER, RunningRegistry, require_registry, running_registry
+from tests.support.registry import (
+    PASSWORD,
+    USER,
+    ReferrersProxy,
+    RunningRegistry,
+    require_registry,
+    running_registry,
+)
 from tests.support.world import World, built_world
 
 pytestmark = [
@@ -403,3 +410,60 @@ def test_references_are_parsed_strictly() -> None:
     for bad in ("vulcan-images", "docker.io/Acme/x", "ghcr.io/x@sha256:abc", "ghcr.io/x:"):
         with pytest.raises(RegistryError):
             Reference.parse(bad)
+
+
+def test_a_registry_with_the_referrers_api_gets_no_tag_schema_index(
+    built: World, keys: dict[str, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with running_registry(tmp_path_factory.mktemp("api")) as reg:
+        proxy = ReferrersProxy(reg)
+        try:
+            out = tmp_path / "p.json"
+            proc = built.run("publish", "--to", f"{proxy.host}/{REPO_NAME}", "--key", str(keys["ours"]),
+                             "--digests", str(out), "--insecure")  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            tags = requests.get(f"{reg.base}/v2/{REPO_NAME}/tags/list", timeout=30).json()["tags"]
+            assert not [t for t in tags if t.startswith("sha256-")], tags  # the API holds them: no fallback index
+            digest = json.loads(out.read_text())["published"]["python"]["manifests"]["x86_64"]
+            assert {r["artifactType"] for r in proxy.referrers[digest]} == {"application/vnd.in-toto+json",
+                                                                            "application/spdx+json"}  # fmt: skip
+            calls = proxy.api_calls
+            ref = json.loads(out.read_text())["published"]["python"]["reference"]
+            pulled = _pull(built, ref, tmp_path / "host", "--trust", str(keys["ours.pub"]), "--insecure")
+            assert pulled.returncode == 0, pulled.stderr
+            assert proxy.api_calls > calls  # the signature was found through the API
+        finally:
+            proxy.close()
+
+
+def test_an_upload_interrupted_mid_blob_resumes_where_the_registry_stands(
+    registry: RunningRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scripts.registry import client as client_mod
+    from scripts.registry import oci
+
+    monkeypatch.setattr(client_mod, "CHUNK", 1 << 20)
+    data = os.urandom(5 << 20)
+    f = tmp_path / "big.bin"
+    f.write_bytes(data)
+    blob = oci.Blob("application/octet-stream", oci.digest_of(data), len(data), path=str(f), title="big.bin")
+    state = tmp_path / "state"
+    first = client_mod.Registry(registry.host, insecure=True, state_dir=state)
+    sent = {"n": 0}
+    real = first.session.request
+
+    def cut_after_two_chunks(method: str, url: str, **kw: Any) -> requests.Response:
+        if method == "PATCH":
+            sent["n"] += 1
+            if sent["n"] == 3:
+                raise requests.exceptions.ConnectionError("the link went down")
+        return real(method, url, **kw)
+
+    monkeypatch.setattr(first.session, "request", cut_after_two_chunks)
+    with pytest.raises(RegistryError, match="not reachable"):
+        first.push_blob("acme/resume", blob)
+    assert list(state.rglob("*.upload.json"))  # where it stood is remembered
+    again = client_mod.Registry(registry.host, insecure=True, state_dir=state)
+    assert again.push_blob("acme/resume", blob) == 3 << 20  # only the last three chunks
+    assert requests.get(f"{registry.base}/v2/acme/resume/blobs/{blob.digest}", timeout=30).content == data
+    assert not list(state.rglob("*.upload.json"))

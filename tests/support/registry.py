@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
 import shutil
 import socket
@@ -227,3 +228,73 @@ def running_registry(workdir: Path, auth: str = "none", tls: bool = False) -> It
             proc.kill()
         if issuer is not None:
             issuer.close()
+
+
+class ReferrersProxy:
+    """The real registry behind a proxy that adds the one thing distribution 2.8 lacks: the
+    referrers API (distribution-spec v1.1: ``GET /v2/<name>/referrers/<digest>``, and
+    ``OCI-Subject`` on the answer to a manifest PUT that has a subject). Every other request,
+    and every byte, goes to and comes from the registry itself."""
+
+    def __init__(self, upstream: RunningRegistry) -> None:
+        self.upstream = upstream
+        self.referrers: dict[str, list[dict[str, object]]] = {}
+        self.api_calls = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = urlsplit(self.path).path
+                parts = path.split("/")
+                if self.command == "GET" and "referrers" in parts:
+                    proxy.api_calls += 1
+                    digest = parts[-1]
+                    doc = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                      "manifests": proxy.referrers.get(digest, [])}).encode()  # fmt: skip
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/vnd.oci.image.index.v1+json")
+                    self.send_header("Content-Length", str(len(doc)))
+                    self.end_headers()
+                    self.wfile.write(doc)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                r = requests.request(self.command, proxy.upstream.base + self.path, headers=headers, data=body,
+                                     allow_redirects=False, timeout=60)  # fmt: skip
+                extra = {}
+                if self.command == "PUT" and "manifests" in parts and r.status_code == 201:
+                    doc_in = json.loads(body)
+                    if "subject" in doc_in:
+                        entry = {"mediaType": doc_in["mediaType"], "size": len(body),
+                                 "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
+                                 "artifactType": doc_in.get("artifactType")}  # fmt: skip
+                        proxy.referrers.setdefault(doc_in["subject"]["digest"], []).append(entry)
+                        extra["OCI-Subject"] = doc_in["subject"]["digest"]
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v.replace(proxy.upstream.base, proxy.base))
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                content = b"" if self.command == "HEAD" else r.content
+                self.send_header("Content-Length", str(len(content) if self.command != "HEAD" else
+                                                       r.headers.get("Content-Length", "0")))  # fmt: skip
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_PUT = do_POST = do_PATCH = do_HEAD = do_DELETE = _relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.base = f"http://{self.host}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
