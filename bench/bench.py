@@ -19,6 +19,8 @@ is the median of several runs, next to its floor, measured in the same run:
    three final tars one after the other; where the time went (VULCAN_TIMING phases)
 9. snapshot create and load + resume with the real Firecracker 1.12.1 of ../shared (median of
    10 single restores; 4 at once vs one alone; bytes copied)
+10. publish and pull through a real registry (docker-registry): seconds, bytes on the wire, the
+   second publish and pull, ours vs ``oras pull``
 
 Prints a table and writes bench/results/latest.json.
 """
@@ -666,6 +668,89 @@ def snapshot(b: Bench) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def registry(b: Bench) -> dict[str, Any]:
+    """10. publish and pull of the three ext4 images through a real registry (Debian's
+    docker-registry on 127.0.0.1): seconds, blob bytes on the wire / compressed size, the second
+    publish and pull, and our pull against ``oras pull`` of the same manifests in the same run."""
+    import shutil as sh
+
+    if sh.which("docker-registry") is None:
+        return {"skipped": "docker-registry is not installed"}
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from tests.support.registry import running_registry
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem, pub = b.work / "signing.pem", b.work / "signing.pub"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))  # fmt: skip
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    out: dict[str, Any] = {}
+    with running_registry(b.work / "registry") as reg:
+        target = ["--to", f"{reg.host}/bench/vulcan-images", "--key", str(pem), "--insecure"]
+        for label in ("first", "second"):
+            digests = b.work / f"published-{label}.json"
+            secs, _ = b.build("publish", *target, "--digests", str(digests))
+            doc = json.loads(digests.read_text())
+            out[f"publish_{label}_s"], out[f"publish_{label}_uploaded"] = secs, doc["uploaded_bytes"]
+        out["payload_bytes"] = doc["payload_bytes"]
+        out["image_bytes"] = sum((b.w.out / "images" / f"{n}.ext4").stat().st_size for n in RUNTIMES)
+        refs = [e["reference"] for name, e in doc["published"].items() if name in RUNTIMES]
+        dest = b.work / "pulled"
+        for label in ("first", "second"):
+            start = time.monotonic()
+            received = 0
+            for ref in refs:
+                _, proc = b.build("pull", ref, "--dest", str(dest), "--trust", str(pub), "--insecure")
+                line = next((x for x in proc.stderr.splitlines() if "received" in x), "")
+                received += _bytes(line.split("received ")[1].split(" in ")[0]) if line else 0
+            out[f"pull_{label}_s"], out[f"pull_{label}_received"] = time.monotonic() - start, received
+        oras_dir = b.work / "oras"
+        try:
+            import oras.client
+
+            client = oras.client.OrasClient(hostname=reg.host, insecure=True)
+            start = time.monotonic()
+            for name in RUNTIMES:
+                client.pull(target=f"{reg.host}/bench/vulcan-images@{doc['published'][name]['manifests'][b.arch]}",
+                            outdir=str(oras_dir / name))  # fmt: skip
+            out["oras_pull_s"] = time.monotonic() - start
+        except ImportError:
+            out["oras_pull_s"] = None
+    return out
+
+
+def _bytes(said: str) -> int:
+    """``63.0 MiB`` (log.human) back to bytes, near enough for a ratio."""
+    number, unit = said.split()
+    return int(float(number) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[unit])
+
+
+def registry_rows(r: dict[str, Any]) -> list[str]:
+    if "skipped" in r:
+        return [f"publish/pull: skipped ({r['skipped']})"]
+    mib = 2**20
+    wire = r["publish_first_uploaded"] / r["payload_bytes"]
+    oras = r.get("oras_pull_s")
+    return [
+        ROW.format("publish 3 ext4 images (signed), first", _s(r["publish_first_s"]), "", "", ""),
+        ROW.format("  blob bytes on the wire / compressed size", f"{r['publish_first_uploaded'] / mib:.0f}Mi",
+                   f"{r['payload_bytes'] / mib:.0f}Mi", f"{wire:.2f}", "<= 1.05"),
+        ROW.format("  compressed / the images' apparent size", f"{r['payload_bytes'] / mib:.0f}Mi",
+                   f"{r['image_bytes'] / mib:.0f}Mi", f"{r['payload_bytes'] / r['image_bytes']:.2f}", ""),
+        ROW.format("publish again: bytes uploaded, seconds", str(r["publish_second_uploaded"]),
+                   _s(r["publish_second_s"]), "", "0 B, <= 0.3 s"),
+        ROW.format("pull the 3 runtimes (verified, written sparse)", _s(r["pull_first_s"]),
+                   _s(oras) if oras else "", f"{r['pull_first_s'] / oras:.2f}x" if oras else "", "<= 1.2x oras pull"),
+        ROW.format("  bytes received / compressed size", f"{r['pull_first_received'] / mib:.0f}Mi",
+                   f"{r['payload_bytes'] / mib:.0f}Mi", f"{r['pull_first_received'] / r['payload_bytes']:.2f}", ""),
+        ROW.format("pull again: bytes received, seconds (3 pulls)", str(r["pull_second_received"]),
+                   _s(r["pull_second_s"]), "", "0 B, <= 0.3 s each"),
+    ]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Figure:
     key: str  # its place in bench/results/latest.json
@@ -681,6 +766,7 @@ FIGURES = (
     Figure("squashfs", squashfs, squashfs_rows),
     Figure("boot", boot, boot_rows),
     Figure("snapshot", snapshot, snapshot_rows),
+    Figure("registry", registry, registry_rows),
 )
 
 

@@ -120,7 +120,22 @@ def test_actions_are_pinned_by_commit_and_jobs_ask_for_least_permissions() -> No
     wf = load_workflow()
     assert wf["permissions"] == {}
     for name, job in wf["jobs"].items():
-        assert job.get("permissions") == {"contents": "read"}, name
+        want = {"contents": "read", "packages": "write"} if name == "publish" else {"contents": "read"}
+        assert job.get("permissions") == want, name  # publish alone can write packages
+
+
+def test_the_publish_job_runs_on_main_after_check_and_boot_with_the_users_command() -> None:
+    job = load_workflow()["jobs"]["publish"]
+    assert job["if"] == "github.event_name == 'push' && github.ref == 'refs/heads/main'"  # never a pull request
+    assert {"check", "boot", "build", "lock"} <= set(job["needs"])
+    [step] = [s for s in job["steps"] if "nox -s publish" in s.get("run", "")]
+    assert 'nox -s publish -- --to "ghcr.io/${OWNER,,}/vulcan-images" --digests published.json' in step["run"]
+    assert step["env"] == {"OWNER": "${{ github.repository_owner }}", "VULCAN_REGISTRY_USER": "${{ github.actor }}",
+                           "VULCAN_REGISTRY_PASSWORD": "${{ secrets.GITHUB_TOKEN }}",
+                           "VULCAN_SIGNING_KEY": "${{ secrets.VULCAN_SIGNING_KEY }}"}  # fmt: skip
+    assert "nox -s download guest -- --arch" in step["run"]  # the host artifact needs both architectures' bin/
+    lock = [s for s in job["steps"] if s.get("with", {}).get("name") == "alpine-lock"]
+    assert lock and lock[0]["if"] == "needs.lock.outputs.fresh != 'true'"
 
 
 @pytest.mark.slow  # 15 s: it resolves and builds like two CI jobs; the quick set must stay under 3 minutes
