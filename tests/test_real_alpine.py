@@ -28,6 +28,8 @@ BASE = ["alpine-baselayout", "alpine-keys", "alpine-release", "busybox", "busybo
 RUNTIMES = {
     "apk": {"world": ["apk-tools"], "check": ["apk", "--version"], "binary": "/sbin/apk"},
     "openssl": {"world": ["openssl"], "check": ["openssl", "version"], "binary": "/usr/bin/openssl"},
+    # meta packages (no files of their own but apk's .dummy) beside real ones: the tree comparison
+    "meta": {"world": ["alpine-base", "libc-utils"], "check": ["apk", "--version"], "binary": "/sbin/apk"},
 }
 # What we write over package files on purpose: accounts (sandbox, shadow, klogd) and the init
 EDITED = {"etc/passwd", "etc/group", "etc/shadow", "etc/inittab", "etc/hostname"}
@@ -62,11 +64,11 @@ def image_root(w: World, runtime: str, dest: Path) -> Path:
     return dest
 
 
-def real_install(apk: realapk.Apk, root: Path, world: list[str]) -> Path:
+def real_install(apk: realapk.Apk, root: Path, world: list[str], epoch: int | None = None) -> Path:
     """What real apk installs for ``world`` from the same repository (no scripts)."""
     (root / "etc/apk").mkdir(parents=True)
     (root / "etc/apk/repositories").write_text(f"{realapk.ISO}\n")
-    proc = apk.run("--initdb", "--no-scripts", "add", *world, root=root)
+    proc = apk.run("--initdb", "--no-scripts", "add", *world, root=root, epoch=epoch)
     assert proc.returncode == 0, proc.stderr
     return root
 
@@ -151,3 +153,82 @@ def test_a_real_alpine_image_boots(alpine: World) -> None:
     proc = alpine.run("boot", "--vmm", "qemu", "--kernel", str(kernel), "apk")
     assert proc.returncode == 0, proc.stderr
     assert "vulcan-smoke: ok" in (alpine.out / "images/.boot/apk.ext4.qemu.console.log").read_text()
+
+
+def _tree(root: Path, modes: dict[str, tuple[int, int, int]] | None = None) -> dict[str, tuple[object, ...]]:
+    """Every path under ``root``: kind, mode, owner, size, link target, content digest; ``modes``
+    (from the image itself) overrides what a copy lost (debugfs rdump drops setuid and sticky)."""
+    import hashlib
+    import os
+    import stat
+
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            f = Path(dirpath) / name
+            st = os.lstat(f)
+            rel = str(f.relative_to(root))
+            kind = stat.S_IFMT(st.st_mode)
+            mode, uid, gid = (modes or {}).get(rel, (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid))
+            target = os.readlink(f) if stat.S_ISLNK(st.st_mode) else ""
+            digest = hashlib.sha256(f.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else ""
+            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+            out[rel] = (kind, mode, uid, gid, size, target, digest)
+    return out
+
+
+def _image_modes(image: Path, copy: Path) -> dict[str, tuple[int, int, int]]:
+    """Mode and owner of every path as the ext4 image holds them (debugfs ls -p, one process)."""
+    import os
+
+    dirs = [""] + [str(Path(d).relative_to(copy)) for d, _, _ in os.walk(copy) if Path(d) != copy]
+    cmds = copy.parent / "ls.cmds"
+    cmds.write_text("".join(f"ls -p /{d}\n" for d in dirs))
+    out = subprocess.run(["debugfs", "-f", str(cmds), str(image)], capture_output=True, text=True, check=True).stdout
+    modes: dict[str, tuple[int, int, int]] = {}
+    current = ""
+    for line in out.splitlines():
+        if line.startswith("debugfs: ls -p /"):
+            current = line.removeprefix("debugfs: ls -p /")
+            continue
+        parts = line.split("/")
+        if len(parts) >= 7 and parts[5] not in (".", ".."):
+            mode = int(parts[2], 8)
+            modes[f"{current}/{parts[5]}".lstrip("/")] = (mode & 0o7777, int(parts[3]), int(parts[4]))
+    return modes
+
+
+# What the image has that real apk (--initdb --no-scripts add) does not, on purpose or because an
+# install script would have made it; and what real apk has that the image does not. README:
+# "Images against real apk, file for file" lists the same.
+OURS_ON_PURPOSE = {
+    "lost+found",  # mke2fs
+    ".vulcan", ".vulcan/new", ".vulcan/ro", ".vulcan/rw",  # overlay-init's mount points
+    "etc/vulcan", "etc/vulcan/check.json", "etc/vulcan/overlay-init", "etc/vulcan/rc.init", "etc/vulcan/runtime",
+    "usr/local/bin/vulcan-guest", "work",  # the agent and the sandbox user's home
+}  # fmt: skip
+EDITED_ON_PURPOSE = EDITED | {"etc/apk/repositories"}  # the mirror we built from, not a local path
+REAL_APK_ONLY = {
+    # /dev: the guest mounts devtmpfs over it, which has these nodes
+    "dev/console", "dev/null", "dev/random", "dev/urandom", "dev/zero",
+}  # fmt: skip
+
+
+def test_the_image_tree_is_what_real_apk_installs_file_for_file(alpine: World, tmp_path: Path) -> None:
+    """The meta world (alpine-base and libc-utils: packages whose data is only apk's .dummy) with
+    our engine and with real apk 2.14 from the same repository, compared path by path: kind,
+    mode, owner, size, link target and content. Equal except the listed exceptions."""
+    apk: realapk.Apk = alpine.apk  # type: ignore[attr-defined]
+    world = [*BASE, *RUNTIMES["meta"]["world"]]
+    epoch = json.loads((alpine.out / "images/meta.manifest.json").read_text())["source_date_epoch"]
+    theirs = _tree(real_install(apk, tmp_path / "real", world, epoch))
+    copy = image_root(alpine, "meta", tmp_path / "img")
+    ours = _tree(copy, _image_modes(alpine.out / "images/meta.ext4", copy))
+    links = {p for p, (kind, *_rest) in ours.items() if p not in theirs and kind == 0o120000
+             and _rest[4] in ("/bin/busybox", "../../bin/busybox", "../bin/busybox", "busybox")}  # fmt: skip
+    keys = {f"etc/apk/keys/{name}" for name in alpine.pins["alpine"]["keys"]}
+    assert sorted(set(ours) - set(theirs) - OURS_ON_PURPOSE - links - keys) == []  # busybox --install's links
+    assert sorted(set(theirs) - set(ours) - REAL_APK_ONLY) == []
+    differ = {p: (theirs[p], ours[p]) for p in set(ours) & set(theirs) if ours[p] != theirs[p]}
+    unexpected = sorted(set(differ) - EDITED_ON_PURPOSE)
+    assert unexpected == [], {p: differ[p] for p in unexpected}

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import AGENT, OVERLAY_INIT
 from .tree import Tree
@@ -235,6 +236,7 @@ class InstalledPackage:
     repo: str
     size: int  # of the .apk file: the index's S:, which apk also writes as S:
     arch: str  # the index's A: (apk writes it; .PKGINFO may say noarch where the index says x86_64)
+    scripts: Mapping[str, bytes] = field(default_factory=dict)  # ".post-install": its text (control tar)
 
 
 DEFAULT_FILE_ACL = (0, 0, 0o644)
@@ -245,10 +247,10 @@ def _acl(letter: str, acl: tuple[int, int, int]) -> str:
     return f"{letter}:{acl[0]}:{acl[1]}:{acl[2]:o}"
 
 
-def installed_record(tree: Tree, pkg: InstalledPackage) -> list[str]:
+def installed_record(tree: Tree, pkg: InstalledPackage) -> tuple[list[str], list[str], list[str]]:
     """One package's lines, field for field as apk-tools 2.14 writes them (src/package.c
-    apk_pkg_write_index_header, src/database.c apk_db_write_fdb): C P V A S I T U L o m t c k,
-    then D p i, then r q, then each directory once (F, M) with its files (R, a, Z)."""
+    apk_pkg_write_index_header, src/database.c apk_db_write_fdb): the header C P V A S I T U L o
+    m t c k, then D p i; its r q; each directory once (F, M) with its files (R, a, Z)."""
     info = pkg.pkginfo
     name = info["pkgname"][0]
 
@@ -264,11 +266,13 @@ def installed_record(tree: Tree, pkg: InstalledPackage) -> list[str]:
             out.append(f"{letter}:{one(key)}")
     if one("provider_priority") not in ("", "0"):
         out.append(f"k:{one('provider_priority')}")
-    for key, letter in (("depend", "D"), ("provides", "p"), ("install_if", "i"), ("replaces", "r")):
+    for key, letter in (("depend", "D"), ("provides", "p"), ("install_if", "i")):
         if info.get(key):
             out.append(f"{letter}:{' '.join(info[key])}")
+    replaces = [f"r:{' '.join(info['replaces'])}"] if info.get("replaces") else []
     if one("replaces_priority") not in ("", "0"):
-        out.append(f"q:{one('replaces_priority')}")
+        replaces.append(f"q:{one('replaces_priority')}")
+    header, out = out, []
     for d in tree.records.get(name, {}).values():
         out.append(f"F:{d.path}")
         if d.acl is not None and d.acl != DEFAULT_DIR_ACL:
@@ -283,7 +287,7 @@ def installed_record(tree: Tree, pkg: InstalledPackage) -> list[str]:
                 out.append(_acl("a", acl))
             if sha1:
                 out.append(f"Z:Q1{base64.b64encode(bytes.fromhex(sha1)).decode()}")
-    return out
+    return header, replaces, out
 
 
 def apk_database(
@@ -293,17 +297,84 @@ def apk_database(
     repositories: Sequence[str],
     keys: Mapping[str, bytes],
     arch: str,
+    epoch: int = 0,
 ) -> None:
     """lib/apk/db/installed, etc/apk/world, repositories, arch and keys: apk in the guest then
     knows what is installed. Records are sorted by package name, as apk writes them
     (apk_db_sorted_installed_packages)."""
     out: list[str] = []
+    pending: list[str] = []
     for pkg in sorted(installed, key=lambda p: p.pkginfo["pkgname"][0]):
-        out += [*installed_record(tree, pkg), ""]
+        header, replaces, dirs = installed_record(tree, pkg)
+        # apk 2.14 buffers a record's r:/q: lines and writes them out with its first directory
+        # (apk_db_write_fdb): a package that owns no directory (a meta package) passes them to
+        # the next record that does, after that record's header; the last ones are never
+        # written. The same bytes as apk, and apk reads them back the same way.
+        pending += replaces
+        out += header
+        if dirs:
+            out += [*pending, *dirs]
+            pending = []
+        out.append("")
     tree.put_generated("lib/apk/db/installed", "file", 0o644, ("\n".join(out) + "\n").encode())
-    tree.put_generated("etc/apk/world", "file", 0o644, ("\n".join(world) + "\n").encode())
+    # sorted, as apk writes its world (apk_deps_write of the sorted world, src/database.c)
+    ordered = sorted(world, key=lambda dep: re.split(r"[~<>=]", dep.lstrip("!"), maxsplit=1)[0])
+    tree.put_generated("etc/apk/world", "file", 0o644, ("\n".join(ordered) + "\n").encode())
     tree.put_generated("etc/apk/repositories", "file", 0o644, ("\n".join(repositories) + "\n").encode())
     tree.put_generated("etc/apk/arch", "file", 0o644, f"{arch}\n".encode())
     for name, pem in sorted(keys.items()):
         if f"etc/apk/keys/{name}" not in tree.nodes:  # alpine-keys may already link it
             tree.put_generated(f"etc/apk/keys/{name}", "file", 0o644, pem)
+    initdb(tree, installed, epoch)
+
+
+# apk's script types, in the order it stores them (apk-tools src/package.c apk_script_types)
+SCRIPT_ORDER = (".pre-install", ".post-install", ".pre-deinstall", ".post-deinstall", ".pre-upgrade",
+                ".post-upgrade", ".trigger")  # fmt: skip
+
+
+def _octal(value: int, width: int, nul: bool) -> bytes:
+    digits = width - 1 if nul else width
+    return f"{value:0{digits}o}".encode()[-digits:] + (b"\0" if nul else b"")
+
+
+def _apk_tar_entry(name: str, data: bytes, mtime: int) -> bytes:
+    """One member as apk-tools 2.14 writes its scripts database (src/io_archive.c
+    apk_tar_write_entry): a GNU-magic header, size and mtime in 12 octal digits without a NUL,
+    mode/uid/gid in 7 with one, owner root; the data padded to 512 bytes."""
+    h = bytearray(512)
+    h[0:100] = name.encode()[:99].ljust(100, b"\0")
+    h[100:108], h[108:116], h[116:124] = _octal(0o755, 8, True), _octal(0, 8, True), _octal(0, 8, True)
+    h[124:136], h[136:148] = _octal(len(data), 12, False), _octal(mtime, 12, False)
+    h[148:156] = b" " * 8
+    h[156:157] = b"0"
+    h[257:265] = b"ustar  \0"
+    h[265:269], h[297:301] = b"root", b"root"
+    h[148:155] = _octal(sum(h), 7, True)  # six digits and a NUL; the eighth byte stays a space
+    return bytes(h) + data + bytes(-len(data) % 512)
+
+
+def initdb(tree: Tree, installed: Sequence[InstalledPackage], epoch: int) -> None:
+    """What ``apk --initdb add`` leaves that no package ships (apk-tools 2.14 src/database.c
+    apk_db_create, apk_db_write_config): ``lib/apk/db/lock`` (0600, empty),
+    ``lib/apk/db/triggers`` (each package with triggers: its checksum and trigger paths, in
+    install order), ``lib/apk/db/scripts.tar`` (every package's scripts, named
+    ``NAME-VERSION.CHECKSUM.TYPE``, 0755, in install order: apk in the guest runs them on an
+    upgrade or removal), ``var/cache/apk``; and ``proc`` as 0555. Members' times are the
+    image's timestamp (apk writes SOURCE_DATE_EPOCH, else the time of the install): the same
+    inputs, the same bytes, byte for byte what apk writes with that SOURCE_DATE_EPOCH."""
+    tree.put_generated("lib/apk/db/lock", "file", 0o600, b"")
+    lines = [f"{p.checksum} {' '.join(p.pkginfo['triggers'])}" for p in installed if p.pkginfo.get("triggers")]
+    tree.put_generated("lib/apk/db/triggers", "file", 0o644, "".join(f"{line}\n" for line in lines).encode())
+    members = []
+    for p in installed:
+        name, version = p.pkginfo["pkgname"][0], p.pkginfo["pkgver"][0]
+        members += [_apk_tar_entry(f"{name}-{version}.{p.checksum}.{kind[1:]}", p.scripts[kind], epoch)
+                    for kind in SCRIPT_ORDER if kind in p.scripts]  # fmt: skip
+    scripts_tar = b"".join(members) + bytes(1024)  # end of archive: two empty headers, no record padding
+    tree.put_generated("lib/apk/db/scripts.tar", "file", 0o644, scripts_tar)
+    if "var/cache/apk" not in tree.nodes:
+        tree.put_generated("var/cache/apk", "dir", 0o755)
+    proc = tree.nodes.get("proc")
+    if proc is not None and proc.kind == "dir":
+        proc.mode = 0o555  # apk --initdb makes it before any package: a package's proc/ keeps that mode

@@ -94,10 +94,11 @@ def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
             replaces = {r.split("=")[0].split("<")[0].split(">")[0] for r in v.pkginfo.get("replaces", [])}
             with log.phase("decompress+merge packages"):
                 tree.add_package(locked.name, v.path, v.data_offset, replaces)
-            names = [n for n in control_files(v.control) if n.startswith(".") and n != ".PKGINFO"]
-            if names:
-                scripts[locked.name] = names
-            installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo, locked.size, locked.arch))
+            own = {n: data for n, data in control_files(v.control).items() if n.startswith(".") and n != ".PKGINFO"}
+            if own:
+                scripts[locked.name] = list(own)
+            installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo, locked.size, locked.arch,
+                                                        own))  # fmt: skip
         with log.phase("configure (scripts, accounts, agent, apk db)"):
             report = configure.review_scripts(scripts)
             links = configure.busybox_links(tree)
@@ -105,7 +106,7 @@ def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
             configure.vulcan(tree, rt.check, plan.runtime, plan.guest.read_bytes())
             world = [*alpine.base, *rt.world]
             repos = [f"{alpine.mirror.rstrip('/')}/{alpine.branch}/{r}" for r in alpine.repositories]
-            configure.apk_database(tree, installed, world, repos, keys.key_pems(alpine), plan.arch)
+            configure.apk_database(tree, installed, world, repos, keys.key_pems(alpine), plan.arch, plan.epoch)
             _require(
                 tree, "sbin/init", "no /sbin/init in the image (busybox's applet link): is busybox in alpine.base?"
             )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import subprocess
 import tarfile
@@ -51,11 +52,13 @@ class Apk:
         r = self.root
         return [str(r / "lib/ld-musl-x86_64.so.1"), "--library-path", f"{r}/lib:{r}/usr/lib", str(r / "sbin/apk")]
 
-    def run(self, *args: str, root: Path, arch: str = "x86_64") -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, root: Path, arch: str = "x86_64", epoch: int | None = None
+            ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        env = None if epoch is None else {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
         return subprocess.run(
             [*self.argv, "--root", str(root), "--arch", arch, "--keys-dir", str(KEYS), "--no-network", "--no-cache",
              *args],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=120, env=env,
         )  # fmt: skip
 
 
