@@ -25,13 +25,13 @@ def test_fresh_install_scenario_matches_apk(shared: Path, path: Path) -> None:
     if why:
         pytest.skip(f"needs {why}")
     want = S.expected(scenario)
-    solver = Solver(S.packages(scenario), "x86_64", [f.stem for _, f in scenario.repos])
+    solver = Solver(S.packages(scenario), "x86_64", [f.stem for _, f in scenario.repos], S.tags(scenario))
     if want is None:
         with pytest.raises(ResolveError):
             solver.solve(S.world_of(scenario))
     else:
         got = solver.solve(S.world_of(scenario))
-        assert {(p.name, p.version) for p in got} == want
+        assert {(p.name, p.version, solver.tag(p)) for p in got} == want
 
 
 def test_the_harness_found_every_fresh_install_scenario(shared: Path) -> None:

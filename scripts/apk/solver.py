@@ -13,6 +13,14 @@ unversioned providers and no ``k:`` is an error unless something chosen already 
 (apk: "please select one of the 'provided by' packages explicitly"). ``install_if`` packages
 are added when their conditions hold for the solved set, re-solving with each. The result is
 deterministic, and the installation order puts dependencies first.
+
+Tagged repositories (``@edge https://...``; ``tags`` maps a repository's index to its tag), as
+apk-tools' solver pins (src/solver.c: ``tag_ok``, ``tag_preferred``, inherit_pinning_and_flags):
+a package of a tagged repository may satisfy a dependency only where that tag is *allowed*: a
+world entry ``name@tag`` allows and prefers ``tag``, and every package chosen under it passes
+the allowed tags on to its own dependencies (allowed there, not preferred: an untagged package
+still wins), and to the install_if packages it triggers. An untagged name never comes from a
+tagged repository on its own.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import functools
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import VulcanError
@@ -44,6 +52,8 @@ class _Item:
     seq: int
     dep: Dep
     path: tuple[str, ...]  # who asked: ("world", "python3-3.10.8-r0")
+    allowed: frozenset[str] = frozenset()  # repository tags this dependency may take packages from
+    preferred: str = ""  # the tag it prefers ("": untagged repositories)
 
 
 @dataclass
@@ -52,9 +62,10 @@ class _State:
     vprov: dict[str, Package] = field(default_factory=dict)  # versioned provided name -> package
     conflicts: list[tuple[Dep, str]] = field(default_factory=list)  # (!dep, owner name or "")
     order: list[Package] = field(default_factory=list)
+    pinning: dict[str, frozenset[str]] = field(default_factory=dict)  # name -> tags allowed when chosen
 
     def copy(self) -> _State:
-        return _State(dict(self.by_name), dict(self.vprov), list(self.conflicts), list(self.order))
+        return _State(dict(self.by_name), dict(self.vprov), list(self.conflicts), list(self.order), dict(self.pinning))
 
 
 def check_world_dep(text: str) -> Dep:
@@ -76,9 +87,11 @@ def check_world_dep(text: str) -> Dep:
 
 
 class Solver:
-    def __init__(self, packages: Iterable[Package], arch: str, repos: Sequence[str] = ()) -> None:
+    def __init__(self, packages: Iterable[Package], arch: str, repos: Sequence[str] = (),
+                 tags: Mapping[int, str] | None = None) -> None:  # fmt: skip
         self.arch = arch
         self.repos = list(repos)
+        self.tags = dict(tags or {})  # repository index -> tag ("" or absent: untagged)
         self.packages = sorted(dedupe(list(packages)), key=lambda p: (p.name, V.sort_key(p.version), p.repo_index))
         self.providers: dict[str, list[tuple[Package, str | None]]] = {}
         self.real: set[str] = set()
@@ -136,17 +149,25 @@ class Solver:
     def _satisfied(self, st: _State, dep: Dep) -> bool:
         return any(self._provides(p, dep) for p in st.by_name.values())
 
-    def _candidates(self, dep: Dep) -> list[Package]:
+    def tag(self, p: Package) -> str:
+        return self.tags.get(p.repo_index, "")
+
+    def _candidates(self, dep: Dep, allowed: frozenset[str] = frozenset(), preferred: str = "") -> list[Package]:
         seen: list[Package] = []
         for p, _ver in self.providers.get(dep.name, []):
             if p in self.broken or p in seen or not self._provides(p, dep):
                 continue
+            if self.tag(p) and self.tag(p) not in allowed:
+                continue  # masked: its repository's tag is not allowed here
             seen.append(p)
         if dep.name not in self.real and not any(v is not None for _, v in self.providers.get(dep.name, [])):
             # only unversioned providers: apk picks one automatically only by provider_priority
             seen = [p for p in seen if p.provider_priority is not None]
 
         def prefer(a: Package, b: Package) -> int:
+            pa, pb = self.tag(a) == preferred, self.tag(b) == preferred  # "prefer preferred pinning"
+            if pa != pb:
+                return -1 if pa else 1
             return _prefer(a, b, dep.name)
 
         return sorted(seen, key=functools.cmp_to_key(prefer))
@@ -205,7 +226,7 @@ class Solver:
         depth = len(item.path)
         if self._satisfied(st, dep):
             return self._search(st, rest)
-        cands = self._candidates(dep)
+        cands = self._candidates(dep, item.allowed, item.preferred)
         if not cands:
             message = self._no_candidate(item)
             if self._needs_explicit_choice(dep):
@@ -220,15 +241,17 @@ class Solver:
                 self._fail(depth, f"{self._chain(item)}: {why}")
                 continue
             new = self._add(st, p)
-            more = [self._item(d, (*item.path, p.ident)) for d in p.depends if not d.conflict]
+            new.pinning[p.name] = item.allowed
+            more = [self._item(d, (*item.path, p.ident), item.allowed) for d in p.depends if not d.conflict]
             result = self._search(new, rest + more)
             if result is not None:
                 return result
         return None
 
-    def _item(self, dep: Dep, path: tuple[str, ...]) -> _Item:
+    def _item(self, dep: Dep, path: tuple[str, ...], allowed: frozenset[str] = frozenset(),
+              preferred: str = "") -> _Item:  # fmt: skip
         self.seq += 1
-        return _Item(self._dep_class(dep), self.seq, dep, path)
+        return _Item(self._dep_class(dep), self.seq, dep, path, allowed, preferred)
 
     def _needs_explicit_choice(self, dep: Dep) -> bool:
         usable = [p for p, _ in self.providers.get(dep.name, []) if p not in self.broken]
@@ -274,13 +297,13 @@ class Solver:
                 added = False
                 for p in self._install_if_candidates(st, rejected):
                     try:
-                        trial = self._solve_deps(deps + extra + [Dep(p.name, V.EQUAL, p.version)])
+                        trial = self._solve_deps(deps + extra + [Dep(p.name, V.EQUAL, p.version, tag=self.tag(p))])
                     except _Fatal:
                         trial = None
                     if trial is None:
                         rejected.add(p)
                         continue
-                    extra.append(Dep(p.name, V.EQUAL, p.version))
+                    extra.append(Dep(p.name, V.EQUAL, p.version, tag=self.tag(p)))
                     st = trial
                     added = True
                     break
@@ -291,7 +314,11 @@ class Solver:
         return self._install_order(st)
 
     def _solve_deps(self, deps: list[Dep]) -> _State | None:
-        queue = [self._item(d, ("world",)) for d in deps if not d.conflict]
+        unknown = sorted({d.tag for d in deps if d.tag} - set(self.tags.values()))
+        if unknown:
+            raise _Fatal(f"no repository is tagged {', '.join('@' + t for t in unknown)}")
+        queue = [self._item(d, ("world",), frozenset({d.tag}) if d.tag else frozenset(), d.tag)
+                 for d in deps if not d.conflict]  # fmt: skip
         st = _State()
         st.conflicts = [(d, "") for d in deps if d.conflict]
         return self._search(st, queue)
@@ -301,6 +328,11 @@ class Solver:
         for p in self.packages:
             if not p.install_if or p in rejected or p in self.broken or p.name in st.by_name:
                 continue
+            if self.tag(p):  # from a tagged repository: only where a triggering package allows that tag
+                triggers = [q for cond in p.install_if if not cond.conflict for q in st.by_name.values()
+                            if self._provides(q, Dep(cond.name, cond.mask, cond.version))]  # fmt: skip
+                if not any(self.tag(p) in st.pinning.get(q.name, frozenset()) for q in triggers):
+                    continue
             ok = True
             for cond in p.install_if:
                 holds = self._satisfied(st, Dep(cond.name, cond.mask, cond.version, False, cond.tag))

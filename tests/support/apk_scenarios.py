@@ -56,8 +56,6 @@ def is_fresh_install(s: Scenario) -> bool:
 
 def unsupported(s: Scenario) -> str | None:
     """Why a scenario needs a feature we deliberately leave out, or None."""
-    if any(tag for tag, _ in s.repos) or any("@" in a for a in s.args + s.world):
-        return "tagged repositories / @tag pinning (not used by image builds)"
     flags = [a for a in s.args if a.startswith("-")]
     for flag in flags:
         if flag in ("--no-network",) or flag.startswith("--root-tmpfs"):
@@ -66,6 +64,11 @@ def unsupported(s: Scenario) -> str | None:
             return "virtual packages created on the command line (apk add -t)"
         return f"apk command-line option {flag} (not an image-build feature)"
     return None
+
+
+def tags(s: Scenario) -> dict[int, str]:
+    """Each repository's tag by its index (``@REPO @testing file``)."""
+    return {k: tag for k, (tag, _file) in enumerate(s.repos) if tag}
 
 
 def world_of(s: Scenario) -> list[str]:
@@ -83,8 +86,15 @@ def packages(s: Scenario) -> list[Package]:
 INSTALL = re.compile(r"^\(\d+/\d+\) Installing (\S+) \((\S+)\)$")
 
 
-def expected(s: Scenario) -> set[tuple[str, str]] | None:
-    """{(name, version)} apk installs, or None when apk reports an error."""
+def expected(s: Scenario) -> set[tuple[str, str, str]] | None:
+    """{(name, version, repository tag)} apk installs (``a@testing (3)``: from the @testing
+    repository), or None when apk reports an error."""
     if "ERROR:" in s.expect:
         return None
-    return {(m.group(1), m.group(2)) for line in s.expect.splitlines() if (m := INSTALL.match(line))}
+    out = set()
+    for line in s.expect.splitlines():
+        m = INSTALL.match(line)
+        if m:
+            name, _, tag = m.group(1).partition("@")
+            out.add((name, m.group(2), tag))
+    return out
