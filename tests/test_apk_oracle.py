@@ -155,3 +155,54 @@ def test_the_oracle_sees_a_known_difference_of_providers(apk: Apk, roots: dict[s
     assert real.ok and any(n == "gcc-go" for n, _ in real.packages)
     mine = ours(Solver(index(V316, "x86_64"), "x86_64", ["main"]), ["cmd:go"])
     assert mine.packages == real.packages
+
+
+def _synthetic_index(records: list[tuple[str, str]]) -> str:
+    """An APKINDEX of packages ``(name, extra lines)``, each version 1.0-r0."""
+    import base64
+    import hashlib
+
+    out = []
+    for name, extra in records:
+        checksum = "Q1" + base64.b64encode(hashlib.sha1(f"{name}{extra}".encode()).digest()).decode()
+        out.append(f"C:{checksum}\nP:{name}\nV:1.0-r0\nA:x86_64\nS:1\nI:1\nT:t\nU:u\nL:MIT\n{extra}")
+    return "\n".join(out) + "\n"
+
+
+def test_the_provider_rule_versioned_against_unversioned_with_priority(apk: Apk, tmp_path: Path) -> None:
+    """One name provided with a version by some packages and without one but with k: by others:
+    apk compares no version between the two kinds (a null version is neither less nor greater),
+    so k: decides, and its choice is a scan over the providers in index order (the comparison is
+    not transitive). Every order of every mix of these providers, ours against real apk."""
+    import gzip
+    import io
+    import itertools
+    import tarfile
+
+    kinds = {"v12": "p:name=1.2-r3\n", "v11k50": "p:name=1.1-r0\nk:50\n", "u20": "p:name\nk:20\n",
+             "u10": "p:name\nk:10\n", "u": "p:name\n", "v12k30": "p:name=1.2-r3\nk:30\n"}  # fmt: skip
+    repo = tmp_path / "repo"
+    (repo / "x86_64").mkdir(parents=True)
+    checked, problems = 0, []
+    for size in (2, 3):
+        for combo in itertools.permutations(kinds, size):
+            records = [(f"impl-{k}", kinds[k]) for k in combo]
+            text = _synthetic_index(records)
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as t:
+                member = tarfile.TarInfo("APKINDEX")
+                member.size = len(text.encode())
+                t.addfile(member, io.BytesIO(text.encode()))
+            (repo / "x86_64/APKINDEX.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
+            root = empty_root(tmp_path / "-".join(combo), repo, "x86_64")
+            proc = apk.run("--simulate", "--allow-untrusted", "add", "name", root=root)
+            from tests.support.realapk import INSTALLING
+
+            theirs = Outcome(proc.returncode == 0, frozenset(INSTALLING.findall(proc.stdout)), ())
+            from scripts.apk.index import parse_index
+
+            mine = ours(Solver(parse_index(text, repo="main").packages, "x86_64", ["main"]), ["name"])
+            checked += 1
+            if mine.ok != theirs.ok or (mine.ok and mine.packages != theirs.packages):
+                problems.append(f"{combo}: ours {sorted(mine.packages)}, apk {sorted(theirs.packages)}")
+    assert checked == 6 * 5 + 6 * 5 * 4 and problems == [], problems

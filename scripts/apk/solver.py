@@ -160,9 +160,10 @@ class Solver:
             if self.tag(p) and self.tag(p) not in allowed:
                 continue  # masked: its repository's tag is not allowed here
             seen.append(p)
-        if dep.name not in self.real and not any(v is not None for _, v in self.providers.get(dep.name, [])):
-            # only unversioned providers: apk picks one automatically only by provider_priority
-            seen = [p for p in seen if p.provider_priority is not None]
+        # apk never picks an unversioned provider without provider_priority on its own
+        # (select_package: "virtual package without provider_priority"): whatever else provides
+        # the name, only its own name being required brings such a package in
+        seen = [p for p in seen if _provided_version(p, dep.name) is not None or p.provider_priority is not None]
 
         def prefer(a: Package, b: Package) -> int:
             pa, pb = self.tag(a) == preferred, self.tag(b) == preferred  # "prefer preferred pinning"
@@ -170,7 +171,19 @@ class Solver:
                 return -1 if pa else 1
             return _prefer(a, b, dep.name)
 
-        return sorted(seen, key=functools.cmp_to_key(prefer))
+        if len(seen) < 2:
+            return seen
+        # apk's choice is a scan (select_package): each provider, in the order apk lists them
+        # (repository, then index order), replaces the best so far when it compares strictly
+        # better. With unversioned providers the comparison is not transitive (a versioned
+        # provider beats an older one by version, an unversioned one with k: beats it by
+        # priority, ...), so the scan's winner comes first, the rest after in preference order.
+        scan = sorted(seen, key=lambda p: (p.repo_index, p.order))
+        best = scan[0]
+        for p in scan[1:]:
+            if prefer(p, best) < 0:
+                best = p
+        return [best, *sorted((p for p in seen if p is not best), key=functools.cmp_to_key(prefer))]
 
     # -- search -----------------------------------------------------------------------------
 
@@ -393,12 +406,13 @@ def _prefer(a: Package, b: Package, name: str) -> int:
          its choice only when a later provider compares strictly better: select_package()).
     So ``k:`` only decides between providers that offer the same version of the name: e.g. for
     ``cmd:go`` gcc-go (13.2.1...) wins over go (1.21.x) whatever their priorities, as real apk
-    shows. Earlier checks (installed, pinning, errors, the last merging group) cannot differ here,
-    or are what the backtracking search does when a choice fails."""
+    shows. But an unversioned provider against a versioned one is no version comparison at all
+    (apk_version_compare_blob of a null version answers "equal, less or greater", which neither
+    case of the switch takes): then ``k:`` decides, and ``p:name`` with ``k:20`` beats
+    ``p:name=1.2-r3`` without one. Earlier checks (installed, pinning, errors, the last merging
+    group) cannot differ here, or are what the backtracking search does when a choice fails."""
     va, vb = _provided_version(a, name), _provided_version(b, name)
-    if va != vb:
-        if va is None or vb is None:
-            return 1 if va is None else -1
+    if va is not None and vb is not None and va != vb:  # an unversioned provide compares as neither
         r = V.compare(va, vb)
         if r != V.EQUAL:
             return -1 if r == V.GREATER else 1
