@@ -21,6 +21,8 @@ is the median of several runs, next to its floor, measured in the same run:
    10 single restores; 4 at once vs one alone; bytes copied)
 10. publish and pull through a real registry (docker-registry): seconds, bytes on the wire, the
    second publish and pull, ours vs ``oras pull``
+11. assembly from cached real packages (VULCAN_REASSEMBLE=1) vs real apk 2.14 ``--initdb add`` +
+   ``mke2fs -d`` of the same packages (root only)
 
 Prints a table and writes bench/results/latest.json.
 """
@@ -722,6 +724,83 @@ def registry(b: Bench) -> dict[str, Any]:
     return out
 
 
+# a world of real packages (62 with their dependencies, ~38 MiB, meta packages included)
+REAL_WORLD = ["alpine-base", "openssh", "openssl", "e2fsprogs", "chrony", "dhcpcd", "doas", "wpa_supplicant",
+              "tzdata", "wget", "gnutls", "ncurses-terminfo-base", "sfdisk", "partx", "iw", "tiny-cloud-alpine",
+              "ppp-daemon", "libseccomp", "yx", "usb-modeswitch"]  # fmt: skip
+
+
+def apk_assembly(b: Bench) -> dict[str, Any]:
+    """11. assembly from cached packages (VULCAN_REASSEMBLE=1: every package decompressed, merged,
+    configured, the tar and the ext4 image written) against what the seed's method does with the
+    same packages: real apk-tools 2.14 ``--initdb --no-scripts add`` into a directory (as root:
+    apk writes owners), then ``mke2fs -t ext4 -d DIR``; the real v3.19.1 repository of ../shared."""
+    from tests.support import realapk
+    from tests.support.apkrepo import CDN
+
+    if not realapk.ISO_INDEX.is_file() or b.arch != "x86_64":
+        return {"skipped": "the real v3.19.1 repository (../shared) is absent, or this is not x86_64"}
+    if os.geteuid() != 0:
+        return {"skipped": "real apk writes owners: run the benchmark as root"}
+    try:
+        apk = realapk.real_apk()
+    except BaseException as exc:  # pytest's skip, outside pytest
+        return {"skipped": f"real apk does not run here: {exc}"}
+    w = World(b.mirror, b.work / "real", copy.deepcopy(BASE_PINS), b.work / "gocache")
+    w.tmp.mkdir(parents=True, exist_ok=True)
+    for f in (realapk.ISO / "x86_64").iterdir():
+        b.mirror.add(f"{CDN}/v3.19/main/x86_64/{f.name}", f.read_bytes())
+    keys = w.pins["alpine"]["keys"]
+    for name, entry in keys.items():
+        b.mirror.add(entry["url"], (realapk.KEYS / name).read_bytes())
+    base = ["alpine-baselayout", "alpine-keys", "busybox", "busybox-binsh", "musl"]
+    w.pins["alpine"] = {"mirror": CDN, "branch": "v3.19", "repositories": ["main"], "keys": keys, "base": base,
+                        "headroom_mib": 16, "runtimes": {"real": {"world": REAL_WORLD, "check": ["true"],
+                                                                  "binary": "/bin/busybox"}}}  # fmt: skip
+    w.write_pins()
+    env = {**b.env, **{k: v for k, v in w.env().items() if k.startswith("VULCAN_")}, "VULCAN_GO": b.go}
+    if b.first_bin is not None:
+        shutil.copytree(b.first_bin, w.out / "bin", dirs_exist_ok=True)
+    else:  # run on its own (--only): the agent is built here
+        timed([b.py, "-m", "scripts", "guest"], env)
+    timed([b.py, "-m", "scripts", "rootfs", "--runtime", "real"], env)  # fetch, verify and cache the packages
+    ours, phases_runs = [], []
+    image = w.out / "images/real.ext4"
+    for _ in range(max(b.args.runs, 5)):
+        image.unlink()
+        secs, proc = timed([b.py, "-m", "scripts", "rootfs", "--runtime", "real"],
+                           {**env, "VULCAN_REASSEMBLE": "1", "VULCAN_TIMING": "json"})  # fmt: skip
+        ours.append(secs)
+        phases_runs.append(phases(proc.stderr))
+    startup, _ = timed([b.py, "-c", "import scripts.rootfs.build"], env)  # a process start, for the figure's note
+    manifest = json.loads((w.out / "images/real.manifest.json").read_text())
+    packages = len(manifest["packages"])
+    size_mib = image.stat().st_size >> 20
+    theirs, apk_only = [], []
+    for i in range(max(b.args.runs, 5)):
+        # in RAM, as our build writes its image there (apk into a directory on this machine's disk
+        # takes 2-3x as long: the strict floor is the RAM one)
+        root = b.ram / f"apkroot{i}"
+        (root / "etc/apk").mkdir(parents=True)
+        (root / "etc/apk/repositories").write_text(f"{realapk.ISO}\n")
+        img = b.ram / f"apk{i}.ext4"
+        start = time.perf_counter()
+        proc = apk.run("--initdb", "--no-scripts", "add", *base, *REAL_WORLD, root=root)
+        mid = time.perf_counter()
+        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), str(img), f"{size_mib}M"], check=True,
+                       capture_output=True)  # fmt: skip
+        end = time.perf_counter()
+        if proc.returncode != 0:
+            return {"skipped": f"real apk failed: {proc.stderr[-300:]}"}
+        theirs.append(end - start)
+        apk_only.append(mid - start)
+        shutil.rmtree(root)
+        img.unlink()
+    return {"packages": packages, "image_mib": size_mib, "ours_s": median(ours), "apk_mke2fs_s": median(theirs),
+            "apk_s": median(apk_only), "ratio": median(ours) / median(theirs), "python_start_s": startup,
+            "range": [min(ours), max(ours)], "phases": median_phases(phases_runs)}  # fmt: skip
+
+
 def _bytes(said: str) -> int:
     """``63.0 MiB`` (log.human) back to bytes, near enough for a ratio."""
     number, unit = said.split()
@@ -751,6 +830,18 @@ def registry_rows(r: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+def apk_assembly_rows(r: dict[str, Any]) -> list[str]:
+    if "skipped" in r:
+        return [f"assembly vs real apk: skipped ({r['skipped']})"]
+    return [
+        ROW.format(f"assembly from cached packages ({r['packages']} real pkgs)", _s(r["ours_s"]),
+                   _s(r["apk_mke2fs_s"]), f"{r['ratio']:.2f}x", "<= 1.0x real apk --initdb add + mke2fs -d"),
+        f"  ours {r['range'][0]:.2f}-{r['range'][1]:.2f} s over the runs (a Python start is {r['python_start_s']:.2f} s "
+        f"of it); real apk alone {r['apk_s']:.2f} s; phases: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()),
+    ]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Figure:
     key: str  # its place in bench/results/latest.json
@@ -767,6 +858,7 @@ FIGURES = (
     Figure("boot", boot, boot_rows),
     Figure("snapshot", snapshot, snapshot_rows),
     Figure("registry", registry, registry_rows),
+    Figure("apk_assembly", apk_assembly, apk_assembly_rows),
 )
 
 
@@ -829,6 +921,8 @@ def main() -> int:
     ap.add_argument("--mbps", type=float, default=200.0, help="simulated bandwidth per connection, Mbit/s")
     ap.add_argument("--no-boot", action="store_true")
     ap.add_argument("--only-setup", action="store_true", help="build once, print the environment, keep it (profiling)")
+    ap.add_argument("--only", metavar="FIGURE", help="measure this figure alone (one that stands on its own: "
+                    "apk_assembly, registry needs the warm figure's images)")  # fmt: skip
     b = setup(ap.parse_args())
     if b.args.only_setup:
         subprocess.run([b.py, "-m", "scripts", "guest"], env=b.env, cwd=ROOT, check=True, capture_output=True)
@@ -836,6 +930,12 @@ def main() -> int:
         print("\n".join(f"export {k}={v}" for k, v in b.env.items() if k.startswith("VULCAN_")))
         print(f"# mirror stays up while this process runs; Ctrl-C to stop ({b.work})")
         time.sleep(3600)
+        return 0
+    if b.args.only:
+        [f] = [f for f in FIGURES if f.key == b.args.only]
+        result = f.measure(b)
+        print("\n".join(f.rows(result)))
+        shutil.rmtree(b.work, ignore_errors=True)
         return 0
     for f in FIGURES:
         b.results[f.key] = f.measure(b)
