@@ -306,6 +306,16 @@ class Registry:
         return self.request("PUT", f"/v2/{repo}/manifests/{ref}", _scope(repo, "pull,push"), ok=(201,), data=body,
                             headers={"Content-Type": media_type})  # fmt: skip
 
+    def referrers_of(self, repo: str, digest: str) -> list[dict[str, Any]]:
+        """The referrers of ``digest``: through the API, else the referrers tag schema's index."""
+        found = self.referrers(repo, digest)
+        if found is not None:
+            return found
+        try:
+            return list(json.loads(self.manifest(repo, oci.referrers_tag(digest))[0]).get("manifests", []))
+        except RegistryError:
+            return []
+
     def referrers(self, repo: str, digest: str) -> list[dict[str, Any]] | None:
         """The referrers API's answer (an index's ``manifests``), or None where the registry
         does not have the API (404: then the referrers tag schema applies)."""

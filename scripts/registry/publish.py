@@ -176,13 +176,7 @@ class Publisher:
         self.reg.put_manifest(self.repo, tag, oci.index(entries), oci.INDEX)
 
     def referrers(self, digest: str) -> list[dict[str, Any]]:
-        found = self.reg.referrers(self.repo, digest)
-        if found is not None:
-            return found
-        try:
-            return list(json.loads(self.reg.manifest(self.repo, oci.referrers_tag(digest))[0]).get("manifests", []))
-        except RegistryError:
-            return []
+        return self.reg.referrers_of(self.repo, digest)
 
     def attach(self, subject: dict[str, Any], artifact_type: str, blob: oci.Blob) -> None:
         self.blob(blob)

@@ -92,13 +92,7 @@ class Puller:
         return digest, doc, digest
 
     def referrers(self, digest: str) -> list[dict[str, Any]]:
-        found = self.reg.referrers(self.repo, digest)
-        if found is not None:
-            return found
-        try:
-            return list(json.loads(self.reg.manifest(self.repo, oci.referrers_tag(digest))[0]).get("manifests", []))
-        except RegistryError:
-            return []
+        return self.reg.referrers_of(self.repo, digest)
 
     def verify(self, digest: str) -> str:
         """Who signed ``digest``: the key id of a trusted key; PullError when none did."""

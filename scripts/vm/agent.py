@@ -105,3 +105,15 @@ class AgentClient:
     def close(self) -> None:
         self.file.close()
         self.sock.close()
+
+
+def runtime_check(client: AgentClient, check: list[str]) -> str:
+    """Ping the agent and run the image's runtime check; the first line it printed. A failing
+    check is a VulcanError (BootFailed) with its exit code and the end of its stderr."""
+    from . import BootFailed
+
+    client.ping()
+    result = client.exec(check)
+    if result.exit_code != 0:
+        raise BootFailed(f"{' '.join(check)} exited {result.exit_code}: {result.stderr[-300:]!r}")
+    return (result.stdout or result.stderr).decode(errors="replace").strip().splitlines()[0]

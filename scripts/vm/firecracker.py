@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import log, paths, sparse, workspace
 from ..pins import Runtime
 from . import AGENT_PORT, BootFailed, BootResult, Target, exit_status, prepare_disks, running
-from .agent import AgentClient, vsock_connect
+from .agent import AgentClient, runtime_check, vsock_connect
 from .api import ApiError, configure_and_start, wait_for_socket
 from .firecracker_config import config as firecracker_config
 
@@ -167,11 +167,7 @@ def boot_firecracker(
                 return BootResult(runtime, t.fmt, "firecracker", False, ready, why, console_log, stopped_by_host=host)
             client = AgentClient(vsock_connect(str(uds), AGENT_PORT, timeout=30))
             try:
-                client.ping()
-                check = client.exec(list(rt.check))
-                if check.exit_code != 0:
-                    raise BootFailed(f"{' '.join(rt.check)} exited {check.exit_code}: {check.stderr[-300:]!r}")
-                detail = (check.stdout or check.stderr).decode(errors="replace").strip().splitlines()[0]
+                detail = runtime_check(client, list(rt.check))
                 if rt.program:
                     prog = client.exec(list(rt.program), timeout_ms=120_000)
                     out = prog.stdout.decode(errors="replace").strip()

@@ -33,8 +33,8 @@ from ..pins import ARCHES, Runtime, host_arch
 from ..pins import load as load_pins
 from ..run import run_tool
 from ..steps import prog
-from . import AGENT_PORT, BootFailed, Disks, exit_status, kvm_problem, running
-from .agent import AgentClient, vsock_connect
+from . import AGENT_PORT, Disks, exit_status, kvm_problem, running
+from .agent import AgentClient, runtime_check, vsock_connect
 from .api import ApiError, configure_and_start, patch, put, wait_for_socket
 from .firecracker import READY, STOPPED, _why_not_ready
 from .firecracker_config import config as firecracker_config
@@ -245,11 +245,7 @@ def _warm(rt: Runtime, uds: Path) -> str:
     close the connection: vsock must be idle when the snapshot is taken."""
     client = AgentClient(vsock_connect(str(uds), AGENT_PORT, timeout=30))
     try:
-        client.ping()
-        check = client.exec(list(rt.check))
-        if check.exit_code != 0:
-            raise BootFailed(f"{' '.join(rt.check)} exited {check.exit_code}: {check.stderr[-300:]!r}")
-        return f"{' '.join(rt.check)}: {(check.stdout or check.stderr).decode(errors='replace').strip()[:80]}"
+        return f"{' '.join(rt.check)}: {runtime_check(client, list(rt.check))[:80]}"
     finally:
         client.close()
 
