@@ -10,6 +10,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,15 +42,26 @@ def _state(p: Path) -> tuple[str, int, int, int]:
     return sha256(p.read_bytes()), st.st_mode, st.st_uid, st.st_gid
 
 
+# boot makes its Firecracker scratch in the temporary directory: each test gets a private one
+# (short: the sockets' paths must fit sun_path), so runs beside this one cannot touch the count
+PRIVATE_TMP = Path(tempfile.mkdtemp(prefix="vfc", dir="/tmp"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_tmp_goes() -> Iterator[None]:
+    yield
+    shutil.rmtree(PRIVATE_TMP, ignore_errors=True)
+
+
 def _boot(fc: World, tmp_path: Path, *args: str) -> tuple[int, dict, str]:  # type: ignore[type-arg]
     report = tmp_path / "report.json"
-    proc = fc.run("boot", "--report", str(report), "--timeout", "120", *args, "python")
+    proc = fc.run("boot", "--report", str(report), "--timeout", "120", *args, "python", TMPDIR=str(PRIVATE_TMP))
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc.returncode, json.loads(report.read_text())[0], proc.stderr
 
 
 def _scratch_left() -> set[str]:
-    return {p.name for p in Path("/tmp").glob(".vulcan-fc-*")}
+    return {p.name for p in PRIVATE_TMP.glob(".vulcan-fc-*")}
 
 
 @pytest.mark.slow
