@@ -122,7 +122,7 @@ def output_entries(top: str) -> tuple[str, ...]:
     )
 
 
-LEFTOVER_ENTRIES = (".stamps", ".vulcan-*", ".*.tmp", MARKER)
+LEFTOVER_ENTRIES = (".stamps", ".vulcan-*", ".*.tmp", ".*.part", MARKER)  # .part: an interrupted pull
 CACHE_ENTRIES = ("sha256", "apk", "keys", "rootfs", "go", "go-build", "oci", MARKER)
 
 

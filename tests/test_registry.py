@@ -469,3 +469,16 @@ def test_an_upload_interrupted_mid_blob_resumes_where_the_registry_stands(
     assert again.push_blob("acme/resume", blob) == 3 << 20  # only the last three chunks
     assert requests.get(f"{registry.base}/v2/acme/resume/blobs/{blob.digest}", timeout=30).content == data
     assert not list(state.rglob("*.upload.json"))
+
+
+def test_files_pulled_unverified_are_not_taken_as_verified_by_a_later_pull(
+    built: World, registry: RunningRegistry, published: dict[str, Any], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    ref, dest = published["published"]["python"]["reference"], tmp_path / "host"
+    assert _pull(built, ref, dest, "--no-verify", "--insecure").returncode == 0
+    other = _pull(built, ref, dest, "--trust", str(keys["other.pub"]), "--insecure")
+    assert other.returncode == 1 and "no valid signature" in other.stderr, other.stderr
+    ours = _pull(built, ref, dest, "--trust", str(keys["ours.pub"]), "--insecure")
+    assert ours.returncode == 0 and "up to date" not in ours.stderr and "signed by" in ours.stderr
+    again = _pull(built, ref, dest, "--trust", str(keys["ours.pub"]), "--insecure")
+    assert again.returncode == 0 and "up to date" in again.stderr

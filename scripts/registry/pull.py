@@ -312,8 +312,10 @@ def main(argv: list[str]) -> int:
     with workspace.directory_lock(out_root):  # two pulls at once: the second waits, then finds the files
         for top in ("images", "bin"):
             directory = out_root / top if args.arch == host_arch() else out_root / top / args.arch
-            if ref.digest and up_to_date(directory, ref.digest):
-                entry = _record(directory)["pulls"][ref.digest]
+            entry = _record(directory).get("pulls", {}).get(ref.digest or "", {})
+            # what an earlier pull placed counts only if a key trusted now signed it (or nothing is checked now)
+            trusted = args.no_verify or entry.get("signed_by") in {attest.keyid(k) for k in keys or []}
+            if ref.digest and trusted and up_to_date(directory, ref.digest):
                 log.info(f"pull {ref}: up to date in {directory} ({', '.join(entry['files'])}; signed by "
                          f"{entry['signed_by']})")  # fmt: skip
                 return 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import formats, log, paths, sparse
+from .. import formats, log, paths, sparse, workspace
 from ..pins import Runtime
 from . import AGENT_PORT, BootResult, Console, Target, running
 from .agent import AgentClient, AgentError, vsock_connect
@@ -97,8 +97,6 @@ def restore(rt: Runtime, t: Target, arch: str, kernel: Path, count: int, timeout
     directory = paths.snapshot(t.runtime, t.fmt, arch)
     doc = load(directory)
     check_binding(doc, t.runtime, t.fmt, arch, kernel)
-    from .. import workspace
-
     clones: list[Clone | None] = [None] * count
     with workspace.scratch(paths.images_dir(arch) / "snapshots", f"clones-{t.runtime}.{t.fmt}") as work:
 
