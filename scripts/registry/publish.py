@@ -33,7 +33,9 @@ from ..steps import prog
 from . import attest, oci
 from .client import Reference, Registry, RegistryError
 
-ZSTD_LEVEL = 9  # single-threaded: the same image compresses to the same bytes, so the same digest
+# Single-threaded: the same image compresses to the same bytes, so the same digest. Level 3 (zstd's
+# default): 2-3x faster than 9 on these images for a few percent more bytes on the wire.
+ZSTD_LEVEL = 3
 
 
 @dataclass

@@ -166,37 +166,58 @@ class Puller:
 
 def write_sparse(src: Path, dest: Path, compressed: bool) -> str:
     """``src`` (zstd or plain) into ``dest``, every all-zero 4 KiB block left a hole (the block
-    size of the ext4 images: as sparse as mke2fs wrote them); the sha256 of what was written."""
+    size of the ext4 images: as sparse as mke2fs wrote them); the sha256 of what was written,
+    taken on a second thread (hashlib lets go of the GIL) while this one decompresses and writes."""
+    import queue
+    import threading
+
     import zstandard
 
     h = hashlib.sha256()
-    block = 4096
-    with open(src, "rb") as raw, open(dest, "wb") as out:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw) if compressed else raw
-        size = 0
-        while piece := _read_full(reader, len(ZERO)):
+    pieces: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+
+    def hash_pieces() -> None:
+        while (piece := pieces.get()) is not None:
             h.update(piece)
-            if piece == ZERO[: len(piece)]:
-                out.seek(len(piece), os.SEEK_CUR)
-            else:
-                view = memoryview(piece)
-                start = 0
-                while start < len(piece):  # runs of data blocks written, runs of zero blocks skipped
-                    zero = view[start : start + block] == ZERO[: min(block, len(piece) - start)]
-                    end = start + block
-                    while (
-                        end < len(piece) and (view[end : end + block] == ZERO[: min(block, len(piece) - end)]) == zero
-                    ):
-                        end += block
-                    end = min(end, len(piece))
-                    if zero:
-                        out.seek(end - start, os.SEEK_CUR)
-                    else:
-                        out.write(view[start:end])
-                    start = end
-            size += len(piece)
-        out.truncate(size)
+
+    hasher = threading.Thread(target=hash_pieces, name="pull-sha256")
+    hasher.start()
+    try:
+        with open(src, "rb") as raw, open(dest, "wb") as out:
+            reader = zstandard.ZstdDecompressor().stream_reader(raw) if compressed else raw
+            size = 0
+            while piece := _read_full(reader, len(ZERO)):
+                pieces.put(piece)
+                if piece == ZERO[: len(piece)]:
+                    out.seek(len(piece), os.SEEK_CUR)
+                else:
+                    _write_runs(out, memoryview(piece))
+                size += len(piece)
+            out.truncate(size)
+    finally:
+        pieces.put(None)
+        hasher.join()
     return "sha256:" + h.hexdigest()
+
+
+def _write_runs(out: Any, view: memoryview, block: int = 4096) -> None:
+    """Runs of data blocks written, runs of all-zero blocks skipped (left as holes)."""
+
+    def is_zero(at: int) -> bool:
+        return view[at : at + block] == ZERO[: min(block, len(view) - at)]
+
+    start = 0
+    while start < len(view):
+        zero = is_zero(start)
+        end = start + block
+        while end < len(view) and is_zero(end) == zero:
+            end += block
+        end = min(end, len(view))
+        if zero:
+            out.seek(end - start, os.SEEK_CUR)
+        else:
+            out.write(view[start:end])
+        start = end
 
 
 def _read_full(reader: Any, n: int) -> bytes:
