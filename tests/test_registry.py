@@ -482,3 +482,17 @@ def test_files_pulled_unverified_are_not_taken_as_verified_by_a_later_pull(
     assert ours.returncode == 0 and "up to date" not in ours.stderr and "signed by" in ours.stderr
     again = _pull(built, ref, dest, "--trust", str(keys["ours.pub"]), "--insecure")
     assert again.returncode == 0 and "up to date" in again.stderr
+
+
+def test_a_second_repository_of_the_same_registry_mounts_the_blobs_instead_of_uploading(
+    built: World, registry: RunningRegistry, published: dict[str, Any], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "p.json"
+    proc = built.run("publish", "--to", f"{registry.host}/acme/other-images", "--mount-from", REPO_NAME, "--key",
+                     str(keys["ours"]), "--digests", str(out), "--insecure")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert "mounted from acme/vulcan-images" in proc.stderr
+    # the images and host files were mounted; only what differs by repository (signatures name it) is sent
+    assert doc["uploaded_bytes"] < 0.01 * doc["payload_bytes"], doc
+    assert doc["published"]["python"]["digest"] == published["published"]["python"]["digest"]
