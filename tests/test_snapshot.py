@@ -103,6 +103,27 @@ def test_clones_restore_at_once_each_with_its_own_socket_and_nothing_copied(
 
 
 @slow
+def test_clones_restore_through_the_jailer_each_in_a_chroot_of_its_own(fc: World, snap: Path, tmp_path: Path) -> None:
+    """As a production host starts them: the jailer per clone, the snapshot's relative paths
+    found inside each chroot; the shared image hard-linked in as it is (nothing copied, its mode
+    and owner unchanged)."""
+    if os.geteuid() != 0:
+        pytest.skip("the jailer needs root")
+    image = fc.out / "images/python.squashfs"
+    before = (sha256_file(image), image.stat().st_mode, image.stat().st_uid)
+    report = tmp_path / "report.json"
+    proc = fc.run("boot", "--restore", "--jailer", "--count", "2", "--no-cold", "--report", str(report),
+                  "--format", "squashfs", "python")  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    [r] = json.loads(report.read_text())
+    for c in r["clones"]:
+        assert c["detail"].startswith("restored and resumed"), c
+        assert c["load_ms"] > 0 and c["firecracker_load_ms"] > 0 and c["copied_bytes"] == 0
+    assert len({c["directory"] for c in r["clones"]}) == 2
+    assert (sha256_file(image), image.stat().st_mode, image.stat().st_uid) == before
+
+
+@slow
 def test_a_restore_reports_a_cold_boot_beside_it(fc: World, snap: Path, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     proc = fc.run("boot", "--restore", "--report", str(report), "--format", "squashfs", "python")

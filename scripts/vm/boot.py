@@ -25,7 +25,7 @@ from ..pins import ARCHES, Pins, host_arch
 from ..pins import load as load_pins
 from ..steps import prog
 from . import BootFailed, BootResult, Target, kvm_problem
-from .firecracker import boot_firecracker
+from .firecracker import boot_firecracker, cgroup_v2_problem
 from .qemu import QEMU, boot_qemu
 from .restore import Restored, report, restore, shared_state
 from .snapshot import MANIFEST
@@ -111,10 +111,16 @@ def main(argv: list[str]) -> int:
 def restore_all(pins: Pins, args: argparse.Namespace) -> list[Restored]:
     """``--restore``: each runtime's snapshot, ``--count`` clones at once, and a cold boot beside them."""
     arch, known = args.arch, pins.alpine.runtimes
-    if args.vmm == "qemu" or args.jailer or args.read_only or args.overlay != "tmpfs" or args.append:
-        raise BootFailed("--restore starts Firecracker without the jailer from a snapshot, whose VM is fixed when "
-                         "it is made: --vmm qemu, --jailer, --read-only, --overlay and --append do not apply",
+    if args.vmm == "qemu" or args.read_only or args.overlay != "tmpfs" or args.append:
+        raise BootFailed("--restore starts Firecracker from a snapshot, whose VM is fixed when it is made: "
+                         "--vmm qemu, --read-only, --overlay and --append do not apply",
                          hint="drop them (a read-only image's clones get a tmpfs overlay)")  # fmt: skip
+    if args.jailer and os.geteuid() != 0:
+        raise BootFailed("the jailer needs root: it chroots, makes /dev/kvm and drops to uid 65534",
+                         hint="run boot as root, or without --jailer")  # fmt: skip
+    no_cgroup = cgroup_v2_problem() if args.jailer else None
+    if no_cgroup:
+        log.warn(f"!!! boot --restore: clones jailed WITHOUT a memory limit: {no_cgroup} !!!")
     if args.count < 1:
         raise BootFailed(f"--count {args.count}: want at least 1")
     _check_runtimes(args.runtimes, known)
@@ -129,11 +135,11 @@ def restore_all(pins: Pins, args: argparse.Namespace) -> list[Restored]:
     for rt in chosen:
         image = paths.image(rt, args.format, arch)
         t = Target(rt, image, args.format, not formats.get(args.format).writable, "tmpfs")
-        clones = restore(known[rt], t, arch, kernel, args.count, args.timeout)
+        clones = restore(known[rt], t, arch, kernel, args.count, args.timeout, args.jailer)
         r = Restored(rt, args.format, clones, problems=shared_state(clones))
         if not args.no_cold:
             try:
-                r.cold = boot_firecracker(t, known[rt], kernel, arch, args.timeout, api=True)
+                r.cold = boot_firecracker(t, known[rt], kernel, arch, args.timeout, jailed=args.jailer, api=True)
             except (VulcanError, OSError) as exc:
                 r.cold = BootResult(rt, t.fmt, "firecracker", False, 0.0, str(exc),
                                     paths.console_log(rt, t.fmt, "firecracker", arch))  # fmt: skip

@@ -12,6 +12,7 @@ starting Firecracker to the program's output; N clones run at once.
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import threading
@@ -25,6 +26,7 @@ from ..pins import Runtime
 from . import AGENT_PORT, BootResult, Console, Target, running
 from .agent import AgentClient, AgentError, vsock_connect
 from .api import ApiError, put, wait_for_socket
+from .firecracker import Jail, cgroup_v2_problem
 from .snapshot import API, MEMORY, STATE, TEST_ONLY_FLAG, VSOCK, SnapshotError, binding, differences, load, root_name
 
 FIRECRACKER_LOAD = re.compile(r"'load snapshot' API request took (\d+) us")
@@ -92,8 +94,11 @@ def check_binding(doc: dict[str, Any], runtime: str, fmt: str, arch: str, kernel
                             hint=f"run 'nox -s snapshot -- {runtime} --format {fmt}' here")  # fmt: skip
 
 
-def restore(rt: Runtime, t: Target, arch: str, kernel: Path, count: int, timeout: float) -> list[Clone]:
-    """``count`` clones of the image's snapshot, started at once; each is stopped once it answered."""
+def restore(rt: Runtime, t: Target, arch: str, kernel: Path, count: int, timeout: float,
+            jailed: bool = False) -> list[Clone]:  # fmt: skip
+    """``count`` clones of the image's snapshot, started at once; each is stopped once it answered.
+    ``jailed``: each through the jailer, in a chroot of its own holding the snapshot's relative
+    paths (the jailer starts Firecracker in the chroot's root), as a production host starts it."""
     directory = paths.snapshot(t.runtime, t.fmt, arch)
     doc = load(directory)
     check_binding(doc, t.runtime, t.fmt, arch, kernel)
@@ -102,7 +107,7 @@ def restore(rt: Runtime, t: Target, arch: str, kernel: Path, count: int, timeout
 
         def one(i: int) -> None:
             try:
-                clones[i] = _clone(rt, t, arch, directory, doc, i, work / f"clone-{i}", timeout)
+                clones[i] = _clone(rt, t, arch, directory, doc, i, work / f"clone-{i}", timeout, jailed)
             except Exception as exc:  # said as this clone's failure; the others go on
                 why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
                 clones[i] = Clone(i, False, why, _console(t, arch, i))
@@ -120,24 +125,37 @@ def _console(t: Target, arch: str, i: int) -> Path:
 
 
 def _clone(rt: Runtime, t: Target, arch: str, snap: Path, doc: dict[str, Any], i: int, d: Path,
-           timeout: float) -> Clone:  # fmt: skip
+           timeout: float, jailed: bool = False) -> Clone:  # fmt: skip
     d.mkdir()
-    if formats.get(t.fmt).writable:  # the guest's memory describes the disk as it was: a copy of it
-        sparse.sparse_copy(snap / root_name(t.fmt), d / root_name(t.fmt))
-        copied = sparse.allocated_bytes(d / root_name(t.fmt))
-    else:  # the image itself, read-only, in place; the overlay's upper layer is in the clone's RAM
-        (d / root_name(t.fmt)).symlink_to(t.image.resolve())
-        copied = 0
+    writable = formats.get(t.fmt).writable  # then the guest's memory describes the disk as it was: a copy of it
+    disk = snap / root_name(t.fmt) if writable else t.image
+    if jailed:
+        jail = Jail(paths.vmm(arch, "jailer"), paths.vmm(arch, "firecracker"), d / "jail",
+                    f"vulcan-{t.runtime}-{i}", cgroups=cgroup_v2_problem() is None)  # fmt: skip
+        here = jail.root
+        jail.place(disk, root_name(t.fmt), writable=writable)  # read-only and world-readable: a hard link
+        state, memory_file = jail.place(snap / STATE, STATE, False), jail.place(snap / MEMORY, MEMORY, False)
+        os.chown(here, jail.uid, jail.gid)  # Firecracker makes its sockets there
+        cmd = jail.argv(["--api-sock", f"/{API}"])
+    else:
+        here, state, memory_file = d, snap / STATE, snap / MEMORY
+        if writable:
+            sparse.sparse_copy(disk, here / root_name(t.fmt))
+        else:  # the image itself, read-only, in place; the overlay's upper layer is in the clone's RAM
+            (here / root_name(t.fmt)).symlink_to(t.image.resolve())
+        cmd = [str(paths.vmm(arch, "firecracker")), "--api-sock", API]
+    placed = here / root_name(t.fmt)
+    same = os.stat(placed).st_ino == os.stat(disk).st_ino and os.stat(placed).st_dev == os.stat(disk).st_dev
+    copied = 0 if same else sparse.allocated_bytes(placed)
     console_log = _console(t, arch, i)
-    cmd = [str(paths.vmm(arch, "firecracker")), "--api-sock", API]
     start = time.monotonic()
     with running(cmd, console_log, cwd=d) as (proc, console):
         try:
-            wait_for_socket(d / API, 30, alive=lambda: proc.poll() is None)
+            wait_for_socket(here / API, 30, alive=lambda: proc.poll() is None)
             asked = time.monotonic()
-            memory = {"backend_type": "File", "backend_path": str(snap / MEMORY)}
-            put(d / API, "/snapshot/load", {"snapshot_path": str(snap / STATE), "mem_backend": memory,
-                                            "resume_vm": True}, timeout=60)  # fmt: skip
+            memory = {"backend_type": "File", "backend_path": str(memory_file)}
+            put(here / API, "/snapshot/load", {"snapshot_path": str(state), "mem_backend": memory,
+                                               "resume_vm": True}, timeout=60)  # fmt: skip
             load_ms = (time.monotonic() - asked) * 1000
         except ApiError as exc:
             why = exc.message + (f" | {' | '.join(console.tail[-3:])}" if proc.poll() is not None else "")
@@ -147,7 +165,7 @@ def _clone(rt: Runtime, t: Target, arch: str, snap: Path, doc: dict[str, Any], i
             return replace(base, firecracker_load_ms=_firecrackers_own(console, 5),
                            detail=f"restored and resumed; a test-only snapshot ({TEST_ONLY_FLAG}: taken "
                            "before the guest was ready) is never handed out as a sandbox")  # fmt: skip
-        done = _session(rt, d, base, start, timeout)
+        done = _session(rt, here, base, start, timeout)
         return replace(done, firecracker_load_ms=_firecrackers_own(console, 1))  # read after: not on the clock
 
 
