@@ -186,7 +186,7 @@ def clean(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmarks: no-op, warm and cold builds, size, memory, boot; vs their floors."""
+    """Benchmarks: no-op, warm and cold builds, size, memory, boot, snapshots, registry, assembly vs apk; vs floors."""
     _install(session, "requirements-dev.txt")
     session.run("python", "bench/bench.py", *session.posargs)
 
