@@ -140,8 +140,9 @@ class Registry:
                 return False
             self.basic = True
             return True
-        if scheme != "bearer" or "realm" not in params or (scope in self.tokens and self._refreshed(scope)):
+        if scheme != "bearer" or "realm" not in params:
             return False
+        self.tokens.pop(scope, None)  # a token it refused may have expired: ask for a new one
         query: list[tuple[str, str]] = [("service", params["service"])] if "service" in params else []
         query += [("scope", s) for s in (params.get("scope") or scope).split(" ") if s]
         try:
@@ -164,10 +165,6 @@ class Registry:
             raise RegistryError(f"{self.name}'s token service answered HTTP {got.status_code} without a token")
         self.tokens[scope] = str(token)
         return True
-
-    def _refreshed(self, scope: str) -> bool:
-        """A token that was already used and refused: drop it once (it may have expired)."""
-        return self.tokens.pop(scope, None) is None
 
     def _refused(self, method: str, url: str, resp: requests.Response) -> RegistryError:
         try:
