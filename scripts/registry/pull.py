@@ -52,12 +52,13 @@ def _fingerprint(f: Path) -> list[int]:
     return [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def up_to_date(directory: Path, digest: str) -> bool:
-    """Every file a pull of ``digest`` placed is still there, untouched since (its fingerprint)."""
-    entry = _record(directory).get("pulls", {}).get(digest)
+def up_to_date(directory: Path, record: dict[str, Any], digest: str) -> bool:
+    """Every file a pull of ``digest`` placed (``record``: the directory's pull record) is still
+    there, untouched since (its fingerprint)."""
+    entry = record.get("pulls", {}).get(digest)
     if not entry:
         return False
-    outputs = _record(directory).get("outputs", {})
+    outputs = record.get("outputs", {})
     try:
         return all(
             outputs.get(name, {}).get("fingerprint") == _fingerprint(directory / name) for name in entry["files"]
@@ -333,10 +334,11 @@ def main(argv: list[str]) -> int:
     with workspace.directory_lock(out_root):  # two pulls at once: the second waits, then finds the files
         for top in ("images", "bin"):
             directory = out_root / top if args.arch == host_arch() else out_root / top / args.arch
-            entry = _record(directory).get("pulls", {}).get(ref.digest or "", {})
+            record = _record(directory)
+            entry = record.get("pulls", {}).get(ref.digest or "", {})
             # what an earlier pull placed counts only if a key trusted now signed it (or nothing is checked now)
             trusted = args.no_verify or entry.get("signed_by") in {attest.keyid(k) for k in keys or []}
-            if ref.digest and trusted and up_to_date(directory, ref.digest):
+            if ref.digest and trusted and up_to_date(directory, record, ref.digest):
                 log.info(f"pull {ref}: up to date in {directory} ({', '.join(entry['files'])}; signed by "
                          f"{entry['signed_by']})")  # fmt: skip
                 return 0
