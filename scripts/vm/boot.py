@@ -115,9 +115,7 @@ def restore_all(pins: Pins, args: argparse.Namespace) -> list[Restored]:
         raise BootFailed("--restore starts Firecracker from a snapshot, whose VM is fixed when it is made: "
                          "--vmm qemu, --read-only, --overlay and --append do not apply",
                          hint="drop them (a read-only image's clones get a tmpfs overlay)")  # fmt: skip
-    if args.jailer and os.geteuid() != 0:
-        raise BootFailed("the jailer needs root: it chroots, makes /dev/kvm and drops to uid 65534",
-                         hint="run boot as root, or without --jailer")  # fmt: skip
+    _jailer_needs_root(args)
     no_cgroup = cgroup_v2_problem() if args.jailer else None
     if no_cgroup:
         log.warn(f"!!! boot --restore: clones jailed WITHOUT a memory limit: {no_cgroup} !!!")
@@ -146,6 +144,12 @@ def restore_all(pins: Pins, args: argparse.Namespace) -> list[Restored]:
         report(r)
         out.append(r)
     return out
+
+
+def _jailer_needs_root(args: argparse.Namespace) -> None:
+    if args.jailer and os.geteuid() != 0:
+        raise BootFailed("the jailer needs root: it chroots, makes /dev/kvm and drops to uid 65534",
+                         hint="run boot as root, or without --jailer")  # fmt: skip
 
 
 def _check_runtimes(asked: list[str], known: Mapping[str, object]) -> None:
@@ -180,9 +184,7 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
     if args.jailer and which_vmm != "firecracker":
         raise BootFailed(f"--jailer starts Firecracker, which cannot run here ({why})", hint="drop --jailer")
     log.info(f"boot: using {which_vmm}: {why}")
-    if args.jailer and os.geteuid() != 0:
-        raise BootFailed("the jailer needs root: it chroots, makes /dev/kvm and drops to uid 65534",
-                         hint="run boot as root, or without --jailer")  # fmt: skip
+    _jailer_needs_root(args)
     results = []
     for rt in chosen:
         image = paths.image(rt, args.format, arch)
