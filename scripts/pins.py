@@ -29,6 +29,8 @@ SCHEMA_VERSION = 1
 REPO_ROOT = settings.REPO_ROOT
 MAX_HEADROOM_MIB = 1 << 16  # 64 GiB of free space in an image is a typo, not a wish
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+WORLD_TAG = re.compile(r"^!?[^@<>=~]+@([^<>=~]*)")
 UPDATE_HINT = "run 'nox -s update_pins' to fetch and pin it (nothing is trusted on first use)"
 MAX_PINS_BYTES = 1 << 20  # a pins file is a few KiB; more is not a pins file (VULCAN_PINS=/dev/zero)
 
@@ -67,8 +69,41 @@ class Artifact:
 @dataclass(frozen=True)
 class AlpineKey:
     name: str
-    url: str
+    url: str  # "" when the key is a local file
     sha256: str  # of the DER SubjectPublicKeyInfo, not of the file
+    path: Path | None = None  # a local key file (a developer's abuild key), instead of a URL
+    where: str = ""  # its JSON path in pins.json, for messages
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path is not None else self.url
+
+
+@dataclass(frozen=True)
+class Repository:
+    """One APK repository an image takes packages from: Alpine's own (``alpine.repositories``,
+    under the mirror and branch) or an extra one (``alpine.extra_repositories``, per runtime
+    too), each with the keys that alone may sign its index, and an optional tag (apk's
+    ``@tag URL`` line: ``name@tag`` in a world takes ``name`` from it)."""
+
+    name: str  # the lock's ``repo``; a file name
+    location: str  # the URL (https://..., without the arch) or the local path, as pins.json has it
+    keys: tuple[AlpineKey, ...]
+    tag: str = ""
+    local: Path | None = None  # a local repository's directory (resolved against the pins file)
+    where: str = ""  # its JSON path in pins.json
+    supplier: str = "Alpine Linux"  # who supplies its packages (the SBOM's supplier)
+
+    def arch_url(self, arch: str) -> str:
+        """Where ``<arch>/APKINDEX.tar.gz`` and the packages are (a URL; for a local one, a path)."""
+        if self.local is not None:
+            return str(self.local / arch)
+        return f"{self.location.rstrip('/')}/{arch}"
+
+    @property
+    def line(self) -> str:
+        """Its line in /etc/apk/repositories."""
+        return f"@{self.tag} {self.location}" if self.tag else self.location
 
 
 @dataclass(frozen=True)
@@ -81,6 +116,7 @@ class Runtime:
     program: tuple[str, ...] = ()  # a program `nox -s boot` runs through the agent ...
     expect: str = ""  # ... and the output it must print
     formats: tuple[str, ...] | None = None  # image formats for this runtime (None: alpine.formats)
+    extra_repositories: tuple[Repository, ...] = ()  # this runtime's own, after alpine's
 
 
 @dataclass(frozen=True)
@@ -93,12 +129,34 @@ class Alpine:
     runtimes: Mapping[str, Runtime]
     headroom_mib: int
     formats: tuple[str, ...] = FORMATS_DEFAULT
+    extra_repositories: tuple[Repository, ...] = ()  # for every runtime
 
     def formats_of(self, runtime: str) -> tuple[str, ...]:
         return self.runtimes[runtime].formats or self.formats
 
     def repo_url(self, repo: str, arch: str) -> str:
         return f"{self.mirror.rstrip('/')}/{self.branch}/{repo}/{arch}"
+
+    def repositories_of(self, runtime: str) -> tuple[Repository, ...]:
+        """Every repository of a runtime's image, in apk's order (its /etc/apk/repositories):
+        Alpine's, then the extra ones for all runtimes, then the runtime's own."""
+        return self.own_repositories() + self.extra_repositories + self.runtimes[runtime].extra_repositories
+
+    def own_repositories(self) -> tuple[Repository, ...]:
+        """Alpine's repositories (``alpine.repositories`` under the mirror and branch), signed by
+        ``alpine.keys``."""
+        return tuple(
+            Repository(r, f"{self.mirror.rstrip('/')}/{self.branch}/{r}", self.keys, where=f"alpine.repositories[{i}]")
+            for i, r in enumerate(self.repositories)
+        )
+
+    def keys_of(self, runtime: str) -> tuple[AlpineKey, ...]:
+        """The keys an image trusts (its /etc/apk/keys): every key of its repositories, once."""
+        seen: dict[str, AlpineKey] = {}
+        for repo in self.repositories_of(runtime):
+            for key in repo.keys:
+                seen.setdefault(key.name, key)
+        return tuple(seen[n] for n in sorted(seen))
 
 
 @dataclass(frozen=True)
@@ -130,6 +188,7 @@ class Pins:
 class _Checker:
     def __init__(self, path: Path) -> None:
         self.label = path.name
+        self.base = path.resolve().parent  # relative local paths are taken from here
 
     def fail(self, where: str, problem: str, hint: str | None = None) -> PinError:
         return PinError(f"{self.label}: {where}: {problem}", hint=hint)
@@ -254,15 +313,11 @@ class _Checker:
         repos = self.strings(sec, "repositories", "alpine.repositories")
         for i, repo in enumerate(repos):
             self.name(repo, f"alpine.repositories[{i}]", "a repository name")
-        keys_sec = self.obj(sec, "keys", "alpine.keys")
-        if not keys_sec:
-            raise self.fail("alpine.keys", "no trusted keys", hint="pin at least one key with its fingerprint")
-        keys = []
-        for name in sorted(keys_sec):
-            self.name(name, f"alpine.keys.{name}", "a key name (the key's file in the cache and in /etc/apk/keys)")
-            entry = self.obj(keys_sec, name, f"alpine.keys.{name}")
-            url = self.url(entry, "url", f"alpine.keys.{name}.url", set())
-            keys.append(AlpineKey(name, url, self.hex64(entry, "sha256", f"alpine.keys.{name}.sha256")))
+        keys = self.keys(sec, "alpine.keys", local=False)
+        taken: dict[str, str] = {r: f"alpine.repositories[{i}]" for i, r in enumerate(repos)}
+        tags: dict[str, str] = {}
+        key_fps: dict[str, tuple[str, str]] = {k.name: (k.sha256, k.where) for k in keys}
+        extra = self.repositories(sec, "alpine.extra_repositories", taken, tags, key_fps)
         base = self.strings(sec, "base", "alpine.base")
         headroom = self.count(sec, "headroom_mib", "alpine.headroom_mib", MAX_HEADROOM_MIB)
         rts = self.obj(sec, "runtimes", "alpine.runtimes")
@@ -284,20 +339,157 @@ class _Checker:
             program = self.strings(rt, "program", f"{where}.program") if "program" in rt else ()
             expect = self.text(rt, "expect", f"{where}.expect") if "expect" in rt else ""
             formats = self.formats(rt, "formats", f"{where}.formats") if "formats" in rt else None
+            rt_tags = dict(tags)
+            own_repos = self.repositories(rt, f"{where}.extra_repositories", dict(taken), rt_tags, dict(key_fps))
+            world = self.strings(rt, "world", f"{where}.world")
+            for label, entries in ((f"{where}.world", world), ("alpine.base", base)):
+                self.world_tags(label, entries, rt_tags, name)
             runtimes[name] = Runtime(
                 name,
-                self.strings(rt, "world", f"{where}.world"),
+                world,
                 self.strings(rt, "check", f"{where}.check"),
                 binary,
                 own,
                 program,
                 expect,
                 formats,
+                own_repos,
             )
         if not runtimes:
             raise self.fail("alpine.runtimes", "no runtimes")
         formats = self.formats(sec, "formats", "alpine.formats") if "formats" in sec else FORMATS_DEFAULT
-        return Alpine(mirror, branch, repos, tuple(keys), base, runtimes, headroom, formats)
+        return Alpine(mirror, branch, repos, keys, base, runtimes, headroom, formats, extra)
+
+    def keys(self, sec: Mapping[str, Any], where: str, local: bool) -> tuple[AlpineKey, ...]:
+        """Pinned keys: each by the SHA-256 of its DER public key, from a URL (or, for an extra
+        repository, a local file): never trusted on first use."""
+        keys_sec = self.obj(sec, "keys", where)
+        if not keys_sec:
+            raise self.fail(where, "no trusted keys", hint="pin at least one key with its fingerprint")
+        keys = []
+        for name in sorted(keys_sec):
+            at = f"{where}.{name}"
+            self.name(name, at, "a key name (the key's file in the cache and in /etc/apk/keys)")
+            entry = self.obj(keys_sec, name, at)
+            for k in entry:
+                if k not in ("url", "path", "sha256"):
+                    raise self.fail(f"{at}.{k}", "unknown key; a key takes url (or path) and sha256")
+            sha = self.hex64(entry, "sha256", f"{at}.sha256")
+            if local and "path" in entry:
+                if "url" in entry:
+                    raise self.fail(at, "both url and path: a key comes from one place")
+                path = self.local_path(entry, "path", f"{at}.path", want_dir=False)
+                keys.append(AlpineKey(name, "", sha, path, at))
+            else:
+                keys.append(AlpineKey(name, self.url(entry, "url", f"{at}.url", set()), sha, None, at))
+        return tuple(keys)
+
+    def local_path(self, entry: Mapping[str, Any], key: str, where: str, want_dir: bool) -> Path:
+        text = self.text(entry, key, where)
+        path = (self.base / text).resolve() if not os.path.isabs(text) else Path(text).resolve()
+        what = "directory" if want_dir else "file"
+        if not (path.is_dir() if want_dir else path.is_file()):
+            raise self.fail(
+                where,
+                f"{text!r} is not an existing {what} ({path})",
+                hint="a relative path is taken from the pins file's directory"
+                + ("; a repository is https://... or a local directory" if want_dir else ""),
+            )
+        if want_dir:
+            out = settings.out_root().resolve()
+            for top in ("images", "bin"):
+                inside = out / top
+                if path == inside or inside in path.parents:
+                    raise self.fail(
+                        where,
+                        f"{text!r} is inside {top}/ ({inside}), which the tool writes and cleans",
+                        hint="keep local packages elsewhere (e.g. ~/packages, where abuild puts them)",
+                    )
+        return path
+
+    def repositories(
+        self,
+        sec: Mapping[str, Any],
+        where: str,
+        taken: dict[str, str],
+        tags: dict[str, str],
+        key_fps: dict[str, tuple[str, str]],
+    ) -> tuple[Repository, ...]:
+        """``extra_repositories``: name -> {url | path, keys, tag?}. Names are unique among all
+        of an image's repositories, tags too; a key name means one key everywhere (the keys share
+        /etc/apk/keys)."""
+        if "extra_repositories" not in sec:
+            return ()
+        repos_sec = self.obj(sec, "extra_repositories", where)
+        out = []
+        for name in repos_sec:
+            at = f"{where}.{name}"
+            self.name(name, at, "a repository name (the lock's repo)")
+            if name in taken:
+                raise self.fail(at, f"a repository named {name!r} is already {taken[name]}", hint="name it uniquely")
+            taken[name] = at
+            entry = self.obj(repos_sec, name, at)
+            for k in entry:
+                if k not in ("url", "path", "keys", "tag", "supplier"):
+                    raise self.fail(
+                        f"{at}.{k}", "unknown key; a repository takes url (or path), keys, tag and supplier"
+                    )
+            if ("url" in entry) == ("path" in entry):
+                raise self.fail(
+                    at,
+                    "expected exactly one of url (https://..., the directory that holds <arch>/APKINDEX.tar.gz) "
+                    "and path (a local repository directory)",
+                )
+            local = None
+            if "url" in entry:
+                value = entry["url"]
+                if isinstance(value, str) and not value.startswith("https://") and "://" not in value:
+                    raise self.fail(
+                        f"{at}.url",
+                        f"{value!r} is neither an https:// URL nor a local repository",
+                        hint="write a local directory as path, not url",
+                    )
+                location = self.url(entry, "url", f"{at}.url", set()).rstrip("/")
+            else:
+                location = self.text(entry, "path", f"{at}.path")
+                local = self.local_path(entry, "path", f"{at}.path", want_dir=True)
+            tag = ""
+            if "tag" in entry:
+                tag = self.text(entry, "tag", f"{at}.tag")
+                if not TAG.fullmatch(tag):
+                    raise self.fail(f"{at}.tag", f"{tag!r} is not a tag: letters, digits, '.', '_' and '-'")
+                if tag in tags:
+                    raise self.fail(
+                        f"{at}.tag",
+                        f"@{tag} is already the tag of {tags[tag]}",
+                        hint="each tag names one repository (name@tag in a world must say where it comes from)",
+                    )
+                tags[tag] = at
+            keys = self.keys(entry, f"{at}.keys", local=True)
+            for key in keys:
+                seen = key_fps.setdefault(key.name, (key.sha256, key.where))
+                if seen[0] != key.sha256:
+                    raise self.fail(
+                        key.where,
+                        f"another key of the same name is pinned at {seen[1]}",
+                        hint="keys share /etc/apk/keys and apk names a signing key by its file name: "
+                        "two different keys need two names",
+                    )
+            supplier = self.text(entry, "supplier", f"{at}.supplier") if "supplier" in entry else name
+            out.append(Repository(name, location, keys, tag, local, at, supplier))
+        return tuple(out)
+
+    def world_tags(self, where: str, world: tuple[str, ...], tags: Mapping[str, str], runtime: str) -> None:
+        """``name@tag`` in a world: the tag must be one of the runtime's repositories'."""
+        for i, dep in enumerate(world):
+            m = WORLD_TAG.search(dep)
+            if m and m.group(1) not in tags:
+                known = ", ".join("@" + t for t in sorted(tags)) or "none"
+                raise self.fail(
+                    f"{where}[{i}]",
+                    f"{dep!r}: no repository of runtime {runtime} is tagged @{m.group(1)} (tags: {known})",
+                    hint="add a tag to one of alpine.extra_repositories (or the runtime's own), or drop @tag",
+                )
 
 
 def read_json_text(path: Path, most: int, what: str) -> str:

@@ -230,11 +230,13 @@ def alpine_keys(pins: Pins) -> dict[str, Any]:
     keys: dict[str, Any] = {}
     ring = keyring(alpine)
     for arch in ARCHES:
-        index = indexes.load_index(alpine, "main", arch, ring)
-        pkg = max((p for p in index if p.name == "alpine-keys"), key=lambda p: p.build_time, default=None)
+        main = next((r for r in alpine.own_repositories() if r.name == "main"), alpine.own_repositories()[0])
+        loaded = indexes.load_index(main, arch, ring, alpine.repositories.index(main.name))
+        pkg = max((p for p in loaded.packages if p.name == "alpine-keys"), key=lambda p: p.build_time, default=None)
         if pkg is None:
-            raise PinError(f"{alpine.branch}/main/{arch} has no alpine-keys package")
-        verified = packages.fetch_one(pins, lockfile.Locked.of(pkg), arch)
+            raise PinError(f"{alpine.branch}/{main.name}/{arch} has no alpine-keys package")
+        locked = lockfile.Locked.of(indexes.Resolved(pkg, main, loaded.key, ""))
+        verified = packages.fetch_one(pins, locked, arch)
         with open(verified.path, "rb") as f:
             f.seek(verified.data_offset)
             data = zlib.decompressobj(31).decompress(f.read())

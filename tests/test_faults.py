@@ -25,6 +25,7 @@ import pytest
 
 from scripts import atomic
 from scripts.apk import lockfile
+from scripts.apk.indexes import Resolved
 from scripts.apk.lockfile import Locked
 from scripts.pins import host_arch
 from scripts.pins import load as load_pins
@@ -125,7 +126,9 @@ def test_concurrent_lock_writers_keep_every_entry(ready: World, monkeypatch: pyt
     pins = load_pins(ready.pins_path)
     closure = lockfile.locked_entry(pins, RUNTIME, ARCH)
     assert closure is not None
-    monkeypatch.setattr("scripts.apk.indexes.resolve", lambda *a: [p.as_package(0) for p in closure])
+    main = pins.alpine.own_repositories()[0]
+    resolved = [Resolved(p.as_package(0), main, p.key, "") for p in closure]
+    monkeypatch.setattr("scripts.apk.indexes.resolve", lambda *a: resolved)
     try:
         lock.unlink()
         b_started = threading.Event()

@@ -23,8 +23,11 @@ from ..pins import Pins
 
 if TYPE_CHECKING:  # only a re-lock builds Packages: a warm rebuild does not import the index parser
     from .index import Package
+    from .indexes import Resolved
 
-LOCK_VERSION = 1
+# 2: each package records its repository (URL or local path), the key that signed that
+# repository's index and its repository tag; a version 1 lock reads as stale (re-resolved)
+LOCK_VERSION = 2
 CHECKSUM = re.compile(r"Q1[A-Za-z0-9+/]{27}=")  # "Q1" + base64(sha1): apk's C: field
 RELOCK_HINT = "the lock is damaged or was edited: run 'nox -s lock' and commit alpine.lock.json"
 
@@ -46,12 +49,16 @@ class Locked:
     license: str
     origin: str
     url: str  # project URL (for the SBOM)
+    repository: str  # where it comes from: its repository's URL or local path, as pins.json has it
+    key: str  # the key that signed that repository's index
+    tag: str  # its repository's tag ("": untagged), apk's s: in the installed database
 
     @classmethod
-    def of(cls, p: Package) -> Locked:
+    def of(cls, r: Resolved) -> Locked:
+        p = r.package
         return cls(
             p.name, p.version, p.arch, p.repo, p.checksum, p.size, p.installed_size, p.build_time, p.license,
-            p.origin, p.url,
+            p.origin, p.url, r.repository.location, r.key, r.tag,
         )  # fmt: skip
 
     def as_package(self, repo_index: int) -> Package:
@@ -96,16 +103,33 @@ def lock_path(pins: Pins) -> Path:
     return pins.path.with_name("alpine.lock.json")
 
 
+def local_indexes(pins: Pins, runtime: str, arch: str) -> dict[str, str]:
+    """The sha256 of each local repository's index: a lock answers for the local packages it
+    saw (a developer's rebuilt package changes the index, so the lock is stale)."""
+    from .indexes import local_index_sha256
+
+    repos = pins.alpine.repositories_of(runtime)
+    return {r.name: local_index_sha256(r, arch) for r in repos if r.local is not None}
+
+
 def request_digest(pins: Pins, runtime: str, arch: str) -> str:
-    """What a lock entry answers: branch, repositories, world and keys for one runtime/arch."""
+    """What a lock entry answers: branch, repositories (with their keys, tags and, for a local
+    one, its index), world and keys for one runtime/arch."""
     a = pins.alpine
-    request = {
+    request: dict[str, Any] = {
         "branch": a.branch,
         "repositories": list(a.repositories),
         "world": [*a.base, *a.runtimes[runtime].world],
         "keys": sorted(k.sha256 for k in a.keys),
         "arch": arch,
     }
+    extra = a.extra_repositories + a.runtimes[runtime].extra_repositories
+    if extra:  # absent without extra repositories: the locks of pins without any stay valid
+        request["extra_repositories"] = [
+            {"name": r.name, "location": r.location, "tag": r.tag, "keys": sorted(k.sha256 for k in r.keys)}
+            for r in extra
+        ]
+        request["local_indexes"] = local_indexes(pins, runtime, arch)
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
@@ -117,6 +141,8 @@ def read_lock(pins: Pins) -> dict[str, Any]:
         return {"lock_version": LOCK_VERSION, "entries": {}}
     except (ValueError, RecursionError) as exc:
         raise LockError(f"{path}: not valid JSON ({exc})", hint="delete it and run 'nox -s lock'") from None
+    if data.get("lock_version") == 1:  # before repositories were recorded: every entry is stale
+        return {"lock_version": LOCK_VERSION, "entries": {k: {} for k in data.get("entries", {})}}
     if data.get("lock_version") != LOCK_VERSION:
         raise LockError(f"{path}: unsupported lock_version {data.get('lock_version')!r}", hint="run 'nox -s lock'")
     return data
@@ -125,6 +151,7 @@ def read_lock(pins: Pins) -> dict[str, Any]:
 def write_lock(pins: Pins, data: dict[str, Any]) -> None:
     """Write the lock (callers hold ``locked_for_update``); unchanged content is not rewritten."""
     path = lock_path(pins)
+    data = {**data, "entries": {k: v for k, v in data.get("entries", {}).items() if v}}  # a v1 entry: gone
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     try:
         if path.read_text() == text:
@@ -159,11 +186,15 @@ def lock_runtime(pins: Pins, runtime: str, arch: str) -> list[Locked]:
     closure = [Locked.of(p) for p in resolve(pins, runtime, arch)]
     with locked_for_update(pins):  # re-read under the flock: another build may have added its entry
         data = read_lock(pins)
-        data.setdefault("entries", {})[f"{runtime}/{arch}"] = {
+        entry: dict[str, Any] = {
             "request": request_digest(pins, runtime, arch),
             "world": [*pins.alpine.base, *pins.alpine.runtimes[runtime].world],
             "packages": [asdict(p) for p in closure],
         }
+        if local := local_indexes(pins, runtime, arch):
+            entry["local_indexes"] = local
+        data.setdefault("entries", {})[f"{runtime}/{arch}"] = entry
+        data["lock_version"] = LOCK_VERSION
         write_lock(pins, data)
     return closure
 
@@ -173,8 +204,20 @@ def ensure_locked(pins: Pins, runtime: str, arch: str, frozen: bool) -> list[Loc
     if closure is not None:
         return closure
     path = lock_path(pins)
-    exists = f"{runtime}/{arch}" in read_lock(pins).get("entries", {})
-    state = "stale (pins changed since it was written)" if exists else "missing"
+    entry = read_lock(pins).get("entries", {}).get(f"{runtime}/{arch}")
+    state = "stale (pins changed since it was written)" if entry is not None else "missing"
+    changed = [
+        name
+        for name, sha in local_indexes(pins, runtime, arch).items()
+        if entry and name in entry.get("local_indexes", {}) and entry["local_indexes"][name] != sha
+    ]
+    if changed:
+        repos = {r.name: r for r in pins.alpine.repositories_of(runtime)}
+        state = (
+            "stale: the index of local repository "
+            + ", ".join(f"{n} ({repos[n].location}/{arch})" for n in changed)
+            + " changed since it was locked"
+        )
     if frozen:
         raise LockError(
             f"{path.name}: the lock for {runtime}/{arch} is {state}, and --frozen forbids re-resolving",

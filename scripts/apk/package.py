@@ -132,7 +132,8 @@ def q1(sha1_digest: bytes) -> str:
 
 def verify_package(path: Path, expected: Package | None, keyring: Keyring | None, what: str) -> Verified:
     """Check one .apk: control checksum against the index's C:, data against .PKGINFO datahash,
-    size against S:. Without an index record, its own signature must verify with ``keyring``."""
+    size against S:; and its own signature with ``keyring`` when one is given (the keys of its
+    repository; without an index record, a keyring is required)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         members = _scan(f, 2, what)
@@ -151,6 +152,8 @@ def verify_package(path: Path, expected: Package | None, keyring: Keyring | None
             raise TrustError(f"{what}: size {size} differs from the index's S:{expected.size}")
         if not expected.checksum:
             raise TrustError(f"{what}: the index record has no C: checksum to check the package against")
+        if keyring is not None:  # and its own signature, by a key of the repository it comes from
+            verify(read_signatures(sig.out.getvalue()), _digests(control), keyring, what)
     elif keyring is not None:
         verify(read_signatures(sig.out.getvalue()), _digests(control), keyring, what)
     else:

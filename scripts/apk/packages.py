@@ -7,7 +7,7 @@ its ``datahash`` for the data member. A cached file is verified again on every u
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,11 +16,13 @@ from .. import log, settings
 from ..errors import DownloadError, VulcanError
 from ..fetch import fetch, file_lock, read_only_cache, writable
 from ..paths import cache_dir
-from ..pins import Pins
-from .lockfile import Locked, LockError, lock_runtime
+from ..pins import Pins, Repository
+from .keys import repo_keyring
+from .lockfile import RELOCK_HINT, Locked, LockError, lock_runtime
 
 if TYPE_CHECKING:
     from .package import Verified
+    from .trust import Keyring
 
 
 def fetch_workers() -> int:
@@ -33,42 +35,94 @@ def package_cache_path(p: Locked) -> Path:
     return cache_dir() / "apk" / digest[:2] / f"{digest}-{p.filename}"
 
 
-def fetch_one(pins: Pins, p: Locked, arch: str) -> Verified:
+def repository_of(pins: Pins, p: Locked, runtime: str | None) -> Repository:
+    """The repository a locked package comes from (a runtime's; without one, Alpine's own)."""
+    alpine = pins.alpine
+    repos = alpine.repositories_of(runtime) if runtime else alpine.own_repositories()
+    for repo in repos:
+        if repo.name == p.repo:
+            if p.repository and p.repository != repo.location:
+                break
+            return repo
+    raise LockError(
+        f"the lock says {p.filename} comes from repository {p.repo} ({p.repository or 'Alpine'}), which "
+        f"{pins.path.name} does not have (for {runtime or 'Alpine'})",
+        hint=RELOCK_HINT,
+    )
+
+
+_keyrings: dict[tuple[str, ...], Keyring] = {}
+
+
+def _keyring(repo: Repository) -> Keyring:
+    memo = tuple(sorted(f"{k.name}={k.sha256}" for k in repo.keys))
+    if memo not in _keyrings:
+        _keyrings[memo] = repo_keyring(repo)
+    return _keyrings[memo]
+
+
+def fetch_one(pins: Pins, p: Locked, arch: str, runtime: str | None = None) -> Verified:
+    """One package, from the cache or its repository, verified: the index chain (its ``C:``
+    from the lock) and its own signature by a key of the repository it comes from."""
     from .package import verify_package
     from .trust import TrustError
 
-    alpine = pins.alpine
+    repo = repository_of(pins, p, runtime)
+    keys = _keyring(repo)
     path = package_cache_path(p)
-    record = p.as_package(alpine.repositories.index(p.repo) if p.repo in alpine.repositories else 0)
-    what = f"{p.filename} ({alpine.branch}/{p.repo}/{arch})"
-    url = f"{alpine.repo_url(p.repo, arch)}/{p.filename}"
+    record = p.as_package(0)
+    what = f"{p.filename} ({repo.name}: {repo.location}/{arch})"
+    url = f"{repo.arch_url(arch)}/{p.filename}"
     if not writable(path):  # a read-only cache: use what it has, verified
         try:
-            return verify_package(path, record, None, what)
+            return verify_package(path, record, keys, what)
         except (OSError, TrustError):
-            raise read_only_cache(path, url) from None
+            if repo.local is None:
+                raise read_only_cache(path, url) from None
+            return verify_package(Path(url), record, keys, what)  # straight from the local repository
     with file_lock(path):
         if path.exists():
             try:
-                return verify_package(path, record, None, what)
+                return verify_package(path, record, keys, what)
             except TrustError as exc:
                 log.warn(f"cached {what} fails verification ({exc.message}); fetching it again")
                 path.unlink()
+        if repo.local is not None:
+            return _copy_local(Path(url), path, lambda part: verify_package(part, record, keys, what), what)
         verified: list[Verified] = []
-        fetch(url, path, verify=lambda part: verified.append(verify_package(part, record, None, what)))
+        fetch(url, path, verify=lambda part: verified.append(verify_package(part, record, keys, what)))
         return replace(verified[0], path=path)  # it was checked as <name>.part, then renamed
+
+
+def _copy_local(src: Path, dest: Path, check: Callable[[Path], Verified], what: str) -> Verified:
+    """A local repository's package into the cache, verified on the copy (what is used is what
+    was checked, even if the developer rebuilds the file meanwhile)."""
+    import shutil
+
+    from .. import atomic
+
+    if not src.is_file():
+        raise LockError(
+            f"{what}: not in the local repository ({src})",
+            hint="the lock names a package the directory no longer has: rebuild it, or run 'nox -s lock'",
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.replacing(dest) as part:
+        shutil.copyfile(src, part)
+        verified = check(part)
+    return replace(verified, path=dest)
 
 
 class PackageGone(LockError):
     """A locked package is no longer on the mirror (HTTP 404)."""
 
 
-def fetch_all(pins: Pins, closure: Sequence[Locked], arch: str) -> list[Verified]:
+def fetch_all(pins: Pins, closure: Sequence[Locked], arch: str, runtime: str | None = None) -> list[Verified]:
     """Fetch (or take from the cache) and verify every package, in parallel (bounded)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=fetch_workers()) as pool:
-        futures = [pool.submit(fetch_one, pins, p, arch) for p in closure]
+        futures = [pool.submit(fetch_one, pins, p, arch, runtime) for p in closure]
         results: list[Verified] = []
         errors: list[BaseException] = []
         for p, fut in zip(closure, futures, strict=True):
@@ -98,7 +152,7 @@ def fetch_locked(
     """The verified files of ``closure``; if a locked package left the mirror, re-lock once
     (not with ``frozen``) and return the new closure: the caller must re-plan from it."""
     try:
-        return closure, fetch_all(pins, closure, arch)
+        return closure, fetch_all(pins, closure, arch, runtime)
     except PackageGone as exc:
         if frozen:
             raise LockError(
@@ -107,7 +161,7 @@ def fetch_locked(
             ) from None
         log.warn(f"!!! {exc.message}: Alpine replaced it; re-resolving {runtime}/{arch} and updating the lock !!!")
         closure = lock_runtime(pins, runtime, arch)
-        return closure, fetch_all(pins, closure, arch)
+        return closure, fetch_all(pins, closure, arch, runtime)
 
 
 def _relock_hint(pins: Pins, runtime: str, arch: str) -> str:

@@ -110,7 +110,8 @@ def verify(sigs: list[Signature], digests: Mapping[str, bytes], keyring: Keyring
         names = ", ".join(sorted({s.key_name for s in sigs}))
         raise TrustError(
             f"{what}: signed by {names}, which is not a trusted key",
-            hint="trust it by adding it to alpine.keys in pins.json (with its fingerprint) if you mean to",
+            hint="only the keys pinned for the repository it comes from are trusted (alpine.keys, or the "
+            "repository's keys in pins.json): pin it there with its fingerprint if you mean to",
         )
     for sig in sorted(trusted, key=lambda s: s.algorithm != "RSA256"):  # prefer SHA-256
         algo: hashes.HashAlgorithm = hashes.SHA256() if sig.algorithm == "RSA256" else hashes.SHA1()

@@ -237,6 +237,7 @@ class InstalledPackage:
     size: int  # of the .apk file: the index's S:, which apk also writes as S:
     arch: str  # the index's A: (apk writes it; .PKGINFO may say noarch where the index says x86_64)
     scripts: Mapping[str, bytes] = field(default_factory=dict)  # ".post-install": its text (control tar)
+    tag: str = ""  # its repository's tag: apk writes s:TAG (a name@tag world entry, or what it brought in)
 
 
 DEFAULT_FILE_ACL = (0, 0, 0o644)
@@ -272,6 +273,8 @@ def installed_record(tree: Tree, pkg: InstalledPackage) -> tuple[list[str], list
     replaces = [f"r:{' '.join(info['replaces'])}"] if info.get("replaces") else []
     if one("replaces_priority") not in ("", "0"):
         replaces.append(f"q:{one('replaces_priority')}")
+    if pkg.tag:  # buffered with r: and q: (apk_db_write_fdb)
+        replaces.append(f"s:{pkg.tag}")
     header, out = out, []
     for d in tree.records.get(name, {}).values():
         out.append(f"F:{d.path}")
@@ -318,7 +321,7 @@ def apk_database(
         out.append("")
     tree.put_generated("lib/apk/db/installed", "file", 0o644, ("\n".join(out) + "\n").encode())
     # sorted, as apk writes its world (apk_deps_write of the sorted world, src/database.c)
-    ordered = sorted(world, key=lambda dep: re.split(r"[~<>=]", dep.lstrip("!"), maxsplit=1)[0])
+    ordered = sorted(world, key=lambda dep: re.split(r"[@~<>=]", dep.lstrip("!"), maxsplit=1)[0])
     tree.put_generated("etc/apk/world", "file", 0o644, ("\n".join(ordered) + "\n").encode())
     tree.put_generated("etc/apk/repositories", "file", 0o644, ("\n".join(repositories) + "\n").encode())
     tree.put_generated("etc/apk/arch", "file", 0o644, f"{arch}\n".encode())

@@ -14,23 +14,30 @@ from .stream import Stream
 
 
 def package_rows(plan: Plan, stream: Stream) -> list[dict[str, Any]]:
-    alpine = plan.pins.alpine
-    return [
-        {
+    repos = {r.name: r for r in plan.pins.alpine.repositories_of(plan.runtime)}
+    rows = []
+    for p in plan.closure:
+        repo = repos[p.repo]
+        row = {
             "name": p.name,
             "version": p.version,
             "arch": p.arch,
             "repo": p.repo,
+            "repository": repo.location,
+            "key": p.key,
             "checksum": p.checksum,
             "size": p.size,
             "license": p.license,
             "origin": p.origin,
             "url": p.url,
-            "download": f"{alpine.repo_url(p.repo, plan.arch)}/{p.filename}",
+            "download": f"{repo.arch_url(plan.arch)}/{p.filename}" if repo.local is None else "",
+            "supplier": repo.supplier,
             "files": stream.files.get(p.name, {}),
         }
-        for p in plan.closure
-    ]
+        if p.tag:
+            row["tag"] = p.tag
+        rows.append(row)
+    return rows
 
 
 def manifest(plan: Plan, stream: Stream, rows: list[dict[str, Any]], images: list[Image]) -> dict[str, Any]:
@@ -53,6 +60,16 @@ def manifest(plan: Plan, stream: Stream, rows: list[dict[str, Any]], images: lis
             "branch": alpine.branch,
             "repositories": list(alpine.repositories),
             "world": [*alpine.base, *rt.world],
+            "extra_repositories": [
+                {
+                    "name": r.name,
+                    "location": r.location,
+                    "tag": r.tag,
+                    "local": r.local is not None,
+                    "keys": {k.name: k.sha256 for k in r.keys},
+                }
+                for r in alpine.extra_repositories + rt.extra_repositories
+            ],
         },
         "packages": rows,
         "guest": {"path": f"/{AGENT}", "sha256": plan.guest_sha},

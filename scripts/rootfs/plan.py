@@ -121,10 +121,23 @@ class Plan:
             "arch": self.arch,
             "runtime": {"world": list(rt.world), "check": list(rt.check), "binary": rt.binary},
             "alpine": {"branch": alpine.branch, "repositories": list(alpine.repositories), "base": list(alpine.base)},
-            "packages": [f"{p.name}-{p.version} {p.checksum}" for p in self.closure],
+            **self._extra_inputs(),
+            "packages": [f"{p.name}-{p.version} {p.checksum}" + (f" @{p.tag}" if p.tag else "") for p in self.closure],
             "keys": sorted(k.sha256 for k in alpine.keys),
             "guest_sha256": self.guest_sha,
             "source_date_epoch": self.epoch,
+        }
+
+    def _extra_inputs(self) -> dict[str, Any]:
+        """Extra repositories: their /etc/apk/repositories lines and keys are in the image (absent
+        without any, so the stream cache of pins without extra repositories stays valid)."""
+        alpine = self.pins.alpine
+        extra = alpine.extra_repositories + self.rt.extra_repositories
+        if not extra:
+            return {}
+        return {
+            "extra_repositories": [r.line for r in extra],
+            "extra_keys": sorted(f"{k.name} {k.sha256}" for r in extra for k in r.keys),
         }
 
     @functools.cached_property

@@ -19,6 +19,30 @@ _IDCHARS = re.compile(r"[^A-Za-z0-9.-]")
 _LICENSE_TOKEN = re.compile(r"^[A-Za-z0-9.+-]+$")
 
 
+def _alpine(p: Mapping[str, Any]) -> bool:
+    return not p.get("supplier") or p["supplier"] == "Alpine Linux"
+
+
+def _source_info(p: Mapping[str, Any]) -> str:
+    origin = p.get("origin") or p["name"]
+    if _alpine(p):
+        return f"built from Alpine aports origin {origin}"
+    where = f"the local repository {p['repo']} ({p['repository']})" if not p["download"] else f"repository {p['repo']}"
+    return f"origin {origin}, from {where}" + (f", tagged @{p['tag']}" if p.get("tag") else "")
+
+
+def _purl(p: Mapping[str, Any], arch: str, distro: str) -> str:
+    """purl's apk type: the namespace is the vendor (alpine); another repository's packages are
+    named by that repository, with its URL as repository_url (purl's qualifier for it)."""
+    from urllib.parse import quote
+
+    if _alpine(p):
+        return f"pkg:apk/alpine/{p['name']}@{p['version']}?arch={arch}&distro={distro}"
+    ns = quote(p["repo"].lower(), safe="")
+    url = f"&repository_url={quote(p['repository'], safe=':/')}" if p["download"] else ""
+    return f"pkg:apk/{ns}/{quote(p['name'], safe='')}@{quote(p['version'], safe='')}?arch={arch}{url}"
+
+
 def spdx_id(kind: str, name: str) -> str:
     return f"SPDXRef-{kind}-{_IDCHARS.sub('-', name)}"
 
@@ -80,18 +104,18 @@ def document(plan: Plan, packages: Sequence[Mapping[str, Any]], images: Sequence
             "name": p["name"],
             "SPDXID": pid,
             "versionInfo": p["version"],
-            "supplier": "Organization: Alpine Linux",
-            "downloadLocation": p["download"],
+            "supplier": f"Organization: {p.get('supplier') or 'Alpine Linux'}",
+            "downloadLocation": p["download"] or "NOASSERTION",
             "filesAnalyzed": False,
             "licenseConcluded": "NOASSERTION",
             "licenseDeclared": license_expression(p.get("license", "")),
             "copyrightText": "NOASSERTION",
-            "sourceInfo": f"built from Alpine aports origin {p.get('origin') or p['name']}",
+            "sourceInfo": _source_info(p),
             "externalRefs": [
                 {
                     "referenceCategory": "PACKAGE-MANAGER",
                     "referenceType": "purl",
-                    "referenceLocator": f"pkg:apk/alpine/{p['name']}@{p['version']}?arch={arch}&distro={distro}",
+                    "referenceLocator": _purl(p, arch, distro),
                 }
             ],
         }

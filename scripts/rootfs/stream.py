@@ -98,15 +98,16 @@ def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
             if own:
                 scripts[locked.name] = list(own)
             installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo, locked.size, locked.arch,
-                                                        own))  # fmt: skip
+                                                        own, locked.tag))  # fmt: skip
         with log.phase("configure (scripts, accounts, agent, apk db)"):
             report = configure.review_scripts(scripts)
             links = configure.busybox_links(tree)
             configure.accounts(tree, "bin/busybox" in tree.nodes)
             configure.vulcan(tree, rt.check, plan.runtime, plan.guest.read_bytes())
             world = [*alpine.base, *rt.world]
-            repos = [f"{alpine.mirror.rstrip('/')}/{alpine.branch}/{r}" for r in alpine.repositories]
-            configure.apk_database(tree, installed, world, repos, keys.key_pems(alpine), plan.arch, plan.epoch)
+            repos = [r.line for r in alpine.repositories_of(plan.runtime)]
+            pems = keys.key_pems(alpine.keys_of(plan.runtime))
+            configure.apk_database(tree, installed, world, repos, pems, plan.arch, plan.epoch)
             _require(
                 tree, "sbin/init", "no /sbin/init in the image (busybox's applet link): is busybox in alpine.base?"
             )
