@@ -103,7 +103,7 @@ def test_index_records_whose_names_are_paths_are_unusable() -> None:
 def locked(**change: object) -> dict[str, object]:
     good = {"name": "musl", "version": "1.2.5-r0", "arch": "x86_64", "repo": "main", "checksum": "Q1" + "A" * 27 + "=",
             "size": 1, "installed_size": 1, "build_time": 1, "license": "MIT", "origin": "musl", "url": "",
-            "repository": "https://dl-cdn.alpinelinux.org/alpine/v3.24/main", "key": "k.rsa.pub", "tag": ""}  # fmt: skip
+            "repository": "https://dl-cdn.alpinelinux.org/alpine/v3.24/main", "key": "k.pub", "tag": ""}  # fmt: skip
     return {**good, **change}
 
 

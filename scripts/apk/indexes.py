@@ -58,13 +58,16 @@ def load_index(repo: Repository, arch: str, keys: Keyring, repo_index: int) -> L
     from .package import read_index
 
     url = f"{repo.arch_url(arch)}/APKINDEX.tar.gz"
-    memo = (f"{repo.tag}@{url}", ",".join(sorted(k.sha256 for k in repo.keys)), repo_index)
+    data = local_index(repo, arch).read_bytes() if repo.local is not None else b""
+    # a local index is read each time (a developer rebuilds it); a remote one once per process
+    local_sha = hashlib.sha256(data).hexdigest() if repo.local is not None else ""
+    memo = (f"{repo.tag}@{url}#{local_sha}", ",".join(sorted(k.sha256 for k in repo.keys)), repo_index)
     with _memo_lock:
         if memo in _index_memo:
             return _index_memo[memo]
     what = f"{repo.name} ({repo.location})/{arch}/APKINDEX.tar.gz"
     if repo.local is not None:
-        text, key = read_index(local_index(repo, arch).read_bytes(), keys, what)
+        text, key = read_index(data, keys, what)
     else:
         import tempfile
 

@@ -10,7 +10,7 @@ import hashlib
 import io
 import tarfile
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -20,22 +20,23 @@ from scripts.apk.package import q1
 KEY_NAME = "vulcan-test-4242.rsa.pub"
 
 
-@lru_cache(maxsize=1)
-def test_key() -> rsa.RSAPrivateKey:
+@cache
+def test_key(name: str = KEY_NAME) -> rsa.RSAPrivateKey:
+    """A signing key per name (the test key, or another repository's: a team's, a developer's)."""
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def public_pem() -> bytes:
+def public_pem(name: str = KEY_NAME) -> bytes:
     return (
-        test_key()
+        test_key(name)
         .public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
 
 
-def key_fingerprint() -> str:
+def key_fingerprint(name: str = KEY_NAME) -> str:
     der = (
-        test_key()
+        test_key(name)
         .public_key()
         .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
@@ -105,6 +106,7 @@ class Pkg:
     origin: str = ""
     build_time: int = 1_700_000_000
     provider_priority: int | None = None
+    key: str = KEY_NAME  # the key that signs it (abuild-sign's)
 
     def build(self) -> tuple[bytes, str]:
         """The .apk bytes and its index record (the same package is built once per run: the
@@ -140,8 +142,8 @@ class Pkg:
             info.size, info.mode, info.mtime = len(body), 0o755 if name != ".PKGINFO" else 0o644, self.build_time
             infos.append((info, body))
         control_gz = _gz(_tar_segment(infos, pax=False))
-        signature = test_key().sign(control_gz, padding.PKCS1v15(), hashes.SHA1())
-        sig_info = tarfile.TarInfo(f".SIGN.RSA.{KEY_NAME}")
+        signature = test_key(self.key).sign(control_gz, padding.PKCS1v15(), hashes.SHA1())
+        sig_info = tarfile.TarInfo(f".SIGN.RSA.{self.key}")
         sig_info.size, sig_info.mode = len(signature), 0o644
         apk = _gz(_tar_segment([(sig_info, signature)], pax=False)) + control_gz + data_gz
         record = [
@@ -171,8 +173,8 @@ class Pkg:
 _BUILT: dict[bytes, tuple[bytes, str]] = {}
 
 
-def index(records: list[str], sha256: bool = False) -> bytes:
-    """A signed APKINDEX.tar.gz (RSA/SHA-1 by default, as Alpine's; RSA256 if asked)."""
+def index(records: list[str], sha256: bool = False, key: str = KEY_NAME) -> bytes:
+    """A signed APKINDEX.tar.gz (RSA/SHA-1 by default, as Alpine's; RSA256 if asked), by ``key``."""
     text = "\n".join(records).encode()
     info = tarfile.TarInfo("APKINDEX")
     info.size, info.mode = len(text), 0o644
@@ -180,8 +182,8 @@ def index(records: list[str], sha256: bool = False) -> bytes:
     desc.size = 4
     body = _gz(_tar_segment([(desc, b"test"), (info, text)], pax=False) + b"\0" * 1024)
     algo, kind = (hashes.SHA256(), "RSA256") if sha256 else (hashes.SHA1(), "RSA")
-    signature = test_key().sign(body, padding.PKCS1v15(), algo)
-    sig = tarfile.TarInfo(f".SIGN.{kind}.{KEY_NAME}")
+    signature = test_key(key).sign(body, padding.PKCS1v15(), algo)
+    sig = tarfile.TarInfo(f".SIGN.{kind}.{key}")
     sig.size, sig.mode = len(signature), 0o644
     return _gz(_tar_segment([(sig, signature)], pax=False)) + body
 
@@ -217,4 +219,16 @@ def publish(mirror: object, repos: dict[str, list[Pkg]], arch: str = "x86_64", s
             mirror.add(f"{CDN}/{BRANCH}/{repo}/{arch}/{p.name}-{p.version}.apk", apk)  # type: ignore[attr-defined]
             records.append(record)
         mirror.add(f"{CDN}/{BRANCH}/{repo}/{arch}/APKINDEX.tar.gz", index(records, sha256_sig))  # type: ignore[attr-defined]
+    return files
+
+
+def repository(pkgs: list[Pkg], key: str = KEY_NAME) -> dict[str, bytes]:
+    """A whole repository's files for one arch, as abuild and ``apk index`` + ``abuild-sign``
+    leave them: ``{file name: bytes}`` with APKINDEX.tar.gz signed by ``key``."""
+    files, records = {}, []
+    for p in pkgs:
+        apk, record = p.build()
+        files[f"{p.name}-{p.version}.apk"] = apk
+        records.append(record)
+    files["APKINDEX.tar.gz"] = index(records, key=key)
     return files

@@ -52,11 +52,12 @@ class Apk:
         r = self.root
         return [str(r / "lib/ld-musl-x86_64.so.1"), "--library-path", f"{r}/lib:{r}/usr/lib", str(r / "sbin/apk")]
 
-    def run(self, *args: str, root: Path, arch: str = "x86_64", epoch: int | None = None
+    def run(self, *args: str, root: Path, arch: str = "x86_64", epoch: int | None = None, keys: str = str(KEYS)
             ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """apk on ``root``, offline, trusting ``keys`` (default Alpine's; or an image's own)."""
         env = None if epoch is None else {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
         return subprocess.run(
-            [*self.argv, "--root", str(root), "--arch", arch, "--keys-dir", str(KEYS), "--no-network", "--no-cache",
+            [*self.argv, "--root", str(root), "--arch", arch, "--keys-dir", keys, "--no-network", "--no-cache",
              *args],
             capture_output=True, text=True, timeout=120, env=env,
         )  # fmt: skip
