@@ -25,6 +25,7 @@ tagged repository on its own.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 import sys
@@ -54,6 +55,12 @@ class _Item:
     path: tuple[str, ...]  # who asked: ("world", "python3-3.10.8-r0")
     allowed: frozenset[str] = frozenset()  # repository tags this dependency may take packages from
     preferred: str = ""  # the tag it prefers ("": untagged repositories)
+
+
+def _order(item: _Item) -> tuple[int, int]:
+    """Which dependency the search takes next: real names before versioned virtuals before the
+    rest, then in the order they were asked for."""
+    return (item.cls, item.seq)
 
 
 @dataclass
@@ -100,11 +107,14 @@ class Solver:
             self.real.add(p.name)
             for name, ver in p.provides:
                 self.providers.setdefault(name, []).append((p, ver))
+        self.with_install_if = [p for p in self.packages if p.install_if]
+        self._classes: dict[str, int] = {}
         self.broken: dict[Package, str] = {}
         for p in self.packages:
             reason = self._why_uninstallable(p)
             if reason:
                 self.broken[p] = reason
+        self.broken_ids = {id(p) for p in self.broken}  # a Package's own hash walks all its fields
         self.steps = 0
         self.seq = 0
         self.failure: tuple[int, str] | None = None
@@ -140,14 +150,20 @@ class Solver:
         return False
 
     def _dep_class(self, dep: Dep) -> int:
-        if dep.name in self.real:
-            return 0
-        if any(v is not None for _, v in self.providers.get(dep.name, [])):
-            return 1
-        return 2
+        cls = self._classes.get(dep.name)
+        if cls is None:
+            if dep.name in self.real:
+                cls = 0
+            elif any(v is not None for _, v in self.providers.get(dep.name, [])):
+                cls = 1
+            else:
+                cls = 2
+            self._classes[dep.name] = cls
+        return cls
 
     def _satisfied(self, st: _State, dep: Dep) -> bool:
-        return any(self._provides(p, dep) for p in st.by_name.values())
+        # through the name's providers (a few), not every chosen package (hundreds in a big world)
+        return any(st.by_name.get(p.name) is p and self._provides(p, dep) for p, _ in self.providers.get(dep.name, ()))
 
     def tag(self, p: Package) -> str:
         return self.tags.get(p.repo_index, "")
@@ -155,7 +171,7 @@ class Solver:
     def _candidates(self, dep: Dep, allowed: frozenset[str] = frozenset(), preferred: str = "") -> list[Package]:
         seen: list[Package] = []
         for p, _ver in self.providers.get(dep.name, []):
-            if p in self.broken or p in seen or not self._provides(p, dep):
+            if id(p) in self.broken_ids or p in seen or not self._provides(p, dep):
                 continue
             if self.tag(p) and self.tag(p) not in allowed:
                 continue  # masked: its repository's tag is not allowed here
@@ -232,9 +248,8 @@ class Solver:
             raise ResolveError("dependency resolution is taking too long (over 200,000 steps)")
         if not queue:
             return st
-        i = min(range(len(queue)), key=lambda k: (queue[k].cls, queue[k].seq))
-        item = queue[i]
-        rest = queue[:i] + queue[i + 1 :]
+        item = queue[0]  # the queue is kept in (cls, seq) order: the first is the one to take
+        rest = queue[1:]
         dep = item.dep
         depth = len(item.path)
         if self._satisfied(st, dep):
@@ -255,8 +270,11 @@ class Solver:
                 continue
             new = self._add(st, p)
             new.pinning[p.name] = item.allowed
-            more = [self._item(d, (*item.path, p.ident), item.allowed) for d in p.depends if not d.conflict]
-            result = self._search(new, rest + more)
+            merged = list(rest)
+            for d in p.depends:
+                if not d.conflict:
+                    bisect.insort(merged, self._item(d, (*item.path, p.ident), item.allowed), key=_order)
+            result = self._search(new, merged)
             if result is not None:
                 return result
         return None
@@ -330,16 +348,16 @@ class Solver:
         unknown = sorted({d.tag for d in deps if d.tag} - set(self.tags.values()))
         if unknown:
             raise _Fatal(f"no repository is tagged {', '.join('@' + t for t in unknown)}")
-        queue = [self._item(d, ("world",), frozenset({d.tag}) if d.tag else frozenset(), d.tag)
-                 for d in deps if not d.conflict]  # fmt: skip
+        queue = sorted((self._item(d, ("world",), frozenset({d.tag}) if d.tag else frozenset(), d.tag)
+                        for d in deps if not d.conflict), key=_order)  # fmt: skip
         st = _State()
         st.conflicts = [(d, "") for d in deps if d.conflict]
         return self._search(st, queue)
 
     def _install_if_candidates(self, st: _State, rejected: set[Package]) -> list[Package]:
         out = []
-        for p in self.packages:
-            if not p.install_if or p in rejected or p in self.broken or p.name in st.by_name:
+        for p in self.with_install_if:
+            if p.name in st.by_name or id(p) in self.broken_ids or p in rejected:
                 continue
             if self.tag(p):  # from a tagged repository: only where a triggering package allows that tag
                 triggers = [q for cond in p.install_if if not cond.conflict for q in st.by_name.values()

@@ -95,15 +95,16 @@ def real_apk() -> Apk:
     return apk
 
 
-def empty_root(base: Path, repository: Path, arch: str) -> Path:
-    """An empty apk root whose only repository is ``repository`` (holding ``<arch>/APKINDEX.tar.gz``)."""
+def empty_root(base: Path, repository: Path | list[Path], arch: str) -> Path:
+    """An empty apk root whose repositories are ``repository`` (each holding ``<arch>/APKINDEX.tar.gz``)."""
+    repos = repository if isinstance(repository, list) else [repository]
     root = base / f"root-{arch}"
     (root / "etc/apk").mkdir(parents=True, exist_ok=True)
     (root / "lib/apk/db").mkdir(parents=True, exist_ok=True)
     (root / "etc/apk/arch").write_text(f"{arch}\n")
     (root / "etc/apk/world").write_text("")
     (root / "lib/apk/db/installed").write_text("")
-    (root / "etc/apk/repositories").write_text(f"{repository}\n")
+    (root / "etc/apk/repositories").write_text("".join(f"{r}\n" for r in repos))
     return root
 
 
