@@ -121,8 +121,9 @@ def agree(a: Outcome, b: Outcome) -> bool:
     return any(n in a.names[0] for n in b.names)
 
 
-def apk2_negative_install_if(packages: tuple[Package, ...], arch: str, world: list[str], mine: Outcome,
-                             theirs: Outcome) -> bool:
+def apk2_negative_install_if(
+    packages: tuple[Package, ...], arch: str, world: list[str], mine: Outcome, theirs: Outcome
+) -> bool:
     """The one accepted difference: apk 2.14 checks an install_if condition only on a name it has
     decided, and never decides a name nothing needs, so ``i:libcanberra alsa-lib !pulseaudio``
     does not fire where pulseaudio is simply absent; apk 3 resolves such names first and fires it
@@ -178,8 +179,10 @@ def compare(apk: Apk, roots: dict[str, Path], stride: int, variants: int, big: t
                     problems.append(f"{name} {world}: {describe(mine, theirs)}")
             results[name] = (len(todo), same, accepted, spent / max(len(todo), 1))
     for name, (count, same, accepted, per) in results.items():
-        print(f"{name}: {same}/{count} worlds agree with apk 2.14.0, {accepted} more differ only by apk 2.14's "
-              f"negative install_if (apk 3's answer); ours {per * 1000:.1f} ms per resolution")
+        print(
+            f"{name}: {same}/{count} worlds agree with apk 2.14.0, {accepted} more differ only by apk 2.14's "
+            f"negative install_if (apk 3's answer); ours {per * 1000:.1f} ms per resolution"
+        )
     assert not problems, "\n".join(problems)
     return results
 

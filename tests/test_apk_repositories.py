@@ -35,14 +35,15 @@ EDGE_URL = "https://packages.acme.test/alpine/edge/acme"
 
 
 def tree(*paths: str) -> list[Entry]:
-    """Entries with every parent directory (real apk refuses a data tar without its dirents)."""
+    """Entries with every parent directory (real apk refuses a data tar without its dirents) and
+    abuild's per-file checksums (real apk 2.14 counts a package without them as an error)."""
     out: dict[str, Entry] = {}
     for p in paths:
         parts = p.split("/")
         for i in range(1, len(parts)):
             d = "/".join(parts[:i])
             out.setdefault(d, Entry(d, kind="dir", mode=0o755))
-        out[p] = Entry(p, f"#!/bin/sh\necho {parts[-1]}\n".encode(), 0o755)
+        out[p] = Entry(p, f"#!/bin/sh\necho {parts[-1]}\n".encode(), 0o755, checksum=True)
     return list(out.values())
 
 
@@ -374,3 +375,28 @@ def test_verify_reads_the_image_built_from_extra_repositories(real: World) -> No
     proc = real.run("verify", "--json")
     rows = [r for r in json.loads(proc.stdout)["rows"] if r["artifact"].startswith("images/tools")]
     assert rows and not [r for r in rows if r["result"] == "FAIL"], rows
+
+
+def test_our_installed_database_is_what_real_apk_writes_for_tagged_and_extra_packages(
+    real: World, tmp_path: Path
+) -> None:
+    """Real apk installs the same world (newthing@edge included) from the same four repositories,
+    trusting the image's own keys: its installed database is ours, s:edge lines and all."""
+    apk: realapk.Apk = real.apk  # type: ignore[attr-defined]
+    mine = image_root(real, tmp_path / "img")
+    dirs = {}
+    for name, pkgs, key in (("acme", team_packages(), TEAM), ("edge", edge_packages(), EDGE)):
+        dirs[name] = tmp_path / name
+        write_local(dirs[name], pkgs, key=key)
+    root = tmp_path / "real"
+    (root / "etc/apk").mkdir(parents=True)
+    lines = [str(realapk.ISO), str(dirs["acme"]), f"@edge {dirs['edge']}", str(real.tmp / "local-repo")]
+    (root / "etc/apk/repositories").write_text("\n".join(lines) + "\n")
+    manifest = json.loads((real.out / "images" / "tools.manifest.json").read_text())
+    proc = apk.run("--initdb", "--no-scripts", "add", *BASE, *WORLD, root=root, keys=str(mine / "etc/apk/keys"),
+                   epoch=manifest["source_date_epoch"])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    theirs = (root / "lib/apk/db/installed").read_text()
+    ours = (mine / "lib/apk/db/installed").read_text()
+    assert "\ns:edge\n" in theirs
+    assert ours == theirs

@@ -55,6 +55,7 @@ class Entry:
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[str, str] = field(default_factory=dict)
+    checksum: bool = False  # carry abuild's APK-TOOLS.checksum.SHA1 (as every real package does)
 
 
 def _tar_segment(entries: list[tuple[tarfile.TarInfo, bytes | None]], pax: bool = True) -> bytes:
@@ -89,6 +90,8 @@ def _info(e: Entry, mtime: int) -> tuple[tarfile.TarInfo, bytes | None]:
         info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, e.devmajor, e.devminor
     if e.xattrs:
         info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e.xattrs.items()}
+    if e.checksum and e.kind == "file":  # abuild's per-file SHA-1 (apk writes it as Z: in its database)
+        info.pax_headers = {**info.pax_headers, "APK-TOOLS.checksum.SHA1": hashlib.sha1(e.data).hexdigest()}
     return info, data
 
 
