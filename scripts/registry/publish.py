@@ -282,9 +282,11 @@ def publish(pins: Pins, pins_file: Path, target: Reference, reg: Registry, key: 
 
 
 def _package(pkg: dict[str, Any]) -> dict[str, Any]:
-    """An Alpine package as a resolved dependency: its download, its control checksum (Q1: sha1)."""
-    return {"name": pkg["name"], "uri": pkg.get("download", ""), "digest": attest.q1_digest(pkg["checksum"]),
-            "annotations": {"version": pkg["version"]}}  # fmt: skip
+    """A package as a resolved dependency: its download, its control checksum (Q1: sha1), and
+    its repository (a local repository's package has no download: its path is annotated)."""
+    annotations = {"version": pkg["version"], **({"repository": pkg["repository"]} if "repository" in pkg else {})}
+    entry = {"name": pkg["name"], "digest": attest.q1_digest(pkg["checksum"]), "annotations": annotations}
+    return {"uri": pkg["download"], **entry} if pkg.get("download") else entry
 
 
 def _files(layers: list[oci.Blob]) -> list[dict[str, Any]]:
