@@ -177,7 +177,8 @@ class Apks:
                     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 )
             )
-        apkrepo.test_key = lambda: key  # type: ignore[assignment]
+        own = apkrepo.test_key
+        apkrepo.test_key = lambda name=apkrepo.KEY_NAME: key if name == apkrepo.KEY_NAME else own(name)  # type: ignore[assignment,misc]
 
     def _reindex(self, mirror: Any, arch: str) -> None:
         from scripts.apk.package import verify_package
