@@ -7,6 +7,7 @@ its ``datahash`` for the data member. A cached file is verified again on every u
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -52,41 +53,45 @@ def repository_of(pins: Pins, p: Locked, runtime: str | None) -> Repository:
 
 
 _keyrings: dict[tuple[str, ...], Keyring] = {}
+_keyrings_lock = threading.Lock()
 
 
 def _keyring(repo: Repository) -> Keyring:
     memo = tuple(sorted(f"{k.name}={k.sha256}" for k in repo.keys))
-    if memo not in _keyrings:
-        _keyrings[memo] = repo_keyring(repo)
-    return _keyrings[memo]
+    with _keyrings_lock:  # fetch threads share it
+        if memo not in _keyrings:
+            _keyrings[memo] = repo_keyring(repo)
+        return _keyrings[memo]
 
 
 def fetch_one(pins: Pins, p: Locked, arch: str, runtime: str | None = None) -> Verified:
     """One package, from the cache or its repository, verified: the index chain (its ``C:``
-    from the lock) and its own signature by a key of the repository it comes from."""
+    from the lock, then ``datahash``) on every use; and when it enters the cache, also its own
+    signature by a key of the repository it comes from. (A cached file is named by its ``C:``:
+    what the chain covers, control and data, is what the signature covered when it came in.)"""
     from .package import verify_package
     from .trust import TrustError
 
     repo = repository_of(pins, p, runtime)
-    keys = _keyring(repo)
     path = package_cache_path(p)
     record = p.as_package(0)
     what = f"{p.filename} ({repo.name}: {repo.location}/{arch})"
     url = f"{repo.arch_url(arch)}/{p.filename}"
     if not writable(path):  # a read-only cache: use what it has, verified
         try:
-            return verify_package(path, record, keys, what)
+            return verify_package(path, record, None, what)
         except (OSError, TrustError):
             if repo.local is None:
                 raise read_only_cache(path, url) from None
-            return verify_package(Path(url), record, keys, what)  # straight from the local repository
+            return verify_package(Path(url), record, _keyring(repo), what)  # straight from the local repository
     with file_lock(path):
         if path.exists():
             try:
-                return verify_package(path, record, keys, what)
+                return verify_package(path, record, None, what)
             except TrustError as exc:
                 log.warn(f"cached {what} fails verification ({exc.message}); fetching it again")
                 path.unlink()
+        keys = _keyring(repo)  # only what comes in is checked against its repository's keys
         if repo.local is not None:
             return _copy_local(Path(url), path, lambda part: verify_package(part, record, keys, what), what)
         verified: list[Verified] = []
