@@ -196,7 +196,7 @@ def describe(mine: Outcome, theirs: Outcome) -> str:
 
 
 def test_resolver_agrees_with_real_apk_on_generated_worlds(apk: Apk, roots: dict[str, Path]) -> None:
-    results = compare(apk, roots, stride=150, variants=400, big=(50, 3000, 6000))
+    results = compare(apk, roots, stride=150, variants=400, big=(120, 6000, 12000))
     assert sum(c for c, _, _, _ in results.values()) > 300
 
 
