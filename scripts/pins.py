@@ -74,10 +74,6 @@ class AlpineKey:
     path: Path | None = None  # a local key file (a developer's abuild key), instead of a URL
     where: str = ""  # its JSON path in pins.json, for messages
 
-    @property
-    def source(self) -> str:
-        return str(self.path) if self.path is not None else self.url
-
 
 @dataclass(frozen=True)
 class Repository:
