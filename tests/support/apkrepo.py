@@ -90,8 +90,9 @@ def _info(e: Entry, mtime: int) -> tuple[tarfile.TarInfo, bytes | None]:
         info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, e.devmajor, e.devminor
     if e.xattrs:
         info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e.xattrs.items()}
-    if e.checksum and e.kind == "file":  # abuild's per-file SHA-1 (apk writes it as Z: in its database)
-        info.pax_headers = {**info.pax_headers, "APK-TOOLS.checksum.SHA1": hashlib.sha1(e.data).hexdigest()}
+    if e.checksum and e.kind in ("file", "symlink"):  # abuild's SHA-1 (of a link: its target; apk's Z: lines)
+        digest = hashlib.sha1(e.data if e.kind == "file" else e.target.encode()).hexdigest()
+        info.pax_headers = {**info.pax_headers, "APK-TOOLS.checksum.SHA1": digest}
     return info, data
 
 
