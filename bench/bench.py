@@ -759,6 +759,20 @@ REAL_WORLD = ["alpine-base", "openssh", "openssl", "e2fsprogs", "chrony", "dhcpc
               "ppp-daemon", "libseccomp", "yx", "usb-modeswitch"]  # fmt: skip
 
 
+def _real_apk(b: Bench) -> Any:
+    """The real apk 2.14 of ../shared, or why it cannot be the floor here (a string)."""
+    from tests.support import realapk
+
+    if not realapk.ISO_INDEX.is_file() or b.arch != "x86_64":
+        return "the real v3.19.1 repository (../shared) is absent, or this is not x86_64"
+    if os.geteuid() != 0:
+        return "real apk writes owners: run the benchmark as root"
+    try:
+        return realapk.real_apk()
+    except BaseException as exc:  # pytest's skip, outside pytest
+        return f"real apk does not run here: {exc}"
+
+
 def apk_assembly(b: Bench) -> dict[str, Any]:
     """11. assembly from cached packages (VULCAN_REASSEMBLE=1: every package decompressed, merged,
     configured, the tar and the ext4 image written) against what the seed's method does with the
@@ -767,14 +781,9 @@ def apk_assembly(b: Bench) -> dict[str, Any]:
     from tests.support import realapk
     from tests.support.apkrepo import CDN
 
-    if not realapk.ISO_INDEX.is_file() or b.arch != "x86_64":
-        return {"skipped": "the real v3.19.1 repository (../shared) is absent, or this is not x86_64"}
-    if os.geteuid() != 0:
-        return {"skipped": "real apk writes owners: run the benchmark as root"}
-    try:
-        apk = realapk.real_apk()
-    except BaseException as exc:  # pytest's skip, outside pytest
-        return {"skipped": f"real apk does not run here: {exc}"}
+    apk = _real_apk(b)
+    if isinstance(apk, str):
+        return {"skipped": apk}
     w = World(b.mirror, b.work / "real", copy.deepcopy(BASE_PINS), b.work / "gocache")
     w.tmp.mkdir(parents=True, exist_ok=True)
     for f in (realapk.ISO / "x86_64").iterdir():
@@ -835,16 +844,11 @@ def apk_runtimes(b: Bench) -> dict[str, Any]:
     packages (VULCAN_REASSEMBLE=1) against real apk 2.14 ``--initdb --no-scripts add`` of the same
     world from the same repositories (written out as directories, the bench's key trusted) +
     ``mke2fs -d DIR``, both in RAM."""
-    from tests.support import apkrepo, realapk
+    from tests.support import apkrepo
 
-    if b.arch != "x86_64" or not realapk.ISO_INDEX.is_file():
-        return {"skipped": "the real apk in ../shared is x86_64 and comes from the v3.19.1 repository"}
-    if os.geteuid() != 0:
-        return {"skipped": "real apk writes owners: run the benchmark as root"}
-    try:
-        apk = realapk.real_apk()
-    except BaseException as exc:  # pytest's skip, outside pytest
-        return {"skipped": f"real apk does not run here: {exc}"}
+    apk = _real_apk(b)
+    if isinstance(apk, str):
+        return {"skipped": apk}
     repos, keys = b.work / "apk-repos", b.work / "apk-keys"
     keys.mkdir(exist_ok=True)
     (keys / apkrepo.KEY_NAME).write_bytes(apkrepo.public_pem())

@@ -273,11 +273,8 @@ def real(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_b
     apk = realapk.real_apk()  # skips without ../shared
 
     def prepare(w: World) -> None:
-        for f in (realapk.ISO / "x86_64").iterdir():
-            w.mirror.add(f"{CDN}/{BRANCH}/main/x86_64/{f.name}", f.read_bytes())
         keys = w.pins["alpine"]["keys"]
-        for name, entry in keys.items():
-            w.mirror.add(entry["url"], (realapk.KEYS / name).read_bytes())
+        realapk.serve_as_mirror(w.mirror, BRANCH, keys)
         serve_extra(w.mirror, w.tmp)
         w.pins["alpine"] = {
             "mirror": CDN, "branch": BRANCH, "repositories": ["main"], "keys": keys, "base": BASE,
@@ -295,6 +292,16 @@ def image_root(w: World, dest: Path) -> Path:
     img = w.out / "images" / "tools.ext4"
     subprocess.run(["debugfs", "-R", f"rdump / {dest}", str(img)], check=True, capture_output=True)
     return dest
+
+
+def offline_repositories(w: World, tmp: Path) -> tuple[list[str], Path]:
+    """The image's four repositories for real apk, offline: the mirror's bytes as directories,
+    the same tags, in the same order (and where the tagged one is)."""
+    dirs = {}
+    for name, pkgs, key in (("acme", team_packages(), TEAM), ("edge", edge_packages(), EDGE)):
+        dirs[name] = tmp / name
+        write_local(dirs[name], pkgs, key=key)
+    return [str(realapk.ISO), str(dirs["acme"]), f"@edge {dirs['edge']}", str(w.tmp / "local-repo")], dirs["edge"]
 
 
 def test_the_image_lists_exactly_its_repositories_and_keys(real: World, tmp_path: Path) -> None:
@@ -315,12 +322,7 @@ def test_the_image_lists_exactly_its_repositories_and_keys(real: World, tmp_path
 def test_real_apk_accepts_an_image_built_from_extra_tagged_and_local_repositories(real: World, tmp_path: Path) -> None:
     apk: realapk.Apk = real.apk  # type: ignore[attr-defined]
     root = image_root(real, tmp_path / "img")
-    # the same repositories, offline: the mirror's bytes as directories, the same tags, in the same order
-    dirs = {}
-    for name, pkgs, key in (("acme", team_packages(), TEAM), ("edge", edge_packages(), EDGE)):
-        dirs[name] = tmp_path / name
-        write_local(dirs[name], pkgs, key=key)
-    lines = [str(realapk.ISO), str(dirs["acme"]), f"@edge {dirs['edge']}", str(real.tmp / "local-repo")]
+    lines, edge = offline_repositories(real, tmp_path)
     (root / "etc/apk/repositories").write_text("\n".join(lines) + "\n")
     keys = str(root / "etc/apk/keys")  # the image's own keys: real apk trusts what we installed
     listed = apk.run("info", "-v", root=root, keys=keys)
@@ -336,7 +338,7 @@ def test_real_apk_accepts_an_image_built_from_extra_tagged_and_local_repositorie
     assert nothing.returncode == 0 and "Installing" not in out and "Upgrading" not in out, out
     assert "WARNING" not in out and "untrusted" not in out.lower(), out
     policy = apk.run("policy", "newthing", root=root, keys=keys).stdout
-    assert re.search(rf"2\.0-r0:\n(\s+.*\n)*\s+@edge {re.escape(str(dirs['edge']))}", policy), policy
+    assert re.search(rf"2\.0-r0:\n(\s+.*\n)*\s+@edge {re.escape(str(edge))}", policy), policy
     assert "lib/apk/db/installed" in policy
     team = apk.run("policy", "team-tool", root=root, keys=keys).stdout
     assert re.search(r"1\.0-r0:\n\s+lib/apk/db/installed", team) and "9.0-r0" in team, team
@@ -384,13 +386,9 @@ def test_our_installed_database_is_what_real_apk_writes_for_tagged_and_extra_pac
     trusting the image's own keys: its installed database is ours, s:edge lines and all."""
     apk: realapk.Apk = real.apk  # type: ignore[attr-defined]
     mine = image_root(real, tmp_path / "img")
-    dirs = {}
-    for name, pkgs, key in (("acme", team_packages(), TEAM), ("edge", edge_packages(), EDGE)):
-        dirs[name] = tmp_path / name
-        write_local(dirs[name], pkgs, key=key)
+    lines, _ = offline_repositories(real, tmp_path)
     root = tmp_path / "real"
     (root / "etc/apk").mkdir(parents=True)
-    lines = [str(realapk.ISO), str(dirs["acme"]), f"@edge {dirs['edge']}", str(real.tmp / "local-repo")]
     (root / "etc/apk/repositories").write_text("\n".join(lines) + "\n")
     manifest = json.loads((real.out / "images" / "tools.manifest.json").read_text())
     proc = apk.run("--initdb", "--no-scripts", "add", *BASE, *WORLD, root=root, keys=str(mine / "etc/apk/keys"),

@@ -43,11 +43,8 @@ def alpine(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent
     apk = realapk.real_apk()  # skips without ../shared
 
     def prepare(w: World) -> None:
-        for f in (realapk.ISO / "x86_64").iterdir():
-            w.mirror.add(f"{CDN}/{BRANCH}/main/x86_64/{f.name}", f.read_bytes())
         keys = w.pins["alpine"]["keys"]
-        for name, entry in keys.items():
-            w.mirror.add(entry["url"], (realapk.KEYS / name).read_bytes())
+        realapk.serve_as_mirror(w.mirror, BRANCH, keys)
         w.pins["alpine"] = {"mirror": CDN, "branch": BRANCH, "repositories": ["main"], "keys": keys, "base": BASE,
                             "headroom_mib": 16, "runtimes": RUNTIMES}  # fmt: skip
 

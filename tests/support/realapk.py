@@ -125,3 +125,14 @@ def simulate(apk: Apk, root: Path, world: list[str], arch: str) -> Outcome:
     if proc.returncode == 0:
         return Outcome(True, frozenset(INSTALLING.findall(out)), ())
     return Outcome(False, frozenset(), tuple(ERROR_NAME.findall(out)))
+
+
+def serve_as_mirror(mirror: object, branch: str, keys: dict[str, dict[str, str]]) -> None:
+    """The real v3.19.1 repository as ``branch``'s main on the test mirror (upstream-shaped),
+    and the real Alpine keys ``keys`` (pins.json's alpine.keys) at their URLs."""
+    from tests.support.apkrepo import CDN
+
+    for f in (ISO / "x86_64").iterdir():
+        mirror.add(f"{CDN}/{branch}/main/x86_64/{f.name}", f.read_bytes())  # type: ignore[attr-defined]
+    for name, entry in keys.items():
+        mirror.add(entry["url"], (KEYS / name).read_bytes())  # type: ignore[attr-defined]
