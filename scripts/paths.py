@@ -14,18 +14,18 @@ def out_root() -> Path:
     return settings.out_root()
 
 
-def _per_arch(base: Path, arch: str) -> Path:
+def per_arch(base: Path, arch: str) -> Path:
     # One naming convention everywhere: the host architecture's outputs sit directly in
     # bin/ and images/; another architecture's in a subdirectory named after it.
     return base if arch == host_arch() else base / arch
 
 
 def bin_dir(arch: str) -> Path:
-    return _per_arch(out_root() / "bin", arch)
+    return per_arch(out_root() / "bin", arch)
 
 
 def images_dir(arch: str) -> Path:
-    return _per_arch(out_root() / "images", arch)
+    return per_arch(out_root() / "images", arch)
 
 
 # Every output's name, in one place (plan, download, guest, verify and boot ask here).

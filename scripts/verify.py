@@ -336,7 +336,7 @@ def check_snapshots(rep: Report, arch: str) -> None:
             rep.add(name, "binding = this host", False, f"{paths.rel(kernel)} or the {runtime}.{fmt} image is missing")
             continue
         try:
-            wrong = snapshot.differences(b, snapshot.binding(runtime, fmt, arch, kernel, bool(b.get("ready"))))
+            wrong = snapshot.disagreements(b, runtime, fmt, arch, kernel)
         except VulcanError as exc:
             rep.add(name, "binding = this host", False, exc.message)
             continue

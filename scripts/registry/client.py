@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlencode, urljoin
 
 import requests
@@ -337,13 +337,3 @@ _CREDENTIALS_HINT = (
     "set VULCAN_REGISTRY_USER and VULCAN_REGISTRY_PASSWORD, or log in so that Docker's config.json "
     "(DOCKER_CONFIG, ~/.docker/config.json) has this registry under 'auths'"
 )
-
-
-def read_all(resp: requests.Response, sink: IO[bytes], on_chunk: Callable[[bytes], None]) -> int:
-    """Stream a response body into ``sink``; each chunk also to ``on_chunk`` (hashing)."""
-    n = 0
-    for chunk in resp.iter_content(1 << 20):
-        on_chunk(chunk)
-        sink.write(chunk)
-        n += len(chunk)
-    return n

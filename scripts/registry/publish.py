@@ -185,6 +185,14 @@ class Publisher:
         body = oci.manifest(artifact_type, [blob], subject=subject)
         self.manifest(body, oci.MANIFEST)
 
+    def index(self, name: str, tag: str, artifact_type: str, entries: list[dict[str, Any]], where: str,
+              external: dict[str, Any]) -> None:  # fmt: skip
+        """An index of one manifest per platform, tagged and signed; recorded as ``name``."""
+        idx = self.manifest(oci.index(entries, artifact_type), oci.INDEX, tag)
+        self.sign(idx, attest.provenance(f"{where}:{tag}", idx["digest"], external, _members(entries)))
+        self.result.entries[name] = {"tag": tag, "digest": idx["digest"], "reference": f"{where}@{idx['digest']}",
+                                     "manifests": {arch_of(e): e["digest"] for e in entries}}  # fmt: skip
+
     def sign(self, subject: dict[str, Any], statement: dict[str, Any]) -> None:
         """Attach a signed provenance unless one by this key is attached already (signatures
         may be randomised: a second publish must not add another)."""
@@ -249,12 +257,7 @@ def publish(pins: Pins, pins_file: Path, target: Reference, reg: Registry, key: 
                 p.attach(desc, oci.SBOM, oci.Blob(oci.SBOM, oci.digest_of(data), len(data), data, title=sbom.name))
             platforms.append({**desc, "platform": oci.PLATFORM[arch]})
         if platforms:
-            tag = f"{runtime}-{ident}"
-            idx = p.manifest(oci.index(platforms, oci.RUNTIME_ARTIFACT), oci.INDEX, tag)
-            p.sign(idx, attest.provenance(f"{where}:{tag}", idx["digest"], external, _members(platforms)))
-            p.result.entries[runtime] = {"tag": tag, "digest": idx["digest"],
-                                         "reference": f"{where}@{idx['digest']}",
-                                         "manifests": {arch_of(e): e["digest"] for e in platforms}}  # fmt: skip
+            p.index(runtime, f"{runtime}-{ident}", oci.RUNTIME_ARTIFACT, platforms, where, external)
     host = []
     for arch in arches:
         files = [paths.bin_dir(arch) / n for n in oci.HOST_LAYER]
@@ -272,12 +275,7 @@ def publish(pins: Pins, pins_file: Path, target: Reference, reg: Registry, key: 
         p.sign(desc, attest.provenance(where, desc["digest"], {**external, "arch": arch}, deps, _files(layers)))
         host.append({**desc, "platform": oci.PLATFORM[arch]})
     if host:
-        tag = f"host-{ident}"
-        idx = p.manifest(oci.index(host, oci.HOST_ARTIFACT), oci.INDEX, tag)
-        p.sign(idx, attest.provenance(f"{where}:{tag}", idx["digest"], external, _members(host)))
-        p.result.entries["host"] = {"tag": tag, "digest": idx["digest"],
-                                    "reference": f"{where}@{idx['digest']}",
-                                    "manifests": {arch_of(e): e["digest"] for e in host}}  # fmt: skip
+        p.index("host", f"host-{ident}", oci.HOST_ARTIFACT, host, where, external)
     return p.result
 
 

@@ -254,7 +254,7 @@ def pull(puller: Puller, out_root: Path, verify: bool) -> tuple[Path, list[str],
         raise PullError(f"{puller.ref} is an artifact of type {kind!r}, not Vulcan images or host files")
     signer = puller.verify(mdigest) if verify else "not verified (--no-verify)"
     top = "bin" if kind == oci.HOST_ARTIFACT else "images"
-    directory = out_root / top if puller.arch == host_arch() else out_root / top / puller.arch
+    directory = paths.per_arch(out_root / top, puller.arch)
     allowed = expected_files(kind, manifest)
     layers = manifest.get("layers", [])
     for layer in layers:
@@ -333,7 +333,7 @@ def main(argv: list[str]) -> int:
     out_root.mkdir(parents=True, exist_ok=True)
     with workspace.directory_lock(out_root):  # two pulls at once: the second waits, then finds the files
         for top in ("images", "bin"):
-            directory = out_root / top if args.arch == host_arch() else out_root / top / args.arch
+            directory = paths.per_arch(out_root / top, args.arch)
             record = _record(directory)
             entry = record.get("pulls", {}).get(ref.digest or "", {})
             # what an earlier pull placed counts only if a key trusted now signed it (or nothing is checked now)

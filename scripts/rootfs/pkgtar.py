@@ -17,6 +17,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tarwalk import pax_records
+
 ZERO = b"\0" * 512
 KNOWN_PAX = frozenset({"path", "linkpath", "size", "uid", "gid", "mtime", "atime", "ctime", "uname", "gname"})
 TYPES = {b"0": tarfile.REGTYPE, b"\0": tarfile.REGTYPE, b"1": tarfile.LNKTYPE, b"2": tarfile.SYMTYPE,
@@ -82,25 +84,14 @@ def _text(field: bytes) -> str:
 
 
 def _pax(data: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    pos = 0
     try:
-        while pos < len(data):
-            space = data.index(b" ", pos)
-            length = int(data[pos:space])
-            if length <= 0 or data[pos + length - 1 : pos + length] != b"\n":
-                raise Unusual("a malformed pax record")
-            key, eq, value = data[space + 1 : pos + length - 1].partition(b"=")
-            if not eq:
-                raise Unusual("a pax record without '='")
-            name = key.decode("utf-8", "surrogateescape")
-            if name not in KNOWN_PAX and not name.startswith(("SCHILY.xattr.", "APK-TOOLS.")):
-                raise Unusual(f"pax record {name}")
-            out[name] = value.decode("utf-8", "surrogateescape")
-            pos += length
+        records = pax_records(data)
     except ValueError:
         raise Unusual("a malformed pax record") from None
-    return out
+    for name in records:
+        if name not in KNOWN_PAX and not name.startswith(("SCHILY.xattr.", "APK-TOOLS.")):
+            raise Unusual(f"pax record {name}")
+    return records
 
 
 def _checksum_ok(header: bytes) -> bool:

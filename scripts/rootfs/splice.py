@@ -18,14 +18,13 @@ from .tarwalk import RECORD, Facts, blocks, identity
 
 
 def agent_entry(agent: bytes, epoch: int) -> bytes:
-    """The agent's entry exactly as Tree.write_tar writes it (configure.vulcan(): a file of
-    mode 0755, owned by root, no mtime of its own, so the epoch)."""
+    """The agent's entry exactly as Tree.write_tar writes it, by its own header writer
+    (configure.vulcan(): a file of mode 0755, owned by root, no mtime of its own, so the epoch)."""
     import tarfile
 
-    info = tarfile.TarInfo(AGENT)
-    info.mode, info.uid, info.gid, info.uname, info.gname = 0o755, 0, 0, "", ""
-    info.mtime, info.size = epoch, len(agent)
-    header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    from .tree import pax_header
+
+    header = pax_header(AGENT, 0o755, 0, 0, len(agent), epoch, tarfile.REGTYPE, "", None, {})
     return header + agent + b"\0" * (-len(agent) % 512)
 
 

@@ -32,13 +32,19 @@ def _number(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-def _pax(data: bytes) -> dict[str, str]:
+def pax_records(data: bytes) -> dict[str, str]:
+    """A pax extended header's records (``LENGTH KEY=VALUE\\n`` each); ValueError when one is
+    malformed (of the stream, a corrupt cached tar; of a package, one tarfile reads instead)."""
     out = {}
     pos = 0
     while pos < len(data):
         space = data.index(b" ", pos)
         length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if length <= 0 or data[pos + length - 1 : pos + length] != b"\n":
+            raise ValueError(f"a malformed pax record at byte {pos}")
+        key, eq, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if not eq:
+            raise ValueError(f"a pax record without '=' at byte {pos}")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
@@ -73,7 +79,7 @@ def entries(m: Any, size: int) -> Iterator[Entry]:
         padded = (length + 511) // 512 * 512
         if kind in (b"x", b"g"):
             if kind == b"x":
-                pax = _pax(m[pos + 512 : pos + 512 + length])
+                pax = pax_records(m[pos + 512 : pos + 512 + length])
             pos += 512 + padded
             continue
         name = pax.get("path") or header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")

@@ -27,7 +27,7 @@ from . import AGENT_PORT, BootResult, Console, Target, running
 from .agent import AgentClient, AgentError, vsock_connect
 from .api import ApiError, put, wait_for_socket
 from .firecracker import Jail, cgroup_v2_problem
-from .snapshot import API, MEMORY, STATE, TEST_ONLY_FLAG, VSOCK, SnapshotError, binding, differences, load, root_name
+from .snapshot import API, MEMORY, STATE, TEST_ONLY_FLAG, VSOCK, SnapshotError, disagreements, load, root_name
 
 FIRECRACKER_LOAD = re.compile(r"'load snapshot' API request took (\d+) us")
 RANDOM = ["od", "-An", "-tx1", "-N16", "/dev/urandom"]  # busybox od: 16 bytes of the guest's RNG, in hex
@@ -86,9 +86,7 @@ class Restored:
 
 def check_binding(doc: dict[str, Any], runtime: str, fmt: str, arch: str, kernel: Path) -> None:
     """Refuse a snapshot made for another host, Firecracker, kernel or image, naming the field."""
-    recorded = doc["binding"]
-    current = binding(runtime, fmt, arch, kernel, bool(recorded.get("ready")))
-    wrong = differences(recorded, current)
+    wrong = disagreements(doc["binding"], runtime, fmt, arch, kernel)
     if wrong:
         raise SnapshotError(f"snapshot {runtime}.{fmt} does not belong to this host: {'; '.join(wrong)}",
                             hint=f"run 'nox -s snapshot -- {runtime} --format {fmt}' here")  # fmt: skip

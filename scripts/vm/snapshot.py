@@ -163,6 +163,12 @@ def differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return out
 
 
+def disagreements(recorded: dict[str, Any], runtime: str, fmt: str, arch: str, kernel: Path) -> list[str]:
+    """What a snapshot's recorded binding and this host's now disagree on, field by field (a
+    test-only snapshot is compared as one: its ``ready`` is its own)."""
+    return differences(recorded, binding(runtime, fmt, arch, kernel, bool(recorded.get("ready"))))
+
+
 def load(directory: Path) -> dict[str, Any]:
     """A snapshot's snapshot.json, checked for shape; SnapshotError when absent or unreadable."""
     try:
