@@ -122,3 +122,30 @@ def test_members_of_every_kind_and_shape_stream_as_tarfile_wrote_them(epoch: int
     for n in NODES:
         tree.nodes[n.path] = Node(**{**n.__dict__, "mtime": n.mtime or 1_600_000_000})
     assert ours(tree, epoch) == tarfile_stream(tree, epoch)
+
+
+def test_isa_l_inflates_real_packages_to_the_stream_zlib_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge inflates with ISA-L (python-isal, in requirements.txt: half zlib's time); the
+    stream of the real packages is the one zlib's inflate gives, byte for byte."""
+    import zlib
+
+    from isal import isal_zlib
+
+    from scripts.rootfs import tree as tree_module
+
+    if not realapk.ISO_INDEX.is_file():
+        pytest.skip(f"the real Alpine repository is absent ({realapk.ISO})")
+    assert tree_module.inflater is isal_zlib  # installed, and what the merge uses
+    streams = []
+    for inflater in (isal_zlib, zlib):
+        monkeypatch.setattr(tree_module, "inflater", inflater)
+        tree = Tree(tmp_path / inflater.__name__)
+        tree.scratch.mkdir()
+        for p in realapk.index(realapk.ISO_INDEX, "x86_64"):
+            apk = realapk.ISO / "x86_64" / f"{p.name}-{p.version}.apk"
+            tree.add_package(p.name, apk, verify_package(apk, p, None, p.name).data_offset, {"*"})
+        try:
+            streams.append(hashlib.sha256(ours(tree, 1_700_000_000)).hexdigest())
+        finally:
+            tree.close()
+    assert streams[0] == streams[1]

@@ -35,9 +35,10 @@ class _Member:
     out: io.BytesIO | None = None
 
 
-def _scan(f: BinaryIO, decompress: int, what: str) -> list[_Member]:
+def _scan(f: BinaryIO, decompress: int, what: str, rest_sha1: bool = True) -> list[_Member]:
     """Walk gzip members: the first ``decompress`` are decompressed (kept) and hashed; the
-    remainder of the file is hashed raw as one last member (SHA-1 and SHA-256 of raw bytes)."""
+    remainder of the file is hashed raw as one last member (SHA-256 of its raw bytes, and
+    SHA-1 unless ``rest_sha1`` is false: a package's data member needs only the SHA-256)."""
     members: list[_Member] = []
     pos = 0
     d = zlib.decompressobj(31)
@@ -49,8 +50,9 @@ def _scan(f: BinaryIO, decompress: int, what: str) -> list[_Member]:
         if not chunk:
             break
         if len(members) >= decompress:  # the rest: raw hashing only
-            assert cur.sha1 and cur.sha256
-            cur.sha1.update(chunk)
+            assert cur.sha256
+            if cur.sha1 is not None:
+                cur.sha1.update(chunk)
             cur.sha256.update(chunk)
             pos += len(chunk)
             continue
@@ -73,7 +75,9 @@ def _scan(f: BinaryIO, decompress: int, what: str) -> list[_Member]:
         if d.eof:
             cur.end = pos
             members.append(cur)
-            cur = _Member(pos, sha1=hashlib.sha1(), sha256=hashlib.sha256(), out=io.BytesIO())
+            last = len(members) == decompress
+            cur = _Member(pos, sha1=None if last and not rest_sha1 else hashlib.sha1(), sha256=hashlib.sha256(),
+                          out=io.BytesIO())  # fmt: skip
             pending = d.unused_data
             d = zlib.decompressobj(31)
     if len(members) < decompress:
@@ -136,7 +140,7 @@ def verify_package(path: Path, expected: Package | None, keyring: Keyring | None
     repository; without an index record, a keyring is required)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        members = _scan(f, 2, what)
+        members = _scan(f, 2, what, rest_sha1=False)
     if len(members) != 3:
         raise TrustError(f"{what}: expected 3 gzip members (signature, control, data), found {len(members)}")
     sig, control, data = members

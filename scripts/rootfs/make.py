@@ -27,18 +27,6 @@ from .stream import Stream
 from .tarwalk import Facts
 
 
-def _fetch_or_relock(plan: Plan) -> tuple[Plan, list[object]]:
-    """The plan's verified packages; after a re-lock (a locked package left the mirror), a new
-    plan from the new closure, so that stream, manifest and stamp all describe what was built."""
-    from ..apk import packages  # only a build that assembles fetches
-
-    with log.phase("fetch+verify packages"):
-        closure, verified = packages.fetch_locked(plan.pins, plan.runtime, plan.arch, plan.frozen, plan.closure)
-    if closure != plan.closure:
-        plan = make_plan(plan.pins, plan.runtime, plan.arch, plan.frozen, closure)
-    return plan, list(verified)
-
-
 def _stream(
     plan: Plan, scratch: Path, stack: contextlib.ExitStack
 ) -> tuple[Plan, Stream, Task[tuple[str | None, Facts | None]] | None]:
@@ -98,15 +86,31 @@ def _keep(plan: Plan, fresh: Stream) -> None:
 
 
 def _assemble(plan: Plan, scratch: Path) -> tuple[Plan, Stream]:
-    plan, verified = _fetch_or_relock(plan)
+    """Assemble from the plan's packages, merging each as soon as it is verified (the others
+    are checked, or downloaded, meanwhile); after a re-lock (a locked package left the mirror),
+    from a new plan of the new closure, so that stream, manifest and stamp describe what was built."""
+    from ..apk import packages  # only a build that assembles fetches
+
     try:
-        fresh = stream.assemble(plan, verified, scratch)
+        fresh = _merged(plan, scratch)
+    except packages.PackageGone as exc:
+        closure = packages.relock(plan.pins, plan.runtime, plan.arch, plan.frozen, exc)
+        plan = make_plan(plan.pins, plan.runtime, plan.arch, plan.frozen, closure)
+        fresh = _merged(plan, scratch)
+    _keep(plan, fresh)
+    return plan, fresh
+
+
+def _merged(plan: Plan, scratch: Path) -> Stream:
+    from ..apk import packages
+
+    try:
+        with packages.fetching(plan.pins, plan.closure, plan.arch, plan.runtime) as verified:
+            return stream.assemble(plan, verified, scratch)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:  # package trees and the tar are written to scratch
             raise no_space(scratch, None, "assembling the image in") from None
         raise
-    _keep(plan, fresh)
-    return plan, fresh
 
 
 def _timed(name: str, fn: Any, *args: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -77,8 +78,9 @@ def os_release_problem(tree: Tree, installed: set[str]) -> str | None:
     return None
 
 
-def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
-    """Merge the verified packages, do what install scripts would, write the tar."""
+def assemble(plan: Plan, verified: Iterator[Any], scratch: Path) -> Stream:
+    """Merge the verified packages (in the closure's order, each as it comes), do what
+    install scripts would, write the tar."""
     from ..apk import keys  # the merge's modules: a warm rebuild or a splice needs none of them
     from ..apk.package import control_files
     from . import configure
@@ -90,7 +92,9 @@ def assemble(plan: Plan, verified: list[Any], scratch: Path) -> Stream:
     try:
         scripts: dict[str, list[str]] = {}
         installed = []
-        for locked, v in zip(plan.closure, verified, strict=True):
+        for locked in plan.closure:
+            with log.phase("wait for fetch+verify"):  # what the merge waits for: the rest overlaps it
+                v = next(verified)
             replaces = {r.split("=")[0].split("<")[0].split(">")[0] for r in v.pkginfo.get("replaces", [])}
             with log.phase("decompress+merge packages"):
                 tree.add_package(locked.name, v.path, v.data_offset, replaces)
