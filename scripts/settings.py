@@ -26,8 +26,19 @@ def _raw(name: str) -> str | None:
     return value if value else None
 
 
+_resolved: dict[tuple[str, str], Path] = {}
+
+
 def _directory(name: str, value: str) -> Path:
-    """An existing directory, or a path whose nearest existing parent is a directory."""
+    """An existing directory, or a path whose nearest existing parent is a directory (resolved
+    once per value: a build asks for the cache's path a few times per package)."""
+    known = _resolved.get((name, value))
+    if known is None:
+        known = _resolved[(name, value)] = _resolve_directory(name, value)
+    return known
+
+
+def _resolve_directory(name: str, value: str) -> Path:
     path = Path(value).expanduser()
     probe = path
     try:

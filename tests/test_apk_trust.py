@@ -8,7 +8,7 @@ import pytest
 
 from scripts.apk.index import parse_index
 from scripts.apk.package import read_index, verify_package
-from scripts.apk.trust import Keyring, TrustError, fingerprint
+from scripts.apk.trust import Keyring, TrustError, fingerprint, has_fingerprint
 
 APKO = "chainguard-dev-apko/pkg/apk/apk/testdata"
 ALPINE_KEYS = "csmith-apkutils/keys"
@@ -43,6 +43,12 @@ def test_key_fingerprints_match_the_pinned_ones(shared: Path) -> None:
         body = b"".join(pem.split(b"\n")[1:-2])
         rewrapped = b"-----BEGIN PUBLIC KEY-----\n" + b"\n".join(body[i : i + 40] for i in range(0, len(body), 40))
         assert fingerprint(rewrapped + b"\n-----END PUBLIC KEY-----\n") == digest
+        # the check a build makes of a cached key (without loading cryptography) says the same
+        assert has_fingerprint(pem, digest) and has_fingerprint(rewrapped + b"\n-----END PUBLIC KEY-----\n", digest)
+        assert not has_fingerprint(pem, digest[::-1])
+        assert not has_fingerprint(b"#!/bin/sh\nrm -rf ~\n" + pem, digest)  # text before the block
+    other = (keys / "alpine-devel@lists.alpinelinux.org-5261cecb.rsa.pub").read_bytes()
+    assert not has_fingerprint(other, pinned["4a6a0840"])
 
 
 @pytest.mark.parametrize(

@@ -45,11 +45,11 @@ def key_pems(keys: Alpine | tuple[AlpineKey, ...]) -> dict[str, bytes]:
             pems[key.name] = _local_key(key)
             continue
         path = cache_dir() / "keys" / key.sha256 / key.name
-        if not writable(path) and path.is_file() and _fp(path) == key.sha256:
+        if not writable(path) and path.is_file() and _matches(path, key.sha256):
             pems[key.name] = path.read_bytes()  # a read-only cache that has it
             continue
         with file_lock(path):
-            if not path.exists() or _fp(path) != key.sha256:
+            if not path.exists() or not _matches(path, key.sha256):
 
                 def check(part: Path, key: Any = key) -> None:
                     actual = _fp(part)
@@ -73,13 +73,15 @@ def key_pems(keys: Alpine | tuple[AlpineKey, ...]) -> dict[str, bytes]:
 
 def _local_key(key: AlpineKey) -> bytes:
     """A key pinned as a local file (a developer's ``~/.abuild/*.rsa.pub``), checked as a fetched one."""
-    from .trust import TrustError, fingerprint
+    from .trust import TrustError, fingerprint, has_fingerprint
 
     assert key.path is not None
     try:
         data = key.path.read_bytes()
     except OSError as exc:
         raise TrustError(f"{key.where}: cannot read {key.path}: {exc.strerror or exc}") from None
+    if has_fingerprint(data, key.sha256):
+        return data
     try:
         actual = fingerprint(data)
     except ValueError:
@@ -93,6 +95,15 @@ def _local_key(key: AlpineKey) -> bytes:
             hint=f"the file is not the pinned key; if you replaced it on purpose, pin the new sha256 at {key.where}",
         )
     return data
+
+
+def _matches(path: Path, sha256: str) -> bool:
+    from .trust import has_fingerprint
+
+    try:
+        return has_fingerprint(path.read_bytes(), sha256)
+    except OSError:
+        return False
 
 
 def _fp(path: Path) -> str | None:

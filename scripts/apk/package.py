@@ -128,6 +128,7 @@ class Verified:
     data_offset: int
     data_sha256: str
     size: int
+    files: dict[str, bytes]  # the control tar's files (.PKGINFO, install scripts), read once
 
 
 def q1(sha1_digest: bytes) -> str:
@@ -163,7 +164,8 @@ def verify_package(path: Path, expected: Package | None, keyring: Keyring | None
     else:
         raise TrustError(f"{what}: nothing to verify it against (no index record, no keys)")
     control_tar = control.out.getvalue()
-    pkginfo = _pkginfo(control_tar, what)
+    files = _control_files(control_tar, what)
+    pkginfo = parse_pkginfo(files[".PKGINFO"].decode("utf-8", "replace"))
     datahash = (pkginfo.get("datahash") or [""])[0]
     actual = data.sha256.hexdigest()
     if not datahash:
@@ -173,17 +175,17 @@ def verify_package(path: Path, expected: Package | None, keyring: Keyring | None
             f"{what}: data sha256 {actual} does not match .PKGINFO datahash {datahash} "
             "(chain link control -> data broken)"
         )
-    return Verified(path, checksum, pkginfo, control_tar, data.start, actual, size)
+    return Verified(path, checksum, pkginfo, control_tar, data.start, actual, size, files)
 
 
-def _pkginfo(control_tar: bytes, what: str) -> dict[str, list[str]]:
+def _control_files(control_tar: bytes, what: str) -> dict[str, bytes]:
     try:
-        with tarfile.open(fileobj=io.BytesIO(control_tar), mode="r:") as tar:
-            f = tar.extractfile(".PKGINFO")
-            assert f is not None
-            return parse_pkginfo(f.read().decode("utf-8", "replace"))
-    except (KeyError, tarfile.TarError):
-        raise TrustError(f"{what}: control member has no .PKGINFO") from None
+        files = control_files(control_tar)
+    except tarfile.TarError:
+        files = {}
+    if ".PKGINFO" not in files:
+        raise TrustError(f"{what}: control member has no .PKGINFO")
+    return files
 
 
 def control_files(control_tar: bytes) -> dict[str, bytes]:

@@ -154,11 +154,16 @@ def fetching(
     ones are still downloading. Downloads run in parallel (bounded); a cached package is
     verified when its turn comes, in the caller's thread (~0.3 ms each: threads for those cost
     more, in switching, than they save). Leaving waits for every download started."""
+    cached = [package_cache_path(p).exists() for p in closure]
+    if all(cached):  # no thread pool (nor its import, ~9 ms)
+        yield _in_order(pins, closure, [None] * len(closure), arch, runtime)
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=fetch_workers()) as pool:
-        futures = [None if package_cache_path(p).exists() else pool.submit(fetch_one, pins, p, arch, runtime)
-                   for p in closure]  # fmt: skip
+        futures = [
+            None if c else pool.submit(fetch_one, pins, p, arch, runtime) for p, c in zip(closure, cached, strict=True)
+        ]
         yield _in_order(pins, closure, futures, arch, runtime)
 
 

@@ -10,6 +10,7 @@ matter. RSA is done by the ``cryptography`` library, never by hand.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import re
@@ -46,6 +47,20 @@ def fingerprint(pem: bytes) -> str:
     key = serialization.load_pem_public_key(pem)
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
+
+
+def has_fingerprint(pem: bytes, sha256: str) -> bool:
+    """``fingerprint(pem) == sha256``; without loading cryptography (~12 ms of a build's start)
+    when the block's own DER is the pinned one, as in every key OpenSSL writes: bytes with the
+    pinned SHA-256 are the pinned key's DER. Otherwise cryptography reads the key and says."""
+    if not _PEM.fullmatch(pem):
+        return False
+    if hashlib.sha256(base64.b64decode(b"".join(pem.split(b"-----")[2].split()))).hexdigest() == sha256:
+        return True
+    try:
+        return fingerprint(pem) == sha256
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from .tarwalk import Facts
 
 
 def _stream(
-    plan: Plan, scratch: Path, stack: contextlib.ExitStack
+    plan: Plan, scratch: Path, stack: contextlib.ExitStack, beside: list[Task[Any]]
 ) -> tuple[Plan, Stream, Task[tuple[str | None, Facts | None]] | None]:
     """The cached stream (its verification running on the other core) or a fresh one. A
     spliced stream is written in RAM when it fits (``stack`` holds that directory until the
@@ -55,7 +55,7 @@ def _stream(
                 fresh = _splice(base, facts, agent, plan.epoch, ram, scratch)
             return plan, fresh, None
         log.warn(f"cached tar stream {base.tar} is corrupt ({problem}); assembling it again")
-    plan, fresh = _assemble(plan, scratch)
+    plan, fresh = _assemble(plan, scratch, beside)
     return plan, fresh, None
 
 
@@ -78,14 +78,14 @@ def _splice(base: Stream, facts: Facts, agent: bytes, epoch: int, ram: Path | No
         raise
 
 
-def _keep(plan: Plan, fresh: Stream) -> None:
-    """Store the stream for the next build (a hard link and a sidecar: ~10 ms; done before the
-    writers start, so a build killed while writing leaves no half-stored cache entry)."""
-    with log.phase("store stream"):
-        cache.store(fresh, [(plan.stream_digest, ""), (plan.base_digest, "base")])
+def _keep(plan: Plan, fresh: Stream) -> Task[None]:
+    """Store the stream for the next build (hard links and sidecars, ~30 ms), on the other core
+    while the writers run. A build killed meanwhile leaves at most a tar without its sidecar,
+    which is never used (``cache.cached`` needs both)."""
+    return Task(_timed, "store stream", cache.store, fresh, [(plan.stream_digest, ""), (plan.base_digest, "base")])
 
 
-def _assemble(plan: Plan, scratch: Path) -> tuple[Plan, Stream]:
+def _assemble(plan: Plan, scratch: Path, beside: list[Task[Any]]) -> tuple[Plan, Stream]:
     """Assemble from the plan's packages, merging each as soon as it is verified (the others
     are checked, or downloaded, meanwhile); after a re-lock (a locked package left the mirror),
     from a new plan of the new closure, so that stream, manifest and stamp describe what was built."""
@@ -97,7 +97,7 @@ def _assemble(plan: Plan, scratch: Path) -> tuple[Plan, Stream]:
         closure = packages.relock(plan.pins, plan.runtime, plan.arch, plan.frozen, exc)
         plan = make_plan(plan.pins, plan.runtime, plan.arch, plan.frozen, closure)
         fresh = _merged(plan, scratch)
-    _keep(plan, fresh)
+    beside.append(_keep(plan, fresh))
     return plan, fresh
 
 
@@ -183,7 +183,9 @@ def _copy_out(src: Path, dest: Path) -> None:
 
 def _build(plan: Plan, scratch: Path, stack: contextlib.ExitStack) -> tuple[Plan, Stream, list[Image]]:
     """The stream and every image written from it, checked and hashed."""
-    plan, s, pending = _stream(plan, scratch, stack)
+    beside: list[Task[Any]] = []  # what runs meanwhile on the other core (storing the stream)
+    stack.callback(lambda: [t.exception() for t in beside])  # after an error too: before scratch goes
+    plan, s, pending = _stream(plan, scratch, stack, beside)
     try:
         images = _write_all(plan, s, scratch)
         failed: VulcanError | None = None
@@ -193,10 +195,11 @@ def _build(plan: Plan, scratch: Path, stack: contextlib.ExitStack) -> tuple[Plan
     if problem is not None:
         log.warn(f"cached tar stream {s.tar} is corrupt ({problem}); assembling it again")
         s.tar.unlink(missing_ok=True)
-        plan, s = _assemble(plan, scratch)
+        plan, s = _assemble(plan, scratch, beside)
         images = _write_all(plan, s, scratch)
     elif failed is not None:
         raise failed
+    wait_all(beside)
     return plan, s, images
 
 

@@ -82,7 +82,6 @@ def assemble(plan: Plan, verified: Iterator[Any], scratch: Path) -> Stream:
     """Merge the verified packages (in the closure's order, each as it comes), do what
     install scripts would, write the tar."""
     from ..apk import keys  # the merge's modules: a warm rebuild or a splice needs none of them
-    from ..apk.package import control_files
     from . import configure
     from .tree import Tree
 
@@ -98,7 +97,7 @@ def assemble(plan: Plan, verified: Iterator[Any], scratch: Path) -> Stream:
             replaces = {r.split("=")[0].split("<")[0].split(">")[0] for r in v.pkginfo.get("replaces", [])}
             with log.phase("decompress+merge packages"):
                 tree.add_package(locked.name, v.path, v.data_offset, replaces)
-            own = {n: data for n, data in control_files(v.control).items() if n.startswith(".") and n != ".PKGINFO"}
+            own = {n: data for n, data in v.files.items() if n.startswith(".") and n != ".PKGINFO"}
             if own:
                 scripts[locked.name] = list(own)
             installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo, locked.size, locked.arch,
