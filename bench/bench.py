@@ -22,7 +22,9 @@ is the median of several runs, next to its floor, measured in the same run:
 10. publish and pull through a real registry (docker-registry): seconds, bytes on the wire, the
    second publish and pull, ours vs ``oras pull``
 11. assembly from cached real packages (VULCAN_REASSEMBLE=1) vs real apk 2.14 ``--initdb add`` +
-   ``mke2fs -d`` of the same packages (root only)
+   ``mke2fs -d`` of the same packages (root only), one run of each in turn
+12. the same on the synthetic runtimes
+13. the cold build of all three vs downloading the same bytes (curl) + real apk + ``mke2fs -d``
 
 Prints a table and writes bench/results/latest.json.
 """
@@ -802,20 +804,15 @@ def apk_assembly(b: Bench) -> dict[str, Any]:
     else:  # run on its own (--only): the agent is built here
         timed([b.py, "-m", "scripts", "guest"], env)
     timed([b.py, "-m", "scripts", "rootfs", "--runtime", "real"], env)  # fetch, verify and cache the packages
-    ours, phases_runs = [], []
     image = w.out / "images/real.ext4"
-    for _ in range(max(b.args.runs, 5)):
+    size_mib = image.stat().st_size >> 20
+    ours, phases_runs, theirs, apk_only = [], [], [], []
+    for i in range(max(b.args.runs, 5)):  # one of ours, one of theirs: both see the machine as it is then
         image.unlink()
         secs, proc = timed([b.py, "-m", "scripts", "rootfs", "--runtime", "real"],
                            {**env, "VULCAN_REASSEMBLE": "1", "VULCAN_TIMING": "json"})  # fmt: skip
         ours.append(secs)
         phases_runs.append(phases(proc.stderr))
-    startup, _ = timed([b.py, "-c", "import scripts.rootfs.build"], env)  # a process start, for the figure's note
-    manifest = json.loads((w.out / "images/real.manifest.json").read_text())
-    packages = len(manifest["packages"])
-    size_mib = image.stat().st_size >> 20
-    theirs, apk_only = [], []
-    for i in range(max(b.args.runs, 5)):
         # in RAM, as our build writes its image there (apk into a directory on this machine's disk
         # takes 2-3x as long: the strict floor is the RAM one)
         root = b.ram / f"apkroot{i}"
@@ -823,32 +820,32 @@ def apk_assembly(b: Bench) -> dict[str, Any]:
         (root / "etc/apk/repositories").write_text(f"{realapk.ISO}\n")
         img = b.ram / f"apk{i}.ext4"
         start = time.perf_counter()
-        proc = apk.run("--initdb", "--no-scripts", "add", *base, *REAL_WORLD, root=root)
+        done = apk.run("--initdb", "--no-scripts", "add", *base, *REAL_WORLD, root=root)
         mid = time.perf_counter()
         subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), str(img), f"{size_mib}M"], check=True,
                        capture_output=True)  # fmt: skip
         end = time.perf_counter()
-        if proc.returncode != 0:
-            return {"skipped": f"real apk failed: {proc.stderr[-300:]}"}
+        if done.returncode != 0:
+            return {"skipped": f"real apk failed: {done.stderr[-300:]}"}
         theirs.append(end - start)
         apk_only.append(mid - start)
         shutil.rmtree(root)
         img.unlink()
+    startup, _ = timed([b.py, "-c", "import scripts.rootfs.build"], env)  # a process start, for the figure's note
+    manifest = json.loads((w.out / "images/real.manifest.json").read_text())
+    packages = len(manifest["packages"])
+    ratios = sorted(a / t for a, t in zip(ours, theirs, strict=True))
     return {"packages": packages, "image_mib": size_mib, "ours_s": median(ours), "apk_mke2fs_s": median(theirs),
             "apk_s": median(apk_only), "ratio": median(ours) / median(theirs), "python_start_s": startup,
-            "range": [min(ours), max(ours)], "phases": median_phases(phases_runs)}  # fmt: skip
+            "range": [min(ours), max(ours)], "ratio_range": [ratios[0], ratios[-1]],
+            "phases": median_phases(phases_runs)}  # fmt: skip
 
 
-def apk_runtimes(b: Bench) -> dict[str, Any]:
-    """12. the same comparison on the synthetic runtimes (50-200 MB): ours assembling from cached
-    packages (VULCAN_REASSEMBLE=1) against real apk 2.14 ``--initdb --no-scripts add`` of the same
-    world from the same repositories (written out as directories, the bench's key trusted) +
-    ``mke2fs -d DIR``, both in RAM."""
+def _apk_repos(b: Bench) -> tuple[Path, Path]:
+    """The mirror's synthetic main and community repositories written out as directories, and
+    a keys directory trusting the bench's key: what real apk reads offline."""
     from tests.support import apkrepo
 
-    apk = _real_apk(b)
-    if isinstance(apk, str):
-        return {"skipped": apk}
     repos, keys = b.work / "apk-repos", b.work / "apk-keys"
     keys.mkdir(exist_ok=True)
     (keys / apkrepo.KEY_NAME).write_bytes(apkrepo.public_pem())
@@ -858,33 +855,120 @@ def apk_runtimes(b: Bench) -> dict[str, Any]:
         for path, data in b.mirror.files.items():
             if path.startswith(prefix):
                 (repos / repo / b.arch / path.rsplit("/", 1)[1]).write_bytes(data)
+    return repos, keys
+
+
+def _apk_floor(b: Bench, apk: Any, name: str, repos: Path, keys: Path, size_mib: int) -> float | str:
+    """Seconds of real apk ``--initdb --no-scripts add`` of the runtime's world + ``mke2fs -d``
+    of that directory, both in RAM; or why apk refused it."""
+    world = [*imagerepo.BASE, *imagerepo.RUNTIMES[name]["world"]]
+    root = b.ram / f"apkrt-{name}"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "etc/apk").mkdir(parents=True)
+    (root / "etc/apk/repositories").write_text(f"{repos / 'main'}\n{repos / 'community'}\n")
+    img = b.ram / f"apkrt-{name}.ext4"
+    start = time.perf_counter()
+    proc = apk.run("--initdb", "--no-scripts", "add", *world, root=root, keys=str(keys))
+    if proc.returncode != 0:
+        return f"real apk refused the {name} world: {(proc.stdout + proc.stderr)[-400:]}"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), str(img), f"{size_mib}M"], check=True,
+                   capture_output=True)  # fmt: skip
+    secs = time.perf_counter() - start
+    shutil.rmtree(root)
+    img.unlink()
+    return secs
+
+
+def apk_runtimes(b: Bench) -> dict[str, Any]:
+    """12. the same comparison on the synthetic runtimes (50-200 MB): ours assembling from cached
+    packages (VULCAN_REASSEMBLE=1) against real apk 2.14 ``--initdb --no-scripts add`` of the same
+    world from the same repositories (written out as directories, the bench's key trusted) +
+    ``mke2fs -d DIR``, both in RAM, one run of each in turn."""
+    apk = _real_apk(b)
+    if isinstance(apk, str):
+        return {"skipped": apk}
+    repos, keys = _apk_repos(b)
     out: dict[str, Any] = {}
     b.build("guest")
     for name in RUNTIMES:
         b.build("rootfs", "--runtime", name)  # the packages cached
-        world = [*imagerepo.BASE, *imagerepo.RUNTIMES[name]["world"]]
         ours, theirs = [], []
-        for i in range(b.args.runs):
+        for _ in range(b.args.runs):
             (b.w.out / "images" / f"{name}.ext4").unlink(missing_ok=True)
             secs, _ = b.build("rootfs", "--runtime", name, VULCAN_REASSEMBLE="1")
             ours.append(secs)
-            root = b.ram / f"apkrt-{name}-{i}"
-            (root / "etc/apk").mkdir(parents=True)
-            (root / "etc/apk/repositories").write_text(f"{repos / 'main'}\n{repos / 'community'}\n")
-            size = b.manifest(name)["size"] >> 20
-            img = b.ram / f"apkrt-{name}.ext4"
-            start = time.perf_counter()
-            proc = apk.run("--initdb", "--no-scripts", "add", *world, root=root, keys=str(keys))
-            if proc.returncode != 0:
-                return {"skipped": f"real apk refused the {name} world: {(proc.stdout + proc.stderr)[-400:]}"}
-            subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(root), str(img), f"{size}M"], check=True,
-                           capture_output=True)  # fmt: skip
-            theirs.append(time.perf_counter() - start)
-            shutil.rmtree(root)
-            img.unlink()
+            floor = _apk_floor(b, apk, name, repos, keys, b.manifest(name)["size"] >> 20)
+            if isinstance(floor, str):
+                return {"skipped": floor}
+            theirs.append(floor)
         out[name] = {"ours_s": median(ours), "apk_mke2fs_s": median(theirs), "ratio": median(ours) / median(theirs),
                      "content_mib": b.manifest(name)["filesystem"]["content_bytes"] >> 20}  # fmt: skip
     return out
+
+
+def cold_floor(b: Bench) -> dict[str, Any]:
+    """13. the cold build of all three (nothing cached, fetch included, over the simulated link
+    of figure 3) against its floor: downloading the same bytes (every URL our build fetched,
+    ``curl --parallel`` with as many connections as our fetch uses) + real apk ``--initdb add`` +
+    ``mke2fs -d`` of each runtime from those packages, one after the other."""
+    apk = _real_apk(b)
+    if isinstance(apk, str):
+        return {"skipped": apk}
+    if shutil.which("curl") is None:
+        return {"skipped": "curl is not installed (the download floor)"}
+    repos, keys = _apk_repos(b)
+    w, mirror, args = b.w, b.mirror, b.args
+    b.build("guest")
+    base_url = w.env()["VULCAN_MIRROR"]
+    ours, downloads, floors = [], [], []
+    fetched = 0
+    for _ in range(args.runs):
+        shutil.rmtree(w.cache / "apk", ignore_errors=True)
+        shutil.rmtree(w.cache / "keys", ignore_errors=True)
+        shutil.rmtree(w.cache / "rootfs", ignore_errors=True)
+        shutil.rmtree(w.out / "images", ignore_errors=True)
+        mirror.latency_s, mirror.rate = args.latency_ms / 1000, args.mbps * 1e6 / 8
+        n_before, before = len(mirror.requests), mirror.bytes_served
+        secs, proc = b.build("rootfs", "--all")
+        if proc.returncode != 0:
+            return {"skipped": f"our cold build failed: {proc.stderr[-300:]}"}
+        ours.append(secs)
+        fetched = mirror.bytes_served - before
+        paths = sorted({p for _, p, _ in mirror.requests[n_before:] if p in mirror.files})
+        dest = b.work / "curl"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()
+        config = b.work / "curl.conf"
+        config.write_text("".join(f'url = "{base_url}{p}"\noutput = "{dest}/{i}"\n' for i, p in enumerate(paths)))
+        start = time.perf_counter()
+        subprocess.run(["curl", "--silent", "--fail", "--parallel", "--parallel-max", "4", "--config", str(config)],
+                       check=True, capture_output=True)  # fmt: skip
+        downloads.append(time.perf_counter() - start)
+        mirror.latency_s = mirror.rate = 0.0
+        total = 0.0
+        for name in RUNTIMES:
+            floor = _apk_floor(b, apk, name, repos, keys, b.manifest(name)["size"] >> 20)
+            if isinstance(floor, str):
+                return {"skipped": floor}
+            total += floor
+        floors.append(total)
+    mirror.latency_s = mirror.rate = 0.0
+    floor_s = median(downloads) + median(floors)
+    return {"ours_s": median(ours), "download_s": median(downloads), "assembly_floor_s": median(floors),
+            "floor_s": floor_s, "ratio": median(ours) / floor_s, "bytes": fetched, "range": [min(ours), max(ours)],
+            "link": f"{args.latency_ms:.0f} ms latency, {args.mbps:.0f} Mbit/s per connection"}  # fmt: skip
+
+
+def cold_floor_rows(r: dict[str, Any]) -> list[str]:
+    if "skipped" in r:
+        return [f"cold build vs download + real apk: skipped ({r['skipped']})"]
+    return [
+        ROW.format("cold build, all three, vs its floor", _s(r["ours_s"]), _s(r["floor_s"]), f"{r['ratio']:.2f}x",
+                   "<= 1.2x download + real apk + mke2fs -d"),
+        f"  floor: curl --parallel of the same {r['bytes'] >> 20} MiB {_s(r['download_s'])} + real apk --initdb add + "
+        f"mke2fs -d of the three {_s(r['assembly_floor_s'])} ({r['link']}); ours {r['range'][0]:.2f}-"
+        f"{r['range'][1]:.2f} s",
+    ]  # fmt: skip
 
 
 def apk_runtimes_rows(r: dict[str, Any]) -> list[str]:
@@ -935,7 +1019,8 @@ def apk_assembly_rows(r: dict[str, Any]) -> list[str]:
     return [
         ROW.format(f"assembly from cached packages ({r['packages']} real pkgs)", _s(r["ours_s"]),
                    _s(r["apk_mke2fs_s"]), f"{r['ratio']:.2f}x", "<= 1.0x real apk --initdb add + mke2fs -d"),
-        f"  ours {r['range'][0]:.2f}-{r['range'][1]:.2f} s over the runs (a Python start is {r['python_start_s']:.2f} s "
+        f"  ours {r['range'][0]:.2f}-{r['range'][1]:.2f} s over the runs, each against the apk run beside it "
+        f"{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}x (a Python start is {r['python_start_s']:.2f} s "
         f"of it); real apk alone {r['apk_s']:.2f} s; phases: "
         + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()),
     ]  # fmt: skip
@@ -959,6 +1044,7 @@ FIGURES = (
     Figure("registry", registry, registry_rows),
     Figure("apk_assembly", apk_assembly, apk_assembly_rows),
     Figure("apk_runtimes", apk_runtimes, apk_runtimes_rows),
+    Figure("cold_floor", cold_floor, cold_floor_rows),
 )
 
 
@@ -1021,7 +1107,9 @@ def main() -> int:
     ap.add_argument("--mbps", type=float, default=200.0, help="simulated bandwidth per connection, Mbit/s")
     ap.add_argument("--no-boot", action="store_true")
     ap.add_argument("--only-setup", action="store_true", help="build once, print the environment, keep it (profiling)")
-    ap.add_argument("--only", metavar="FIGURE", help="measure this figure alone (apk_assembly, apk_runtimes, registry)")
+    ap.add_argument(
+        "--only", metavar="FIGURE", help="measure this figure alone (apk_assembly, apk_runtimes, cold_floor, ...)"
+    )
     b = setup(ap.parse_args())
     if b.args.only_setup:
         subprocess.run([b.py, "-m", "scripts", "guest"], env=b.env, cwd=ROOT, check=True, capture_output=True)
