@@ -207,6 +207,30 @@ def test_two_full_builds_sharing_a_cache_both_succeed(ready: World, tmp_path: Pa
     assert not leftovers(*outs, cache)
 
 
+def test_a_cached_package_changed_on_disk_is_fetched_again_and_the_image_is_the_same(
+    ready: World, tmp_path: Path
+) -> None:
+    """One byte of a cached package's data flipped after it was cached (a disk, another tool):
+    each cached package is checked again when the merge comes to it, so the build refuses those
+    bytes, fetches the package afresh, and writes the reference image."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for sub in ("apk", "keys"):  # packages and keys, no stream: the build assembles
+        subprocess.run(["cp", "-a", str(ready.cache / sub), str(cache)], check=True)
+    cached = next((cache / "apk").rglob("*-busybox-*.apk"))
+    data = bytearray(cached.read_bytes())
+    data[-100] ^= 0xFF  # inside the data member; the size is unchanged
+    cached.write_bytes(bytes(data))
+    served = ready.mirror.count(cached.name.split("-", 1)[1])
+    out = fresh_out(ready, tmp_path)
+    proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+    assert proc.returncode == 0, proc.stderr
+    assert "fails verification" in proc.stderr and "control -> data broken" in proc.stderr, proc.stderr
+    assert ready.mirror.count(cached.name.split("-", 1)[1]) == served + 1
+    assert cached.read_bytes() != bytes(data)  # the cache holds the good file again
+    assert sha(out / "images" / f"{RUNTIME}.ext4") == ready.reference  # type: ignore[attr-defined]
+
+
 # -- tracebacks and stuck leftovers ------------------------------------------------------------
 
 
