@@ -80,6 +80,10 @@ def fetch_one(pins: Pins, p: Locked, arch: str, runtime: str | None = None) -> V
     record = p.as_package(0)
     what = f"{p.filename} ({repo.name}: {repo.location}/{arch})"
     url = f"{repo.arch_url(arch)}/{p.filename}"
+    try:  # the usual case, cached and sound: no lock needed to read it (a fetch renames a whole file into place)
+        return verify_package(path, record, None, what)
+    except (OSError, TrustError):
+        pass  # missing, unreadable or failing: judged again below (under the lock), and said there
     if not writable(path):  # a read-only cache: use what it has, verified
         try:
             return verify_package(path, record, None, what)
