@@ -49,6 +49,8 @@ def test_key_fingerprints_match_the_pinned_ones(shared: Path) -> None:
         assert not has_fingerprint(b"#!/bin/sh\nrm -rf ~\n" + pem, digest)  # text before the block
     other = (keys / "alpine-devel@lists.alpinelinux.org-5261cecb.rsa.pub").read_bytes()
     assert not has_fingerprint(other, pinned["4a6a0840"])
+    not_base64 = b"-----BEGIN PUBLIC KEY-----\nABCDE\n-----END PUBLIC KEY-----\n"  # a cache file gone bad
+    assert not has_fingerprint(not_base64, pinned["4a6a0840"])  # refused, not a traceback
 
 
 @pytest.mark.parametrize(

@@ -55,11 +55,11 @@ def has_fingerprint(pem: bytes, sha256: str) -> bool:
     pinned SHA-256 are the pinned key's DER. Otherwise cryptography reads the key and says."""
     if not _PEM.fullmatch(pem):
         return False
-    if hashlib.sha256(base64.b64decode(b"".join(pem.split(b"-----")[2].split()))).hexdigest() == sha256:
-        return True
     try:
+        if hashlib.sha256(base64.b64decode(b"".join(pem.split(b"-----")[2].split()))).hexdigest() == sha256:
+            return True
         return fingerprint(pem) == sha256
-    except ValueError:
+    except ValueError:  # not base64 (binascii.Error), or not a key cryptography reads
         return False
 
 
