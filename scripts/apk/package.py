@@ -124,7 +124,6 @@ class Verified:
     path: Path
     checksum: str  # Q1...
     pkginfo: dict[str, list[str]]
-    control: bytes  # decompressed control tar (install scripts, .PKGINFO)
     data_offset: int
     data_sha256: str
     size: int
@@ -175,26 +174,21 @@ def verify_package(path: Path, expected: Package | None, keyring: Keyring | None
             f"{what}: data sha256 {actual} does not match .PKGINFO datahash {datahash} "
             "(chain link control -> data broken)"
         )
-    return Verified(path, checksum, pkginfo, control_tar, data.start, actual, size, files)
+    return Verified(path, checksum, pkginfo, data.start, actual, size, files)
 
 
 def _control_files(control_tar: bytes, what: str) -> dict[str, bytes]:
+    """The control tar's files: .PKGINFO (required), .pre-install, .post-install, .trigger, ..."""
+    files = {}
     try:
-        files = control_files(control_tar)
+        with tarfile.open(fileobj=io.BytesIO(control_tar), mode="r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    f = tar.extractfile(m)
+                    assert f is not None
+                    files[m.name] = f.read()
     except tarfile.TarError:
         files = {}
     if ".PKGINFO" not in files:
         raise TrustError(f"{what}: control member has no .PKGINFO")
     return files
-
-
-def control_files(control_tar: bytes) -> dict[str, bytes]:
-    """The control tar's files: .PKGINFO, .pre-install, .post-install, .trigger, ..."""
-    out = {}
-    with tarfile.open(fileobj=io.BytesIO(control_tar), mode="r:") as tar:
-        for m in tar:
-            if m.isfile():
-                f = tar.extractfile(m)
-                assert f is not None
-                out[m.name] = f.read()
-    return out

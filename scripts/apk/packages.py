@@ -84,13 +84,10 @@ def fetch_one(pins: Pins, p: Locked, arch: str, runtime: str | None = None) -> V
         return verify_package(path, record, None, what)
     except (OSError, TrustError):
         pass  # missing, unreadable or failing: judged again below (under the lock), and said there
-    if not writable(path):  # a read-only cache: use what it has, verified
-        try:
-            return verify_package(path, record, None, what)
-        except (OSError, TrustError):
-            if repo.local is None:
-                raise read_only_cache(path, url) from None
-            return verify_package(Path(url), record, _keyring(repo), what)  # straight from the local repository
+    if not writable(path):  # a read-only cache without a sound copy (just checked above)
+        if repo.local is None:
+            raise read_only_cache(path, url) from None
+        return verify_package(Path(url), record, _keyring(repo), what)  # straight from the local repository
     with file_lock(path):
         if path.exists():
             try:

@@ -12,7 +12,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from scripts.apk.package import control_files, verify_package
+from scripts.apk.package import verify_package
 from scripts.apk.trust import Keyring
 from tests.support.apkrepo import Entry, Pkg, alpine_pins, publish
 from tests.support.world import SHARED, World
@@ -93,7 +93,7 @@ def _real_scripts(apk: Path, fallback: dict[str, bytes]) -> dict[str, bytes]:
     keys = SHARED / "csmith-apkutils/keys"
     ring = Keyring.from_pems({p.name: p.read_bytes() for p in keys.iterdir()})
     verified = verify_package(apk, None, ring, apk.name)
-    return {k: v for k, v in control_files(verified.control).items() if k != ".PKGINFO"}
+    return {k: v for k, v in verified.files.items() if k != ".PKGINFO"}
 
 
 def _go_binary(source: str, goarch: str) -> bytes | None:
