@@ -7,7 +7,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from scripts.errors import BuildError
 from scripts.formats import Shape
 from scripts.formats.ext4 import BLOCK, layout
 from scripts.rootfs import AGENT, configure, splice, tarwalk
+from scripts.rootfs.inflate import inflate
 from scripts.rootfs.sbom import license_expression
 from scripts.rootfs.splice import splice_agent
 from scripts.rootfs.stream import Stream
@@ -59,7 +62,7 @@ def add(
     members: list[tuple[str, str, bytes | str]],
     replaces: frozenset[str] = frozenset(),
 ) -> None:
-    tree.add_package(name, package(tmp, name, members), 0, set(replaces))
+    tree.add_package(name, inflate(package(tmp, name, members), 0, tree.scratch / f"{name}.tar"), set(replaces))
 
 
 @pytest.mark.parametrize(
@@ -245,3 +248,40 @@ def test_what_is_wrong_with_os_release_is_said_as_it_is(tree: Tree) -> None:
     assert "/usr/lib/os-release (from vulcan) has no ID= line" in (os_release_problem(tree, set()) or "")
     tree.put_generated("usr/lib/os-release", "file", 0o644, b'NAME="Alpine Linux"\nID=alpine\nVERSION_ID=3.19.1\n')
     assert os_release_problem(tree, set()) is None
+
+
+def test_packages_come_out_of_the_decompressing_thread_in_order_and_its_errors_stop_the_merge(tmp_path: Path) -> None:
+    """What the merge gets from ``Ahead``: each verified package with its data tar, in the
+    closure's order; the verifier's error (a package that fails its check) raised where the
+    merge asks for that package, with nothing left running and every byte of the budget back."""
+    import threading
+    from types import SimpleNamespace
+
+    from scripts.apk.trust import TrustError
+    from scripts.rootfs import inflate
+
+    files = [package(tmp_path, f"p{i}", [(f"usr/share/p{i}", "file", bytes([i]) * (1000 * i))]) for i in range(6)]
+
+    def verified(fail_at: int | None) -> Iterator[SimpleNamespace]:
+        for i, f in enumerate(files):
+            if i == fail_at:
+                raise TrustError(f"p{i}: data hash mismatch")
+            yield SimpleNamespace(path=f, data_offset=0, name=f"p{i}")
+
+    before = inflate.BUDGET.left
+    with inflate.Ahead(verified(None), tmp_path) as ahead:  # type: ignore[arg-type]
+        got = [(v.name, data) for v, data in ahead]
+    assert [name for name, _ in got] == [f"p{i}" for i in range(6)]
+    for i, (_, data) in enumerate(got):
+        assert data.buf is not None and bytes([i]) * (1000 * i) in data.buf  # small: all in memory
+        data.release()  # as the tree does when it is closed
+    merged = []
+    with pytest.raises(TrustError, match="p5: data hash mismatch"), \
+            inflate.Ahead(verified(5), tmp_path) as ahead:  # type: ignore[arg-type]  # fmt: skip
+        for v, data in ahead:
+            merged.append(v.name)
+            data.release()
+    assert merged == [f"p{i}" for i in range(len(merged))] and len(merged) < 5  # checked ahead of the merge
+    assert inflate.BUDGET.left == before  # what was made ahead and never merged was given back too
+    assert not [t for t in threading.enumerate() if t.daemon and t.is_alive() and "_run" in t.name]
+    assert sys.getswitchinterval() == pytest.approx(0.005)  # Python's own again

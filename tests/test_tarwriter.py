@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from scripts.apk.package import verify_package
+from scripts.rootfs.inflate import inflate
 from scripts.rootfs.tree import Node, Tree
 from tests.support import realapk
 
@@ -87,7 +88,8 @@ def test_a_tree_of_real_packages_streams_as_tarfile_wrote_it(tmp_path: Path) -> 
     for p in realapk.index(realapk.ISO_INDEX, "x86_64"):
         apk = realapk.ISO / "x86_64" / f"{p.name}-{p.version}.apk"
         v = verify_package(apk, p, None, p.name)
-        tree.add_package(p.name, apk, v.data_offset, {"*"})  # every package may replace: all 100 in one tree
+        data = inflate(apk, v.data_offset, tmp_path / f"{p.name}.tar")
+        tree.add_package(p.name, data, {"*"})  # every package may replace: all 100 in one tree
     try:
         a, b = ours(tree, 1_700_000_000), tarfile_stream(tree, 1_700_000_000)
     finally:
@@ -125,27 +127,33 @@ def test_members_of_every_kind_and_shape_stream_as_tarfile_wrote_them(epoch: int
 
 
 def test_isa_l_inflates_real_packages_to_the_stream_zlib_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The merge inflates with ISA-L (python-isal, in requirements.txt: half zlib's time); the
-    stream of the real packages is the one zlib's inflate gives, byte for byte."""
+    """The merge inflates with ISA-L (python-isal, in requirements.txt: half zlib's time), in
+    memory while the budget lasts and into scratch files past it; the stream of the real
+    packages is the one zlib's inflate gives, byte for byte, either way."""
     import zlib
 
     from isal import isal_zlib
 
-    from scripts.rootfs import tree as tree_module
+    from scripts.rootfs import inflate
 
     if not realapk.ISO_INDEX.is_file():
         pytest.skip(f"the real Alpine repository is absent ({realapk.ISO})")
-    assert tree_module.inflater is isal_zlib  # installed, and what the merge uses
-    streams = []
-    for inflater in (isal_zlib, zlib):
-        monkeypatch.setattr(tree_module, "inflater", inflater)
-        tree = Tree(tmp_path / inflater.__name__)
+    assert inflate.inflater is isal_zlib  # installed, and what the merge uses
+    streams, spilled = [], []
+    for inflater, budget in ((isal_zlib, 64 << 20), (zlib, 64 << 20), (isal_zlib, 2 << 20), (zlib, 0)):
+        monkeypatch.setattr(inflate, "inflater", inflater)
+        monkeypatch.setattr(inflate, "BUDGET", inflate._Budget(budget))
+        tree = Tree(tmp_path / f"{inflater.__name__}-{budget}")
         tree.scratch.mkdir()
         for p in realapk.index(realapk.ISO_INDEX, "x86_64"):
             apk = realapk.ISO / "x86_64" / f"{p.name}-{p.version}.apk"
-            tree.add_package(p.name, apk, verify_package(apk, p, None, p.name).data_offset, {"*"})
+            offset = verify_package(apk, p, None, p.name).data_offset
+            tree.add_package(p.name, inflate.inflate(apk, offset, tree.scratch / f"{p.name}.tar"), {"*"})
         try:
             streams.append(hashlib.sha256(ours(tree, 1_700_000_000)).hexdigest())
         finally:
             tree.close()
-    assert streams[0] == streams[1]
+        spilled.append(len(list(tree.scratch.iterdir())))
+        assert inflate.BUDGET.left == budget  # all of it given back
+    assert len(set(streams)) == 1
+    assert spilled[0] == 0 and 0 < spilled[2] < len(realapk.index(realapk.ISO_INDEX, "x86_64")) == spilled[3]

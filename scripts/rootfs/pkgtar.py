@@ -100,58 +100,64 @@ def _checksum_ok(header: bytes) -> bool:
     return stored == unsigned
 
 
-def members(path: Path) -> list[Member]:
-    """Every member of the tar at ``path``, in order (or ``Unusual``)."""
-    out: list[Member] = []
-    with open(path, "rb") as f:
+def members(source: Path | bytes) -> list[Member]:
+    """Every member of the tar at ``source`` (a file, or its bytes), in order (or ``Unusual``)."""
+    if isinstance(source, bytes):
+        return _members(source, len(source))
+    with open(source, "rb") as f:
         size = f.seek(0, 2)
         if size == 0:
-            return out
+            return []
         with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-            pos = 0
-            pax: dict[str, str] = {}
-            while pos + 512 <= size:
-                header = m[pos : pos + 512]
-                if header == ZERO:
-                    break
-                if not _checksum_ok(header):
-                    raise Unusual("a header checksum that does not match")
-                kind = header[156:157]
-                length = _octal(header[124:136])
-                data = pos + 512
-                if kind == b"x":
-                    if pax:
-                        raise Unusual("two pax headers in a row")
-                    pax = _pax(m[data : data + length])
-                    pos = data + (length + 511) // 512 * 512
-                    continue
-                if kind not in TYPES:
-                    raise Unusual(f"member type {kind!r}")
-                typ = TYPES[kind]
-                name = _text(header[:100])
-                if kind == b"\0" and name.endswith("/"):
-                    typ = tarfile.DIRTYPE  # as tarfile reads an old-style (V7) directory
-                if typ == tarfile.DIRTYPE:
-                    name = name.rstrip("/")
-                if prefix := _text(header[345:500]):
-                    name = f"{prefix}/{name}"
-                linkname = _text(header[157:257])
-                uid, gid, mtime = _octal(header[108:116]), _octal(header[116:124]), float(_octal(header[136:148]))
-                if pax:
-                    name = pax["path"].rstrip("/") if "path" in pax else name
-                    linkname = pax.get("linkpath", linkname)
-                    try:
-                        length = int(pax.get("size", length))
-                        uid, gid = int(pax.get("uid", uid)), int(pax.get("gid", gid))
-                        mtime = float(pax.get("mtime", mtime))
-                    except ValueError:
-                        raise Unusual("a pax number that is not a number") from None
-                devmajor = devminor = 0
-                if typ in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-                    devmajor, devminor = _octal(header[329:337]), _octal(header[337:345])
-                has_data = typ == tarfile.REGTYPE
-                out.append(Member(name, typ, _octal(header[100:108]), uid, gid, mtime, length if has_data else 0,
-                                  linkname, devmajor, devminor, data, pax))  # fmt: skip
-                pax = {}
-                pos = data + ((length + 511) // 512 * 512 if has_data or kind == b"7" else 0)
+            return _members(m, size)
+
+
+def _members(m: bytes | mmap.mmap, size: int) -> list[Member]:
+    out: list[Member] = []
+    pos = 0
+    pax: dict[str, str] = {}
+    while pos + 512 <= size:
+        header = m[pos : pos + 512]
+        if header == ZERO:
+            break
+        if not _checksum_ok(header):
+            raise Unusual("a header checksum that does not match")
+        kind = header[156:157]
+        length = _octal(header[124:136])
+        data = pos + 512
+        if kind == b"x":
+            if pax:
+                raise Unusual("two pax headers in a row")
+            pax = _pax(m[data : data + length])
+            pos = data + (length + 511) // 512 * 512
+            continue
+        if kind not in TYPES:
+            raise Unusual(f"member type {kind!r}")
+        typ = TYPES[kind]
+        name = _text(header[:100])
+        if kind == b"\0" and name.endswith("/"):
+            typ = tarfile.DIRTYPE  # as tarfile reads an old-style (V7) directory
+        if typ == tarfile.DIRTYPE:
+            name = name.rstrip("/")
+        if prefix := _text(header[345:500]):
+            name = f"{prefix}/{name}"
+        linkname = _text(header[157:257])
+        uid, gid, mtime = _octal(header[108:116]), _octal(header[116:124]), float(_octal(header[136:148]))
+        if pax:
+            name = pax["path"].rstrip("/") if "path" in pax else name
+            linkname = pax.get("linkpath", linkname)
+            try:
+                length = int(pax.get("size", length))
+                uid, gid = int(pax.get("uid", uid)), int(pax.get("gid", gid))
+                mtime = float(pax.get("mtime", mtime))
+            except ValueError:
+                raise Unusual("a pax number that is not a number") from None
+        devmajor = devminor = 0
+        if typ in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            devmajor, devminor = _octal(header[329:337]), _octal(header[337:345])
+        has_data = typ == tarfile.REGTYPE
+        out.append(Member(name, typ, _octal(header[100:108]), uid, gid, mtime, length if has_data else 0,
+                          linkname, devmajor, devminor, data, pax))  # fmt: skip
+        pax = {}
+        pos = data + ((length + 511) // 512 * 512 if has_data or kind == b"7" else 0)
     return out

@@ -115,6 +115,7 @@ def assemble(plan: Plan, verified: Iterator[Any], scratch: Path) -> Stream:
     install scripts would, write the tar."""
     from ..apk import keys  # the merge's modules: a warm rebuild or a splice needs none of them
     from . import configure
+    from .inflate import Ahead
     from .tree import Tree
 
     alpine = plan.pins.alpine
@@ -123,17 +124,19 @@ def assemble(plan: Plan, verified: Iterator[Any], scratch: Path) -> Stream:
     try:
         scripts: dict[str, list[str]] = {}
         installed = []
-        for locked in plan.closure:
-            with log.phase("wait for fetch+verify"):  # what the merge waits for: the rest overlaps it
-                v = next(verified)
-            replaces = {r.split("=")[0].split("<")[0].split(">")[0] for r in v.pkginfo.get("replaces", [])}
-            with log.phase("decompress+merge packages"):
-                tree.add_package(locked.name, v.path, v.data_offset, replaces)
-            own = {n: data for n, data in v.files.items() if n.startswith(".") and n != ".PKGINFO"}
-            if own:
-                scripts[locked.name] = list(own)
-            installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo, locked.size, locked.arch,
-                                                        own, locked.tag))  # fmt: skip
+        with Ahead(verified, scratch) as ahead:
+            for locked in plan.closure:
+                # what the merge waits for: the rest overlaps it, on the other core
+                with log.phase("wait for fetch+verify+decompress"):
+                    v, data = next(ahead)
+                replaces = {r.split("=")[0].split("<")[0].split(">")[0] for r in v.pkginfo.get("replaces", [])}
+                with log.phase("merge packages"):
+                    tree.add_package(locked.name, data, replaces)
+                own = {n: body for n, body in v.files.items() if n.startswith(".") and n != ".PKGINFO"}
+                if own:
+                    scripts[locked.name] = list(own)
+                installed.append(configure.InstalledPackage(v.checksum, v.pkginfo, locked.repo, locked.size,
+                                                            locked.arch, own, locked.tag))  # fmt: skip
         with log.phase("configure (scripts, accounts, agent, apk db)"):
             report = configure.review_scripts(scripts)
             links = configure.busybox_links(tree)

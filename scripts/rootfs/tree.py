@@ -1,7 +1,7 @@
 """The merged root tree of an image, and its normalised tar stream (pure logic + scratch files).
 
-Each package's data member is decompressed once into a scratch tar (seekable); the tree
-keeps only metadata and where each file's bytes are. The output stream is sorted by path,
+Each package's data member is decompressed once (inflate.py: in memory, or into a scratch
+tar); the tree keeps only metadata and where each file's bytes are. The output stream is sorted by path,
 with owners, modes, links, device nodes and xattrs from the package tars (never from the
 host) and mtimes clamped to SOURCE_DATE_EPOCH, so the same packages give the same bytes.
 
@@ -13,6 +13,7 @@ extracted onto the host file system.
 
 from __future__ import annotations
 
+import io
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,17 +23,7 @@ from typing import IO, BinaryIO
 from ..apk.package import CHUNK
 from ..errors import BuildError
 from . import pkgtar
-
-try:  # ISA-L's inflate (python-isal, hash-locked in requirements.txt): half zlib's time. DEFLATE
-    from isal import isal_zlib as inflater  # decodes to one output, so the bytes are the same
-except ImportError:  # pragma: no cover - a platform without its wheel: the standard library's
-    import zlib as inflater  # type: ignore[no-redef]
-
-# ISA-L's AVX-512 inflate returns with the vector registers' upper halves in use (no vzeroupper),
-# and after that OpenSSL's SHA-NI sha256 (legacy SSE instructions) runs ~30% slower, in this
-# thread and in every thread it starts later: the stream's and the image's hashes, 0.02 s of a
-# build. glibc's vector memchr ends with vzeroupper; a search of 4 KiB of zeros runs it.
-_CLEAN = bytes(4096)
+from .inflate import Data
 
 # A PAX header apk-tools writes per file: not file metadata, so it is not copied.
 APK_CHECKSUM_PAX = "APK-TOOLS.checksum.SHA1"
@@ -65,7 +56,7 @@ class Node:
 class _Pkg:
     name: str
     replaces: frozenset[str]
-    tar: Path
+    data: Data
 
 
 @dataclass
@@ -141,29 +132,21 @@ class Tree:
 
     # -- adding packages ----------------------------------------------------------------------
 
-    def add_package(self, name: str, apk: Path, data_offset: int, replaces: set[str]) -> None:
-        """Decompress the package's data member to scratch and merge its entries."""
+    def add_package(self, name: str, data: Data, replaces: set[str]) -> None:
+        """Merge the entries of a package's data tar (the tree keeps it until ``close()``)."""
         index = len(self.packages)
-        tar_path = self.scratch / f"{index:04d}-{name}.tar"
-        with open(apk, "rb") as src, open(tar_path, "wb") as dst:
-            src.seek(data_offset)
-            d = inflater.decompressobj(31)
-            while chunk := src.read(CHUNK):
-                dst.write(d.decompress(chunk))
-                if d.eof:
-                    break
-            dst.write(d.flush())
-        _CLEAN.find(b"\1")  # the vector state as it was (see _CLEAN)
-        self.packages.append(_Pkg(name, frozenset(replaces), tar_path))
+        self.packages.append(_Pkg(name, frozenset(replaces), data))
+        source = data.buf if data.buf is not None else data.path
+        assert source is not None
         try:
-            members: list[pkgtar.Member] | None = pkgtar.members(tar_path)  # a third of tarfile's time
+            members: list[pkgtar.Member] | None = pkgtar.members(source)  # a third of tarfile's time
         except pkgtar.Unusual:
             members = None  # something only tarfile reads: it reads the whole package
         if members is not None:
             for member in members:
                 self._add_entry(member, index, name)
             return
-        with tarfile.open(tar_path, "r:") as tar:
+        with tarfile.open(fileobj=io.BytesIO(data.buf)) if data.buf is not None else tarfile.open(data.path) as tar:
             for info in tar:
                 self._add_entry(info, index, name)
 
@@ -267,15 +250,24 @@ class Tree:
             return None
         return b"".join(self._chunks(node))
 
-    def _chunks(self, node: Node) -> Iterator[bytes]:
+    def _chunks(self, node: Node) -> Iterator[bytes | memoryview]:
         if isinstance(node.source, bytes):
             yield node.source
             return
         assert node.source is not None
         index, offset = node.source
+        data = self.packages[index].data
+        if data.buf is not None:
+            if offset + node.size > len(data.buf):
+                raise BuildError(f"{node.path}: package {node.owner} is truncated")
+            view = memoryview(data.buf)
+            for start in range(offset, offset + node.size, CHUNK):
+                yield view[start : min(start + CHUNK, offset + node.size)]
+            return
         f = self._files.get(index)
         if f is None:
-            f = self._files[index] = open(self.packages[index].tar, "rb")  # noqa: SIM115 - closed in close()
+            assert data.path is not None
+            f = self._files[index] = open(data.path, "rb")  # noqa: SIM115 - closed in close()
         f.seek(offset)
         left = node.size
         while left:
@@ -289,6 +281,8 @@ class Tree:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        for p in self.packages:
+            p.data.release()
 
     # -- the stream ---------------------------------------------------------------------------
 
