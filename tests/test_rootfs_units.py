@@ -250,17 +250,22 @@ def test_what_is_wrong_with_os_release_is_said_as_it_is(tree: Tree) -> None:
     assert os_release_problem(tree, set()) is None
 
 
-def test_packages_come_out_of_the_decompressing_thread_in_order_and_its_errors_stop_the_merge(tmp_path: Path) -> None:
-    """What the merge gets from ``Ahead``: each verified package with its data tar, in the
-    closure's order; the verifier's error (a package that fails its check) raised where the
-    merge asks for that package, with nothing left running and every byte of the budget back."""
+def test_packages_come_out_of_the_decompressing_threads_in_order_and_an_error_stops_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the merge gets from ``Ahead``: each verified package with its data tar (in memory
+    while the budget lasts, then in a scratch file), in the closure's order; the verifier's error
+    (a package that fails its check; checking runs ahead of the merge) raised in the merge, with
+    nothing left running and every byte of the budget back."""
     import threading
     from types import SimpleNamespace
 
     from scripts.apk.trust import TrustError
     from scripts.rootfs import inflate
 
-    files = [package(tmp_path, f"p{i}", [(f"usr/share/p{i}", "file", bytes([i]) * (1000 * i))]) for i in range(6)]
+    n = 40
+    monkeypatch.setattr(inflate, "BUDGET", inflate._Budget(200_000))  # the first ones in memory, then files
+    files = [package(tmp_path, f"p{i}", [(f"usr/share/p{i}", "file", bytes([i]) * (1000 * i))]) for i in range(n)]
 
     def verified(fail_at: int | None) -> Iterator[SimpleNamespace]:
         for i, f in enumerate(files):
@@ -268,20 +273,24 @@ def test_packages_come_out_of_the_decompressing_thread_in_order_and_its_errors_s
                 raise TrustError(f"p{i}: data hash mismatch")
             yield SimpleNamespace(path=f, data_offset=0, name=f"p{i}")
 
-    before = inflate.BUDGET.left
-    with inflate.Ahead(verified(None), tmp_path) as ahead:  # type: ignore[arg-type]
+    (tmp_path / "scratch").mkdir()
+    with inflate.Ahead(verified(None), tmp_path / "scratch") as ahead:  # type: ignore[arg-type]
         got = [(v.name, data) for v, data in ahead]
-    assert [name for name, _ in got] == [f"p{i}" for i in range(6)]
+    assert [name for name, _ in got] == [f"p{i}" for i in range(n)]
     for i, (_, data) in enumerate(got):
-        assert data.buf is not None and bytes([i]) * (1000 * i) in data.buf  # small: all in memory
+        tar = data.buf if data.buf is not None else data.path.read_bytes()  # type: ignore[union-attr]
+        assert bytes([i]) * (1000 * i) in tar
+    assert got[0][1].buf is not None and got[-1][1].buf is None  # the budget ran out on the way
+    for _, data in got:
         data.release()  # as the tree does when it is closed
+    assert inflate.BUDGET.left == 200_000
     merged = []
-    with pytest.raises(TrustError, match="p5: data hash mismatch"), \
-            inflate.Ahead(verified(5), tmp_path) as ahead:  # type: ignore[arg-type]  # fmt: skip
+    with pytest.raises(TrustError, match="p25: data hash mismatch"), \
+            inflate.Ahead(verified(25), tmp_path / "scratch") as ahead:  # type: ignore[arg-type]  # fmt: skip
         for v, data in ahead:
             merged.append(v.name)
             data.release()
-    assert merged == [f"p{i}" for i in range(len(merged))] and len(merged) < 5  # checked ahead of the merge
-    assert inflate.BUDGET.left == before  # what was made ahead and never merged was given back too
+    assert merged == [f"p{i}" for i in range(len(merged))] and len(merged) < 25
+    assert inflate.BUDGET.left == 200_000  # what was made ahead and never merged was given back too
     assert not [t for t in threading.enumerate() if t.daemon and t.is_alive() and "_run" in t.name]
     assert sys.getswitchinterval() == pytest.approx(0.005)  # Python's own again

@@ -10,7 +10,7 @@ The bytes are the same either way (DEFLATE decodes to one output).
 
 from __future__ import annotations
 
-import queue
+import collections
 import sys
 import threading
 from collections.abc import Iterator
@@ -30,8 +30,10 @@ except ImportError:  # pragma: no cover - a platform without its wheel: the stan
     import zlib as inflater  # type: ignore[no-redef]
 
 # Data tars held in memory at once, by all of this process's builds together (`rootfs --all`
-# runs its three in threads): a real 83-package world is 37 MiB; a peak RSS under 200 MiB.
-MEMORY = 48 << 20
+# runs its three in threads). It is what the peak RSS grows by: `rootfs --all` of the synthetic
+# runtimes 112-130 -> 151-160 MiB (<= 200); a real 83-package world (37 MiB) nearly fits (at
+# 16 MiB it was 10% slower; at 48, `--all` reached 172 MiB for no gain here).
+MEMORY = 32 << 20
 
 # ISA-L's AVX-512 inflate returns with the vector registers' upper halves in use (no vzeroupper),
 # and after that OpenSSL's SHA-NI sha256 (legacy SSE instructions) runs ~30% slower, in this
@@ -101,10 +103,10 @@ def inflate(apk: Path, offset: int, spill: Path) -> Data:
         src.seek(offset)
         with open(spill, "wb") as dst:
             d = inflater.decompressobj(31)
-            while chunk := src.read(CHUNK):
-                dst.write(d.decompress(chunk))
-                if d.eof:
-                    break
+            while not d.eof and (chunk := src.read(CHUNK)):
+                while chunk and not d.eof:  # a MiB in, at most 4 out at a time (RSS)
+                    dst.write(d.decompress(chunk, 4 * CHUNK))
+                    chunk = d.unconsumed_tail
             dst.write(d.flush())
         _CLEAN.find(b"\1")
     return Data(None, spill)
@@ -135,41 +137,59 @@ def _quick_switch(on: bool) -> None:
 
 class Ahead:
     """The verified packages, each with its data tar, in order. This thread takes each from
-    ``verified`` (checking a cached file is mostly Python: it stays on the merge's thread) one
-    step ahead of the merge; another thread decompresses it meanwhile (C code that lets go of the
-    GIL: little else runs there, as every hand-back of the GIL waits for the merge's thread to
-    let go of it). ``close()`` (always: ``with``) stops that thread and waits for it."""
+    ``verified`` (checking a cached file is mostly Python: it stays on the merge's thread), at
+    least ``depth`` and, while the next data tar is not ready, up to ``most`` packages ahead of
+    the merge; another thread decompresses them meanwhile (C code that lets go of the GIL:
+    little else runs there, as every hand-back of the GIL waits for the merge's thread to let
+    go of it); with nothing left to check, this thread decompresses the last one waiting.
+    ``close()`` (always: ``with``) stops that thread and waits for it."""
 
-    def __init__(self, verified: Iterator[Verified], scratch: Path, depth: int = 4) -> None:
+    def __init__(self, verified: Iterator[Verified], scratch: Path, depth: int = 4, most: int = 32) -> None:
         self._verified = verified
         self._scratch = scratch
-        self._depth = depth
+        self._depth, self._most = depth, most
         self._sent = self._taken = 0
         self._done = False
-        self._todo: queue.Queue[tuple[int, Verified] | None] = queue.Queue()
-        self._made: queue.Queue[tuple[Verified, Data] | BaseException] = queue.Queue()
-        self._stop = threading.Event()
+        self._todo: collections.deque[tuple[int, Verified]] = collections.deque()
+        self._made: dict[int, tuple[Verified, Data] | BaseException] = {}
+        self._cond = threading.Condition()
+        self._stop = False
         _quick_switch(True)
         self._task = Task(self._run)
 
-    def _run(self) -> None:
-        while (job := self._todo.get()) is not None and not self._stop.is_set():
-            i, v = job
-            try:
-                data = inflate(v.path, v.data_offset, self._scratch / f"{i:04d}-{v.path.name}.tar")
-            except BaseException as exc:  # the merge raises it, as if it had met it itself
-                self._made.put(exc)
-                return
-            self._made.put((v, data))
+    def _make(self, i: int, v: Verified) -> None:
+        made: tuple[Verified, Data] | BaseException
+        try:
+            made = (v, inflate(v.path, v.data_offset, self._scratch / f"{i:04d}-{v.path.name}.tar"))
+        except BaseException as exc:  # the merge raises it, as if it had met it itself
+            made = exc
+        with self._cond:
+            self._made[i] = made
+            self._cond.notify_all()
 
-    def _send(self) -> None:
-        while not self._done and self._sent < self._taken + self._depth:
-            v = next(self._verified, None)
-            if v is None:
-                self._done = True
-                return
-            self._todo.put((self._sent, v))
-            self._sent += 1
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._todo and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                i, v = self._todo.popleft()
+            self._make(i, v)
+
+    def _send(self, ahead: int) -> bool:
+        """Check the next package and hand it over, if fewer than ``ahead`` are; whether it did."""
+        if self._done or self._sent >= self._taken + ahead:
+            return False
+        v = next(self._verified, None)
+        if v is None:
+            self._done = True
+            return False
+        with self._cond:
+            self._todo.append((self._sent, v))
+            self._cond.notify_all()
+        self._sent += 1
+        return True
 
     def __enter__(self) -> Ahead:
         return self
@@ -181,31 +201,40 @@ class Ahead:
         return self
 
     def __next__(self) -> tuple[Verified, Data]:
-        self._send()
-        if self._taken == self._sent:
+        while self._send(self._depth):
+            pass
+        i = self._taken
+        if i == self._sent:
             raise StopIteration
-        item = self._made.get()
+        while True:
+            with self._cond:
+                item = self._made.pop(i, None)
+            if item is not None:
+                break
+            if self._send(self._most):  # the wait spent checking the ones after it
+                continue
+            with self._cond:
+                steal = self._todo.pop() if self._todo and self._todo[-1][0] != i else None
+            if steal is not None:  # or decompressing the last one waiting
+                self._make(*steal)
+                continue
+            with self._cond:
+                while i not in self._made:
+                    self._cond.wait()
         if isinstance(item, BaseException):
-            self._made.put(item)
+            self._made[i] = item
             raise item
         self._taken += 1
-        try:
-            self._send()  # the next one starts before this one is merged
-        except BaseException:
-            item[1].release()  # the merge never gets it
-            raise
         return item
 
     def close(self) -> None:
         """Stop the other thread and wait for it; what it made and nobody took is given back."""
-        self._stop.set()
-        self._todo.put(None)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         self._task.exception()
         _quick_switch(False)
-        while True:
-            try:
-                item = self._made.get_nowait()
-            except queue.Empty:
-                return
+        for item in self._made.values():
             if isinstance(item, tuple):
                 item[1].release()
+        self._made.clear()
