@@ -258,6 +258,7 @@ def test_packages_come_out_of_the_decompressing_threads_in_order_and_an_error_st
     (a package that fails its check; checking runs ahead of the merge) raised in the merge, with
     nothing left running and every byte of the budget back."""
     import threading
+    import time
     from types import SimpleNamespace
 
     from scripts.apk.trust import TrustError
@@ -270,6 +271,8 @@ def test_packages_come_out_of_the_decompressing_threads_in_order_and_an_error_st
     def verified(fail_at: int | None) -> Iterator[SimpleNamespace]:
         for i, f in enumerate(files):
             if i == fail_at:
+                while inflate.BUDGET.left == 10 << 20:  # until one made ahead waits in memory
+                    time.sleep(0.001)
                 raise TrustError(f"p{i}: data hash mismatch")
             yield SimpleNamespace(path=f, data_offset=0, name=f"p{i}")
 
@@ -280,10 +283,12 @@ def test_packages_come_out_of_the_decompressing_threads_in_order_and_an_error_st
     for i, (_, data) in enumerate(got):
         tar = data.buf if data.buf is not None else data.path.read_bytes()  # type: ignore[union-attr]
         assert bytes([i]) * (1000 * i) in tar
-    assert got[0][1].buf is not None and got[-1][1].buf is None  # the budget ran out on the way
+    kept = [data.buf is not None for _, data in got]
+    assert any(kept) and not all(kept)  # the budget ran out on the way
     for _, data in got:
         data.release()  # as the tree does when it is closed
     assert inflate.BUDGET.left == 200_000
+    monkeypatch.setattr(inflate, "BUDGET", inflate._Budget(10 << 20))  # all in memory
     merged = []
     with pytest.raises(TrustError, match="p25: data hash mismatch"), \
             inflate.Ahead(verified(25), tmp_path / "scratch") as ahead:  # type: ignore[arg-type]  # fmt: skip
@@ -291,6 +296,6 @@ def test_packages_come_out_of_the_decompressing_threads_in_order_and_an_error_st
             merged.append(v.name)
             data.release()
     assert merged == [f"p{i}" for i in range(len(merged))] and len(merged) < 25
-    assert inflate.BUDGET.left == 200_000  # what was made ahead and never merged was given back too
+    assert inflate.BUDGET.left == 10 << 20  # what was made ahead and never merged was given back too
     assert not [t for t in threading.enumerate() if t.daemon and t.is_alive() and "_run" in t.name]
     assert sys.getswitchinterval() == pytest.approx(0.005)  # Python's own again
