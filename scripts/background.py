@@ -8,9 +8,11 @@ build's phase timings, log.py) goes with the work.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -47,3 +49,30 @@ def wait_all(tasks: list[Task[Any]]) -> None:
     errors = [e for t in tasks if (e := t.exception()) is not None]
     if errors:
         raise errors[0]
+
+
+_handoff_lock = threading.Lock()
+_handoff_users = 0
+_handoff_before = 0.0
+
+
+@contextlib.contextmanager
+def quick_handoff() -> Iterator[None]:
+    """While one thread runs Python and others run C code that lets go of the GIL (inflating,
+    hashing, writing), the GIL changes hands within 20 us of a request instead of Python's 5 ms:
+    each return of those threads from C waits for the Python one to let go. Beside a busy merge,
+    83 packages took 0.5 s to inflate at 5 ms, 0.065 s at 20 us (0.06 s alone); the stream's
+    writer waited the same way. Counted: `rootfs --all` runs its builds in threads."""
+    global _handoff_users, _handoff_before
+    with _handoff_lock:
+        if _handoff_users == 0:
+            _handoff_before = sys.getswitchinterval()
+            sys.setswitchinterval(2e-5)
+        _handoff_users += 1
+    try:
+        yield
+    finally:
+        with _handoff_lock:
+            _handoff_users -= 1
+            if _handoff_users == 0:
+                sys.setswitchinterval(_handoff_before)

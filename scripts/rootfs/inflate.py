@@ -11,7 +11,6 @@ The bytes are the same either way (DEFLATE decodes to one output).
 from __future__ import annotations
 
 import collections
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,36 +111,14 @@ def inflate(apk: Path, offset: int, spill: Path) -> Data:
     return Data(None, spill)
 
 
-_switch_lock = threading.Lock()
-_switch_users = 0
-_switch_before = 0.0
-
-
-def _quick_switch(on: bool) -> None:
-    """While a merge runs, the GIL changes hands within 20 us of a request, not Python's 5 ms:
-    each return of the decompressing thread from C code waits for the merge's thread to let go
-    of it (at 5 ms, the 83 packages of a real world took 0.5 s to decompress beside a busy
-    merge, against 0.06 s alone; at 20 us, 0.065 s). Counted: `rootfs --all` merges in threads."""
-    global _switch_users, _switch_before
-    with _switch_lock:
-        if on:
-            if _switch_users == 0:
-                _switch_before = sys.getswitchinterval()
-                sys.setswitchinterval(2e-5)
-            _switch_users += 1
-        else:
-            _switch_users -= 1
-            if _switch_users == 0:
-                sys.setswitchinterval(_switch_before)
-
-
 class Ahead:
     """The verified packages, each with its data tar, in order. This thread takes each from
     ``verified`` (checking a cached file is mostly Python: it stays on the merge's thread), at
     least ``depth`` and, while the next data tar is not ready, up to ``most`` packages ahead of
     the merge; another thread decompresses them meanwhile (C code that lets go of the GIL:
     little else runs there, as every hand-back of the GIL waits for the merge's thread to let
-    go of it); with nothing left to check, this thread decompresses the last one waiting.
+    go of it; run it inside ``background.quick_handoff()``); with nothing left to check, this
+    thread decompresses the last one waiting.
     ``close()`` (always: ``with``) stops that thread and waits for it."""
 
     def __init__(self, verified: Iterator[Verified], scratch: Path, depth: int = 4, most: int = 32) -> None:
@@ -154,7 +131,6 @@ class Ahead:
         self._made: dict[int, tuple[Verified, Data] | BaseException] = {}
         self._cond = threading.Condition()
         self._stop = False
-        _quick_switch(True)
         self._task = Task(self._run)
 
     def _make(self, i: int, v: Verified) -> None:
@@ -233,7 +209,6 @@ class Ahead:
             self._stop = True
             self._cond.notify_all()
         self._task.exception()
-        _quick_switch(False)
         for item in self._made.values():
             if isinstance(item, tuple):
                 item[1].release()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic, errors, log, paths, settings, sparse, stamps, workspace
-from ..background import Task, wait_all
+from ..background import Task, quick_handoff, wait_all
 from ..errors import VulcanError, no_space
 from ..formats import Job, Writer, Written
 from ..hashing import sha256_file
@@ -104,8 +104,8 @@ def _assemble(plan: Plan, scratch: Path, beside: list[Task[Any]]) -> tuple[Plan,
 def _merged(plan: Plan, scratch: Path) -> Stream:
     from ..apk import packages
 
-    try:
-        with packages.fetching(plan.pins, plan.closure, plan.arch, plan.runtime) as verified:
+    try:  # the merge is Python; inflating, hashing and writing run beside it on the other core
+        with packages.fetching(plan.pins, plan.closure, plan.arch, plan.runtime) as verified, quick_handoff():
             return stream.assemble(plan, verified, scratch)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:  # package trees and the tar are written to scratch
