@@ -806,13 +806,17 @@ def apk_assembly(b: Bench) -> dict[str, Any]:
     timed([b.py, "-m", "scripts", "rootfs", "--runtime", "real"], env)  # fetch, verify and cache the packages
     image = w.out / "images/real.ext4"
     size_mib = image.stat().st_size >> 20
-    ours, phases_runs, theirs, apk_only = [], [], [], []
-    for i in range(max(b.args.runs, 5)):  # one of ours, one of theirs: both see the machine as it is then
+    ours, plain, phases_runs, theirs, apk_only = [], [], [], [], []
+    for i in range(max(b.args.runs, 5)):  # ours, ours with plain mke2fs, theirs: each sees the machine as it is then
         image.unlink()
         secs, proc = timed([b.py, "-m", "scripts", "rootfs", "--runtime", "real"],
                            {**env, "VULCAN_REASSEMBLE": "1", "VULCAN_TIMING": "json"})  # fmt: skip
         ours.append(secs)
         phases_runs.append(phases(proc.stderr))
+        image.unlink()
+        secs, _ = timed([b.py, "-m", "scripts", "rootfs", "--runtime", "real"],
+                        {**env, "VULCAN_REASSEMBLE": "1", "VULCAN_MKE2FS_CRC32C": "0"})  # fmt: skip
+        plain.append(secs)
         # in RAM, as our build writes its image there (apk into a directory on this machine's disk
         # takes 2-3x as long: the strict floor is the RAM one)
         root = b.ram / f"apkroot{i}"
@@ -835,9 +839,13 @@ def apk_assembly(b: Bench) -> dict[str, Any]:
     manifest = json.loads((w.out / "images/real.manifest.json").read_text())
     packages = len(manifest["packages"])
     ratios = sorted(a / t for a, t in zip(ours, theirs, strict=True))
+    plain_ratios = sorted(a / t for a, t in zip(plain, theirs, strict=True))
     return {"packages": packages, "image_mib": size_mib, "ours_s": median(ours), "apk_mke2fs_s": median(theirs),
             "apk_s": median(apk_only), "ratio": median(ours) / median(theirs), "python_start_s": startup,
             "range": [min(ours), max(ours)], "ratio_range": [ratios[0], ratios[-1]],
+            "crc32c_instruction": any((w.cache / "tools").glob("ext2fs-crc32c-*.so")),
+            "plain_mke2fs_s": median(plain), "plain_ratio": median(plain) / median(theirs),
+            "plain_ratio_range": [plain_ratios[0], plain_ratios[-1]],
             "phases": median_phases(phases_runs)}  # fmt: skip
 
 
@@ -1023,6 +1031,10 @@ def apk_assembly_rows(r: dict[str, Any]) -> list[str]:
         f"{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}x (a Python start is {r['python_start_s']:.2f} s "
         f"of it); real apk alone {r['apk_s']:.2f} s; phases: "
         + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()),
+        ROW.format("  the same, mke2fs without the CRC-32C instruction", _s(r["plain_mke2fs_s"]),
+                   _s(r["apk_mke2fs_s"]), f"{r['plain_ratio']:.2f}x",
+                   f"(VULCAN_MKE2FS_CRC32C=0; each run: {r['plain_ratio_range'][0]:.2f}-"
+                   f"{r['plain_ratio_range'][1]:.2f}x)"),
     ]  # fmt: skip
 
 

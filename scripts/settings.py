@@ -158,6 +158,11 @@ def mke2fs_input() -> str | None:
     return value
 
 
+def mke2fs_crc32c() -> bool:
+    """Whether mke2fs gets the CRC-32C instruction (formats/ext4_crc.py): on unless 0."""
+    return _raw("VULCAN_MKE2FS_CRC32C") is None or _flag("VULCAN_MKE2FS_CRC32C")
+
+
 def reassemble() -> bool:
     return _flag("VULCAN_REASSEMBLE")
 
@@ -300,6 +305,8 @@ VARIABLES = (
     Variable("VULCAN_GOCACHE", "directory", "the Go build cache", go_cache),
     Variable("VULCAN_GOPROXY", "GOPROXY value", "a Go module proxy for agents with dependencies", go_proxy),
     Variable("VULCAN_MKE2FS_INPUT", "tar or dir", "force the tar path or the staging-directory path", mke2fs_input),
+    Variable("VULCAN_MKE2FS_CRC32C", "0 or 1", "0: mke2fs without the CPU's CRC-32C instruction (default 1: "
+             "with it where it is known to be right; the same image bytes)", mke2fs_crc32c),
     Variable("VULCAN_REASSEMBLE", "1", "assemble the tar stream even if the cache has it", reassemble),
     Variable("VULCAN_FETCH_WORKERS", "1-64", "parallel package downloads", fetch_workers),
     Variable("VULCAN_KEEP_TAR", "directory", "also keep each image's tar stream there", keep_tar),
