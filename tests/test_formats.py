@@ -107,3 +107,51 @@ def test_a_registered_format_is_built_listed_and_verified(
     assert rows[("images/python.tarfs", "tar reads it")].result == "pass"
     assert rows[("images/python.tarfs", "agent = bin/vulcan-guest")].result == "pass"
     assert rows[("images/python.tarfs", "sha256 = manifest")].result == "pass"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
+@pytest.mark.skipif(sys.platform != "linux" or __import__("os").uname().machine != "x86_64",
+                    reason="the CRC-32C instruction is used on x86-64 only")  # fmt: skip
+def test_a_crc32c_shim_that_computes_another_crc_is_never_given_to_mke2fs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ext4_crc32c.c as it is passes the check against the reference; the same file wrong by one
+    bit for one length is refused (said once, nothing kept in the cache) and mke2fs runs plain."""
+    from scripts.formats import ext4_crc
+
+    if not ext4_crc._cpu_has_sse42():
+        pytest.skip("this CPU has no SSE4.2")
+    assert ext4_crc.crc32c(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xE3069283  # the reference (RFC 3720)
+    monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "good"))
+    good = ext4_crc.preload()
+    assert good is not None and good.parent == tmp_path / "good/tools" and ext4_crc.check(good) is None
+    wrong = tmp_path / "wrong.c"  # right for every length but 7
+    wrong.write_text("""#include <stddef.h>
+#include <stdint.h>
+uint32_t ext2fs_crc32c_le(uint32_t crc, unsigned char const *p, size_t len) {
+    size_t n = len;
+    while (len--) {
+        crc ^= *p++;
+        for (int k = 0; k < 8; k++) crc = (crc >> 1) ^ (0x82F63B78u & -(crc & 1u));
+    }
+    return n == 7 ? crc ^ 1u : crc;
+}
+""")
+    monkeypatch.setattr(ext4_crc, "SOURCE", wrong)
+    monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "bad"))
+    assert ext4_crc.preload() is None
+    assert "gives another CRC of" in capsys.readouterr().err
+    assert list((tmp_path / "bad/tools").iterdir()) == []
+    monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "off"))
+    monkeypatch.setenv("VULCAN_MKE2FS_CRC32C", "0")
+    monkeypatch.setattr(ext4_crc, "SOURCE", tmp_path / "absent.c")  # not even looked at
+    assert ext4_crc.preload() is None
+
+
+def test_without_a_c_compiler_mke2fs_runs_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scripts.formats import ext4_crc
+
+    monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc
+    assert ext4_crc.preload() is None
+    assert not (tmp_path / "cache/tools").exists()
