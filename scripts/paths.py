@@ -123,7 +123,7 @@ def output_entries(top: str) -> tuple[str, ...]:
 
 
 LEFTOVER_ENTRIES = (".stamps", ".vulcan-*", ".*.tmp", ".*.part", MARKER)  # .part: an interrupted pull
-CACHE_ENTRIES = ("sha256", "apk", "keys", "rootfs", "go", "go-build", "oci", MARKER)
+CACHE_ENTRIES = ("sha256", "apk", "keys", "rootfs", "go", "go-build", "oci", "tools", MARKER)
 
 
 def is_marked(directory: Path) -> bool:

@@ -19,7 +19,7 @@ import os
 import threading
 from pathlib import Path
 
-from .. import log, settings
+from .. import log, paths, settings
 from ..errors import ToolMissing
 from ..run import minimal_env, run_tool, which
 
@@ -77,6 +77,7 @@ def _find_or_build(tools: Path) -> Path | None:
     except ToolMissing:
         return None
     try:
+        paths.claim_cache()  # `clean --all` removes what is ours in it: tools/ is
         tools.mkdir(parents=True, exist_ok=True)
         tmp = tools / f".{built.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         proc = run_tool([cc, "-O2", "-shared", "-fPIC", "-o", tmp, SOURCE], env=minimal_env(), quiet=True,
