@@ -314,3 +314,25 @@ def test_a_quick_handoff_of_the_gil_ends_with_the_last_build_that_asked_for_it()
     assert sys.getswitchinterval() < before / 100  # the other build still merges
     second.__exit__(None, None, None)
     assert sys.getswitchinterval() == before
+
+
+def test_a_data_member_that_does_not_inflate_gives_its_budget_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package whose data member is damaged after its check (the cache changed under the
+    build) fails the merge with the inflater's error, and holds no memory afterwards."""
+    from scripts.rootfs import inflate
+
+    monkeypatch.setattr(inflate, "BUDGET", inflate._Budget(1 << 20))
+    good = package(tmp_path, "p", [("usr/share/p", "file", bytes(range(256)) * 100)])
+    raw = bytearray(good.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # inside the DEFLATE stream; the trailer still says its size
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(raw)
+    with pytest.raises(Exception, match="(?i)error|invalid|incorrect|corrupt"):
+        inflate.inflate(bad, 0, tmp_path / "bad.tar")
+    assert inflate.BUDGET.left == 1 << 20
+    data = inflate.inflate(good, 0, tmp_path / "good.tar")
+    assert data.buf is not None and inflate.BUDGET.left < 1 << 20
+    data.release()
+    assert inflate.BUDGET.left == 1 << 20

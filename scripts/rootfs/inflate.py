@@ -1,11 +1,11 @@
-"""Each package's data member decompressed on another thread, one step ahead of the merge.
+"""Each package's data member decompressed on another thread, ahead of the merge.
 
 ISA-L's inflate lets go of the GIL, so while the merge reads package N, the second core
-decompresses package N+1 (and, for a cached file, checks its hashes first: the ``verified``
-iterator runs here). A data tar is kept in memory while this process's budget allows (the
-merge and the stream's writer read it from there: no scratch file written and read back);
-past it, and for a member that does not say its size truly, it is written to a scratch file.
-The bytes are the same either way (DEFLATE decodes to one output).
+decompresses the packages after it (``Ahead``: the merge's own thread checks them, and helps
+decompress when it would otherwise wait). A data tar is kept in memory while this process's
+budget allows (the merge and the stream's writer read it from there: no scratch file written
+and read back); past it, and for a member that may not state its size truly, it is written to a
+scratch file. The bytes are the same either way (DEFLATE decodes to one output).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..apk.package import CHUNK
 from ..background import Task
@@ -36,8 +36,8 @@ MEMORY = 32 << 20
 
 # ISA-L's AVX-512 inflate returns with the vector registers' upper halves in use (no vzeroupper),
 # and after that OpenSSL's SHA-NI sha256 (legacy SSE instructions) runs ~30% slower, in this
-# thread and in every thread it starts later: the next package's verification, the stream's and
-# the image's hashes. glibc's vector memchr ends with vzeroupper; a search of 4 KiB of zeros runs it.
+# thread and in every thread it starts later: the packages' verification, the stream's and the
+# image's hashes. glibc's vector memchr ends with vzeroupper; a search of 4 KiB of zeros runs it.
 _CLEAN = bytes(4096)
 
 # Below this many compressed bytes a gzip member holds less than 4 GiB (DEFLATE's ratio is at
@@ -86,19 +86,14 @@ def inflate(apk: Path, offset: int, spill: Path) -> Data:
         src.seek(max(end - 4, offset))
         size = int.from_bytes(src.read(4), "little")  # ISIZE: the size mod 2**32 (RFC 1952)
         if BUDGET.take(size):
-            src.seek(offset)
-            raw = src.read()
-            if len(raw) < _EXACT:  # one call: one hand-back of the GIL (decompressobj's take three)
-                out = inflater.decompress(raw, 31, size)  # checks ISIZE: the size is exact
-                _CLEAN.find(b"\1")  # the vector state as it was (see _CLEAN)
-                return Data(out, None, size)
-            d = inflater.decompressobj(31)
-            out = d.decompress(raw, size + 1)  # never more than it said it would be
-            _CLEAN.find(b"\1")
-            if d.eof and len(out) == size:
-                return Data(out, None, size)
+            try:
+                data = _in_memory(src, offset, size)
+            except BaseException:
+                BUDGET.give(size)
+                raise
+            if data is not None:
+                return data
             BUDGET.give(size)  # 4 GiB or more (ISIZE wrapped): the file takes it
-            del out
         src.seek(offset)
         with open(spill, "wb") as dst:
             d = inflater.decompressobj(31)
@@ -109,6 +104,19 @@ def inflate(apk: Path, offset: int, spill: Path) -> Data:
             dst.write(d.flush())
         _CLEAN.find(b"\1")
     return Data(None, spill)
+
+
+def _in_memory(src: BinaryIO, offset: int, size: int) -> Data | None:
+    src.seek(offset)
+    raw = src.read()
+    if len(raw) < _EXACT:  # one call: one hand-back of the GIL (decompressobj's take three)
+        out = inflater.decompress(raw, 31, size)  # checks ISIZE: the size is exact
+        _CLEAN.find(b"\1")  # the vector state as it was (see _CLEAN)
+        return Data(out, None, size)
+    d = inflater.decompressobj(31)
+    out = d.decompress(raw, size + 1)  # never more than it said it would be
+    _CLEAN.find(b"\1")
+    return Data(out, None, size) if d.eof and len(out) == size else None
 
 
 class Ahead:
