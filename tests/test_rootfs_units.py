@@ -336,3 +336,27 @@ def test_a_data_member_that_does_not_inflate_gives_its_budget_back(
     assert data.buf is not None and inflate.BUDGET.left < 1 << 20
     data.release()
     assert inflate.BUDGET.left == 1 << 20
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "scratch-file"])
+def test_a_package_only_tarfile_reads_is_merged_from_memory_or_its_scratch_file(
+    tree: Tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_memory: bool
+) -> None:
+    """GNU long names are something pkgtar leaves to tarfile: the package is merged all the same,
+    from its bytes in memory or from its scratch file."""
+    from scripts.rootfs import inflate
+
+    monkeypatch.setattr(inflate, "BUDGET", inflate._Budget(1 << 20 if in_memory else 0))
+    long = "usr/share/" + "d" * 120 + "/file"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(long)
+        info.size, info.mode, info.mtime = 5, 0o644, 1_700_000_000
+        tar.addfile(info, io.BytesIO(b"hello"))
+    apk = tmp_path / "gnu.tar.gz"
+    apk.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
+    data = inflate.inflate(apk, 0, tree.scratch / "gnu.tar")
+    assert (data.buf is not None) == in_memory
+    tree.add_package("gnu", data, set())
+    assert tree.read(long) == b"hello"
+    tree.close()

@@ -1,9 +1,10 @@
 """The merged root tree of an image, and its normalised tar stream (pure logic + scratch files).
 
 Each package's data member is decompressed once (inflate.py: in memory, or into a scratch
-tar); the tree keeps only metadata and where each file's bytes are. The output stream is sorted by path,
-with owners, modes, links, device nodes and xattrs from the package tars (never from the
-host) and mtimes clamped to SOURCE_DATE_EPOCH, so the same packages give the same bytes.
+tar); the tree keeps only metadata and where each file's bytes are. The output stream is
+sorted by path, with owners, modes, links, device nodes and xattrs from the package tars
+(never from the host) and mtimes clamped to SOURCE_DATE_EPOCH, so the same packages give the
+same bytes.
 
 Safety: entry names with ``..`` or a leading ``/`` are rejected, and so are entries whose
 path goes through a symlink that leads out of the root; a path through a symlink that stays
@@ -146,7 +147,8 @@ class Tree:
             for member in members:
                 self._add_entry(member, index, name)
             return
-        with tarfile.open(fileobj=io.BytesIO(data.buf)) if data.buf is not None else tarfile.open(data.path) as tar:
+        source_file = io.BytesIO(data.buf) if data.buf is not None else None
+        with tarfile.open(data.path, "r:", fileobj=source_file) as tar:
             for info in tar:
                 self._add_entry(info, index, name)
 
