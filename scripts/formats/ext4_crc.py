@@ -14,6 +14,7 @@ output, and it links to nothing (not even libc), so a cache shared between hosts
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -76,26 +77,27 @@ def _find_or_build(tools: Path) -> Path | None:
         cc = which("cc")
     except ToolMissing:
         return None
+    tmp = tools / f".{built.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         paths.claim_cache()  # `clean --all` removes what is ours in it: tools/ is
         tools.mkdir(parents=True, exist_ok=True)
-        tmp = tools / f".{built.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         proc = run_tool([cc, "-O2", "-shared", "-fPIC", "-o", tmp, SOURCE], env=minimal_env(), quiet=True,
                         check=False)  # fmt: skip
         if proc.returncode != 0:
             log.debug(f"mke2fs runs without the CRC-32C instruction: {cc} could not build {SOURCE.name}: "
                       f"{proc.stderr.decode(errors='replace')[-300:]}")  # fmt: skip
-            tmp.unlink(missing_ok=True)
             return None
         problem = check(tmp)
         if problem is not None:
             log.warn(f"mke2fs runs without the CRC-32C instruction: {SOURCE.name} as {cc} built it {problem}")
-            tmp.unlink(missing_ok=True)
             return None
         os.replace(tmp, built)
-    except OSError as exc:  # a read-only cache: build it in no place, use nothing
+    except OSError as exc:  # a read-only cache, or one mounted noexec (it cannot be loaded): use nothing
         log.debug(f"mke2fs runs without the CRC-32C instruction: {exc}")
         return None
+    finally:
+        with contextlib.suppress(OSError):  # after os.replace, or where nothing could be written
+            tmp.unlink()
     return built
 
 
