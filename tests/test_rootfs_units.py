@@ -274,12 +274,12 @@ def test_packages_come_out_of_the_decompressing_threads_in_order_and_an_error_st
                 while inflate.BUDGET.left == 10 << 20:  # until one made ahead waits in memory
                     time.sleep(0.001)
                 raise TrustError(f"p{i}: data hash mismatch")
-            yield SimpleNamespace(path=f, data_offset=0, name=f"p{i}")
+            yield SimpleNamespace(path=f, data_offset=0)
 
     (tmp_path / "scratch").mkdir()
     with inflate.Ahead(verified(None), tmp_path / "scratch") as ahead:  # type: ignore[arg-type]
-        got = [(v.name, data) for v, data in ahead]
-    assert [name for name, _ in got] == [f"p{i}" for i in range(n)]
+        got = [(v.path, data) for v, data in ahead]
+    assert [path for path, _ in got] == files
     for i, (_, data) in enumerate(got):
         tar = data.buf if data.buf is not None else data.path.read_bytes()  # type: ignore[union-attr]
         assert bytes([i]) * (1000 * i) in tar
@@ -293,9 +293,9 @@ def test_packages_come_out_of_the_decompressing_threads_in_order_and_an_error_st
     with pytest.raises(TrustError, match="p25: data hash mismatch"), \
             inflate.Ahead(verified(25), tmp_path / "scratch") as ahead:  # type: ignore[arg-type]  # fmt: skip
         for v, data in ahead:
-            merged.append(v.name)
+            merged.append(v.path)
             data.release()
-    assert merged == [f"p{i}" for i in range(len(merged))] and len(merged) < 25
+    assert merged == files[: len(merged)] and len(merged) < 25
     assert inflate.BUDGET.left == 10 << 20  # what was made ahead and never merged was given back too
     assert not [t for t in threading.enumerate() if t.daemon and t.is_alive() and "_run" in t.name]
 

@@ -19,7 +19,7 @@ from tests.support import realapk
 
 
 class _Reader(io.RawIOBase):
-    def __init__(self, chunks: Iterator[bytes]) -> None:
+    def __init__(self, chunks: Iterator[bytes | memoryview]) -> None:
         self._data = b"".join(chunks)
         self._pos = 0
 

@@ -20,6 +20,7 @@ from scripts.apk.solver import Solver
 from scripts.apk.trust import Keyring
 from scripts.formats.squashfs_read import EXTRACT
 from scripts.pins import host_arch
+from scripts.rootfs.inflate import inflate
 from scripts.rootfs.tree import Tree
 from tests.support.world import SHARED
 
@@ -71,7 +72,7 @@ def _installed(dest: Path) -> Apk:
     tree = Tree(scratch)
     for p in closure:
         v = verify_package(ISO / "x86_64" / f"{p.name}-{p.version}.apk", p, None, p.name)
-        tree.add_package(p.name, v.path, v.data_offset, set())
+        tree.add_package(p.name, inflate(v.path, v.data_offset, scratch / f"{p.name}.tar"), set())
     tar_path = scratch / "apk.tar"
     with open(tar_path, "wb") as f:
         tree.write_tar(f, 0)
