@@ -1123,6 +1123,14 @@ def main() -> int:
         "--only", metavar="FIGURE", help="measure this figure alone (apk_assembly, apk_runtimes, cold_floor, ...)"
     )
     b = setup(ap.parse_args())
+    try:  # the work directory and the RAM one (in /dev/shm: it would hold the RAM until a reboot) go
+        return _measure(b)  # however the run ends, Ctrl-C of --only-setup included
+    finally:
+        shutil.rmtree(b.work, ignore_errors=True)
+        shutil.rmtree(b.ram, ignore_errors=True)
+
+
+def _measure(b: Bench) -> int:
     if b.args.only_setup:
         subprocess.run([b.py, "-m", "scripts", "guest"], env=b.env, cwd=ROOT, check=True, capture_output=True)
         b.build("rootfs", "--all")
@@ -1132,9 +1140,7 @@ def main() -> int:
         return 0
     if b.args.only:
         [f] = [f for f in FIGURES if f.key == b.args.only]
-        result = f.measure(b)
-        print("\n".join(f.rows(result)))
-        shutil.rmtree(b.work, ignore_errors=True)
+        print("\n".join(f.rows(f.measure(b))))
         return 0
     for f in FIGURES:
         b.results[f.key] = f.measure(b)
@@ -1143,8 +1149,6 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(b.results, indent=1) + "\n")
     print(report(b.results))
-    shutil.rmtree(b.work, ignore_errors=True)
-    shutil.rmtree(b.ram, ignore_errors=True)
     return 0
 
 
