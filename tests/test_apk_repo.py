@@ -50,9 +50,14 @@ def env(world: World, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
 
 
 def packages_for(pins: Pins, runtime: str, arch: str, frozen: bool) -> tuple[list[Locked], list[Verified]]:
-    """What a build does: the locked closure, then its verified files (re-locking once if allowed)."""
+    """What a build does (rootfs/make.py ``_assemble``): the locked closure, then its verified
+    files; after a locked package left the mirror, one re-lock (not with ``frozen``) and again."""
     closure = lockfile.ensure_locked(pins, runtime, arch, frozen)
-    return packages.fetch_locked(pins, runtime, arch, frozen, closure)
+    try:
+        return closure, packages.fetch_all(pins, closure, arch, runtime)
+    except packages.PackageGone as exc:
+        closure = packages.relock(pins, runtime, arch, frozen, exc)
+        return closure, packages.fetch_all(pins, closure, arch, runtime)
 
 
 def requests_since(mirror: Mirror, n: int) -> list[str]:

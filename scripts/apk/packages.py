@@ -186,18 +186,6 @@ def relock(pins: Pins, runtime: str, arch: str, frozen: bool, gone: PackageGone)
     return lock_runtime(pins, runtime, arch)
 
 
-def fetch_locked(
-    pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[Locked]
-) -> tuple[list[Locked], list[Verified]]:
-    """The verified files of ``closure``; if a locked package left the mirror, re-lock once
-    (not with ``frozen``) and return the new closure: the caller must re-plan from it."""
-    try:
-        return closure, fetch_all(pins, closure, arch, runtime)
-    except PackageGone as exc:
-        closure = relock(pins, runtime, arch, frozen, exc)
-        return closure, fetch_all(pins, closure, arch, runtime)
-
-
 def _relock_hint(pins: Pins, runtime: str, arch: str) -> str:
     """What helps when a locked package left the mirror: a re-lock, if the pins still resolve
     against today's indexes (resolved here, read-only, to know); otherwise a change of the world."""
