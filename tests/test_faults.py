@@ -379,42 +379,60 @@ def test_kill_9_at_each_build_phase_then_a_rerun_succeeds_and_cleans_up(
     assert not [r for r in rows if r["result"] == "FAIL" and "python" in r["artifact"]]
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
+def _stat(pid: int) -> tuple[str, str, int, int] | None:
+    """(comm, state, ppid, start time) of a process from /proc/PID/stat, or None once it is gone.
+    stat, unlike cmdline, never waits on the process's memory map (a reader of cmdline blocks
+    while any process it scans is stuck in a page fault: other work on the machine)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+    return comm, rest[0], int(rest[1]), int(rest[19])
+
+
+def _children(pid: int) -> dict[int, tuple[str, str, int, int]]:
+    found = {}
     for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and text.encode() in (d / "cmdline").read_bytes():
-                found.append(int(d.name))
-        except OSError:
-            continue
+        if d.name.isdigit() and (st := _stat(int(d.name))) is not None and st[2] == pid:
+            found[int(d.name)] = st
     return found
 
 
 def test_a_tool_dies_with_the_build_that_started_it() -> None:
     """kill -9 of the build's own process (not its group: a supervisor, the OOM killer): the
     tool it runs (mke2fs into RAM scratch, a VM) must not run on as an orphan."""
-    token = f"{30 + os.getpid() % 1000}.{time.time_ns() % 10**6}"
     build = subprocess.Popen(
-        [sys.executable, "-c", f"from scripts.run import run_tool; run_tool(['sleep', '{token}'])"], cwd=REPO,
+        [sys.executable, "-c", "from scripts.run import run_tool; run_tool(['sleep', '600'])"], cwd=REPO,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert build.stderr is not None
     assert "$ sleep" in build.stderr.readline()
-    deadline = time.monotonic() + 10
-    while not _processes_mentioning(f"sleep\0{token}") and time.monotonic() < deadline:
+    # the tool is the build's child (setpriv execs it in place); the deadlines bound a failure only
+    deadline, tool = time.monotonic() + 60, None
+    while tool is None and time.monotonic() < deadline:
+        tool = next(((pid, st) for pid, st in _children(build.pid).items() if st[0] == "sleep"), None)
         time.sleep(0.02)
-    if not _processes_mentioning(f"sleep\0{token}"):
+    if tool is None:
+        seen = _children(build.pid)
         build.kill()
-        raise AssertionError(f"the tool never started: {build.communicate(timeout=10)[1]}")
+        err = build.communicate(timeout=10)[1]
+        raise AssertionError(f"the tool never started; the build's children: {seen}; {err}")
+    pid, (_, _, _, started) = tool
     build.kill()
     build.wait(10)
-    deadline = time.monotonic() + 10
-    while _processes_mentioning(f"sleep\0{token}") and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+
+    def running() -> bool:  # the same process (not a reused pid), and not a zombie waiting to be reaped
+        st = _stat(pid)
+        return st is not None and st[3] == started and st[1] not in ("Z", "X")
+
+    while running() and time.monotonic() < deadline:
         time.sleep(0.05)
-    left = _processes_mentioning(f"sleep\0{token}")
-    for pid in left:
+    alive = running()
+    if alive:
         os.kill(pid, signal.SIGKILL)
-    assert left == [], "the tool outlived the build that started it"
+    assert not alive, "the tool outlived the build that started it"
 
 
 def test_clean_sweeps_the_ram_scratch_a_killed_build_left(ready: World, tmp_path: Path) -> None:
