@@ -117,14 +117,15 @@ def test_a_crc32c_shim_that_computes_another_crc_is_never_given_to_mke2fs(
 ) -> None:
     """ext4_crc32c.c as it is passes the check against the reference; the same file wrong by one
     bit for one length is refused (said once, nothing kept in the cache) and mke2fs runs plain."""
-    from scripts.formats import ext4_crc
+    from scripts.formats import ext4_preload as ext4_crc
 
     if not ext4_crc._cpu_has_sse42():
         pytest.skip("this CPU has no SSE4.2")
     assert ext4_crc.crc32c(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xE3069283  # the reference (RFC 3720)
+    monkeypatch.setenv("VULCAN_MKE2FS_READ_CACHE", "0")  # the CRC-32C helper alone
     monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "good"))
-    good = ext4_crc.preload()
-    assert good is not None and good.parent == tmp_path / "good/tools" and ext4_crc.check(good) is None
+    [good] = ext4_crc.preload()
+    assert good.parent == tmp_path / "good/tools" and ext4_crc.check(good) is None
     wrong = tmp_path / "wrong.c"  # right for every length but 7
     wrong.write_text("""#include <stddef.h>
 #include <stdint.h>
@@ -139,19 +140,141 @@ uint32_t ext2fs_crc32c_le(uint32_t crc, unsigned char const *p, size_t len) {
 """)
     monkeypatch.setattr(ext4_crc, "SOURCE", wrong)
     monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "bad"))
-    assert ext4_crc.preload() is None
+    assert ext4_crc.preload() == []
     assert "gives another CRC of" in capsys.readouterr().err
     assert list((tmp_path / "bad/tools").iterdir()) == []
     monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "off"))
     monkeypatch.setenv("VULCAN_MKE2FS_CRC32C", "0")
     monkeypatch.setattr(ext4_crc, "SOURCE", tmp_path / "absent.c")  # not even looked at
-    assert ext4_crc.preload() is None
+    assert ext4_crc.preload() == []
 
 
 def test_without_a_c_compiler_mke2fs_runs_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scripts.formats import ext4_crc
+    from scripts.formats import ext4_preload
 
     monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc
-    assert ext4_crc.preload() is None
+    assert ext4_preload.preload() == []
     assert not (tmp_path / "cache/tools").exists()
+
+
+# Run under LD_PRELOAD of the read cache: random reads and writes of a file (aligned or not, through
+# two descriptors, truncate, punched holes, O_APPEND, a shared mapping), each read against a model
+# of the file and the file against it after each change (write-through); then a change made behind
+# it (by another process) that a kept block does not see: the reads were served from the cache.
+_READ_CACHE_DRIVER = r"""
+import ctypes, mmap, os, random, subprocess, sys
+path = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)  # its fallocate is the preloaded one
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+rng = random.Random(26)
+model = bytearray(os.urandom(1 << 18))
+with open(path, "wb") as f:
+    f.write(model)
+fd = os.open(path, os.O_RDWR)
+other = os.open(path, os.O_RDWR)
+
+def check_read(at, n):
+    got = os.pread(fd, n, at)
+    want = bytes(model[at:at + n])
+    if got != want:
+        sys.exit(f"read of {n} at {at}: not what the file holds")
+
+def check_file():
+    with open(path, "rb") as f:
+        if f.read() != bytes(model):
+            sys.exit("the file is not what was written to it")
+
+for step in range(3000):
+    op = rng.random()
+    at = rng.randrange(0, len(model) + 8192) if rng.random() < 0.3 else rng.randrange(0, len(model) // 4096) * 4096
+    n = rng.choice((4096, 8192, 512, 1, 784, rng.randrange(1, 20000)))
+    if op < 0.6:
+        check_read(at, n)
+    elif op < 0.85:
+        data = os.urandom(n)
+        os.pwrite(fd if rng.random() < 0.8 else other, data, at)
+        if at > len(model):
+            model.extend(bytes(at - len(model)))
+        model[at:at + n] = data
+        check_file()
+    elif op < 0.9:
+        data = os.urandom(n)
+        os.lseek(other, at, 0)
+        os.write(other, data)
+        if at > len(model):
+            model.extend(bytes(at - len(model)))
+        model[at:at + n] = data
+        check_file()
+    elif op < 0.94:
+        at = at // 4096 * 4096
+        if libc.fallocate(fd, 3, at, 8192) != 0:  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+            sys.exit(f"fallocate: errno {ctypes.get_errno()}")
+        end = min(at + 8192, len(model))
+        if at < end:
+            model[at:end] = bytes(end - at)
+        check_file()
+    elif op < 0.97:
+        size = rng.randrange(1 << 17, 1 << 18)
+        (os.ftruncate(fd, size) if rng.random() < 0.5 else os.truncate(path, size))
+        model = model[:size] + bytes(max(0, size - len(model)))
+        check_file()
+    else:
+        os.close(fd)
+        fd = os.open(path, os.O_RDWR)
+for at in range(0, len(model), 4096):
+    check_read(at, 4096)
+
+# every block is kept now: a change the cache cannot see (another process) is not read back
+os.pwrite(fd, os.urandom(4096), 0)
+model[0:4096] = os.pread(other, 4096, 0)
+check_read(0, 4096)
+
+def behind(data):  # written by another process, which the cache cannot follow
+    code = "import os, sys; os.pwrite(os.open(sys.argv[1], os.O_WRONLY), bytes.fromhex(sys.argv[2]), 0)"
+    subprocess.run([sys.executable, "-c", code, path, data.hex()], check=True)
+
+behind(os.urandom(64))
+stale = os.pread(fd, 4096, 0) == bytes(model[:4096])
+model[0:4096] = os.pread(other, 4096, 0) if not stale else os.pread(fd, 4096, 0)
+if sys.argv[2] == "append":  # written through an O_APPEND descriptor: the cache is off for good
+    os.pwrite(os.open(path, os.O_RDWR | os.O_APPEND), b"x", 0)
+else:  # through a shared writable mapping: off for good as well
+    with mmap.mmap(os.open(path, os.O_RDWR), 4096) as mapped:
+        mapped[100:101] = b"y"
+data = os.urandom(64)
+behind(data)
+model = bytearray(open(path, "rb").read())
+check_read(0, 4096)
+print("served from the cache" if stale else "read from the file")
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
+@pytest.mark.skipif(sys.platform != "linux" or __import__("os").uname().machine not in ("x86_64", "aarch64"),
+                    reason="the read cache is built on 64-bit Linux only")  # fmt: skip
+def test_the_read_cache_returns_what_the_file_holds_and_writes_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import subprocess
+
+    from scripts.formats import ext4_preload
+
+    monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VULCAN_MKE2FS_CRC32C", "0")
+    [shim] = ext4_preload.preload()
+    assert shim.name.startswith("mke2fs-readcache-")
+    image = tmp_path / "image"
+    image.touch()  # the file is found when the cache is loaded
+    env = {**os.environ, **ext4_preload.image_env(image), "LD_PRELOAD": str(shim)}
+    for end in ("append", "mmap"):
+        run = subprocess.run([sys.executable, "-c", _READ_CACHE_DRIVER, str(image), end], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "served from the cache"
+    # the same driver without the cache: it reads the change made behind it
+    plain = subprocess.run([sys.executable, "-c", _READ_CACHE_DRIVER, str(image), "mmap"], capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.strip() == "read from the file"

@@ -206,11 +206,11 @@ def test_two_builds_in_different_scratch_directories_are_bit_identical(built: Wo
     assert sha(out / "images/python.ext4") == sha(image(built))
 
 
-def _crc32c_instruction_here() -> str | None:
-    """Why mke2fs cannot get the CRC-32C instruction on this machine (None: it can)."""
-    from scripts.formats import ext4_crc
+def _helpers_here() -> str | None:
+    """Why mke2fs cannot get both helpers of ext4_preload.py on this machine (None: it can)."""
+    from scripts.formats import ext4_preload
 
-    if os.uname().machine != "x86_64" or not ext4_crc._cpu_has_sse42():
+    if os.uname().machine != "x86_64" or not ext4_preload._cpu_has_sse42():
         return "not x86-64 with SSE4.2"
     if shutil.which("cc") is None:
         return "no C compiler (cc)"
@@ -218,16 +218,19 @@ def _crc32c_instruction_here() -> str | None:
 
 
 @pytest.mark.skipif(not TAR_OK, reason="needs e2fsprogs >= 1.47.1 (tar input) for bit-identical images")
-@pytest.mark.skipif(_crc32c_instruction_here() is not None, reason=f"{_crc32c_instruction_here()}")
-def test_mke2fs_with_the_crc32c_instruction_writes_the_image_plain_mke2fs_writes(built: World, tmp_path: Path) -> None:
-    """The built images had mke2fs with ext4_crc32c.c (built into the cache, checked, given as
-    LD_PRELOAD); plain mke2fs, from the same cached stream, writes the same bytes, and each
-    build's plain e2fsck found every checksum right."""
-    assert list((built.cache / "tools").glob("ext2fs-crc32c-*.so")), "the build did not use it"
+@pytest.mark.skipif(_helpers_here() is not None, reason=f"{_helpers_here()}")
+def test_mke2fs_with_its_helpers_writes_the_image_plain_mke2fs_writes(built: World, tmp_path: Path) -> None:
+    """The built images had mke2fs with ext4_crc32c.c and ext4_readcache.c (built into the cache,
+    given as LD_PRELOAD); plain mke2fs, from the same cached stream, writes the same bytes, with
+    the same holes, and each build's plain e2fsck found every checksum right."""
+    tools = built.cache / "tools"
+    assert list(tools.glob("ext2fs-crc32c-*.so")) and list(tools.glob("mke2fs-readcache-*.so")), "not used"
     out = tmp_path / "plain"
     shutil.copytree(built.out / "bin", out / "bin")
-    built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out), VULCAN_MKE2FS_CRC32C="0")
+    built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out), VULCAN_MKE2FS_CRC32C="0",
+              VULCAN_MKE2FS_READ_CACHE="0")  # fmt: skip
     assert sha(out / "images/python.ext4") == sha(image(built))
+    assert (out / "images/python.ext4").stat().st_blocks == image(built).stat().st_blocks
     ext4.fsck(image(built))
 
 

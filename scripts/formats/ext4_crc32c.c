@@ -5,7 +5,7 @@
  * ext2fs_crc32c_le, and calls it through its PLT, so a definition loaded first takes its place.
  * This one is the same function (CRC-32C, Castagnoli, reflected; the caller's register in, the
  * register out, no inversion), so the image's bytes are the same; mke2fs -d of a real 83-package
- * world spends ~40% of its time in that function. scripts/formats/ext4_crc.py builds it with the
+ * world spends ~40% of its time in that function. scripts/formats/ext4_preload.py builds it with the
  * host's C compiler, checks it against a reference before using it, and gives it to mke2fs only:
  * the build's own e2fsck check runs without it, so it judges every checksum this code wrote.
  */
