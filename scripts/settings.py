@@ -163,9 +163,9 @@ def mke2fs_crc32c() -> bool:
     return _raw("VULCAN_MKE2FS_CRC32C") is None or _flag("VULCAN_MKE2FS_CRC32C")
 
 
-def mke2fs_read_cache() -> bool:
-    """Whether mke2fs gets the image read cache (formats/ext4_preload.py): on unless 0."""
-    return _raw("VULCAN_MKE2FS_READ_CACHE") is None or _flag("VULCAN_MKE2FS_READ_CACHE")
+def mke2fs_io_cache() -> bool:
+    """Whether mke2fs gets the I/O cache of its image (formats/ext4_preload.py): on unless 0."""
+    return _raw("VULCAN_MKE2FS_IO_CACHE") is None or _flag("VULCAN_MKE2FS_IO_CACHE")
 
 
 def reassemble() -> bool:
@@ -312,8 +312,9 @@ VARIABLES = (
     Variable("VULCAN_MKE2FS_INPUT", "tar or dir", "force the tar path or the staging-directory path", mke2fs_input),
     Variable("VULCAN_MKE2FS_CRC32C", "0 or 1", "0: mke2fs without the CPU's CRC-32C instruction (default 1: "
              "with it where it is known to be right; the same image bytes)", mke2fs_crc32c),
-    Variable("VULCAN_MKE2FS_READ_CACHE", "0 or 1", "0: mke2fs reads its image's blocks from the kernel every time "
-             "(default 1: a write-through cache of them, where it builds; the same image bytes)", mke2fs_read_cache),
+    Variable("VULCAN_MKE2FS_IO_CACHE", "0 or 1", "0: mke2fs makes every read and write of its image a system "
+             "call (default 1: kept blocks and gathered writes, where it builds; the same image bytes)",
+             mke2fs_io_cache),
     Variable("VULCAN_REASSEMBLE", "1", "assemble the tar stream even if the cache has it", reassemble),
     Variable("VULCAN_FETCH_WORKERS", "1-64", "parallel package downloads", fetch_workers),
     Variable("VULCAN_KEEP_TAR", "directory", "also keep each image's tar stream there", keep_tar),

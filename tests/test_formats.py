@@ -122,7 +122,7 @@ def test_a_crc32c_shim_that_computes_another_crc_is_never_given_to_mke2fs(
     if not ext4_crc._cpu_has_sse42():
         pytest.skip("this CPU has no SSE4.2")
     assert ext4_crc.crc32c(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xE3069283  # the reference (RFC 3720)
-    monkeypatch.setenv("VULCAN_MKE2FS_READ_CACHE", "0")  # the CRC-32C helper alone
+    monkeypatch.setenv("VULCAN_MKE2FS_IO_CACHE", "0")  # the CRC-32C helper alone
     monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "good"))
     [good] = ext4_crc.preload()
     assert good.parent == tmp_path / "good/tools" and ext4_crc.check(good) is None
@@ -158,11 +158,13 @@ def test_without_a_c_compiler_mke2fs_runs_plain(tmp_path: Path, monkeypatch: pyt
     assert not (tmp_path / "cache/tools").exists()
 
 
-# Run under LD_PRELOAD of the read cache: random reads and writes of a file (aligned or not, through
-# two descriptors, truncate, punched holes, O_APPEND, a shared mapping), each read against a model
-# of the file and the file against it after each change (write-through); then a change made behind
-# it (by another process) that a kept block does not see: the reads were served from the cache.
-_READ_CACHE_DRIVER = r"""
+# Run under LD_PRELOAD of ext4_iocache.c: random reads and writes of a file (aligned or not, through
+# two descriptors, truncate, punched holes, fsync, O_APPEND, a shared mapping), each read against a
+# model of the file, the file against it after each change as this process reads it, and as another
+# process reads it after each fsync; then what only the helper's work explains: writes gathered
+# (another process does not see them before the fsync) and reads served from kept blocks (a change
+# made behind the cache is not read back).
+_IO_CACHE_DRIVER = r"""
 import ctypes, mmap, os, random, subprocess, sys
 path = sys.argv[1]
 libc = ctypes.CDLL(None, use_errno=True)  # its fallocate is the preloaded one
@@ -180,10 +182,21 @@ def check_read(at, n):
     if got != want:
         sys.exit(f"read of {n} at {at}: not what the file holds")
 
-def check_file():
-    with open(path, "rb") as f:
-        if f.read() != bytes(model):
-            sys.exit("the file is not what was written to it")
+def check_file():  # read(2) on a new descriptor, nothing else
+    f = os.open(path, os.O_RDONLY)
+    got = b"".join(iter(lambda: os.read(f, 1 << 16), b""))
+    os.close(f)
+    if got != bytes(model):
+        sys.exit("the file is not what was written to it")
+
+def outside():  # the file as another process reads it
+    code = "import sys; sys.stdout.buffer.write(open(sys.argv[1], 'rb').read())"
+    return subprocess.run([sys.executable, "-c", code, path], check=True, capture_output=True).stdout
+
+def check_synced():
+    os.fsync(fd)
+    if outside() != bytes(model):
+        sys.exit("after fsync, the file is not what was written to it")
 
 for step in range(3000):
     op = rng.random()
@@ -219,11 +232,21 @@ for step in range(3000):
         (os.ftruncate(fd, size) if rng.random() < 0.5 else os.truncate(path, size))
         model = model[:size] + bytes(max(0, size - len(model)))
         check_file()
-    else:
+    elif op < 0.98:
         os.close(fd)
         fd = os.open(path, os.O_RDWR)
+    else:
+        check_synced()
 for at in range(0, len(model), 4096):
     check_read(at, 4096)
+check_synced()
+
+# writes that continue each other are gathered: another process sees them after the fsync only
+os.pwrite(fd, b"A" * 4096, 8192)
+os.pwrite(fd, b"B" * 4096, 12288)
+model[8192:16384] = b"A" * 4096 + b"B" * 4096
+gathered = outside()[8192:16384] != bytes(model[8192:16384])
+check_synced()
 
 # every block is kept now: a change the cache cannot see (another process) is not read back
 os.pwrite(fd, os.urandom(4096), 0)
@@ -244,18 +267,16 @@ else:  # through a shared writable mapping: off for good as well
         mapped[100:101] = b"y"
 data = os.urandom(64)
 behind(data)
-model = bytearray(open(path, "rb").read())
+model = bytearray(outside())
 check_read(0, 4096)
-print("served from the cache" if stale else "read from the file")
+print("gathered" if gathered else "written at once", "served from the cache" if stale else "read from the file")
 """
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
 @pytest.mark.skipif(sys.platform != "linux" or __import__("os").uname().machine not in ("x86_64", "aarch64"),
-                    reason="the read cache is built on 64-bit Linux only")  # fmt: skip
-def test_the_read_cache_returns_what_the_file_holds_and_writes_through(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+                    reason="the I/O cache is built on 64-bit Linux only")  # fmt: skip
+def test_the_io_cache_reads_and_writes_what_the_file_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
     import subprocess
 
@@ -264,17 +285,17 @@ def test_the_read_cache_returns_what_the_file_holds_and_writes_through(
     monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("VULCAN_MKE2FS_CRC32C", "0")
     [shim] = ext4_preload.preload()
-    assert shim.name.startswith("mke2fs-readcache-")
+    assert shim.name.startswith("mke2fs-iocache-")
     image = tmp_path / "image"
     image.touch()  # the file is found when the cache is loaded
     env = {**os.environ, **ext4_preload.image_env(image), "LD_PRELOAD": str(shim)}
     for end in ("append", "mmap"):
-        run = subprocess.run([sys.executable, "-c", _READ_CACHE_DRIVER, str(image), end], env=env,
+        run = subprocess.run([sys.executable, "-c", _IO_CACHE_DRIVER, str(image), end], env=env,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
         assert run.returncode == 0, run.stderr
-        assert run.stdout.strip() == "served from the cache"
+        assert run.stdout.strip() == "gathered served from the cache"
     # the same driver without the cache: it reads the change made behind it
-    plain = subprocess.run([sys.executable, "-c", _READ_CACHE_DRIVER, str(image), "mmap"], capture_output=True,
+    plain = subprocess.run([sys.executable, "-c", _IO_CACHE_DRIVER, str(image), "mmap"], capture_output=True,
                            text=True, timeout=120)  # fmt: skip
     assert plain.returncode == 0, plain.stderr
-    assert plain.stdout.strip() == "read from the file"
+    assert plain.stdout.strip() == "written at once read from the file"

@@ -220,15 +220,15 @@ def _helpers_here() -> str | None:
 @pytest.mark.skipif(not TAR_OK, reason="needs e2fsprogs >= 1.47.1 (tar input) for bit-identical images")
 @pytest.mark.skipif(_helpers_here() is not None, reason=f"{_helpers_here()}")
 def test_mke2fs_with_its_helpers_writes_the_image_plain_mke2fs_writes(built: World, tmp_path: Path) -> None:
-    """The built images had mke2fs with ext4_crc32c.c and ext4_readcache.c (built into the cache,
+    """The built images had mke2fs with ext4_crc32c.c and ext4_iocache.c (built into the cache,
     given as LD_PRELOAD); plain mke2fs, from the same cached stream, writes the same bytes, with
     the same holes, and each build's plain e2fsck found every checksum right."""
     tools = built.cache / "tools"
-    assert list(tools.glob("ext2fs-crc32c-*.so")) and list(tools.glob("mke2fs-readcache-*.so")), "not used"
+    assert list(tools.glob("ext2fs-crc32c-*.so")) and list(tools.glob("mke2fs-iocache-*.so")), "not used"
     out = tmp_path / "plain"
     shutil.copytree(built.out / "bin", out / "bin")
     built.run("rootfs", "--runtime", "python", check=True, VULCAN_OUT=str(out), VULCAN_MKE2FS_CRC32C="0",
-              VULCAN_MKE2FS_READ_CACHE="0")  # fmt: skip
+              VULCAN_MKE2FS_IO_CACHE="0")  # fmt: skip
     assert sha(out / "images/python.ext4") == sha(image(built))
     assert (out / "images/python.ext4").stat().st_blocks == image(built).stat().st_blocks
     ext4.fsck(image(built))
