@@ -144,16 +144,17 @@ def _loads(shared: Path) -> str | None:
 
 def check(shared: Path) -> str | None:
     """What is wrong with the built ``ext2fs_crc32c_le`` against the reference (None: nothing):
-    the standard check value, then every length to 64 and a block, from three registers."""
+    the standard check value, then every length to 64 and around one and two rounds of three
+    runs (4080 bytes), from three registers."""
     import ctypes
 
     fn = ctypes.CDLL(str(shared)).ext2fs_crc32c_le
     fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]
     if fn(0xFFFFFFFF, b"123456789", 9) ^ 0xFFFFFFFF != 0xE3069283:  # RFC 3720, B.4
         return "gives another CRC-32C of '123456789'"
-    data = hashlib.shake_256(b"vulcan crc32c").digest(4096 + 64)
+    data = hashlib.shake_256(b"vulcan crc32c").digest(8192 + 64)
     for seed in (0, 0xFFFFFFFF, 0x1234ABCD):
-        for n in (*range(65), 4096 + 7):
+        for n in (*range(65), 4079, 4080, 4081, 4096, 8160 + 13):  # 4080: one round of three runs
             piece = data[64 - n % 64 :][:n]
             if fn(seed, piece, len(piece)) != crc32c(seed, piece):
                 return f"gives another CRC of {len(piece)} bytes from {seed:#x}"
