@@ -13,8 +13,9 @@
  * So whatever reads the image (mke2fs itself; anyone after an fsync, a close or the process's end)
  * reads exactly the bytes it would read without this code, and the image is the same, block for
  * block and hole for hole. Only writes inside the file's size are gathered (never one that would
- * make it grow), so its size is right at every moment too. A write that fails when gathered
- * writes are written is reported by the call that wrote them (mke2fs then fails, as it would).
+ * make it grow), so its size is right at every moment too. If gathered writes fail when they are
+ * made (a full disk), that call and every later use of the image fail with the same error, so
+ * mke2fs stops there and says it, as it does when the kernel refuses a write.
  *
  * The image is the file VULCAN_MKE2FS_IMAGE names (by device and inode, found when loaded).
  * Anything that may change it behind the kept blocks drops them all (write, writev, pwritev*,
@@ -63,6 +64,7 @@ static int64_t image_size = -1; /* the file's size as last seen (-1: look again)
 static unsigned char *gathered; /* writes not made yet: [gathered_at, gathered_at + gathered_len) */
 static int gathered_fd = -1;
 static uint64_t gathered_at, gathered_len;
+static int failed_errno; /* a gathered write failed (a full disk): the image is not what mke2fs wrote */
 
 static void forked(void) { /* in a child: what was gathered is the parent's to write, not its own */
     gathered_len = 0;
@@ -82,22 +84,29 @@ __attribute__((constructor)) static void init(void) {
     }
 }
 
+static void drop_all(void);
+
 static int flush(void) { /* with mu held: make the gathered writes; -1 (errno set) if one failed */
+    if (failed_errno) {
+        errno = failed_errno;
+        return -1;
+    }
     uint64_t done = 0;
-    int failed = 0;
     while (done < gathered_len) {
         ssize_t r = real_pwrite(gathered_fd, gathered + done, gathered_len - done, (off_t)(gathered_at + done));
-        if (r <= 0) {
-            if (r == 0)
-                errno = EIO;
-            failed = 1;
-            break;
+        if (r <= 0) { /* mke2fs was told those bytes were written: every later use of the image fails */
+            failed_errno = r == 0 ? EIO : errno;
+            gathered_len = 0;
+            gathered_fd = -1;
+            drop_all();
+            errno = failed_errno;
+            return -1;
         }
         done += (uint64_t)r;
     }
     gathered_len = 0;
     gathered_fd = -1;
-    return failed ? -1 : 0;
+    return 0;
 }
 
 __attribute__((destructor)) static void fini(void) {
@@ -191,9 +200,18 @@ static void update_kept(const void *buf, uint64_t start, uint64_t end) { /* with
     }
 }
 
+static int failed(void) {
+    if (!failed_errno)
+        return 0;
+    errno = failed_errno;
+    return 1;
+}
+
 ssize_t pread64(int fd, void *buf, size_t n, off_t off) {
     if (n == 0 || off < 0 || !is_image(fd))
         return real_pread(fd, buf, n, off);
+    if (failed())
+        return -1;
     uint64_t start = (uint64_t)off, end = start + n, first = start / BLK, last = (end - 1) / BLK, b;
     pthread_mutex_lock(&mu);
     for (b = first; b <= last && kept(b); b++)
@@ -237,6 +255,8 @@ ssize_t pread(int fd, void *buf, size_t n, off_t off) __attribute__((alias("prea
 ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off) {
     if (n == 0 || off < 0 || !is_image(fd))
         return real_pwrite(fd, buf, n, off);
+    if (failed())
+        return -1;
     uint64_t start = (uint64_t)off, end = start + n;
     pthread_mutex_lock(&mu);
     if (image_size < 0) {
