@@ -258,8 +258,7 @@ def behind(data):  # written by another process, which the cache cannot follow
     subprocess.run([sys.executable, "-c", code, path, data.hex()], check=True)
 
 behind(os.urandom(64))
-stale = os.pread(fd, 4096, 0) == bytes(model[:4096])
-model[0:4096] = os.pread(other, 4096, 0) if not stale else os.pread(fd, 4096, 0)
+stale = os.pread(fd, 4096, 0) == bytes(model[:4096])  # the block as this process last wrote it
 if sys.argv[2] == "append":  # written through an O_APPEND descriptor: the cache is off for good
     os.pwrite(os.open(path, os.O_RDWR | os.O_APPEND), b"x", 0)
 else:  # through a shared writable mapping: off for good as well
