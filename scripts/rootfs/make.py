@@ -126,8 +126,10 @@ def _write_all(plan: Plan, s: Stream, scratch: Path, stack: contextlib.ExitStack
         # written in RAM when it fits (mke2fs is ~25% faster there); then this thread hashes it
         # while the other core checks it and copies it next to the output (one task, not two:
         # three threads on two cores slowed the hash, which is what a build waits for)
-        in_ram = workspace.ram_scratch(settings.ram_dir(), f"{plan.runtime}-{out.format}", out.writer.room(job))
-        ram = in_ram.__enter__()
+        in_ram = contextlib.ExitStack()  # closed beside what follows, or at once on an error
+        ram = in_ram.enter_context(
+            workspace.ram_scratch(settings.ram_dir(), f"{plan.runtime}-{out.format}", out.writer.room(job))
+        )
         try:
             built = ram / out.image.name if ram is not None else final
             with log.phase(f"write {out.format}"):
@@ -138,11 +140,11 @@ def _write_all(plan: Plan, s: Stream, scratch: Path, stack: contextlib.ExitStack
                     digest = sha256_file(built)
             finally:
                 wait_all([beside])
-        except BaseException as exc:
-            in_ram.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            in_ram.close()
             raise
         # the image is out of RAM: giving its pages back (~7 ms for 68 MiB) runs beside what follows
-        gone = Task(in_ram.__exit__, None, None, None)
+        gone = Task(in_ram.close)
         stack.callback(gone.exception)  # waited for before the build returns, whatever happens meanwhile
         results.append(Image(out, written, digest))
     return results
