@@ -83,7 +83,8 @@ def preload() -> list[Path]:
         )
         if libc:  # glibc: musl's headers make pread64 a macro, and it was not tried there
             name = f"mke2fs-iocache-{os.uname().machine}-{libc}"
-            found.append(_once(tools, "iocache", lambda: _find_or_build(tools, IO_CACHE, name, _loads)))
+            # dlsym is libc's own from glibc 2.34, libdl's before: -ldl links it either way
+            found.append(_once(tools, "iocache", lambda: _find_or_build(tools, IO_CACHE, name, _loads, ("-ldl",))))
     return [p for p in found if p is not None]
 
 
@@ -99,8 +100,11 @@ def _once(tools: Path, what: str, make: Callable[[], Path | None]) -> Path | Non
         return _built[(tools, what)]
 
 
-def _find_or_build(tools: Path, source: Path, stem: str, judge: Callable[[Path], str | None]) -> Path | None:
-    built = tools / f"{stem}-{hashlib.sha256(source.read_bytes()).hexdigest()[:24]}.so"
+def _find_or_build(
+    tools: Path, source: Path, stem: str, judge: Callable[[Path], str | None], libs: tuple[str, ...] = ()
+) -> Path | None:
+    digest = hashlib.sha256(source.read_bytes() + " ".join(libs).encode()).hexdigest()[:24]
+    built = tools / f"{stem}-{digest}.so"
     if built.is_file():  # checked when it was built
         return built
     try:
@@ -112,7 +116,7 @@ def _find_or_build(tools: Path, source: Path, stem: str, judge: Callable[[Path],
     try:
         paths.claim_cache()  # `clean --all` removes what is ours in it: tools/ is
         tools.mkdir(parents=True, exist_ok=True)
-        proc = run_tool([cc, "-O2", "-shared", "-fPIC", "-o", tmp, source], env=minimal_env(), quiet=True,
+        proc = run_tool([cc, "-O2", "-shared", "-fPIC", "-o", tmp, source, *libs], env=minimal_env(), quiet=True,
                         check=False)  # fmt: skip
         if proc.returncode != 0:
             log.debug(f"{what}: {cc} could not build it: {proc.stderr.decode(errors='replace')[-300:]}")
