@@ -147,6 +147,16 @@ def go_cache_is_set() -> bool:
     return _raw("VULCAN_GOCACHE") is not None
 
 
+def tools_dir() -> Path:
+    """Where mke2fs's helpers are built and kept (formats/ext4_preload.py)."""
+    value = _raw("VULCAN_TOOLS")
+    return _directory("VULCAN_TOOLS", value) if value else cache_dir() / "tools"
+
+
+def tools_dir_is_set() -> bool:
+    return _raw("VULCAN_TOOLS") is not None
+
+
 def go_proxy() -> str:
     return _raw("VULCAN_GOPROXY") or "off"
 
@@ -308,6 +318,8 @@ VARIABLES = (
     Variable("VULCAN_GO", "path to go", "build the agent with a local Go", local_go),
     Variable("VULCAN_GUEST_SOURCE", "dir[:package]", "build another agent", guest_source),
     Variable("VULCAN_GOCACHE", "directory", "the Go build cache", go_cache),
+    Variable("VULCAN_TOOLS", "directory", "where mke2fs's helpers are built and kept (default $VULCAN_CACHE/tools)",
+             tools_dir),
     Variable("VULCAN_GOPROXY", "GOPROXY value", "a Go module proxy for agents with dependencies", go_proxy),
     Variable("VULCAN_MKE2FS_INPUT", "tar or dir", "force the tar path or the staging-directory path", mke2fs_input),
     Variable("VULCAN_MKE2FS_CRC32C", "0 or 1", "0: mke2fs without the CPU's CRC-32C instruction (default 1: "

@@ -41,6 +41,16 @@ def mirror() -> Iterator[Mirror]:
     server.server_close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_mke2fs_tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every world's builds share one build of mke2fs's helpers (VULCAN_TOOLS)."""
+    from tests.support import world
+
+    world.SHARED_TOOLS = tmp_path_factory.mktemp("mke2fs-tools")
+    yield
+    world.SHARED_TOOLS = None
+
+
 @pytest.fixture(scope="session")
 def go_build_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One Go build cache for the whole run: the standard library is compiled once."""

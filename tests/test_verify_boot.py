@@ -148,8 +148,11 @@ def test_clean_removes_outputs_and_is_idempotent(full: World, tmp_path: Path) ->
     assert full.cache.exists()
     cache = tmp_path / "cache"
     shutil.copytree(full.cache, cache)
+    # and mke2fs's helpers, where a cache keeps them unless VULCAN_TOOLS is set (as for these worlds)
+    shutil.copytree(full.env()["VULCAN_TOOLS"], cache / "tools")
     full.run("clean", "--all", check=True, VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
     assert not cache.exists()
+    assert list(Path(full.env()["VULCAN_TOOLS"]).iterdir()), "clean --all left VULCAN_TOOLS alone"
 
 
 # -- Firecracker: configuration, vsock handshake and agent protocol -----------------------------

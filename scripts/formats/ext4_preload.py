@@ -1,9 +1,9 @@
 """What mke2fs gets in LD_PRELOAD: code that writes the same image sooner, where that is known.
 
-Two helpers, each built once into the cache (``tools/``) with the host's C compiler (``cc``),
-each with its own switch; where one cannot be built or is switched off, mke2fs runs without it
-and the build says nothing (it is only slower). The build's e2fsck check, and ``verify``'s, run
-without either, so they judge what was written.
+Two helpers, each built once into the cache (``tools/``, or ``VULCAN_TOOLS``: several caches can
+share one) with the host's C compiler (``cc``), each with its own switch; where one cannot be
+built or is switched off, mke2fs runs without it and the build says nothing (it is only slower).
+The build's e2fsck check, and ``verify``'s, run without either, so they judge what was written.
 
 - ``ext4_crc32c.c``: the metadata checksums with the CPU's CRC-32C instruction (the same function
   libext2fs computes with a table; x86-64 with SSE4.2; ``VULCAN_MKE2FS_CRC32C``): mke2fs of a real
@@ -70,7 +70,7 @@ def _cpu_has_sse42() -> bool:
 def preload() -> list[Path]:
     """The shared objects to put in mke2fs's LD_PRELOAD (none: mke2fs as it is). mke2fs must
     also get ``VULCAN_MKE2FS_IMAGE``, the image's path, for the I/O cache (``image_env``)."""
-    tools = settings.cache_dir() / "tools"
+    tools = settings.tools_dir()
     found = []
     if settings.mke2fs_crc32c() and os.uname().machine == "x86_64":
         found.append(_once(tools, "crc32c", lambda: _find_or_build(tools, SOURCE, "ext2fs-crc32c", check)
@@ -114,7 +114,8 @@ def _find_or_build(
     tmp = tools / f".{built.name}.{os.getpid()}.{threading.get_ident()}.tmp"
     what = f"mke2fs runs without {source.name}"
     try:
-        paths.claim_cache()  # `clean --all` removes what is ours in it: tools/ is
+        if not settings.tools_dir_is_set():
+            paths.claim_cache()  # `clean --all` removes what is ours in it: tools/ is
         tools.mkdir(parents=True, exist_ok=True)
         proc = run_tool([cc, "-O2", "-shared", "-fPIC", "-o", tmp, source, *libs], env=minimal_env(), quiet=True,
                         check=False)  # fmt: skip

@@ -74,6 +74,11 @@ def firecracker_tgz(version: str, arch: str, extra_member: bool = True, real: Pa
 BASE_PINS = json.loads((REPO / "pins.json").read_text())
 
 
+# Where every world of a test session builds mke2fs's helpers (VULCAN_TOOLS): once, not once per
+# cache (~0.4 s each; conftest sets it). Unset (the bench), each cache builds its own, as a user's does.
+SHARED_TOOLS: Path | None = None
+
+
 @dataclass
 class World:
     """A test world: mirror + pins + cache + output dir, and a way to run the tool in it."""
@@ -114,6 +119,8 @@ class World:
             PYTHONPATH=str(REPO),
             VULCAN_GOCACHE=str(self.gocache),
         )
+        if SHARED_TOOLS is not None:
+            env["VULCAN_TOOLS"] = str(SHARED_TOOLS)
         env.update(extra)
         return env
 
