@@ -105,14 +105,18 @@ def _find_or_build(
 ) -> Path | None:
     digest = hashlib.sha256(source.read_bytes() + " ".join(libs).encode()).hexdigest()[:24]
     built = tools / f"{stem}-{digest}.so"
-    if built.is_file():  # checked when it was built
-        return built
+    what = f"mke2fs runs without {source.name}"
+    try:
+        if built.is_file():  # checked when it was built
+            return built
+    except OSError as exc:  # a VULCAN_TOOLS this user may not enter: never a reason to fail a build
+        log.debug(f"{what}: {exc}")
+        return None
     try:
         cc = which("cc")
     except ToolMissing:
         return None
     tmp = tools / f".{built.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    what = f"mke2fs runs without {source.name}"
     try:
         if not settings.tools_dir_is_set():
             paths.claim_cache()  # `clean --all` removes what is ours in it: tools/ is
