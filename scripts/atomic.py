@@ -55,6 +55,13 @@ def _sweep_temps(dest: Path) -> None:
         remove_if_abandoned(tmp, os.O_NOFOLLOW, lambda p: p.unlink(missing_ok=True))
 
 
+def sweep_temps(dest: Path) -> None:
+    """What runs that died while replacing ``dest`` left of it (nothing, if its directory is absent)."""
+    if dest.parent.is_dir():
+        with directory_lock(dest.parent):
+            _sweep_temps(dest)
+
+
 @contextlib.contextmanager
 def replacing(dest: Path, mode: int | None = None, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; the caller writes it; it then replaces ``dest``

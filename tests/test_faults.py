@@ -195,6 +195,28 @@ def test_a_temporary_file_of_a_dead_run_is_swept_and_a_live_one_kept(ready: Worl
     assert sha(images / f"{RUNTIME}.ext4") == ready.reference  # type: ignore[attr-defined]
 
 
+def test_a_build_that_reuses_a_cached_stream_sweeps_what_a_killed_store_left(ready: World, tmp_path: Path) -> None:
+    """kill -9 while the stream is being stored beside mke2fs can leave a sidecar's temporary
+    file of the second name (``base``) after the first was complete: the next build finds the
+    stream cached and stores nothing, so it sweeps those entries itself (a live writer's stays)."""
+    out = fresh_out(ready, tmp_path)
+    cache = tmp_path / "cache"
+    ready.run("rootfs", "--runtime", RUNTIME, check=True, VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+    [side] = (cache / "rootfs" / "base").glob("*/*.json")
+    dead, live = side.with_name(f".{side.name}.dead0001.tmp"), side.with_name(f".{side.name}.live0001.tmp")
+    dead.write_text("{")
+    live.write_text("{")
+    (out / "images" / f"{RUNTIME}.ext4").unlink()
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_CACHE=str(cache))
+        assert proc.returncode == 0, proc.stderr
+        assert "reusing its tar" in proc.stderr
+        assert not dead.exists() and live.exists()
+    live.unlink()
+    assert not leftovers(out, cache)
+
+
 def test_two_full_builds_sharing_a_cache_both_succeed(ready: World, tmp_path: Path) -> None:
     outs = [fresh_out(ready, tmp_path / str(i)) for i in range(2)]
     cache = tmp_path / "cache"  # cold and shared: both fetch, assemble and store at the same time

@@ -80,6 +80,19 @@ def cached(digest: str, kind: str = "") -> Stream | None:
         raise Corrupt(f"its sidecar is unreadable: {exc}") from None
 
 
+def sweep(names: list[tuple[str, str]]) -> None:
+    """Remove the temporary files a build killed while storing left of these entries: a build
+    that finds its stream cached stores nothing, so nothing else would (a cache it cannot
+    write is left as it is)."""
+    for digest, kind in names:
+        dest = _cache_path(digest, kind)
+        for f in (dest, dest.with_suffix(".json")):
+            try:
+                atomic.sweep_temps(f)
+            except OSError:
+                return
+
+
 def store(stream: Stream, names: list[tuple[str, str]]) -> None:
     """Keep the stream for the next build under each (digest, kind) name; skipped with one
     warning when the cache cannot take it."""

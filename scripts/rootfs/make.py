@@ -39,6 +39,7 @@ def _stream(
         found = None if settings.reassemble() else cache.cached(plan.stream_digest)
         if found is not None:
             log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
+            cache.sweep(_names(plan))  # what a build killed while storing them left
             return plan, found, Task(_timed, "verify cached stream", cache.verify, found)
         base = None if settings.reassemble() else cache.cached(plan.base_digest, "base")
     except cache.Corrupt as exc:  # assembled again, which stores both names: the entry is repaired
@@ -82,7 +83,13 @@ def _keep(plan: Plan, fresh: Stream) -> Task[None]:
     """Store the stream for the next build (hard links and sidecars, ~30 ms), on the other core
     while the writers run. A build killed meanwhile leaves at most a tar without its sidecar,
     which is never used (``cache.cached`` needs both)."""
-    return Task(_timed, "store stream", cache.store, fresh, [(plan.stream_digest, ""), (plan.base_digest, "base")])
+    return Task(_timed, "store stream", cache.store, fresh, _names(plan))
+
+
+def _names(plan: Plan) -> list[tuple[str, str]]:
+    """The cache entries a stream is stored under: its own digest, and its packages' and
+    configuration's (``base``: what an agent change splices)."""
+    return [(plan.stream_digest, ""), (plan.base_digest, "base")]
 
 
 def _assemble(plan: Plan, scratch: Path, beside: list[Task[Any]]) -> tuple[Plan, Stream]:
