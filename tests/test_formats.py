@@ -151,19 +151,28 @@ uint32_t ext2fs_crc32c_le(uint32_t crc, unsigned char const *p, size_t len) {
 
 @pytest.mark.skipif(shutil.which("setpriv") is None or __import__("os").getuid() != 0,
                     reason="needs root and setpriv to be another user")  # fmt: skip
-def test_a_tools_directory_the_user_may_not_enter_leaves_mke2fs_plain(tmp_path: Path) -> None:
-    """VULCAN_TOOLS shared by someone else (here root's, mode 0700): no helper, and no error."""
+def test_a_tools_directory_the_user_may_not_enter_leaves_mke2fs_plain() -> None:
+    """VULCAN_TOOLS shared by someone else (here root's, mode 0700): no helper, and no error. The
+    tool runs from a copy the user can read, with the system's Python: the checkout, and pytest's
+    temporary directories, may sit where only root can enter (a clean clone in mktemp -d does)."""
     import os
     import subprocess
 
-    (tmp_path / "root-only").mkdir(mode=0o700)
-    tmp_path.chmod(0o755)
-    code = "from scripts.formats import ext4_preload; print(ext4_preload.preload())"
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "VULCAN_TOOLS": str(tmp_path / "root-only/tools"), "VULCAN_CACHE": str(tmp_path / "cache")}  # fmt: skip
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-                          env=env, capture_output=True, text=True, cwd="/")  # fmt: skip
-    assert (proc.returncode, proc.stdout.strip()) == (0, "[]"), proc.stderr
+    place = Path(f"/tmp/vulcan-tools-{os.getpid()}")
+    shutil.rmtree(place, ignore_errors=True)
+    try:
+        shutil.copytree(Path(__file__).resolve().parents[1] / "scripts", place / "src/scripts",
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        (place / "root-only").mkdir(mode=0o700)
+        place.chmod(0o755)
+        code = "from scripts.formats import ext4_preload; print(ext4_preload.preload())"
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(place / "src"), "HOME": str(place),
+               "VULCAN_TOOLS": str(place / "root-only/tools"), "VULCAN_CACHE": str(place / "cache")}  # fmt: skip
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                               "-c", code], env=env, capture_output=True, text=True, cwd="/")  # fmt: skip
+        assert (proc.returncode, proc.stdout.strip()) == (0, "[]"), proc.stderr
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
 
 
 def test_without_a_c_compiler_mke2fs_runs_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
