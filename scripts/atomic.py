@@ -102,8 +102,7 @@ def publish(src: Path, dest: Path, mode: int | None = None) -> None:
     """Move a finished file into place; across file systems, a sparse copy then a rename."""
     if mode is not None:
         os.chmod(src, mode)
-    with directory_lock(dest.parent):  # what a publish killed across file systems left of dest
-        _sweep_temps(dest)
+    sweep_temps(dest)  # what a publish killed across file systems left of dest
     try:
         os.replace(src, dest)
         return
