@@ -137,7 +137,7 @@ def check(args: argparse.Namespace, dry: bool) -> list[Check[Build]]:
 def go_build_cache() -> Path:
     """``VULCAN_GOCACHE``, else ``go-build`` in the download cache; when that cache is
     read-only (a CI cache restore, a shared cache), a private directory in /tmp instead, said."""
-    gocache = settings.go_cache()
+    gocache = paths.safe(settings.go_cache(), "Go's build cache", "VULCAN_GOCACHE")  # its objects are linked in
     if settings.go_cache_is_set() or writable(gocache / "x"):
         if gocache.is_relative_to(paths.cache_dir()):
             paths.claim_cache()  # the Go build cache may be the cache's first entry

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from . import formats, settings
+from . import formats, ownership, settings
 from .pins import host_arch
 
 
@@ -81,13 +81,26 @@ def stamp_path(base: Path, step: str) -> Path:
 
 
 def cache_dir() -> Path:
-    """The shared content-addressed download cache."""
-    return settings.cache_dir()
+    """The shared content-addressed download cache: it holds streams images are written from and
+    the Go toolchain, so one another user could write is refused (ownership.py)."""
+    return safe(settings.cache_dir(), "the cache", "VULCAN_CACHE")
 
 
 def scratch_parent(out_dir: Path) -> Path:
     """Where images are assembled: ``$VULCAN_SCRATCH`` or next to the output."""
-    return settings.scratch_dir() or out_dir
+    given = settings.scratch_dir()
+    return safe(given, "the scratch directory", "VULCAN_SCRATCH") if given else out_dir
+
+
+def safe(path: Path, what: str, setting: str | None) -> Path:
+    """``path``, once ownership.require_safe let it pass in this process (checked once per path)."""
+    if path not in _safe:
+        ownership.require_safe(path, what, setting)
+        _safe.add(path)
+    return path
+
+
+_safe: set[Path] = set()
 
 
 # -- what is ours: the marker clean relies on ---------------------------------------------------
@@ -156,7 +169,7 @@ def claim(directory: Path, default: bool = False) -> bool:
 def claim_outputs(outputs: list[Path]) -> list[Path]:
     """Before a step writes ``outputs``: the top-level output directories they sit in. Returns
     those this call created (``unclaim`` them if the step fails: nothing is left of it)."""
-    root = out_root()
+    root = safe(out_root(), "the output directory", "VULCAN_OUT")
     created = []
     for top in OUTPUT_DIRS:
         if any(p.is_relative_to(root / top) for p in outputs) and claim(root / top, default=root == settings.REPO_ROOT):

@@ -173,11 +173,6 @@ def mke2fs_crc32c() -> bool:
     return _raw("VULCAN_MKE2FS_CRC32C") is None or _flag("VULCAN_MKE2FS_CRC32C")
 
 
-def mke2fs_io_cache() -> bool:
-    """Whether mke2fs gets the I/O cache of its image (formats/ext4_preload.py): on unless 0."""
-    return _raw("VULCAN_MKE2FS_IO_CACHE") is None or _flag("VULCAN_MKE2FS_IO_CACHE")
-
-
 def reassemble() -> bool:
     return _flag("VULCAN_REASSEMBLE")
 
@@ -285,6 +280,31 @@ def signing_key() -> bytes | None:
     return value.encode()
 
 
+def _seconds(name: str, default: float, most: float) -> float:
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= most:
+        raise SettingError(f"{name}={value!r}: expected seconds, more than 0 and at most {most:g}",
+                           hint=f"or unset it (default {default:g})")  # fmt: skip
+    return seconds
+
+
+def registry_timeout() -> float:
+    """``VULCAN_REGISTRY_TIMEOUT``: how long one read from a registry may wait (default 60 s)."""
+    return _seconds("VULCAN_REGISTRY_TIMEOUT", 60.0, 3600.0)
+
+
+def registry_deadline() -> float:
+    """``VULCAN_REGISTRY_DEADLINE``: how long a pull's or publish's requests may take in all
+    (default an hour: ~1 GB over a 2 Mbit/s link)."""
+    return _seconds("VULCAN_REGISTRY_DEADLINE", 3600.0, 7 * 86400.0)
+
+
 def trust_file() -> Path | None:
     """``VULCAN_TRUST``: the PEM public keys a host trusts for what it pulls."""
     value = _raw("VULCAN_TRUST")
@@ -318,15 +338,12 @@ VARIABLES = (
     Variable("VULCAN_GO", "path to go", "build the agent with a local Go", local_go),
     Variable("VULCAN_GUEST_SOURCE", "dir[:package]", "build another agent", guest_source),
     Variable("VULCAN_GOCACHE", "directory", "the Go build cache", go_cache),
-    Variable("VULCAN_TOOLS", "directory", "where mke2fs's helpers are built and kept (default $VULCAN_CACHE/tools)",
+    Variable("VULCAN_TOOLS", "directory", "where mke2fs's CRC-32C helper is built (default $VULCAN_CACHE/tools)",
              tools_dir),
     Variable("VULCAN_GOPROXY", "GOPROXY value", "a Go module proxy for agents with dependencies", go_proxy),
     Variable("VULCAN_MKE2FS_INPUT", "tar or dir", "force the tar path or the staging-directory path", mke2fs_input),
     Variable("VULCAN_MKE2FS_CRC32C", "0 or 1", "0: mke2fs without the CPU's CRC-32C instruction (default 1: "
              "with it where it is known to be right; the same image bytes)", mke2fs_crc32c),
-    Variable("VULCAN_MKE2FS_IO_CACHE", "0 or 1", "0: mke2fs makes every read and write of its image a system "
-             "call (default 1: kept blocks and gathered writes, where it builds; the same image bytes)",
-             mke2fs_io_cache),
     Variable("VULCAN_REASSEMBLE", "1", "assemble the tar stream even if the cache has it", reassemble),
     Variable("VULCAN_FETCH_WORKERS", "1-64", "parallel package downloads", fetch_workers),
     Variable("VULCAN_KEEP_TAR", "directory", "also keep each image's tar stream there", keep_tar),
@@ -341,6 +358,10 @@ VARIABLES = (
              registry_user),
     Variable("DOCKER_CONFIG", "directory", "where Docker's config.json with registry credentials is",
              docker_config),
+    Variable("VULCAN_REGISTRY_TIMEOUT", "seconds", "how long one read from a registry may wait (default 60)",
+             registry_timeout),
+    Variable("VULCAN_REGISTRY_DEADLINE", "seconds", "how long a pull's or publish's requests may take in all "
+             "(default 3600)", registry_deadline),
     Variable("VULCAN_SIGNING_KEY", "PEM text", "the key publish signs with (else publish --key FILE)", signing_key),
     Variable("VULCAN_TRUST", "path", "the PEM public keys pull trusts (else pull --trust FILE)", trust_file),
     Variable("CI", "any value", "plain log lines, no progress bar (CI systems set it)", ci),

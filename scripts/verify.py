@@ -69,15 +69,40 @@ class Report:
         return "\n".join(lines)
 
 
-def recorded(f: Path, stamp: Path) -> str | None:
-    """The sha256 the step that wrote ``f`` recorded, or the pull that placed it (registry/pull.py)."""
+def recorded(f: Path, stamp: Path) -> tuple[str | None, str]:
+    """The sha256 the step that wrote ``f`` recorded, or the pull that placed it (registry/pull.py),
+    and what vouches for it. A file a pull placed with --no-verify has no sha256 worth comparing:
+    no trusted key vouched for it."""
     found = stamps.output_sha256(stamp, paths.rel(f))
-    if found is None:
-        try:
-            found = str(json.loads(paths.stamp_path(f.parent, "pull").read_text())["outputs"][f.name]["sha256"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return found
+    if found is not None:
+        return found, "built here"
+    placed = pulled(f)
+    if placed is None or not isinstance(placed.get("sha256"), str):
+        return None, "no record of it"
+    if not placed.get("signed_by"):
+        return None, UNVERIFIED
+    return placed["sha256"], f"pulled, signed by {placed['signed_by']}"
+
+
+UNVERIFIED = "placed by 'pull --no-verify': no trusted key vouched for it"
+
+
+def pulled(f: Path) -> dict[str, Any] | None:
+    """What the pull that placed ``f`` recorded of it (registry/pull.py), or None."""
+    try:
+        placed = json.loads(paths.stamp_path(f.parent, "pull").read_text())["outputs"][f.name]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return placed if isinstance(placed, dict) else None
+
+
+def same_as_recorded(rep: Report, f: Path, stamp: Path) -> None:
+    want, why = recorded(f, stamp)
+    actual = sha256_file(f)
+    if want is None:
+        rep.add(paths.rel(f), "sha256 = stamp", False, f"{actual}: {why}")
+    else:
+        rep.same(paths.rel(f), "sha256 = stamp", actual, want)
 
 
 def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
@@ -88,7 +113,7 @@ def check_vmm(rep: Report, pins: Pins, arch: str) -> None:
         if not f.is_file():
             rep.missing(paths.rel(f), "run 'nox -s download'")
             continue
-        rep.same(paths.rel(f), "sha256 = stamp", sha256_file(f), recorded(f, stamp))
+        same_as_recorded(rep, f, stamp)
         try:
             machine = read_elf(f).machine
             rep.add(paths.rel(f), "ELF machine", machine == arch, machine)
@@ -147,15 +172,10 @@ def check_guest(rep: Report, arch: str) -> None:
         rep.add(paths.rel(g), f"static {arch} ELF", True)
     except BuildError as exc:
         rep.add(paths.rel(g), f"static {arch} ELF", False, exc.message)
-    rep.same(
-        paths.rel(g),
-        "sha256 = stamp",
-        sha256_file(g),
-        recorded(g, paths.stamp_path(g.parent, "guest")),
-    )
+    same_as_recorded(rep, g, paths.stamp_path(g.parent, "guest"))
 
 
-def check_image(rep: Report, runtime: str, fmt: str, arch: str) -> str | None:
+def check_image(rep: Report, pins: Pins, runtime: str, fmt: str, arch: str) -> str | None:
     """Check one image; its sha256 if it passed the checks that make a rebuild worth comparing."""
     img, man = paths.image(runtime, fmt, arch), paths.manifest(runtime, arch)
     name = paths.rel(img)
@@ -172,6 +192,12 @@ def check_image(rep: Report, runtime: str, fmt: str, arch: str) -> str | None:
     listed = {i["format"]: i for i in manifest.get("images", [])} or {formats.DEFAULT[0]: manifest}
     actual = sha256_file(img)
     rep.add(name, "sha256 = manifest", actual == listed.get(fmt, {}).get("sha256"), actual)
+    placed = pulled(img)
+    if placed is not None:
+        signer = placed.get("signed_by")
+        rep.add(name, "pulled signed", bool(signer) and placed.get("sha256") == actual,
+                UNVERIFIED if not signer else f"by {signer}" if placed.get("sha256") == actual
+                else f"changed since the pull placed {placed.get('sha256')}")  # fmt: skip
     try:
         record.writer.check(img, deep=True)
         rep.add(name, record.check_name, True, "clean")
@@ -216,8 +242,69 @@ def check_image(rep: Report, runtime: str, fmt: str, arch: str) -> str | None:
         if found is None or found.size != size:
             bad.append(f"/{p} ({'missing' if found is None else f'{found.size} bytes, packaged {size}'})")
     rep.add(name, "package files intact", not bad, f"{len(files)} files" if not bad else f"{len(bad)} wrong: {bad[:5]}")
+    check_package_contents(rep, img, reader, manifest, pins, runtime, arch)
     check_runtime_runs(rep, img, reader, manifest, arch)
     return actual
+
+
+def check_package_contents(rep: Report, img: Path, reader: Any, manifest: dict[str, Any], pins: Pins, runtime: str,
+                           arch: str) -> None:  # fmt: skip
+    """Every file the manifest says a package installed holds that package's bytes, as the
+    package itself has them: the locked packages are fetched (or taken from the cache) and
+    verified against the lock and their signatures, as a build does, and each file's sha256 is
+    compared. Nothing the build cached is believed: a cached stream another user edited fails here."""
+    from .apk.lockfile import locked_entry
+    from .apk.packages import fetch_all
+
+    name, check = paths.rel(img), "package files = packages"
+    closure = locked_entry(pins, runtime, arch)
+    if closure is None:
+        rep.add(name, check, None, f"no current lock entry for {runtime}/{arch} to fetch the packages by: nox -s lock")
+        return
+    rows = {p.get("name"): p for p in manifest.get("packages", []) if isinstance(p, dict)}
+    if {(n, r.get("checksum")) for n, r in rows.items()} != {(p.name, p.checksum) for p in closure}:
+        rep.add(name, check, False, "the image's manifest lists other packages than the lock: rebuild it")
+        return
+    try:
+        verified = fetch_all(pins, closure, arch, runtime)
+    except VulcanError as exc:
+        rep.add(name, check, None, f"the packages could not be fetched to compare: {exc.message[:160]}")
+        return
+    want: dict[str, str] = {}
+    unmatched = []
+    for v, p in zip(verified, closure, strict=True):
+        contents = package_digests(v.path, v.data_offset)
+        for path in rows[p.name].get("files", {}):
+            if path in contents:
+                want[path] = contents[path]
+            else:
+                unmatched.append(path)  # written through a symlink of the tree: where it went is the tree's
+    have = reader.digests(img, set(want))
+    bad = [f"/{p}" for p, digest in sorted(want.items()) if have.get(p) != digest]
+    detail = f"{len(want)} files, sha256 each" + (f" ({len(unmatched)} not compared)" if unmatched else "")
+    rep.add(name, check, not bad, detail if not bad else f"{len(bad)} differ from their package: {bad[:5]}")
+
+
+def package_digests(apk: Path, data_offset: int) -> dict[str, str]:
+    """The sha256 (hex) of each regular file (and hard link) in a verified package's data tar."""
+    import gzip
+    import hashlib
+    import tarfile
+
+    out: dict[str, str] = {}
+    with open(apk, "rb") as f:
+        f.seek(data_offset)
+        with gzip.GzipFile(fileobj=f) as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
+            for m in tar:
+                path = "/".join(p for p in m.name.split("/") if p not in ("", "."))
+                if m.isreg():
+                    data = tar.extractfile(m)
+                    out[path] = hashlib.file_digest(data, "sha256").hexdigest() if data else ""  # type: ignore[arg-type]
+                elif m.islnk():
+                    target = "/".join(p for p in m.linkname.split("/") if p not in ("", "."))
+                    if target in out:
+                        out[path] = out[target]
+    return out
 
 
 def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, Any], arch: str) -> None:
@@ -359,7 +446,7 @@ def verify(pins: Pins, arch: str, reproduce: bool) -> Report:
     check_vmm(rep, pins, arch)
     check_guest(rep, arch)
     for runtime in pins.alpine.runtimes:
-        published = {fmt: check_image(rep, runtime, fmt, arch) for fmt in pins.alpine.formats_of(runtime)}
+        published = {fmt: check_image(rep, pins, runtime, fmt, arch) for fmt in pins.alpine.formats_of(runtime)}
         checked = {fmt: digest for fmt, digest in published.items() if digest is not None}
         if reproduce and checked:  # one rebuild writes every format
             check_reproduce(rep, runtime, arch, checked)

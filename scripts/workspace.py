@@ -24,11 +24,12 @@ SCRATCH_PREFIX = ".vulcan-"
 
 
 @contextlib.contextmanager
-def directory_lock(parent: Path) -> Iterator[None]:
+def directory_lock(parent: Path, waiter: str | None = None) -> Iterator[None]:
     """An flock on the directory itself (no lock file is left behind), held for the block:
     creating scratch or temporary files there and sweeping stale ones exclude each other, and
     the lock file's read-modify-write holds it on its directory. Re-entrant within a thread
-    (two flocks of one directory from one process would wait for each other)."""
+    (two flocks of one directory from one process would wait for each other). ``waiter`` (e.g.
+    "a pull"): when another process holds it, say who before waiting."""
     fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino)
@@ -38,7 +39,18 @@ def directory_lock(parent: Path) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if waiter is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                from . import log
+
+                log.info(
+                    f"{waiter} waits for {holder(st.st_dev, st.st_ino) or 'another process'}, which holds {parent}"
+                )
+                fcntl.flock(fd, fcntl.LOCK_EX)
         held.add(key)
         try:
             yield
@@ -49,6 +61,26 @@ def directory_lock(parent: Path) -> Iterator[None]:
 
 
 _held = threading.local()
+
+
+def holder(device: int, inode: int) -> str | None:
+    """Which process holds an flock on this file (from /proc/locks), as "process PID (command)"."""
+    where = f"{os.major(device):02x}:{os.minor(device):02x}:{inode}"
+    try:
+        with open("/proc/locks") as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return None
+    for row in rows:
+        if len(row) >= 6 and row[1] == "FLOCK" and row[5] == where and row[4].isdigit():
+            pid = row[4]
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = " ".join(f.read(4096).replace(b"\0", b" ").decode(errors="replace").split())
+            except OSError:
+                command = ""
+            return f"process {pid}" + (f" ({command[:120]})" if command else "")
+    return None
 
 
 def remove_stale(parent: Path) -> list[Path]:

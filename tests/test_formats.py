@@ -61,12 +61,20 @@ def _rdump(image: Path, dirs: list[str], root: Path) -> list[str]:
     return list(dirs)  # not needed here: the runtime check then says it could not copy them
 
 
+def _digests(image: Path, paths: set[str]) -> dict[str, str]:
+    import hashlib
+
+    with tarfile.open(image) as tar:  # extractfile() reads a hard link's target
+        return {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest()  # type: ignore[union-attr]
+                for m in tar.getmembers() if (m.isreg() or m.islnk()) and m.name in paths}  # fmt: skip
+
+
 @pytest.fixture
 def tarfs(monkeypatch: pytest.MonkeyPatch) -> Format:
     writer = types.ModuleType("scripts.formats.tarfs")
     writer.WRITER = TarfsWriter()  # type: ignore[attr-defined]
     reader = types.ModuleType("scripts.formats.tarfs_read")
-    reader.stat_many, reader.cat, reader.rdump = _stat_many, _cat, _rdump  # type: ignore[attr-defined]
+    reader.stat_many, reader.cat, reader.rdump, reader.digests = _stat_many, _cat, _rdump, _digests  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, writer.__name__, writer)
     monkeypatch.setitem(sys.modules, reader.__name__, reader)
     record = Format("tarfs", "tarfs", "tarfs_read", ("TARFS",), "tar reads it", writable=False, max_epoch=2**33)
@@ -107,6 +115,7 @@ def test_a_registered_format_is_built_listed_and_verified(
     assert rows[("images/python.tarfs", "tar reads it")].result == "pass"
     assert rows[("images/python.tarfs", "agent = bin/vulcan-guest")].result == "pass"
     assert rows[("images/python.tarfs", "sha256 = manifest")].result == "pass"
+    assert rows[("images/python.tarfs", "package files = packages")].result == "pass"
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
@@ -122,7 +131,6 @@ def test_a_crc32c_shim_that_computes_another_crc_is_never_given_to_mke2fs(
     if not ext4_crc._cpu_has_sse42():
         pytest.skip("this CPU has no SSE4.2")
     assert ext4_crc.crc32c(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xE3069283  # the reference (RFC 3720)
-    monkeypatch.setenv("VULCAN_MKE2FS_IO_CACHE", "0")  # the CRC-32C helper alone
     monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "good"))
     [good] = ext4_crc.preload()
     assert good.parent == tmp_path / "good/tools" and ext4_crc.check(good) is None
@@ -182,145 +190,3 @@ def test_without_a_c_compiler_mke2fs_runs_plain(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc
     assert ext4_preload.preload() == []
     assert not (tmp_path / "cache/tools").exists()
-
-
-# Run under LD_PRELOAD of ext4_iocache.c: random reads and writes of a file (aligned or not, through
-# two descriptors, truncate, punched holes, fsync, O_APPEND, a shared mapping), each read against a
-# model of the file, the file against it after each change as this process reads it, and as another
-# process reads it after each fsync; then what only the helper's work explains: writes gathered
-# (another process does not see them before the fsync) and reads served from kept blocks (a change
-# made behind the cache is not read back).
-_IO_CACHE_DRIVER = r"""
-import ctypes, mmap, os, random, subprocess, sys
-path = sys.argv[1]
-libc = ctypes.CDLL(None, use_errno=True)  # its fallocate is the preloaded one
-libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-rng = random.Random(26)
-model = bytearray(os.urandom(1 << 18))
-with open(path, "wb") as f:
-    f.write(model)
-fd = os.open(path, os.O_RDWR)
-other = os.open(path, os.O_RDWR)
-
-def check_read(at, n):
-    got = os.pread(fd, n, at)
-    want = bytes(model[at:at + n])
-    if got != want:
-        sys.exit(f"read of {n} at {at}: not what the file holds")
-
-def check_file():  # read(2) on a new descriptor, nothing else
-    f = os.open(path, os.O_RDONLY)
-    got = b"".join(iter(lambda: os.read(f, 1 << 16), b""))
-    os.close(f)
-    if got != bytes(model):
-        sys.exit("the file is not what was written to it")
-
-def outside():  # the file as another process reads it
-    code = "import sys; sys.stdout.buffer.write(open(sys.argv[1], 'rb').read())"
-    return subprocess.run([sys.executable, "-c", code, path], check=True, capture_output=True).stdout
-
-def check_synced():
-    os.fsync(fd)
-    if outside() != bytes(model):
-        sys.exit("after fsync, the file is not what was written to it")
-
-for step in range(int(sys.argv[3])):
-    op = rng.random()
-    at = rng.randrange(0, len(model) + 8192) if rng.random() < 0.3 else rng.randrange(0, len(model) // 4096) * 4096
-    n = rng.choice((4096, 8192, 512, 1, 784, rng.randrange(1, 20000)))
-    if op < 0.6:
-        check_read(at, n)
-    elif op < 0.85:
-        data = os.urandom(n)
-        os.pwrite(fd if rng.random() < 0.8 else other, data, at)
-        if at > len(model):
-            model.extend(bytes(at - len(model)))
-        model[at:at + n] = data
-        check_file()
-    elif op < 0.9:
-        data = os.urandom(n)
-        os.lseek(other, at, 0)
-        os.write(other, data)
-        if at > len(model):
-            model.extend(bytes(at - len(model)))
-        model[at:at + n] = data
-        check_file()
-    elif op < 0.94:
-        at = at // 4096 * 4096
-        if libc.fallocate(fd, 3, at, 8192) != 0:  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-            sys.exit(f"fallocate: errno {ctypes.get_errno()}")
-        end = min(at + 8192, len(model))
-        if at < end:
-            model[at:end] = bytes(end - at)
-        check_file()
-    elif op < 0.97:
-        size = rng.randrange(1 << 17, 1 << 18)
-        (os.ftruncate(fd, size) if rng.random() < 0.5 else os.truncate(path, size))
-        model = model[:size] + bytes(max(0, size - len(model)))
-        check_file()
-    elif op < 0.995:
-        os.close(fd)
-        fd = os.open(path, os.O_RDWR)
-    else:  # another process, so not too often
-        check_synced()
-for at in range(0, len(model), 4096):
-    check_read(at, 4096)
-check_synced()
-
-# writes that continue each other are gathered: another process sees them after the fsync only
-os.pwrite(fd, b"A" * 4096, 8192)
-os.pwrite(fd, b"B" * 4096, 12288)
-model[8192:16384] = b"A" * 4096 + b"B" * 4096
-gathered = outside()[8192:16384] != bytes(model[8192:16384])
-check_synced()
-
-# every block is kept now: a change the cache cannot see (another process) is not read back
-os.pwrite(fd, os.urandom(4096), 0)
-model[0:4096] = os.pread(other, 4096, 0)
-check_read(0, 4096)
-
-def behind(data):  # written by another process, which the cache cannot follow
-    code = "import os, sys; os.pwrite(os.open(sys.argv[1], os.O_WRONLY), bytes.fromhex(sys.argv[2]), 0)"
-    subprocess.run([sys.executable, "-c", code, path, data.hex()], check=True)
-
-behind(os.urandom(64))
-stale = os.pread(fd, 4096, 0) == bytes(model[:4096])  # the block as this process last wrote it
-if sys.argv[2] == "append":  # written through an O_APPEND descriptor: the cache is off for good
-    os.pwrite(os.open(path, os.O_RDWR | os.O_APPEND), b"x", 0)
-else:  # through a shared writable mapping: off for good as well
-    with mmap.mmap(os.open(path, os.O_RDWR), 4096) as mapped:
-        mapped[100:101] = b"y"
-data = os.urandom(64)
-behind(data)
-model = bytearray(outside())
-check_read(0, 4096)
-print("gathered" if gathered else "written at once", "served from the cache" if stale else "read from the file")
-"""
-
-
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc)")
-@pytest.mark.skipif(sys.platform != "linux" or __import__("os").uname().machine not in ("x86_64", "aarch64"),
-                    reason="the I/O cache is built on 64-bit Linux only")  # fmt: skip
-def test_the_io_cache_reads_and_writes_what_the_file_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import subprocess
-
-    from scripts.formats import ext4_preload
-
-    monkeypatch.setenv("VULCAN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("VULCAN_MKE2FS_CRC32C", "0")
-    [shim] = ext4_preload.preload()
-    assert shim.name.startswith("mke2fs-iocache-")
-    image = tmp_path / "image"
-    image.touch()  # the file is found when the cache is loaded
-    env = {**os.environ, **ext4_preload.image_env(image), "LD_PRELOAD": str(shim)}
-    for end, steps in (("append", "3000"), ("mmap", "300")):
-        run = subprocess.run([sys.executable, "-c", _IO_CACHE_DRIVER, str(image), end, steps], env=env,
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert run.returncode == 0, run.stderr
-        assert run.stdout.strip() == "gathered served from the cache"
-    # the same driver without the cache: it reads the change made behind it
-    plain = subprocess.run([sys.executable, "-c", _IO_CACHE_DRIVER, str(image), "mmap", "300"],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert plain.returncode == 0, plain.stderr
-    assert plain.stdout.strip() == "written at once read from the file"

@@ -90,12 +90,17 @@ class Reader(Protocol):  # a reader module's three functions
         """Copy each directory out to ``root/<dir>``; returns those that did not arrive."""
         ...
 
+    def digests(self, image: Path, paths: set[str]) -> dict[str, str]:
+        """The sha256 (hex) of each of ``paths`` that is a regular file in the image (a hard
+        link's is its target's), in one pass; a path that is not there, or not a file, is left out."""
+        ...
+
 
 @dataclass(frozen=True)
 class Format:
     name: str  # the file suffix, the manifest's "format" and the kernel's rootfstype=
     writer_module: str  # scripts.formats.<module>, exporting WRITER
-    reader_module: str  # scripts.formats.<module>: stat_many(), cat(), rdump() (the Reader protocol)
+    reader_module: str  # scripts.formats.<module>: stat_many(), cat(), rdump(), digests() (the Reader protocol)
     kernel_needs: tuple[str, ...]  # CONFIG_ options built in (=y: no initramfs to load modules from)
     check_name: str  # what verify's table calls the writer's deep check
     writable: bool  # a VM may write the image (a copy of it); else it is booted read-only + overlay

@@ -128,11 +128,11 @@ def make_image(tar: Path, image: Path, lay: Layout, uuid: str, hash_seed: str, e
         f.truncate(lay.size_bytes)
     how = method()
     if how == "tar":
-        from .ext4_preload import image_env, preload
+        from .ext4_preload import preload
 
         fast = preload()  # the same bytes, sooner (ext4_preload.py); never under fakeroot's own LD_PRELOAD
         if fast:
-            env = {**env, **image_env(image), "LD_PRELOAD": ":".join(map(str, fast))}
+            env = {**env, "LD_PRELOAD": ":".join(map(str, fast))}
         run_tool(_mke2fs_args(tar, image, lay, uuid, hash_seed, label), env=env)
         return how
     staging = image.with_name("staging")
@@ -167,7 +167,7 @@ def blank(path: Path, size: int) -> None:
 
 
 def fsck(image: Path) -> None:
-    """e2fsck -fn, as e2fsprogs is (never with ext4_preload.py's helpers: it judges what they wrote)."""
+    """e2fsck -fn, as e2fsprogs is (never with ext4_preload.py's helper: it judges what it wrote)."""
     try:
         run_tool(["e2fsck", "-fn", str(image)], env=minimal_env(), quiet=True, merge_stderr=True)
     except ToolFailed as exc:

@@ -1,22 +1,18 @@
-"""What mke2fs gets in LD_PRELOAD: code that writes the same image sooner, where that is known.
+"""What mke2fs gets in LD_PRELOAD: the CPU's CRC-32C instruction, where it is known to be right.
 
-Two helpers, each built once into the cache (``tools/``, or ``VULCAN_TOOLS``: several caches can
-share one) with the host's C compiler (``cc``), each with its own switch; where one cannot be
-built or is switched off, mke2fs runs without it and the build says nothing (it is only slower).
-The build's e2fsck check, and ``verify``'s, run without either, so they judge what was written.
+``ext4_crc32c.c`` computes the metadata checksums with the CPU's CRC-32C instruction (the same
+function libext2fs computes with a table; x86-64 with SSE4.2; ``VULCAN_MKE2FS_CRC32C=0`` turns
+it off): mke2fs of a real 83-package world 0.16-0.19 -> 0.11-0.13 s. It is built once with the
+host's C compiler (``cc``) into the tools directory (``$VULCAN_CACHE/tools``, or ``VULCAN_TOOLS``:
+several caches can share one), checked against a reference before its first use, and links to
+nothing (not even libc). Where it cannot be built, or is switched off, mke2fs runs as e2fsprogs
+is and the build says nothing (it is only slower). The build's e2fsck check, and ``verify``'s,
+run without it, so they judge what was written.
 
-- ``ext4_crc32c.c``: the metadata checksums with the CPU's CRC-32C instruction (the same function
-  libext2fs computes with a table; x86-64 with SSE4.2; ``VULCAN_MKE2FS_CRC32C``): mke2fs of a real
-  83-package world 0.16-0.19 -> 0.11-0.13 s. Checked against a reference before its first use. It
-  links to nothing (not even libc), so a cache shared between hosts can share it.
-- ``ext4_iocache.c``: fewer system calls on the image file (``VULCAN_MKE2FS_IO_CACHE``; Linux,
-  64-bit): the blocks mke2fs reads back are kept (of its 26,727 reads there, 26,483 no longer a
-  system call) and writes that continue each other are gathered (14,425 -> 5,584); whatever reads
-  the image reads what it would read without it. It links to libc, so its name carries the
-  machine and the C library.
-
-A built file is named by its source's digest and trusted as the Go build cache is: it is this
-user's own build output.
+Code runs as the user who builds (root, often), so it is loaded only from a file whose real path
+nobody else can change (ownership.py: owned by this user or root, writable by no one else, all
+the way from ``/``) and whose name LD_PRELOAD cannot split (no space, tab or colon). Otherwise
+mke2fs runs plain and the build says why, once.
 """
 
 from __future__ import annotations
@@ -28,12 +24,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import log, paths, settings
+from .. import log, ownership, paths, settings
 from ..errors import ToolMissing
 from ..run import minimal_env, run_tool, which
 
 SOURCE = Path(__file__).with_name("ext4_crc32c.c")
-IO_CACHE = Path(__file__).with_name("ext4_iocache.c")
+SPLITS = frozenset(" \t\n:")  # what separates LD_PRELOAD's entries (glibc's rtld.c and the shell's words)
 POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
 
 _lock = threading.Lock()
@@ -68,29 +64,28 @@ def _cpu_has_sse42() -> bool:
 
 
 def preload() -> list[Path]:
-    """The shared objects to put in mke2fs's LD_PRELOAD (none: mke2fs as it is). mke2fs must
-    also get ``VULCAN_MKE2FS_IMAGE``, the image's path, for the I/O cache (``image_env``)."""
+    """The shared objects to put in mke2fs's LD_PRELOAD (none: mke2fs as it is)."""
+    if not settings.mke2fs_crc32c() or os.uname().machine != "x86_64":
+        return []
     tools = settings.tools_dir()
-    found = []
-    if settings.mke2fs_crc32c() and os.uname().machine == "x86_64":
-        found.append(_once(tools, "crc32c", lambda: _find_or_build(tools, SOURCE, "ext2fs-crc32c", check)
-                           if _cpu_has_sse42() else None))  # fmt: skip
-    if settings.mke2fs_io_cache() and os.uname().machine in ("x86_64", "aarch64"):
-        libc = (
-            "-".join((os.confstr("CS_GNU_LIBC_VERSION") or "").split())
-            if "CS_GNU_LIBC_VERSION" in os.confstr_names
-            else ""
-        )
-        if libc:  # glibc: musl's headers make pread64 a macro, and it was not tried there
-            name = f"mke2fs-iocache-{os.uname().machine}-{libc}"
-            # dlsym is libc's own from glibc 2.34, libdl's before: -ldl links it either way
-            found.append(_once(tools, "iocache", lambda: _find_or_build(tools, IO_CACHE, name, _loads, ("-ldl",))))
-    return [p for p in found if p is not None]
+    found = _once(tools, "crc32c", lambda: _safe(_find_or_build(tools, SOURCE, "ext2fs-crc32c", check))
+                  if _cpu_has_sse42() else None)  # fmt: skip
+    return [found] if found is not None else []
 
 
-def image_env(image: Path) -> dict[str, str]:
-    """What mke2fs's environment needs beside LD_PRELOAD: which file the I/O cache is for."""
-    return {"VULCAN_MKE2FS_IMAGE": str(image)}
+def _safe(built: Path | None) -> Path | None:
+    """``built`` as LD_PRELOAD may name it, if nobody but this user and root can change it."""
+    if built is None:
+        return None
+    real = Path(os.path.realpath(built))
+    why = ownership.problem(real)
+    if why is None and SPLITS & set(str(real)):
+        why = f"its path {str(real)!r} has a space, tab or colon, which would split LD_PRELOAD"
+    if why is not None:
+        log.warn(f"mke2fs runs without {SOURCE.name} (only slower): {why}; a tools directory of your own "
+                 "(VULCAN_TOOLS) gets it back")  # fmt: skip
+        return None
+    return real
 
 
 def _once(tools: Path, what: str, make: Callable[[], Path | None]) -> Path | None:
@@ -100,14 +95,12 @@ def _once(tools: Path, what: str, make: Callable[[], Path | None]) -> Path | Non
         return _built[(tools, what)]
 
 
-def _find_or_build(
-    tools: Path, source: Path, stem: str, judge: Callable[[Path], str | None], libs: tuple[str, ...] = ()
-) -> Path | None:
-    digest = hashlib.sha256(source.read_bytes() + " ".join(libs).encode()).hexdigest()[:24]
+def _find_or_build(tools: Path, source: Path, stem: str, judge: Callable[[Path], str | None]) -> Path | None:
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:24]
     built = tools / f"{stem}-{digest}.so"
     what = f"mke2fs runs without {source.name}"
     try:
-        if built.is_file():  # checked when it was built
+        if built.is_file():  # checked when it was built, and by _safe before each use
             return built
     except OSError as exc:  # a VULCAN_TOOLS this user may not enter: never a reason to fail a build
         log.debug(f"{what}: {exc}")
@@ -117,11 +110,15 @@ def _find_or_build(
     except ToolMissing:
         return None
     tmp = tools / f".{built.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    why = ownership.problem(tools)
+    if why is not None:  # nor is anything built there, to be loaded in this process by the check
+        log.debug(f"{what}: {why}")
+        return None
     try:
         if not settings.tools_dir_is_set():
             paths.claim_cache()  # `clean --all` removes what is ours in it: tools/ is
         tools.mkdir(parents=True, exist_ok=True)
-        proc = run_tool([cc, "-O2", "-shared", "-fPIC", "-o", tmp, source, *libs], env=minimal_env(), quiet=True,
+        proc = run_tool([cc, "-O2", "-shared", "-fPIC", "-o", tmp, source], env=minimal_env(), quiet=True,
                         check=False)  # fmt: skip
         if proc.returncode != 0:
             log.debug(f"{what}: {cc} could not build it: {proc.stderr.decode(errors='replace')[-300:]}")
@@ -138,17 +135,6 @@ def _find_or_build(
         with contextlib.suppress(OSError):  # after os.replace, or where nothing could be written
             tmp.unlink()
     return built
-
-
-def _loads(shared: Path) -> str | None:
-    """Whether the I/O cache can be loaded at all (a cache mounted noexec): loaded here with
-    RTLD_LOCAL, its functions stand in for nobody's in this process, and without
-    VULCAN_MKE2FS_IMAGE in this process's environment it keeps nothing. tests/test_formats.py
-    holds what it does against a model of the file."""
-    import ctypes
-
-    ctypes.CDLL(str(shared))
-    return None
 
 
 def check(shared: Path) -> str | None:

@@ -59,6 +59,34 @@ def cat(image: Path, path: str) -> bytes:
     return proc.stdout
 
 
+def digests(image: Path, paths: set[str]) -> dict[str, str]:
+    """The image's directories that hold ``paths`` copied out (debugfs rdump) to a private
+    temporary directory, and hashed there."""
+    import hashlib
+    import os
+    import stat
+    import tempfile
+
+    tops = sorted({p.split("/", 1)[0] for p in paths if "/" in p})
+    out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="vulcan-digests-") as tmp:
+        root = Path(tmp)
+        rdump(image, tops, root)
+        for p in paths:
+            f = root / p
+            try:
+                st = os.lstat(f)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if not st.st_mode & stat.S_IRUSR:  # copied out as it is in the image (--x--x--x): ours to read
+                    os.chmod(f, st.st_mode | stat.S_IRUSR)
+                with open(f, "rb") as fh:
+                    out[p] = hashlib.file_digest(fh, "sha256").hexdigest()
+            except OSError:
+                continue
+    return out
+
+
 def rdump(image: Path, dirs: list[str], root: Path) -> list[str]:
     """Copy each directory of ``dirs`` (with everything under it) out of the image to
     ``root/<dir>``; returns the ones that did not arrive (debugfs exits 0 even when a path is

@@ -82,19 +82,23 @@ def verify(envelope_bytes: bytes, keys: list[Any], subject_digest: str) -> dict[
 
     try:
         envelope = Envelope.from_dict(json.loads(envelope_bytes))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TrustError(f"the signature is not a DSSE envelope: {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise TrustError(f"the signature is not a DSSE envelope: {str(exc)[:100] or type(exc).__name__}") from None
     if envelope.payload_type != PAYLOAD_TYPE:
         raise TrustError(f"the envelope's payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE!r}")
     try:
         envelope.verify([SSlibKey.from_crypto(k) for k in keys], 1)
     except Exception as exc:  # securesystemslib's VerificationError and what a bad signature raises
         raise TrustError(f"not signed by a trusted key: {exc}") from None
-    statement: dict[str, Any] = json.loads(envelope.payload)
-    digests = {f"sha256:{s.get('digest', {}).get('sha256')}" for s in statement.get("subject", [])}
+    try:
+        statement = json.loads(envelope.payload)
+        subjects = statement.get("subject", [])
+        digests = {f"sha256:{s.get('digest', {}).get('sha256')}" for s in subjects if isinstance(s, dict)}
+    except (ValueError, AttributeError, RecursionError, TypeError):
+        raise TrustError("the signed payload is not an in-toto statement") from None
     if statement.get("_type") != STATEMENT or subject_digest not in digests:
         raise TrustError(f"the signed statement is not about {subject_digest} (its subjects: {sorted(digests)})")
-    return statement
+    return dict(statement)
 
 
 def keyid(public_key: Any) -> str:
@@ -125,6 +129,21 @@ def provenance(subject: str, digest: str, external: dict[str, Any], dependencies
             "runDetails": {"builder": {"id": builder_id}, "metadata": metadata, "byproducts": byproducts or []},
         },
     }
+
+
+def byproducts(statement: dict[str, Any]) -> dict[str, str]:
+    """The files a statement vouches for besides its subject: name -> "sha256:<hex>"."""
+    found: dict[str, str] = {}
+    try:
+        listed = statement["predicate"]["runDetails"]["byproducts"]
+    except (KeyError, TypeError):
+        return found
+    for entry in listed if isinstance(listed, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("digest"), dict):
+            sha = entry["digest"].get("sha256")
+            if isinstance(sha, str):
+                found[entry["name"]] = f"sha256:{sha}"
+    return found
 
 
 def q1_digest(checksum: str) -> dict[str, str]:

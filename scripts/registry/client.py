@@ -6,6 +6,16 @@
   distribution's ``token`` auth). Credentials: ``VULCAN_REGISTRY_USER``/``VULCAN_REGISTRY_PASSWORD``
   or Docker's ``config.json`` (settings.registry_credentials).
 - HTTPS with the system CAs or ``ca`` (a PEM file); plain HTTP only with ``insecure``.
+- Credentials (Basic, or a Bearer token) go only to the registry's own host and port, with the
+  scheme it was given: an upload ``Location`` on another host, port or scheme gets none, and one
+  that would go from HTTPS to plain HTTP is refused. A token service (``realm``) gets the
+  credentials over HTTPS wherever the registry names it (Docker Hub's is auth.docker.io); over
+  plain HTTP only when it is the very host given with ``insecure``; otherwise it is refused.
+- Nothing is read unbounded: a manifest or referrers list of more than ``MAX_DOCUMENT`` bytes, a
+  blob longer than its descriptor says, are refused as they arrive. Every read waits at most
+  ``timeout`` seconds, and all of a command's requests together end by its ``deadline``
+  (``VULCAN_REGISTRY_TIMEOUT``, ``VULCAN_REGISTRY_DEADLINE``): a registry that trickles a byte
+  at a time is cut off.
 - Blobs: HEAD before upload, cross-repository mount when asked, monolithic PUT for small ones,
   PATCH chunks for large ones; an upload interrupted mid-blob resumes where the registry says it
   stands (``GET`` of the upload's location: ``Range: 0-N``), its location kept in the cache.
@@ -17,11 +27,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 
@@ -30,6 +41,9 @@ from ..errors import VulcanError
 from . import oci
 
 CHUNK = 16 << 20  # bytes per PATCH of a large blob (and the largest monolithic PUT)
+# The largest manifest, index or referrers list read (distribution and most registries refuse a
+# manifest over 4 MiB); a token answer is far smaller, and so bounded the same way.
+MAX_DOCUMENT = 4 << 20
 ACCEPT = ", ".join((oci.INDEX, oci.MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json",
                     "application/vnd.docker.distribution.manifest.v2+json"))  # fmt: skip
 REFERENCE = re.compile(
@@ -76,14 +90,41 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        port = -1
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def parse_json(body: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from a registry, or a RegistryError that says what it was (never a
+    traceback: a document nested thousands deep exhausts Python's recursion)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise RegistryError(
+            f"{what} is not JSON a registry would serve: {str(exc)[:100] or type(exc).__name__}"
+        ) from None
+    if not isinstance(doc, dict):
+        raise RegistryError(f"{what} is JSON but not an object")
+    return doc
+
+
 class Registry:
     """One registry, as one user (or anonymously)."""
 
     def __init__(self, registry: str, *, credentials: tuple[str, str] | None = None, insecure: bool = False,
-                 ca: Path | None = None, timeout: float = 60.0, state_dir: Path | None = None) -> None:  # fmt: skip
+                 ca: Path | None = None, timeout: float = 60.0, deadline: float = 3600.0,
+                 state_dir: Path | None = None) -> None:  # fmt: skip
         self.name = registry
         self.base = f"{'http' if insecure else 'https'}://{registry}"
+        self.origin = _origin(self.base)
         self.credentials = credentials
+        self.deadline = time.monotonic() + deadline
+        self.deadline_seconds = deadline
         self.session = requests.Session()
         # given with every request: a session's own verify loses to REQUESTS_CA_BUNDLE (requests#3829)
         self.verify: str | bool = str(ca) if ca else True
@@ -117,20 +158,71 @@ class Registry:
     def _send(self, method: str, url: str, scope: str, headers: dict[str, str] | None, data: Any,
               stream: bool) -> requests.Response:  # fmt: skip
         h = dict(headers or {})
-        if scope in self.tokens:
+        target = _origin(url)
+        ours = target == self.origin  # credentials and tokens go to the registry's own origin only
+        if target[0] == "http" and self.origin[0] == "https":
+            raise RegistryError(f"{self.name} sent this client to {url.split('?')[0]}, plain HTTP: refused",
+                                hint="a registry over HTTPS must keep its uploads and downloads on HTTPS")  # fmt: skip
+        if ours and scope in self.tokens:
             h["Authorization"] = f"Bearer {self.tokens[scope]}"
-        auth = self.credentials if self.basic and scope not in self.tokens else None
+        auth = self.credentials if ours and self.basic and scope not in self.tokens else None
         self.requests += 1
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._late(f"{method} {url.removeprefix(self.base)}")
         try:
-            return self.session.request(method, url, headers=h, data=data, stream=stream, timeout=self.timeout,
-                                        auth=auth, allow_redirects=True, verify=self.verify)  # fmt: skip
+            # requests drops the Authorization header itself on a redirect to another host
+            # (Session.rebuild_auth), and on one from HTTPS to HTTP of the same host
+            return self.session.request(method, url, headers=h, data=data, stream=stream, auth=auth,
+                                        timeout=min(self.timeout, remaining), allow_redirects=True,
+                                        verify=self.verify)  # fmt: skip
         except requests.exceptions.SSLError as exc:
             raise RegistryError(f"TLS with {self.name} failed: {exc}",
                                 hint="pass --ca FILE for a registry with a private CA (or --insecure for plain "
                                 "HTTP on a trusted network)") from None  # fmt: skip
+        except requests.exceptions.Timeout:
+            raise RegistryError(
+                f"registry {self.name} did not answer {method} within {self.timeout:g} s",
+                hint="is it up? VULCAN_REGISTRY_TIMEOUT allows a slower registry more",
+            ) from None
         except requests.exceptions.RequestException as exc:
             raise RegistryError(f"registry {self.name} is not reachable: {type(exc).__name__}: {exc}",
                                 hint="is it up, and is the address right?") from None  # fmt: skip
+
+    def _late(self, what: str) -> RegistryError:
+        return RegistryError(f"{self.name}: {what}: not done within the deadline of {self.deadline_seconds:g} s",
+                             hint="a registry or link that slow is cut off; VULCAN_REGISTRY_DEADLINE gives it "
+                             "longer")  # fmt: skip
+
+    def chunks(self, resp: requests.Response, limit: int, what: str) -> Iterator[bytes]:
+        """The body of a streamed answer as it arrives, refused past ``limit`` bytes or the deadline
+        (each read returns what one receive brought: a trickle cannot hold a read past either)."""
+        got = 0
+        while True:
+            if time.monotonic() > self.deadline:
+                raise self._late(what)
+            try:
+                chunk = resp.raw.read1(1 << 20)
+            except Exception as exc:  # urllib3's ReadTimeoutError, ProtocolError, a reset socket
+                raise RegistryError(f"{self.name}: {what}: the transfer failed: {type(exc).__name__}: {exc}",
+                                    hint="is the registry up? VULCAN_REGISTRY_TIMEOUT allows a slower one more"
+                                    ) from None  # fmt: skip
+            if not chunk:
+                return
+            got += len(chunk)
+            if got > limit:
+                raise RegistryError(f"{self.name}: {what}: more than {limit:,} bytes: refused")
+            yield chunk
+
+    def read_bounded(self, resp: requests.Response, limit: int, what: str) -> bytes:
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            resp.close()
+            raise RegistryError(f"{self.name}: {what} is {int(declared):,} bytes, more than {limit:,}: refused")
+        try:
+            return b"".join(self.chunks(resp, limit, what))
+        finally:
+            resp.close()
 
     def _authenticate(self, resp: requests.Response, scope: str) -> bool:
         """Answer a 401's challenge; False when there is nothing more to try."""
@@ -143,23 +235,28 @@ class Registry:
         if scheme != "bearer" or "realm" not in params:
             return False
         self.tokens.pop(scope, None)  # a token it refused may have expired: ask for a new one
+        realm = params["realm"]
+        scheme = _origin(realm)[0]
+        if scheme != "https" and not (scheme == "http" and _origin(realm) == self.origin):
+            raise RegistryError(f"{self.name} names a token service at {realm}: not HTTPS, nor this registry's own "
+                                "host given with --insecure: refused (the credentials would travel readable)",
+                                hint="the registry's token service must use HTTPS")  # fmt: skip
         query: list[tuple[str, str]] = [("service", params["service"])] if "service" in params else []
         query += [("scope", s) for s in (params.get("scope") or scope).split(" ") if s]
         try:
-            got = self.session.get(params["realm"] + "?" + urlencode(query), auth=self.credentials,
-                                   timeout=self.timeout, verify=self.verify)  # fmt: skip
+            got = self.session.get(realm + "?" + urlencode(query), auth=self.credentials, stream=True,
+                                   timeout=self.timeout, verify=self.verify, allow_redirects=False)  # fmt: skip
+            text = self.read_bounded(got, MAX_DOCUMENT, f"the token service's answer ({realm})")
         except requests.exceptions.RequestException as exc:
-            raise RegistryError(
-                f"the token service of {self.name} ({params['realm']}) is not reachable: {exc}"
-            ) from None
+            raise RegistryError(f"the token service of {self.name} ({realm}) is not reachable: {exc}") from None
         if got.status_code in (401, 403):
             raise RegistryError(f"{self.name}'s token service refused "
                                 f"{'the credentials' if self.credentials else 'an anonymous request'} "
                                 f"(HTTP {got.status_code})", hint=_CREDENTIALS_HINT)  # fmt: skip
         try:
-            body = got.json()
+            body = parse_json(text, "the token service's answer")
             token = body.get("token") or body.get("access_token")
-        except ValueError:
+        except RegistryError:
             token = None
         if got.status_code != 200 or not token:
             raise RegistryError(f"{self.name}'s token service answered HTTP {got.status_code} without a token")
@@ -168,10 +265,15 @@ class Registry:
 
     def _refused(self, method: str, url: str, resp: requests.Response) -> RegistryError:
         try:
-            errors = resp.json().get("errors") or []
-            said = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors) or resp.text[:200]
-        except ValueError:
-            said = resp.text[:200].strip()
+            text = self.read_bounded(resp, 64 << 10, "an error answer")
+        except RegistryError:
+            text = b""
+        try:
+            errors = parse_json(text, "an error answer").get("errors") or []
+            said = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict))
+        except RegistryError:
+            said = ""
+        said = said or text[:200].decode(errors="replace").strip() or "no explanation given"
         where = url.removeprefix(self.base)
         if resp.status_code == 401:
             who = "the credentials were refused" if self.credentials else "it needs credentials"
@@ -272,26 +374,39 @@ class Registry:
         finally:
             r.close()
 
+    def small_blob(self, repo: str, desc: dict[str, Any], what: str, limit: int = 16 << 20) -> bytes:
+        """A small blob (a signature, an SBOM) in memory: read no further than its descriptor's
+        size (at most ``limit``), then checked against its digest."""
+        digest, size = desc.get("digest"), desc.get("size")
+        if not isinstance(digest, str) or not oci.DIGEST.fullmatch(digest) or not isinstance(size, int) or size < 0:
+            raise RegistryError(f"{what}: a descriptor without a sha256 digest and a size: refused")
+        if size > limit:
+            raise RegistryError(f"{what}: blob {digest} is {size:,} bytes, more than {limit:,}: refused")
+        with self.blob(repo, digest) as resp:
+            data = b"".join(self.chunks(resp, size, f"{what} ({digest})"))
+        self.received += len(data)
+        if len(data) != size or oci.digest_of(data) != digest:
+            raise RegistryError(f"{what}: blob {digest} served with another digest or size: refused")
+        return data
+
     # -- manifests ---------------------------------------------------------------------------
 
     def manifest(self, repo: str, ref: str) -> tuple[bytes, str, str]:
         """(bytes, media type, digest); a digest reference is checked against the bytes."""
         r = self.request("GET", f"/v2/{repo}/manifests/{ref}", _scope(repo, "pull"), headers={"Accept": ACCEPT},
-                         allow=(404,))  # fmt: skip
+                         allow=(404,), stream=True)  # fmt: skip
         if r.status_code == 404:
+            r.close()
             raise RegistryError(f"{self.name}/{repo}: no manifest {ref!r} (HTTP 404)",
                                 hint="check the tag or digest: 'publish' prints and writes what it pushed")  # fmt: skip
-        body = r.content
+        body = self.read_bounded(r, MAX_DOCUMENT, f"manifest {ref}")
         self.received += len(body)
         digest = oci.digest_of(body)
         if ref.startswith("sha256:") and digest != ref:
             raise RegistryError(f"{self.name}/{repo}: the manifest served for {ref} has digest {digest}: refused")
         media = r.headers.get("Content-Type", "").split(";")[0].strip()
-        try:
-            media = json.loads(body).get("mediaType") or media
-        except (ValueError, AttributeError):
-            raise RegistryError(f"{self.name}/{repo}: manifest {ref} is not JSON") from None
-        return body, media, digest
+        media = parse_json(body, f"{self.name}/{repo}: manifest {ref}").get("mediaType") or media
+        return body, str(media), digest
 
     def manifest_digest(self, repo: str, ref: str) -> str | None:
         """What ``ref`` (a tag) points at now, or None."""
@@ -309,20 +424,35 @@ class Registry:
         if found is not None:
             return found
         try:
-            return list(json.loads(self.manifest(repo, oci.referrers_tag(digest))[0]).get("manifests", []))
-        except RegistryError:
+            body = self.manifest(repo, oci.referrers_tag(digest))[0]
+        except RegistryError as exc:
+            if "HTTP 404" not in exc.message:
+                log.warn(f"the referrers of {digest} could not be read: {exc.message}")
             return []
+        return _entries(parse_json(body, f"{self.name}/{repo}: the referrers index of {digest}"))
 
     def referrers(self, repo: str, digest: str) -> list[dict[str, Any]] | None:
         """The referrers API's answer (an index's ``manifests``), or None where the registry
         does not have the API (404: then the referrers tag schema applies)."""
         r = self.request("GET", f"/v2/{repo}/referrers/{digest}", _scope(repo, "pull"), allow=(404,),
-                         headers={"Accept": oci.INDEX})  # fmt: skip
+                         headers={"Accept": oci.INDEX}, stream=True)  # fmt: skip
         if r.status_code == 404 or oci.INDEX not in r.headers.get("Content-Type", ""):
+            r.close()
             return None
-        self.received += len(r.content)
-        found: list[dict[str, Any]] = r.json().get("manifests", [])
-        return found
+        body = self.read_bounded(r, MAX_DOCUMENT, f"the referrers of {digest}")
+        self.received += len(body)
+        return _entries(parse_json(body, f"{self.name}/{repo}: the referrers of {digest}"))
+
+
+def _entries(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """An index's descriptors; entries that are not JSON objects are left out (with a warning)."""
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        return []
+    kept = [e for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)]
+    if len(kept) != len(entries):
+        log.warn(f"{len(entries) - len(kept)} entries of a referrers list are not descriptors: ignored")
+    return kept
 
 
 def _scope(repo: str, actions: str) -> str:

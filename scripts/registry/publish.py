@@ -31,7 +31,7 @@ from ..pins import ARCHES, Pins, host_arch
 from ..pins import load as load_pins
 from ..steps import prog
 from . import attest, oci
-from .client import Reference, Registry, RegistryError
+from .client import Reference, Registry, RegistryError, parse_json
 
 # Single-threaded: the same image compresses to the same bytes, so the same digest. Level 3 (zstd's
 # default): 2-3x faster than 9 on these images for a few percent more bytes on the wire.
@@ -202,12 +202,13 @@ class Publisher:
             if r.get("artifactType") != oci.ATTESTATION:
                 continue
             try:
-                layers = json.loads(self.reg.manifest(self.repo, r["digest"])[0]).get("layers", [])
-                with self.reg.blob(self.repo, layers[0]["digest"]) as resp:
-                    attest.verify(resp.content, [self.public], subject["digest"])
-                return  # signed by us already
-            except (RegistryError, attest.TrustError, IndexError, KeyError, ValueError):
+                layers = parse_json(self.reg.manifest(self.repo, r["digest"])[0], "a signature").get("layers", [])
+                envelope = self.reg.small_blob(self.repo, layers[0], "a signature")
+                signed = attest.verify(envelope, [self.public], subject["digest"])
+            except (RegistryError, attest.TrustError, IndexError, KeyError, TypeError, AttributeError):
                 continue
+            if attest.byproducts(signed) == attest.byproducts(statement):
+                return  # signed by us already, naming the same files
         envelope = attest.sign(statement, self.key)
         self.attach(subject, oci.ATTESTATION, oci.Blob(oci.DSSE, oci.digest_of(envelope), len(envelope), envelope,
                                                         title="provenance.dsse.json"))  # fmt: skip
@@ -249,12 +250,15 @@ def publish(pins: Pins, pins_file: Path, target: Reference, reg: Registry, key: 
             guest = manifest_doc.get("guest", {})
             if guest.get("sha256"):
                 deps.append({"name": "vulcan-guest", "digest": {"sha256": guest["sha256"]}})
-            p.sign(desc, attest.provenance(where, desc["digest"], {**external, "runtime": runtime, "arch": arch}, deps,
-                                           _files(layers)))  # fmt: skip
             sbom = paths.sbom(runtime, arch)
-            if sbom.is_file():
-                data = sbom.read_bytes()
-                p.attach(desc, oci.SBOM, oci.Blob(oci.SBOM, oci.digest_of(data), len(data), data, title=sbom.name))
+            data = sbom.read_bytes() if sbom.is_file() else None
+            sbom_blob = oci.Blob(oci.SBOM, oci.digest_of(data), len(data), data, title=sbom.name) if data else None
+            # the SBOM is named in the signed statement: a host places it only with that digest
+            signed_files = _files(layers + ([sbom_blob] if sbom_blob else []))
+            p.sign(desc, attest.provenance(where, desc["digest"], {**external, "runtime": runtime, "arch": arch}, deps,
+                                           signed_files))  # fmt: skip
+            if sbom_blob is not None:
+                p.attach(desc, oci.SBOM, sbom_blob)
             platforms.append({**desc, "platform": oci.PLATFORM[arch]})
         if platforms:
             p.index(runtime, f"{runtime}-{ident}", oci.RUNTIME_ARTIFACT, platforms, where, external)
@@ -324,7 +328,8 @@ def main(argv: list[str]) -> int:
     if key is None:
         log.warn("!!! publishing UNSIGNED: hosts will refuse it unless they pull with --no-verify !!!")
     reg = Registry(target.registry, credentials=settings.registry_credentials(target.registry),
-                   insecure=args.insecure, ca=args.ca, state_dir=paths.cache_dir() / "oci" / "uploads")  # fmt: skip
+                   insecure=args.insecure, ca=args.ca, state_dir=paths.cache_dir() / "oci" / "uploads",
+                   timeout=settings.registry_timeout(), deadline=settings.registry_deadline())  # fmt: skip
     arches = args.arch or [a for a in ARCHES if a == host_arch()] + [a for a in ARCHES if a != host_arch()]
     result = publish(pins, settings.pins_path(), target, reg, key, args.mount_from, arches)
     if not result.entries:

@@ -90,7 +90,7 @@ class TokenIssuer:
     """distribution's token auth: checks Basic credentials and grants the asked scopes in an
     ES256 JWT whose x5c header carries the certificate the registry's rootcertbundle trusts."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, ca: Ca | None = None) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -132,7 +132,13 @@ class TokenIssuer:
                 self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        if ca is not None:  # a token service on another host gets credentials only over HTTPS
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(ca.server_cert, ca.server_key)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.server.server_address[1]}/token"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def token(self, service: str, scopes: list[str]) -> str:
@@ -189,7 +195,7 @@ def running_registry(workdir: Path, auth: str = "none", tls: bool = False) -> It
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     ca = Ca(workdir / "tls") if tls else None
-    issuer = TokenIssuer(workdir) if auth == "token" else None
+    issuer = TokenIssuer(workdir, ca) if auth == "token" else None
     config = [
         "version: 0.1", "log:", "  level: warn", "  accesslog:", "    disabled: true", "storage:", "  filesystem:",
         f"    rootdirectory: {workdir / 'storage'}", "  delete:", "    enabled: true", "http:",
@@ -294,6 +300,108 @@ class ReferrersProxy:
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
         self.base = f"http://{self.host}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Seen:
+    """One request a test server received."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class Interposer:
+    """A registry in front of the real one, as a malicious registry or a proxy on the path would
+    be: it relays every request to ``upstream`` (the real docker-registry) and its answer back,
+    except where ``answer`` (given the request) returns an answer of its own: (status, headers,
+    body chunks, seconds to wait before each chunk); ``rewrite`` may change the headers of a
+    relayed answer. It records every request. With ``ca``, it speaks TLS with a certificate of
+    that CA; plain HTTP otherwise (a sniffer is an Interposer with no upstream)."""
+
+    def __init__(self, upstream: RunningRegistry | None, ca: Ca | None = None) -> None:
+        import ssl
+        from collections.abc import Callable
+
+        self.upstream = upstream
+        self.seen: list[Seen] = []
+        self.answer: Callable[[Seen], tuple[int, dict[str, str], list[bytes], float] | None] = lambda r: None
+        self.rewrite: Callable[[Seen, dict[str, str]], dict[str, str]] = lambda r, h: h
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                seen = Seen(self.command, self.path, dict(self.headers.items()))
+                proxy.seen.append(seen)
+                own = proxy.answer(seen)
+                if own is None and proxy.upstream is None:
+                    own = (500, {}, [b"a sniffer only"], 0.0)
+                if own is not None:
+                    status, headers, chunks, pause = own
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        if v:  # an empty Content-Length: none, the body ends when the connection does
+                            self.send_header(k, v)
+                    if "Content-Length" not in headers:
+                        self.send_header("Content-Length", str(sum(len(c) for c in chunks)))
+                    else:
+                        self.close_connection = True
+                    self.end_headers()
+                    try:
+                        for chunk in chunks:
+                            if pause:
+                                time.sleep(pause)
+                            self.wfile.write(chunk)
+                            self.wfile.flush()
+                    except OSError:  # the client gave up: what the test wants to see
+                        self.close_connection = True
+                    return
+                assert proxy.upstream is not None
+                verify = str(proxy.upstream.ca.cert) if proxy.upstream.ca else True
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                r = requests.request(self.command, proxy.upstream.base + self.path, headers=headers, data=body,
+                                     allow_redirects=False, timeout=60, verify=verify)  # fmt: skip
+                out = {
+                    k: v.replace(proxy.upstream.base, proxy.base)
+                    for k, v in r.headers.items()
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")
+                }
+                out = proxy.rewrite(seen, out)
+                self.send_response(r.status_code)
+                for k, v in out.items():
+                    self.send_header(k, v)
+                content = b"" if self.command == "HEAD" else r.content
+                self.send_header("Content-Length", str(len(content)) if self.command != "HEAD" else
+                                 r.headers.get("Content-Length", "0"))  # fmt: skip
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_PUT = do_POST = do_PATCH = do_HEAD = do_DELETE = _serve
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if ca is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(ca.server_cert, ca.server_key)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.base = f"{'https' if ca else 'http'}://{self.host}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def authorized(self) -> list[Seen]:
+        """The requests that carried credentials or a token."""
+        return [s for s in self.seen if any(k.lower() == "authorization" for k in s.headers)]
 
     def close(self) -> None:
         self.server.shutdown()
