@@ -137,6 +137,48 @@ func TestBadRequestsGetErrorsAndTheConnectionStaysUsable(t *testing.T) {
 	}
 }
 
+func TestAnEmptyLineGetsAReply(t *testing.T) {
+	c := newClient(t)
+	if r := c.send(""); r["ok"] != false || !strings.Contains(r["error"].(string), "empty request line") {
+		t.Fatalf("empty line -> %v", r)
+	}
+	if r := c.send(`{"op":"ping"}`); r["ok"] != true {
+		t.Fatalf("unusable after an empty line: %v", r)
+	}
+}
+
+// Peers that send most of a long request and then wait hold its bytes; together they may hold
+// maxPending, and a further long request is refused until they finish (20 such peers once
+// took 637 MB of the guest).
+func TestUnfinishedRequestsOfManyPeersAreBoundedTogether(t *testing.T) {
+	holders := make([]*client, 0)
+	big := `{"op":"ping","pad":"` + strings.Repeat("a", maxLine-4096)
+	for i := 0; i < maxPending/maxLine; i++ {
+		c := newClient(t)
+		done := make(chan struct{})
+		go func() { c.conn.Write([]byte(big)); close(done) }() // no newline: the line stays open
+		<-done
+		holders = append(holders, c)
+	}
+	late := newClient(t)
+	go late.conn.Write([]byte(big + "\"}\n"))
+	late.conn.SetDeadline(time.Now().Add(30 * time.Second))
+	out, err := late.r.ReadBytes('\n')
+	if err != nil || !strings.Contains(string(out), "unfinished requests") {
+		t.Fatalf("a request past the shared bound: %q %v", out, err)
+	}
+	for _, c := range holders { // the held requests end: their bytes are given back
+		go c.conn.Write([]byte("\"}\n"))
+		c.conn.SetDeadline(time.Now().Add(30 * time.Second))
+		if out, err := c.r.ReadBytes('\n'); err != nil || !strings.Contains(string(out), `"ok":true`) {
+			t.Fatalf("a held request: %q %v", out, err)
+		}
+	}
+	if r := late.send(big + `"}`); r["ok"] != true {
+		t.Fatalf("refused after the others finished: %v", r)
+	}
+}
+
 func TestOverlongLineIsRejectedAndSkipped(t *testing.T) {
 	c := newClient(t)
 	go func() {

@@ -8,13 +8,45 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"time"
 )
 
 // maxLine bounds one request line; a longer line gets an error reply and is skipped.
 const maxLine = 16 << 20
 
-var errTooLong = errors.New("request line longer than 16 MiB")
+// maxPending bounds the bytes of unfinished request lines held by all connections together:
+// 20 peers each sending 16 MiB without a newline once held 637 MB of a guest's memory.
+const maxPending = 4 * maxLine
+
+var (
+	errTooLong = errors.New("request line longer than 16 MiB")
+	errBusy    = errors.New("the agent holds 64 MiB of unfinished requests already: request refused, send it again later")
+	errEmpty   = errors.New(`empty request line (want a JSON object with "op")`)
+)
+
+// pending counts the bytes of request lines read but not yet answered, across connections.
+var pending struct {
+	sync.Mutex
+	bytes int
+}
+
+// reserve takes n bytes of the shared budget; false when that would pass maxPending.
+func reserve(n int) bool {
+	pending.Lock()
+	defer pending.Unlock()
+	if pending.bytes+n > maxPending {
+		return false
+	}
+	pending.bytes += n
+	return true
+}
+
+func release(n int) {
+	pending.Lock()
+	pending.bytes -= n
+	pending.Unlock()
+}
 
 type request struct {
 	ID          json.RawMessage   `json:"id,omitempty"`
@@ -89,34 +121,47 @@ func handleConn(conn io.ReadWriteCloser) {
 	w := bufio.NewWriter(conn)
 	for {
 		line, err := readLine(r)
-		if errors.Is(err, errTooLong) {
-			writeReply(w, errorReply{Error: err.Error()})
+		if errors.Is(err, errTooLong) || errors.Is(err, errBusy) {
+			if writeReply(w, errorReply{Error: err.Error()}) != nil {
+				return
+			}
 			continue
 		}
 		if err != nil {
 			return
 		}
-		if len(line) == 0 {
-			continue
+		var reply any = errorReply{Error: errEmpty.Error()}
+		if len(line) > 0 {
+			reply = handle(line)
 		}
-		if writeReply(w, handle(line)) != nil {
+		release(cap(line))
+		if writeReply(w, reply) != nil {
 			return
 		}
 	}
 }
 
-func readLine(r *bufio.Reader) ([]byte, error) {
-	var line []byte
+// readLine reads one request line; what it returns holds cap(line) bytes of the shared budget
+// until the caller releases them.
+func readLine(r *bufio.Reader) (line []byte, err error) {
+	held := 0
+	defer func() {
+		if err != nil {
+			release(held)
+		}
+	}()
 	for {
 		chunk, err := r.ReadSlice('\n')
 		if len(line)+len(chunk) > maxLine {
-			for errors.Is(err, bufio.ErrBufferFull) { // skip the rest of the line
-				_, err = r.ReadSlice('\n')
+			return nil, skipLine(r, err, errTooLong)
+		}
+		if len(line)+len(chunk) > cap(line) { // the line grows: its new room comes from the budget
+			grown := make([]byte, len(line), min(2*(len(line)+len(chunk)), maxLine))
+			if !reserve(cap(grown) - held) {
+				return nil, skipLine(r, err, errBusy)
 			}
-			if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
-				return nil, err
-			}
-			return nil, errTooLong
+			copy(grown, line)
+			line, held = grown, cap(grown)
 		}
 		line = append(line, chunk...)
 		if errors.Is(err, bufio.ErrBufferFull) {
@@ -130,6 +175,17 @@ func readLine(r *bufio.Reader) ([]byte, error) {
 		}
 		return trimEOL(line), nil
 	}
+}
+
+// skipLine reads past the rest of a refused line; it returns why unless the connection failed meanwhile.
+func skipLine(r *bufio.Reader, err error, why error) error {
+	for errors.Is(err, bufio.ErrBufferFull) {
+		_, err = r.ReadSlice('\n')
+	}
+	if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+		return err
+	}
+	return why
 }
 
 func trimEOL(b []byte) []byte {

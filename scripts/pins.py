@@ -382,6 +382,8 @@ class _Checker:
 
     def local_path(self, entry: Mapping[str, Any], key: str, where: str, want_dir: bool) -> Path:
         text = self.text(entry, key, where)
+        if "\0" in text:
+            raise self.fail(where, f"{text!r} holds a NUL character, which no path can", hint="fix the path")
         path = (self.base / text).resolve() if not os.path.isabs(text) else Path(text).resolve()
         what = "directory" if want_dir else "file"
         if not (path.is_dir() if want_dir else path.is_file()):
@@ -393,14 +395,16 @@ class _Checker:
             )
         if want_dir:
             out = settings.out_root().resolve()
-            for top in ("images", "bin"):
-                inside = out / top
-                if path == inside or inside in path.parents:
-                    raise self.fail(
-                        where,
-                        f"{text!r} is inside {top}/ ({inside}), which the tool writes and cleans",
-                        hint="keep local packages elsewhere (e.g. ~/packages, where abuild puts them)",
-                    )
+            # the directory itself, and each architecture's directory in it (a symlink is followed)
+            for real in (path, *((path / arch).resolve() for arch in ARCHES)):
+                for top in ("images", "bin"):
+                    inside = out / top
+                    if real == inside or inside in real.parents:
+                        raise self.fail(
+                            where,
+                            f"{text!r} is, or leads, inside {top}/ ({real}), which the tool writes and cleans",
+                            hint="keep local packages elsewhere (e.g. ~/packages, where abuild puts them)",
+                        )
         return path
 
     def repositories(

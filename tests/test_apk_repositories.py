@@ -237,9 +237,22 @@ def test_a_bad_repository_pin_is_a_clear_error(case: str, tmp_path: Path) -> Non
 def test_a_local_repository_inside_images_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VULCAN_OUT", str(tmp_path))
     (tmp_path / "images" / "repo").mkdir(parents=True)
-    with pytest.raises(PinError, match=r"local.path: 'images/repo' is inside images/") as err:
+    with pytest.raises(PinError, match=r"local.path: 'images/repo' is, or leads, inside images/") as err:
         load(pins_with(tmp_path, lambda a: a["extra_repositories"]["local"].update(path="images/repo")))
     assert "keep local packages elsewhere" in (err.value.hint or "")
+    (tmp_path / "repo").mkdir()  # a repository elsewhere whose architecture directory leads into images/
+    (tmp_path / "repo/x86_64").symlink_to(tmp_path / "images/repo")
+    with pytest.raises(PinError, match=r"local.path: 'repo' is, or leads, inside images/"):
+        load(pins_with(tmp_path, lambda a: a["extra_repositories"]["local"].update(path="repo")))
+
+
+def test_a_nul_in_a_local_path_and_a_huge_key_file_are_clear_errors(env: World, tmp_path: Path) -> None:
+    with pytest.raises(PinError, match="holds a NUL character"):
+        load(pins_with(tmp_path, lambda a: a["extra_repositories"]["local"].update(path="repo\0x")))
+    with open(env.tmp / "keys" / DEV, "wb") as f:
+        f.truncate(2 << 30)  # 2 GiB, sparse: never read whole
+    proc = env.run("rootfs", "--runtime", "tools")
+    assert proc.returncode == 1 and "is larger than 64 KiB" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_local_key_that_is_not_a_pem_public_key_is_refused(env: World) -> None:

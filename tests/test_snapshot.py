@@ -161,6 +161,28 @@ def test_a_snapshot_bound_to_something_else_is_refused_naming_the_field(
 
 
 @slow
+@pytest.mark.parametrize("how", ["changed", "a symbolic link"])
+def test_a_restore_maps_only_the_files_snapshot_json_records(fc: World, snap: Path, tmp_path: Path, how: str) -> None:
+    state = snap / "vmstate"
+    saved = tmp_path / "vmstate"
+    os.replace(state, saved)
+    try:
+        if how == "changed":
+            data = bytearray(saved.read_bytes())
+            data[-1] ^= 1
+            state.write_bytes(bytes(data))
+        else:
+            state.symlink_to(saved)  # even to the very bytes: a link may lead anywhere root can read
+        proc = fc.run("boot", "--restore", "--no-cold", "--format", "squashfs", "python")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        want = "differs from what snapshot.json records" if how == "changed" else "vmstate is a symbolic link"
+        assert want in proc.stderr and "nox -s snapshot -- python --format squashfs" in proc.stderr, proc.stderr
+    finally:
+        state.unlink(missing_ok=True)
+        os.replace(saved, state)
+
+
+@slow
 def test_verify_checks_a_snapshots_files_and_says_it_is_test_only(fc: World, snap: Path) -> None:
     rows = {r["check"]: r for r in json.loads(fc.run("verify", "--json").stdout)["rows"]
             if r["artifact"] == "images/snapshots/python.squashfs"}  # fmt: skip

@@ -578,3 +578,16 @@ def test_directories_a_pull_made_are_ours_to_clean(
     proc = built.run("clean", VULCAN_OUT=str(dest))
     assert proc.returncode == 0, proc.stderr
     assert not list((dest / "images").glob("python.*")) if (dest / "images").exists() else True
+
+
+def test_a_publish_sweeps_what_a_killed_publish_left_while_compressing(
+    built: World, registry: RunningRegistry, published: dict[str, Any], keys: dict[str, Path]
+) -> None:
+    blobs = built.cache / "oci/blobs"
+    dead = blobs / ".zstd-killed.tmp"
+    dead.write_bytes(b"half a compressed image")  # nobody holds its flock: its run died
+    image = built.out / "images/python.ext4"
+    os.utime(image)  # a new fingerprint: compressed again
+    proc = built.run("publish", "--to", f"{registry.host}/{REPO_NAME}", "--key", str(keys["ours"]), "--insecure")
+    assert proc.returncode == 0, proc.stderr
+    assert not dead.exists() and not list(blobs.glob(".zstd-*.tmp"))

@@ -403,3 +403,28 @@ def test_the_jailer_gets_the_documented_flags_and_a_chroot_holding_everything(tm
     assert argv[argv.index("--") + 1 :] == ["--no-api", "--config-file", "/vm.json"]
     cfg = config(inside[1], inside[0], Path("/vsock.sock"), read_only=True)
     assert cfg["drives"][0]["path_on_host"] == "/rootfs.squashfs" and cfg["vsock"]["uds_path"] == "/vsock.sock"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="placing files for the jailed uid needs root")
+def test_a_jail_gets_no_file_through_a_symlink_and_no_mode_wider_than_its_own(tmp_path: Path) -> None:
+    """images/snapshots/<x>/vmstate linked to a root-only file once became a 0644 copy in the jail."""
+    from scripts.vm import BootFailed
+    from scripts.vm.firecracker import Jail
+
+    secret = tmp_path / "root-only"
+    secret.write_bytes(b"s" * 100)
+    secret.chmod(0o600)
+    snap = tmp_path / "snapshots/python.squashfs"
+    snap.mkdir(parents=True)
+    (snap / "vmstate").symlink_to(secret)
+    private = snap / "memory"
+    private.write_bytes(b"m" * 100)
+    private.chmod(0o600)
+    jail = Jail(tmp_path / "bin/jailer", tmp_path / "bin/firecracker", tmp_path / "jail", "vulcan-python")
+    with pytest.raises(BootFailed, match="a symbolic link: not placed in the jail"):
+        jail.place(snap / "vmstate", "vmstate", writable=False)
+    assert not (jail.root / "vmstate").exists()
+    jail.place(private, "memory", writable=False)
+    st = (jail.root / "memory").stat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o400, 65534)  # the jailed user's alone, never 0644
+    assert private.stat().st_mode & 0o777 == 0o600  # and the original as it was

@@ -71,15 +71,22 @@ def key_pems(keys: Alpine | tuple[AlpineKey, ...]) -> dict[str, bytes]:
     return pems
 
 
+MAX_KEY = 64 << 10
+
+
 def _local_key(key: AlpineKey) -> bytes:
     """A key pinned as a local file (a developer's ``~/.abuild/*.rsa.pub``), checked as a fetched one."""
     from .trust import TrustError, fingerprint, has_fingerprint
 
     assert key.path is not None
     try:
-        data = key.path.read_bytes()
+        with open(key.path, "rb") as f:
+            data = f.read(MAX_KEY + 1)  # a PEM public key is a few KiB: nothing bigger is read whole
     except OSError as exc:
         raise TrustError(f"{key.where}: cannot read {key.path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY:
+        raise TrustError(f"{key.where}: {key.path} is larger than {MAX_KEY // 1024} KiB: not a PEM public key",
+                         hint="point it at the public half (abuild-keygen writes NAME.rsa.pub)")  # fmt: skip
     if has_fingerprint(data, key.sha256):
         return data
     try:

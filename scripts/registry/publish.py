@@ -18,6 +18,7 @@ and the old ones stay valid. Hosts pin digests, which ``publish`` prints and wri
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import atomic, formats, log, paths, settings
+from .. import atomic, formats, log, paths, settings, workspace
 from ..hashing import sha256_file
 from ..pins import ARCHES, Pins, host_arch
 from ..pins import load as load_pins
@@ -96,7 +97,11 @@ def compressed(image: Path, media_type: str, cache: Path, prints: Fingerprints) 
         return oci.Blob(media_type, known["digest"], known["size"],
                         path=str(cache / known["digest"].replace(":", "-")), title=image.name)  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".zstd-", suffix=".tmp", dir=cache)
+    with workspace.directory_lock(cache):  # a publish killed while compressing left its file: swept here
+        for dead in cache.glob(".zstd-*.tmp"):
+            workspace.remove_if_abandoned(dead, 0, lambda p: p.unlink(missing_ok=True))
+        fd, name = tempfile.mkstemp(prefix=".zstd-", suffix=".tmp", dir=cache)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this run writes it: another run's sweep leaves it
     h = hashlib.sha256()
     try:
         with open(image, "rb") as src, os.fdopen(fd, "wb") as out:
@@ -105,9 +110,10 @@ def compressed(image: Path, media_type: str, cache: Path, prints: Fingerprints) 
             with cctx.stream_writer(sink, closefd=False, size=os.fstat(src.fileno()).st_size) as w:
                 while chunk := src.read(1 << 20):
                     w.write(chunk)
-        digest = "sha256:" + h.hexdigest()
-        size = os.stat(name).st_size
-        os.rename(name, cache / digest.replace(":", "-"))
+            out.flush()
+            digest = "sha256:" + h.hexdigest()
+            size = os.fstat(out.fileno()).st_size
+            os.rename(name, cache / digest.replace(":", "-"))  # while its flock is held
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise

@@ -6,8 +6,10 @@ host starts it (chroot, cgroup, an unprivileged uid/gid).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -55,26 +57,36 @@ class Jail:
 
     def place(self, src: Path, name: str, writable: bool) -> Path:
         """Put a file the VM needs into the jail and give the jailed user what it needs of it;
-        returns its path inside the jail. A hard link is the same inode as ``src``: it is used
-        only where nothing of the file must change (read-only, and readable by everyone); else a
-        copy (sparse) is made and changed. (A hard-linked then chmod-ed image changed the mode of
-        the published image itself.)"""
+        returns its path inside the jail. ``src`` must be a regular file where it is (a symbolic
+        link, say in images/snapshots/, is refused: it could lead to any file root can read). A
+        hard link is the same inode as ``src``: it is used only where nothing of the file must
+        change (read-only, and readable by everyone); else a copy (sparse) is made for the jailed
+        user alone, never with a mode wider than the file's own. (A hard-linked then chmod-ed
+        image changed the mode of the published image itself.)"""
         self.root.mkdir(parents=True, exist_ok=True)
         dest = self.root / name
-        st = os.stat(src)
-        linked = False
-        if not writable and st.st_mode & 0o004:
-            try:
-                os.link(src, dest)
-                linked = True
-            except OSError:  # another file system
-                pass
-        if not linked:
-            sparse.sparse_copy(src, dest)
-            if writable:
-                os.chown(dest, self.uid, self.gid)
-            else:
-                os.chmod(dest, 0o644)
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            why = "a symbolic link" if os.path.islink(src) else exc.strerror or str(exc)
+            raise BootFailed(f"{src}: {why}: not placed in the jail",
+                             hint="the VM's files must be regular files where they are") from None  # fmt: skip
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BootFailed(f"{src}: not a regular file: not placed in the jail")
+            if not writable and st.st_mode & 0o004:
+                with contextlib.suppress(OSError):  # another file system: copied below
+                    os.link(src, dest, follow_symlinks=False)
+                    linked = os.lstat(dest)
+                    if (linked.st_dev, linked.st_ino) == (st.st_dev, st.st_ino):  # the file checked above
+                        return Path("/") / name
+                    dest.unlink()
+            sparse.sparse_copy(Path(f"/proc/self/fd/{fd}"), dest)  # the file checked, whatever the name is now
+            os.chown(dest, self.uid, self.gid)
+            os.chmod(dest, 0o600 if writable else 0o400)  # the jailed user's alone
+        finally:
+            os.close(fd)
         return Path("/") / name
 
 
