@@ -48,10 +48,11 @@ def _group_is_private(gid: int) -> bool:
     return gid == os.getgid() and members <= {me} and not others
 
 
-def problem(path: Path) -> str | None:
+def problem(path: Path, sticky_ok: bool = False) -> str | None:
     """Why another user could change what is (or will be made) at ``path``; None when nobody but
     this user and root can. A path that does not exist yet is judged by its nearest existing
-    parent: what this user creates there is theirs."""
+    parent: what this user creates there is theirs. ``sticky_ok``: ``path`` itself may be a
+    sticky directory (/dev/shm), for a caller that only makes private directories inside it."""
     existing = _nearest_existing(path)
     made_here = existing != Path(os.path.abspath(path))  # this user will create the rest, inside it
     real = Path(os.path.realpath(existing))
@@ -68,7 +69,7 @@ def problem(path: Path) -> str | None:
         group_write = st.st_mode & stat.S_IWGRP and not (st.st_uid == os.getuid() and _group_is_private(st.st_gid))
         if not (others_write or group_write):
             continue
-        last = i == len(chain) - 1 and not made_here
+        last = i == len(chain) - 1 and not made_here and not sticky_ok
         if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and not last:
             continue  # /tmp: what is ours inside stays ours; the next component is checked
         who = "every user" if others_write else f"group {st.st_gid}"
@@ -76,9 +77,9 @@ def problem(path: Path) -> str | None:
     return None
 
 
-def require_safe(path: Path, what: str, setting: str | None) -> None:
+def require_safe(path: Path, what: str, setting: str | None, sticky_ok: bool = False) -> None:
     """Refuse to use ``path`` (``what``: "the cache", ...) when another user could change it."""
-    why = problem(path)
+    why = problem(path, sticky_ok)
     if why is None:
         return
     move = f"or point {setting} at a directory of your own" if setting else "or use a directory of your own"

@@ -89,13 +89,14 @@ def cache_dir() -> Path:
 def scratch_parent(out_dir: Path) -> Path:
     """Where images are assembled: ``$VULCAN_SCRATCH`` or next to the output."""
     given = settings.scratch_dir()
-    return safe(given, "the scratch directory", "VULCAN_SCRATCH") if given else out_dir
+    # each build's scratch inside it is a private directory (mkdtemp, 0700): a sticky one will do
+    return safe(given, "the scratch directory", "VULCAN_SCRATCH", sticky_ok=True) if given else out_dir
 
 
-def safe(path: Path, what: str, setting: str | None) -> Path:
+def safe(path: Path, what: str, setting: str | None, sticky_ok: bool = False) -> Path:
     """``path``, once ownership.require_safe let it pass in this process (checked once per path)."""
     if path not in _safe:
-        ownership.require_safe(path, what, setting)
+        ownership.require_safe(path, what, setting, sticky_ok)
         _safe.add(path)
     return path
 
