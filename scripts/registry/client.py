@@ -377,9 +377,9 @@ class Registry:
     def small_blob(self, repo: str, desc: dict[str, Any], what: str, limit: int = 16 << 20) -> bytes:
         """A small blob (a signature, an SBOM) in memory: read no further than its descriptor's
         size (at most ``limit``), then checked against its digest."""
-        digest, size = desc.get("digest"), desc.get("size")
-        if not isinstance(digest, str) or not oci.DIGEST.fullmatch(digest) or not isinstance(size, int) or size < 0:
+        if not oci.sized(desc):
             raise RegistryError(f"{what}: a descriptor without a sha256 digest and a size: refused")
+        digest, size = desc["digest"], desc["size"]
         if size > limit:
             raise RegistryError(f"{what}: blob {digest} is {size:,} bytes, more than {limit:,}: refused")
         with self.blob(repo, digest) as resp:

@@ -47,6 +47,12 @@ PLATFORM = {"x86_64": {"architecture": "amd64", "os": "linux"}, "aarch64": {"arc
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
+def sized(desc: dict[str, Any]) -> bool:
+    """A descriptor with a sha256 digest and a size: what a download needs to check the bytes."""
+    digest, size = desc.get("digest"), desc.get("size")
+    return isinstance(digest, str) and bool(DIGEST.fullmatch(digest)) and isinstance(size, int) and size >= 0
+
+
 def canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 

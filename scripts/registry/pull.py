@@ -169,8 +169,8 @@ class Puller:
         for rdigest, doc in self.referrers(digest, oci.SBOM):
             layers = doc.get("layers")
             layer = layers[0] if isinstance(layers, list) and layers and isinstance(layers[0], dict) else None
-            if layer is None:
-                self.warn(f"SBOM referrer {rdigest} has no layer: ignored")
+            if layer is None or not oci.sized(layer):
+                self.warn(f"SBOM referrer {rdigest} has no layer with a sha256 digest and a size: ignored")
             elif signed is not None and layer.get("digest") != want:
                 self.warn(f"SBOM referrer {rdigest} holds {layer.get('digest')}, which the signature does not name: "
                           "ignored")  # fmt: skip
@@ -321,8 +321,7 @@ def checked_layers(ref: Reference, kind: str, manifest: dict[str, Any], arch: st
         if title in seen:
             raise PullError(f"{ref}: two layers are titled {title!r}: refused")
         seen.add(title)
-        digest, size = layer.get("digest"), layer.get("size")
-        if not isinstance(digest, str) or not oci.DIGEST.fullmatch(digest) or not isinstance(size, int) or size < 0:
+        if not oci.sized(layer):
             raise PullError(f"{ref}: layer {title!r} has no sha256 digest and size: refused")
     return layers
 
