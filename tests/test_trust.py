@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -475,11 +476,14 @@ def test_a_pull_that_waits_for_another_says_which_process(
     dest.mkdir()
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX)  # this test process plays the other pull
-    proc = built.popen(
-        "pull", published["python"]["reference"], "--dest", str(dest), "--trust", str(keys["ours.pub"]), "--insecure"
-    )
+    proc = built.popen("pull", published["python"]["reference"], "--dest", str(dest), "--trust",
+                       str(keys["ours.pub"]), "--insecure")  # fmt: skip
     assert proc.stderr is not None
+    # a bound on a failure only: a pull that says nothing is not left waiting for ever
+    release = threading.Timer(60, fcntl.flock, (fd, fcntl.LOCK_UN))
+    release.start()
     line = proc.stderr.readline()
+    release.cancel()
     os.close(fd)
     rest = proc.communicate(timeout=300)[1]
     assert f"a pull waits for process {os.getpid()}" in line and str(dest) in line, line + rest
