@@ -7,10 +7,13 @@ Images are read without mounting: debugfs and e2fsck for ext4, sqfs2tar and rdsq
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import json
 import os
 import shutil
 import sys
+import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,18 +73,18 @@ class Report:
 
 
 def recorded(f: Path, stamp: Path) -> tuple[str | None, str]:
-    """The sha256 the step that wrote ``f`` recorded, or the pull that placed it (registry/pull.py),
-    and what vouches for it. A file a pull placed with --no-verify has no sha256 worth comparing:
-    no trusted key vouched for it."""
+    """The sha256 the step that wrote ``f`` recorded, or the pull that placed it (registry/pull.py);
+    None, and why, when there is none worth comparing (a file a pull placed with --no-verify: no
+    trusted key vouched for it)."""
     found = stamps.output_sha256(stamp, paths.rel(f))
     if found is not None:
-        return found, "built here"
+        return found, ""
     placed = pulled(f)
     if placed is None or not isinstance(placed.get("sha256"), str):
         return None, "no record of it"
     if not placed.get("signed_by"):
         return None, UNVERIFIED
-    return placed["sha256"], f"pulled, signed by {placed['signed_by']}"
+    return placed["sha256"], ""
 
 
 UNVERIFIED = "placed by 'pull --no-verify': no trusted key vouched for it"
@@ -287,10 +290,6 @@ def check_package_contents(rep: Report, img: Path, reader: Any, manifest: dict[s
 
 def package_digests(apk: Path, data_offset: int) -> dict[str, str]:
     """The sha256 (hex) of each regular file (and hard link) in a verified package's data tar."""
-    import gzip
-    import hashlib
-    import tarfile
-
     out: dict[str, str] = {}
     with open(apk, "rb") as f:
         f.seek(data_offset)
@@ -414,9 +413,7 @@ def check_snapshots(rep: Report, arch: str) -> None:
             rep.add(name, "snapshot.json", False, exc.message)
             continue
         b = doc["binding"]
-        bad = [f"{n}: {'missing' if not (d / n).is_file() else 'sha256 differs'}"
-               for n, f in sorted(doc.get("files", {}).items())
-               if not (d / n).is_file() or sha256_file(d / n) != f.get("sha256")]  # fmt: skip
+        bad = [f"{n}: {why}" for n, why in snapshot.file_problems(d, doc).items()]
         rep.add(name, "files = snapshot.json", not bad, "; ".join(bad) or ", ".join(sorted(doc.get("files", {}))))
         runtime, fmt = str(b.get("runtime")), str(b.get("format"))
         if not kernel.is_file() or not paths.image(runtime, fmt, arch).is_file():

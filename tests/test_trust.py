@@ -7,6 +7,7 @@ registry serves and everything another user could write is the adversary's."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -326,15 +327,42 @@ def test_verify_finds_a_package_file_changed_in_the_cached_stream(built: World, 
 # -- credentials go to the registry's own host only ------------------------------------------------
 
 
+@contextlib.contextmanager
+def _behind_a_proxy(workdir: Path, auth: str) -> Iterator[tuple[RunningRegistry, Interposer, Interposer]]:
+    """A registry with credentials over TLS, the proxy (over TLS too) the client talks to, and a
+    sniffer on "another host" that records whatever reaches it."""
+    with running_registry(workdir, auth=auth, tls=True) as reg:
+        sniffer, proxy = Interposer(None), Interposer(reg, ca=reg.ca)
+        try:
+            yield reg, proxy, sniffer
+        finally:
+            proxy.close()
+            sniffer.close()
+
+
+def _publish_with_credentials(
+    built: World, keys: dict[str, Path], reg: RunningRegistry, proxy: Interposer
+) -> subprocess.CompletedProcess[str]:
+    from tests.support.registry import PASSWORD, USER
+
+    assert reg.ca is not None
+    return built.run(
+        "publish",
+        "--to",
+        f"{proxy.host}/{REPO_NAME}",
+        "--key",
+        str(keys["ours"]),
+        "--ca",
+        str(reg.ca.cert),
+        VULCAN_REGISTRY_USER=USER,
+        VULCAN_REGISTRY_PASSWORD=PASSWORD,
+    )
+
+
 def test_an_upload_location_on_another_host_gets_no_credentials(
     built: World, keys: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.support.registry import PASSWORD, USER
-
-    with running_registry(tmp_path_factory.mktemp("creds"), auth="htpasswd", tls=True) as reg:
-        assert reg.ca is not None
-        sniffer = Interposer(None)  # "another host"
-        proxy = Interposer(reg, ca=reg.ca)  # the registry as the client sees it, over HTTPS
+    with _behind_a_proxy(tmp_path_factory.mktemp("creds"), "htpasswd") as (reg, proxy, sniffer):
 
         def elsewhere(seen: Any, headers: dict[str, str]) -> dict[str, str]:
             if seen.method == "POST" and "Location" in headers:
@@ -343,38 +371,19 @@ def test_an_upload_location_on_another_host_gets_no_credentials(
             return headers
 
         proxy.rewrite = elsewhere
-        try:
-            for scheme in ("http", "https"):
-                proc = built.run(
-                    "publish",
-                    "--to",
-                    f"{proxy.host}/{REPO_NAME}",
-                    "--key",
-                    str(keys["ours"]),
-                    "--ca",
-                    str(reg.ca.cert),
-                    VULCAN_REGISTRY_USER=USER,
-                    VULCAN_REGISTRY_PASSWORD=PASSWORD,
-                )
-                assert proc.returncode == 1, proc.stderr
-                if scheme == "http":
-                    assert "plain HTTP: refused" in proc.stderr
-            assert proxy.authorized(), "the registry itself got the credentials"
-            assert sniffer.authorized() == []
-        finally:
-            proxy.close()
-            sniffer.close()
+        for scheme in ("http", "https"):
+            proc = _publish_with_credentials(built, keys, reg, proxy)
+            assert proc.returncode == 1, proc.stderr
+            if scheme == "http":
+                assert "plain HTTP: refused" in proc.stderr
+        assert proxy.authorized(), "the registry itself got the credentials"
+        assert sniffer.authorized() == []
 
 
 def test_a_token_service_over_plain_http_on_another_host_gets_no_credentials(
     built: World, keys: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.support.registry import PASSWORD, USER
-
-    with running_registry(tmp_path_factory.mktemp("realm"), auth="token", tls=True) as reg:
-        assert reg.ca is not None
-        sniffer = Interposer(None)
-        proxy = Interposer(reg, ca=reg.ca)
+    with _behind_a_proxy(tmp_path_factory.mktemp("realm"), "token") as (reg, proxy, sniffer):
 
         def realm_elsewhere(seen: Any, headers: dict[str, str]) -> dict[str, str]:
             for name in [k for k in headers if k.lower() == "www-authenticate"]:
@@ -384,23 +393,9 @@ def test_a_token_service_over_plain_http_on_another_host_gets_no_credentials(
             return headers
 
         proxy.rewrite = realm_elsewhere
-        try:
-            proc = built.run(
-                "publish",
-                "--to",
-                f"{proxy.host}/{REPO_NAME}",
-                "--key",
-                str(keys["ours"]),
-                "--ca",
-                str(reg.ca.cert),
-                VULCAN_REGISTRY_USER=USER,
-                VULCAN_REGISTRY_PASSWORD=PASSWORD,
-            )
-            assert proc.returncode == 1 and "names a token service at http://" in proc.stderr, proc.stderr
-            assert sniffer.seen == []
-        finally:
-            proxy.close()
-            sniffer.close()
+        proc = _publish_with_credentials(built, keys, reg, proxy)
+        assert proc.returncode == 1 and "names a token service at http://" in proc.stderr, proc.stderr
+        assert sniffer.seen == []
 
 
 # -- bounded reads, deadlines, and a waiting pull that says whom it waits for ----------------------

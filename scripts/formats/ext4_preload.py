@@ -68,24 +68,35 @@ def preload() -> list[Path]:
     if not settings.mke2fs_crc32c() or os.uname().machine != "x86_64":
         return []
     tools = settings.tools_dir()
-    found = _once(tools, "crc32c", lambda: _safe(_find_or_build(tools, SOURCE, "ext2fs-crc32c", check))
-                  if _cpu_has_sse42() else None)  # fmt: skip
+    found = _once(tools, "crc32c", lambda: _crc32c(tools))
     return [found] if found is not None else []
 
 
-def _safe(built: Path | None) -> Path | None:
-    """``built`` as LD_PRELOAD may name it, if nobody but this user and root can change it."""
-    if built is None:
+def _crc32c(tools: Path) -> Path | None:
+    """The CRC-32C helper as LD_PRELOAD may name it: nothing is built, checked (loaded in this
+    process) or given to mke2fs where another user could change it, nor by a path LD_PRELOAD
+    would split; then mke2fs runs plain and the build says why."""
+    if not _cpu_has_sse42():
         return None
-    real = Path(os.path.realpath(built))
-    why = ownership.problem(real)
-    if why is None and SPLITS & set(str(real)):
-        why = f"its path {str(real)!r} has a space, tab or colon, which would split LD_PRELOAD"
-    if why is not None:
-        log.warn(f"mke2fs runs without {SOURCE.name} (only slower): {why}; a tools directory of your own "
-                 "(VULCAN_TOOLS) gets it back")  # fmt: skip
-        return None
-    return real
+    why = _unsafe(tools)
+    if why is None:
+        built = _find_or_build(tools, SOURCE, "ext2fs-crc32c", check)
+        if built is None:
+            return None
+        why = _unsafe(built)  # the file itself: another user's, in a directory of ours
+        if why is None:
+            return Path(os.path.realpath(built))
+    log.warn(f"mke2fs runs without {SOURCE.name} (only slower): {why}; a tools directory of your own "
+             "(VULCAN_TOOLS) gets it back")  # fmt: skip
+    return None
+
+
+def _unsafe(path: Path) -> str | None:
+    real = os.path.realpath(path)
+    why = ownership.problem(Path(real))
+    if why is None and SPLITS & set(real):
+        why = f"its path {real!r} has a space, tab or colon, which would split LD_PRELOAD"
+    return why
 
 
 def _once(tools: Path, what: str, make: Callable[[], Path | None]) -> Path | None:
@@ -100,7 +111,7 @@ def _find_or_build(tools: Path, source: Path, stem: str, judge: Callable[[Path],
     built = tools / f"{stem}-{digest}.so"
     what = f"mke2fs runs without {source.name}"
     try:
-        if built.is_file():  # checked when it was built, and by _safe before each use
+        if built.is_file():  # checked when it was built; where it is, by _crc32c before each use
             return built
     except OSError as exc:  # a VULCAN_TOOLS this user may not enter: never a reason to fail a build
         log.debug(f"{what}: {exc}")
@@ -110,10 +121,6 @@ def _find_or_build(tools: Path, source: Path, stem: str, judge: Callable[[Path],
     except ToolMissing:
         return None
     tmp = tools / f".{built.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    why = ownership.problem(tools)
-    if why is not None:  # nor is anything built there, to be loaded in this process by the check
-        log.debug(f"{what}: {why}")
-        return None
     try:
         if not settings.tools_dir_is_set():
             paths.claim_cache()  # `clean --all` removes what is ours in it: tools/ is

@@ -5,7 +5,11 @@ verify.py and the tests use it (the ext4 record's reader); the writer is ext4.py
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import stat
+import tempfile
 from pathlib import Path
 
 from ..run import minimal_env, run_tool
@@ -62,11 +66,6 @@ def cat(image: Path, path: str) -> bytes:
 def digests(image: Path, paths: set[str]) -> dict[str, str]:
     """The image's directories that hold ``paths`` copied out (debugfs rdump) to a private
     temporary directory, and hashed there."""
-    import hashlib
-    import os
-    import stat
-    import tempfile
-
     tops = sorted({p.split("/", 1)[0] for p in paths if "/" in p})
     out: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="vulcan-digests-") as tmp:

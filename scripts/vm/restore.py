@@ -22,13 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from .. import formats, log, paths, sparse, workspace
-from ..hashing import sha256_file
 from ..pins import Runtime
 from . import AGENT_PORT, BootResult, Console, Target, running
 from .agent import AgentClient, AgentError, vsock_connect
 from .api import ApiError, put, wait_for_socket
 from .firecracker import Jail, cgroup_v2_problem
-from .snapshot import API, MEMORY, STATE, TEST_ONLY_FLAG, VSOCK, SnapshotError, disagreements, load, root_name
+from .snapshot import (
+    API,
+    MEMORY,
+    STATE,
+    TEST_ONLY_FLAG,
+    VSOCK,
+    SnapshotError,
+    disagreements,
+    file_problems,
+    load,
+    root_name,
+)
 
 FIRECRACKER_LOAD = re.compile(r"'load snapshot' API request took (\d+) us")
 RANDOM = ["od", "-An", "-tx1", "-N16", "/dev/urandom"]  # busybox od: 16 bytes of the guest's RNG, in hex
@@ -97,18 +107,12 @@ def check_files(directory: Path, doc: dict[str, Any]) -> None:
     """What a restore maps is what snapshot.json recorded: each file regular (not a symbolic
     link) and of its sha256. Once per restore, not per clone (hashing a 256 MiB memory file
     takes ~0.15 s; a clone's load is milliseconds)."""
-    files = doc.get("files")
-    again = f"make it again: nox -s snapshot -- {directory.name.replace('.', ' --format ')}"
-    for name, f in sorted(files.items()) if isinstance(files, dict) else []:
-        p = directory / name
-        if p.is_symlink() or not p.is_file():
-            what = "a symbolic link" if p.is_symlink() else "missing"
-            raise SnapshotError(f"snapshot {directory.name}: {name} is {what}: refused", hint=again)
-        if not isinstance(f, dict) or sha256_file(p) != f.get("sha256"):
-            raise SnapshotError(
-                f"snapshot {directory.name}: {name} differs from what snapshot.json records (sha256): refused",
-                hint=again,
-            )
+    for name, why in file_problems(directory, doc).items():
+        said = "differs from what snapshot.json records (sha256)" if why == "sha256 differs" else f"is {why}"
+        raise SnapshotError(
+            f"snapshot {directory.name}: {name} {said}: refused",
+            hint=f"make it again: nox -s snapshot -- {directory.name.replace('.', ' --format ')}",
+        )
 
 
 def restore(rt: Runtime, t: Target, arch: str, kernel: Path, count: int, timeout: float,

@@ -184,6 +184,22 @@ def load(directory: Path) -> dict[str, Any]:
     return doc
 
 
+def file_problems(directory: Path, doc: dict[str, Any]) -> dict[str, str]:
+    """Each file snapshot.json records that is not there as recorded: name -> "missing", "a
+    symbolic link" (it could lead anywhere) or "sha256 differs". Empty: all as recorded."""
+    files = doc.get("files")
+    found = {}
+    for name, f in sorted(files.items()) if isinstance(files, dict) else []:
+        p = directory / name
+        if p.is_symlink():
+            found[name] = "a symbolic link"
+        elif not p.is_file():
+            found[name] = "missing"
+        elif not isinstance(f, dict) or sha256_file(p) != f.get("sha256"):
+            found[name] = "sha256 differs"
+    return found
+
+
 def kernel_problems(kernel: Path, fmt: str) -> list[str]:
     """What the kernel lacks for snapshots of this format (CONFIG_ names)."""
     config = kconfig.read(kernel)
