@@ -305,6 +305,27 @@ def registry_deadline() -> float:
     return _seconds("VULCAN_REGISTRY_DEADLINE", 3600.0, 7 * 86400.0)
 
 
+BOOT_TIMEOUT, SNAPSHOT_TIMEOUT, RESTORE_TIMEOUT = 600.0, 600.0, 60.0
+
+
+def boot_timeout() -> float:
+    """``VULCAN_BOOT_TIMEOUT``: how long a VM may take to boot to its agent (boot, and the cold
+    boot beside a restore). 600 s: a normal KVM boots in about a second, QEMU's TCG and a KVM
+    that emulates guest kernel code take minutes (a squashfs root ~2.5 min on such a host)."""
+    return _seconds("VULCAN_BOOT_TIMEOUT", BOOT_TIMEOUT, 86400.0)
+
+
+def snapshot_timeout() -> float:
+    """``VULCAN_SNAPSHOT_TIMEOUT``: how long the VM of ``snapshot`` may take to become ready."""
+    return _seconds("VULCAN_SNAPSHOT_TIMEOUT", SNAPSHOT_TIMEOUT, 86400.0)
+
+
+def restore_timeout() -> float:
+    """``VULCAN_RESTORE_TIMEOUT``: how long a restored clone may take from its load to the
+    program's result (seconds on any KVM: the guest is already up)."""
+    return _seconds("VULCAN_RESTORE_TIMEOUT", RESTORE_TIMEOUT, 86400.0)
+
+
 def trust_file() -> Path | None:
     """``VULCAN_TRUST``: the PEM public keys a host trusts for what it pulls."""
     value = _raw("VULCAN_TRUST")
@@ -362,6 +383,12 @@ VARIABLES = (
              registry_timeout),
     Variable("VULCAN_REGISTRY_DEADLINE", "seconds", "how long a pull's or publish's requests may take in all "
              "(default 3600)", registry_deadline),
+    Variable("VULCAN_BOOT_TIMEOUT", "seconds", f"how long a VM may take to boot to its agent (default "
+             f"{BOOT_TIMEOUT:g}; boot --timeout)", boot_timeout),
+    Variable("VULCAN_SNAPSHOT_TIMEOUT", "seconds", f"how long snapshot's VM may take to become ready (default "
+             f"{SNAPSHOT_TIMEOUT:g}; snapshot --timeout)", snapshot_timeout),
+    Variable("VULCAN_RESTORE_TIMEOUT", "seconds", f"how long a restored clone may take to its first result "
+             f"(default {RESTORE_TIMEOUT:g}; boot --restore --timeout)", restore_timeout),
     Variable("VULCAN_SIGNING_KEY", "PEM text", "the key publish signs with (else publish --key FILE)", signing_key),
     Variable("VULCAN_TRUST", "path", "the PEM public keys pull trusts (else pull --trust FILE)", trust_file),
     Variable("CI", "any value", "plain log lines, no progress bar (CI systems set it)", ci),
@@ -377,6 +404,9 @@ def environ(**values: str) -> dict[str, str]:
     return {**os.environ, **values}
 
 
+WARNED = "_VULCAN_SAID_UNKNOWN"  # the unknown names already said in this run (not a VULCAN_ name itself)
+
+
 def check_all() -> None:
     """Validate every variable that is set, before a command starts: a typo fails in a second,
     not after a build. Unknown ``VULCAN_*`` names get a warning (a misspelt override would
@@ -384,8 +414,14 @@ def check_all() -> None:
     for v in VARIABLES:
         if os.environ.get(v.name):
             v.read()
-    for name in sorted(k for k in os.environ if k.startswith("VULCAN_") and k not in NAMES):
+    said = set(os.environ.get(WARNED, "").split(","))  # by the nox process or a step before this one
+    for name in sorted(k for k in os.environ if k.startswith("VULCAN_") and k not in NAMES and k not in said):
+        import difflib
+
         from . import log
 
-        known = ", ".join(sorted(n for n in NAMES if n.startswith("VULCAN_")))
-        log.warn(f"{name} is not a setting of this tool and is ignored (the settings: {known})")
+        close = difflib.get_close_matches(name, sorted(NAMES), n=1, cutoff=0.75)
+        guess = f"; did you mean {close[0]}?" if close else " (README.md, Overrides, lists the settings)"
+        log.warn(f"{name} is not a setting of this tool and is ignored{guess}")
+        said.add(name)
+        os.environ[WARNED] = ",".join(sorted(said - {""}))  # the steps this process starts say it no more

@@ -28,6 +28,14 @@ from tests.support.world import (
 TEST_KERNEL = SHARED / "kernel" / "vmlinux.xz"
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The figures the real-Firecracker tests measured (tests/support/figures.py)."""
+    from tests.support import figures
+
+    for line in figures.summary():
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def shared() -> Path:
     return require_shared()

@@ -1,8 +1,8 @@
 """The real Firecracker (1.12.1, from ../shared) as the oracle of our Firecracker path: a real
 release downloaded and verified, every boot shape started by it as far as this machine allows
-(the guest kernel's early boot: then the nested KVM stops the guest), its own errors said, the
-jailer for real. What only a normal KVM shows (init, the agent, the vsock round trip) is CI's
-boot job."""
+(the guest kernel's early boot: with this test kernel, the host's KVM then stops the guest),
+its own errors said, the jailer for real. Init, the agent and the vsock round trip under the
+real Firecracker: tests/test_guest_vm.py, with a kernel this host runs to user space."""
 
 from __future__ import annotations
 
@@ -42,13 +42,16 @@ def _state(p: Path) -> tuple[str, int, int, int]:
     return sha256(p.read_bytes()), st.st_mode, st.st_uid, st.st_gid
 
 
-# boot makes its Firecracker scratch in the temporary directory: each test gets a private one
-# (short: the sockets' paths must fit sun_path), so runs beside this one cannot touch the count
-PRIVATE_TMP = Path(tempfile.mkdtemp(prefix="vfc", dir="/tmp"))
+# boot makes its Firecracker scratch in the temporary directory: the module gets a private one,
+# so runs beside this one cannot touch the count (made by the fixture: a run that selects none
+# of these tests leaves no directory behind)
+PRIVATE_TMP = Path("/nonexistent")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _private_tmp_goes() -> Iterator[None]:
+def _private_tmp() -> Iterator[None]:
+    global PRIVATE_TMP
+    PRIVATE_TMP = Path(tempfile.mkdtemp(prefix="vfc", dir="/tmp"))
     yield
     shutil.rmtree(PRIVATE_TMP, ignore_errors=True)
 
@@ -171,7 +174,7 @@ def test_a_config_firecracker_refuses_is_said_in_its_words_naming_the_file(tmp_p
     socket in a directory that is not there: its own message, with the path, is what boot says."""
     import subprocess
 
-    from scripts.vm.firecracker import _why_not_ready
+    from scripts.vm.firecracker import why_not_ready
     from scripts.vm.firecracker_config import config
 
     real = require_real_firecracker()
@@ -185,7 +188,7 @@ def test_a_config_firecracker_refuses_is_said_in_its_words_naming_the_file(tmp_p
     proc = subprocess.run([str(real / "firecracker"), "--no-api", "--config-file", str(tmp_path / "vm.json")],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     tail = (proc.stdout + proc.stderr).splitlines()[-15:]
-    why, by_host = _why_not_ready(None, proc.returncode, tail, 60)
+    why, by_host = why_not_ready(None, proc.returncode, tail, 60)
     assert proc.returncode == 1 and not by_host
     assert why.startswith("Firecracker refused the VM: "), why
     if broken == "drive":

@@ -1,10 +1,9 @@
 """Snapshots and restores with the real Firecracker 1.12.1 (../shared): the whole API sequence
 (configure, start, pause, create, load, resume, kill) on a VM paused right after it started
-(the test-only switch: no guest reaches user space on this machine's nested KVM), the files and
-snapshot.json, refusal of a snapshot bound to something else, N concurrent restores each with
-its own socket and layer, and nothing copied per restore of a read-only image. What only a KVM
-host shows (a ready, warm snapshot; clones printing 42 with their clock set and their RNG
-reseeded) is CI's boot job."""
+(the test-only switch, with a kernel this host's KVM stops early), the files and snapshot.json,
+refusal of a snapshot bound to something else, N concurrent restores each with its own socket
+and layer, and nothing copied per restore of a read-only image. Ready, warm snapshots and
+clones printing 42 with their clock set and their RNG reseeded: tests/test_guest_vm.py."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -351,6 +352,81 @@ def test_console_lines_after_the_vm_is_killed_reach_the_log_without_a_crash(
     assert log.read_text().split() == ["started", *(str(n) for n in range(1, 1001))]
 
 
+def _console_of(tmp_path: Path, lines: list[str]) -> object:
+    """A Console that read ``lines`` from a process that then ended (a VM's console, replayed)."""
+    from scripts.vm import running
+
+    script = "".join(f"echo '{x}'\n" for x in lines)
+    with running(["sh", "-c", script], tmp_path / "console.log") as (proc, console):
+        proc.wait(timeout=30)
+        console.ended.wait(timeout=30)
+    return console
+
+
+KERNEL_BANNER = "[    0.000000] Linux version 6.1.192 (vulcan@test) #1 SMP"
+INIT = "[   21.900000] Run /etc/vulcan/overlay-init as init process"
+
+
+@pytest.mark.parametrize(
+    ("lines", "reached"),
+    [
+        ([], "Firecracker started, but the guest kernel printed nothing"),
+        (["Running Firecracker v1.12.1", KERNEL_BANNER], "kernel started (kernel started after "),
+        ([KERNEL_BANNER, "[ 1.0] ACPI: bus type PCI registered", INIT], "init reached (kernel started after "),
+    ],
+    ids=["nothing", "kernel", "init"],
+)
+def test_a_timeout_says_how_far_the_guest_got_and_which_setting_gives_it_longer(
+    tmp_path: Path, lines: list[str], reached: str
+) -> None:
+    from scripts.vm.firecracker import why_not_ready
+
+    console = _console_of(tmp_path, lines)
+    why, by_host = why_not_ready(None, None, console.tail, 600, console, "VULCAN_SNAPSHOT_TIMEOUT")  # type: ignore[attr-defined]
+    assert not by_host
+    assert why.startswith(f"no 'vulcan-guest: ready' within 600 s: the VM had reached {reached}"), why
+    assert "raise VULCAN_SNAPSHOT_TIMEOUT or --timeout" in why
+    if lines[-1:] == [INIT]:
+        assert re.search(r"kernel started after \d+\.\d s, init reached after \d+\.\d s\)", why), why
+
+
+def test_the_guests_own_reason_to_stop_is_said_before_the_kernels_panic(tmp_path: Path) -> None:
+    """overlay-init refusing a value, then PID 1 exits and the kernel panics: boot says the first."""
+    from scripts.vm.firecracker import why_not_ready
+
+    fail = "vulcan-overlay: fail vulcan.overlay=/dev/sda: expected tmpfs or a drive /dev/vdb to /dev/vdz"
+    panic = "[ 23.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100"
+    lines = [KERNEL_BANNER, INIT, fail, panic, "[ 23.1] CPU: 0 PID: 1 Comm: overlay-init", "[ 23.1] Call Trace:",
+             "[ 23.1]  <TASK>", "[ 23.2] Rebooting"]  # fmt: skip
+    console = _console_of(tmp_path, lines)
+    why, _ = why_not_ready(None, 0, console.tail, 600, console)  # type: ignore[attr-defined]
+    assert why == f"the guest stopped before its agent was ready: {fail}"
+    why, _ = why_not_ready(None, 0, console.tail, 600, _console_of(tmp_path, [KERNEL_BANNER, *lines[3:]]))  # type: ignore[attr-defined]
+    assert why.startswith("the guest stopped before its agent was ready: [ 23.1] Kernel panic - not syncing"), why
+
+
+def test_a_bad_vm_timeout_setting_is_refused_naming_it(world: World) -> None:
+    cases = [("VULCAN_BOOT_TIMEOUT", "0", ["boot"]), ("VULCAN_BOOT_TIMEOUT", "1e9", ["boot"]),
+             ("VULCAN_SNAPSHOT_TIMEOUT", "soon", ["snapshot"]),
+             ("VULCAN_RESTORE_TIMEOUT", "-5", ["boot", "--restore"])]  # fmt: skip
+    for name, value, command in cases:
+        proc = world.run(*command, "python", **{name: value})
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert f"{name}={value!r}: expected seconds, more than 0 and at most 86400" in proc.stderr, proc.stderr
+
+
+def test_host_kvm_names_the_loaded_module(tmp_path: Path) -> None:
+    from scripts.vm import host_kvm
+
+    assert host_kvm(tmp_path) == "none"
+    (tmp_path / "kvm").mkdir()
+    assert host_kvm(tmp_path) == "kvm"
+    (tmp_path / "kvm_intel").mkdir()
+    assert host_kvm(tmp_path) == "kvm_intel"
+    (tmp_path / "kvm_pvm").mkdir()  # the paravirtual KVM that emulates guest kernel code
+    assert host_kvm(tmp_path) == "kvm_pvm"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(ARCH != "x86_64", reason="the test kernel is x86_64")
 @pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
@@ -428,3 +504,30 @@ def test_a_jail_gets_no_file_through_a_symlink_and_no_mode_wider_than_its_own(tm
     st = (jail.root / "memory").stat()
     assert (st.st_mode & 0o777, st.st_uid) == (0o400, 65534)  # the jailed user's alone, never 0644
     assert private.stat().st_mode & 0o777 == 0o600  # and the original as it was
+
+
+def test_the_kvm_hint_fits_how_dev_kvm_is_shared(tmp_path: Path) -> None:
+    """Joining the kvm group helps only where /dev/kvm is group read-writable."""
+    import grp
+
+    from scripts.vm import kvm_access_hint
+
+    if os.geteuid() != 0:
+        pytest.skip("making a root-owned device stand-in needs root")
+    dev = tmp_path / "kvm"
+    dev.touch()
+    os.chmod(dev, 0o600)
+    os.chown(dev, 0, 0)
+    assert kvm_access_hint(dev.stat()).startswith(
+        "it is mode 0600, group root: ask root to make it group kvm, mode 0660"
+    )
+    gid = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != 0), None)
+    if gid is None:
+        pytest.skip("no group other than root here")
+    os.chown(dev, 0, gid)
+    os.chmod(dev, 0o660)
+    name = grp.getgrgid(gid).gr_name
+    assert (
+        kvm_access_hint(dev.stat())
+        == f"it is {name}-group read-writable: add yourself to the {name} group, then log in again"
+    )

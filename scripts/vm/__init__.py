@@ -12,6 +12,7 @@ import contextlib
 import os
 import queue
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -33,6 +34,19 @@ class BootFailed(VulcanError):
     """The VM did not show a working image in time."""
 
 
+def host_kvm(modules: Path = Path("/sys/module")) -> str:
+    """Which KVM this host has (the loaded module), so figures say what they were measured on:
+    kvm_intel, kvm_amd, or kvm_pvm (a paravirtual KVM that emulates guest kernel code: a boot
+    there takes tens of seconds, not one)."""
+    for name in ("kvm_pvm", "kvm_intel", "kvm_amd"):
+        if (modules / name).is_dir():
+            return name
+    return "kvm" if (modules / "kvm").is_dir() else "none"
+
+
+EMULATING_KVM = {"kvm_pvm": "guest kernel code emulated: not a normal KVM's figure"}
+
+
 @dataclass(frozen=True)
 class BootResult:
     runtime: str
@@ -48,7 +62,7 @@ class BootResult:
     def as_json(self) -> dict[str, object]:
         return {"runtime": self.runtime, "format": self.fmt, "vmm": self.vmm, "ok": self.ok,
                 "seconds": round(self.seconds, 3), "copied_bytes": self.copied_bytes, "detail": self.detail,
-                "console": str(self.console)}  # fmt: skip
+                "console": str(self.console), "host_kvm": host_kvm()}  # fmt: skip
 
 
 SUN_PATH = 107  # bytes of a Unix socket's path that connect(2) takes (sockaddr_un.sun_path, with its NUL)
@@ -74,8 +88,24 @@ def kvm_problem() -> str | None:
     if not os.path.exists("/dev/kvm"):
         return "/dev/kvm does not exist (no KVM on this host)"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not read-writable by this user (add yourself to the kvm group)"
+        return f"/dev/kvm is not read-writable by this user ({kvm_access_hint(os.stat('/dev/kvm'))})"
     return None
+
+
+def kvm_access_hint(st: os.stat_result) -> str:
+    """What gives this user /dev/kvm, from its owner group and mode (Debian: root:kvm 0660;
+    some hosts leave it root:root 0600, where joining a group changes nothing)."""
+    import grp
+
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_gid != 0 and mode & 0o060 == 0o060:
+        return f"it is {group}-group read-writable: add yourself to the {group} group, then log in again"
+    return (f"it is mode {mode:04o}, group {group}: ask root to make it group kvm, mode 0660 (Debian's udev rule "
+            "does), then join the kvm group")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,13 +125,26 @@ class Target:
         return f"{self.runtime} ({self.fmt}, {mode})"
 
 
+# How far a booting guest got, by its console: each stage's first line (the kernel's banner,
+# the kernel handing over to init, the agent's ready line). A timeout says the last one seen.
+STAGES = (("kernel started", "Linux version "), ("init reached", " as init process"),
+          ("agent ready", "vulcan-guest: ready"))  # fmt: skip
+# What the guest says when it stops itself before the agent is up: overlay-init refusing a
+# vulcan.overlay= value, the agent unable to listen, the kernel's panic (init exited).
+GUEST_STOPPED = ("vulcan-overlay: fail", "vulcan-guest: cannot listen", "Kernel panic - not syncing")
+
+
 class Console:
-    """Reads a VM's serial console line by line in the background and keeps it in a log."""
+    """Reads a VM's serial console line by line in the background and keeps it in a log; notes
+    when each of STAGES was reached, and the guest's own reasons for stopping."""
 
     def __init__(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.log = open(log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed by close()
         self.tail: list[str] = []
+        self.started = time.monotonic()
+        self.reached: dict[str, float] = {}  # stage -> seconds after start
+        self.stopped_by_guest: list[str] = []  # GUEST_STOPPED lines, in order
         self.ended = threading.Event()  # the VM closed its console (it exited)
         self._writing = threading.Lock()  # the log is closed only between two writes
         self._pumping = threading.Thread(target=self._pump, args=(proc,), daemon=True)
@@ -116,9 +159,25 @@ class Console:
                     self.log.write(line + "\n")
                     self.log.flush()
             self.tail = ([*self.tail, line])[-15:]
+            self._note(line)
             self.lines.put(line)
         self.ended.set()
         self.lines.put(None)
+
+    def _note(self, line: str) -> None:
+        for stage, marker in STAGES:
+            if stage not in self.reached and marker in line:
+                self.reached[stage] = time.monotonic() - self.started
+        if any(m in line for m in GUEST_STOPPED) and len(self.stopped_by_guest) < 5:
+            self.stopped_by_guest.append(line.strip())
+
+    def progress(self) -> str:
+        """How far the guest got, for a user: "init reached (kernel started after 2.1 s, init
+        reached after 23.4 s)", or that the kernel printed nothing."""
+        if not self.reached:
+            return "Firecracker started, but the guest kernel printed nothing"
+        last = list(self.reached)[-1]
+        return f"{last} ({', '.join(f'{s} after {t:.1f} s' for s, t in self.reached.items())})"
 
     def wait_for(self, markers: tuple[str, ...], deadline: float, stall: float | None = None) -> str | None:
         """The first console line containing one of ``markers`` (None: VM ended or timed out).

@@ -19,12 +19,12 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from .. import atomic, formats, kconfig, log, paths
+from .. import atomic, formats, kconfig, log, paths, settings
 from ..errors import VulcanError
 from ..pins import ARCHES, Pins, host_arch
 from ..pins import load as load_pins
 from ..steps import prog
-from . import BootFailed, BootResult, Target, kvm_problem
+from . import EMULATING_KVM, BootFailed, BootResult, Target, host_kvm, kvm_problem
 from .firecracker import boot_firecracker, cgroup_v2_problem
 from .qemu import QEMU, boot_qemu
 from .restore import Restored, report, restore, shared_state
@@ -56,8 +56,9 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("runtimes", nargs="*", help="runtimes to boot (default: every image of the format that exists)")
     p.add_argument("--arch", default=host_arch(), choices=ARCHES)
-    p.add_argument("--format", default=formats.DEFAULT[0], choices=formats.NAMES,
-                   help=f"which image to boot (default {formats.DEFAULT[0]})")  # fmt: skip
+    p.add_argument("--format", choices=formats.NAMES,
+                   help=f"which image to boot (default {formats.DEFAULT[0]}; with --restore {formats.SHARED}, as "
+                   "snapshot makes)")  # fmt: skip
     p.add_argument(
         "--read-only",
         action="store_true",
@@ -86,7 +87,10 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"], help="QEMU accelerator")
     p.add_argument("--kernel", type=Path, help="guest kernel (default: bin/vmlinux from 'nox -s download')")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per VM (default 300: TCG is slow)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help=f"seconds per VM to its agent (default VULCAN_BOOT_TIMEOUT or {settings.BOOT_TIMEOUT:g}); "
+                   f"with --restore, per clone to its first result (VULCAN_RESTORE_TIMEOUT or "
+                   f"{settings.RESTORE_TIMEOUT:g})")  # fmt: skip
     p.add_argument("--report", type=Path, help="also write the results as JSON here (CI: boot-to-ready times)")
     p.add_argument("--restore", action="store_true",
                    help="start the runtimes from their snapshots ('nox -s snapshot') instead of booting them; "
@@ -95,6 +99,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-cold", action="store_true", help="with --restore: skip the cold boot measured beside it")
     p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.timeout is not None and not args.timeout > 0:
+        raise BootFailed(f"--timeout {args.timeout:g}: want more than 0 seconds")
+    # snapshot makes the shared, read-only format's snapshot by default: --restore finds it
+    args.format = args.format or (formats.SHARED if args.restore else formats.DEFAULT[0])
     if args.restore:
         restored = restore_all(pins, args)
         if args.report:
@@ -133,11 +141,13 @@ def restore_all(pins: Pins, args: argparse.Namespace) -> list[Restored]:
     for rt in chosen:
         image = paths.image(rt, args.format, arch)
         t = Target(rt, image, args.format, not formats.get(args.format).writable, "tmpfs")
-        clones = restore(known[rt], t, arch, kernel, args.count, args.timeout, args.jailer)
+        clones = restore(known[rt], t, arch, kernel, args.count, args.timeout or settings.restore_timeout(),
+                         args.jailer)  # fmt: skip
         r = Restored(rt, args.format, clones, problems=shared_state(clones))
         if not args.no_cold:
             try:
-                r.cold = boot_firecracker(t, known[rt], kernel, arch, args.timeout, jailed=args.jailer, api=True)
+                r.cold = boot_firecracker(t, known[rt], kernel, arch, settings.boot_timeout(), jailed=args.jailer,
+                                          api=True)  # fmt: skip
             except (VulcanError, OSError) as exc:
                 r.cold = BootResult(rt, t.fmt, "firecracker", False, 0.0, str(exc),
                                     paths.console_log(rt, t.fmt, "firecracker", arch))  # fmt: skip
@@ -186,6 +196,7 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
     log.info(f"boot: using {which_vmm}: {why}")
     _jailer_needs_root(args)
     results = []
+    timeout = args.timeout or settings.boot_timeout()
     for rt in chosen:
         image = paths.image(rt, args.format, arch)
         if not image.is_file():
@@ -196,7 +207,7 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
                    args.append)  # fmt: skip
         if which_vmm == "firecracker":
             try:
-                r = boot_firecracker(t, known[rt], kernel, arch, args.timeout, args.jailer, args.api)
+                r = boot_firecracker(t, known[rt], kernel, arch, timeout, args.jailer, args.api)
             except (VulcanError, OSError) as exc:
                 r = BootResult(rt, t.fmt, "firecracker", False, 0.0, str(exc),
                                paths.console_log(rt, t.fmt, "firecracker", arch))  # fmt: skip
@@ -205,12 +216,17 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
                          f"(console log of the Firecracker attempt: {r.console})")  # fmt: skip
                 which_vmm = "qemu"  # and for the runtimes after this one
         if which_vmm == "qemu":
-            r = boot_qemu(t, kernel, arch, args.timeout, args.accel)
+            r = boot_qemu(t, kernel, arch, timeout, args.accel)
         results.append(r)
         what = "boot-to-smoke" if which_vmm == "qemu" else "boot-to-ready"
-        status = "ok" if r.ok else "FAILED"
-        log.info(f"boot {t.label}: {status} via {r.vmm}: {what} {r.seconds:.1f}s, copied {log.human(r.copied_bytes)}: "
-                 f"{r.detail}")  # fmt: skip
+        kvm = host_kvm()
+        if r.vmm == "firecracker" and kvm in EMULATING_KVM:
+            what += f" (under {kvm}: {EMULATING_KVM[kvm]})"
+        if r.ok:
+            log.info(f"boot {t.label}: ok via {r.vmm}: {what} {r.seconds:.1f}s, copied {log.human(r.copied_bytes)}: "
+                     f"{r.detail}")  # fmt: skip
+        else:
+            log.info(f"boot {t.label}: FAILED via {r.vmm} after {r.seconds:.1f} s: {r.detail}")
     for r in results:
         if not r.ok:
             log.warn(f"boot {r.runtime} failed; console log: {r.console}")

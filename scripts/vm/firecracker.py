@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import log, paths, sparse, workspace
 from ..pins import Runtime
-from . import AGENT_PORT, BootFailed, BootResult, Target, exit_status, prepare_disks, running
+from . import AGENT_PORT, BootFailed, BootResult, Console, Target, exit_status, prepare_disks, running
 from .agent import AgentClient, runtime_check, vsock_connect
 from .api import ApiError, configure_and_start, wait_for_socket
 from .firecracker_config import config as firecracker_config
@@ -115,17 +115,33 @@ NESTED_KVM = (
 )
 
 
-def _why_not_ready(line: str | None, exited: int | None, tail: list[str], timeout: float) -> tuple[str, bool]:
+def why_not_ready(
+    line: str | None,
+    exited: int | None,
+    tail: list[str],
+    timeout: float,
+    console: Console | None = None,
+    setting: str = "VULCAN_BOOT_TIMEOUT",
+) -> tuple[str, bool]:
     """What happened instead of ``vulcan-guest: ready``, said for a user; and whether it was
-    this host's KVM (then another VMM on this host may still boot the image)."""
+    this host's KVM (then another VMM on this host may still boot the image). With the
+    ``console``: the guest's own reason to stop, and how far it got before a timeout (and
+    which setting gives it longer)."""
     if line is not None and KVM_STOPPED in line:
         return NESTED_KVM, True
     refused = next((x for x in [line or "", *tail] if REFUSED in x), None)
     if refused is not None:  # Firecracker's own words: the config, a file it names, the kernel
         return f"Firecracker refused the VM: {refused.split(REFUSED, 1)[1].strip()}", False
+    said = sorted(console.stopped_by_guest, key=lambda x: "Kernel panic" in x) if console else []
+    if said:  # overlay-init's or the agent's own words first, then the kernel's panic
+        return f"the guest stopped before its agent was ready: {said[0]}", False
+    reached = f" ({console.progress()})" if console else ""
     if exited is not None:
-        return f"Firecracker exited with status {exited} before the guest was ready: {' | '.join(tail[-5:])}", False
-    return f"no '{READY}' within {timeout:.0f}s; last console lines: {tail[-5:]}", False
+        return (f"Firecracker exited with status {exited} before the guest was ready{reached}: "
+                f"{' | '.join(tail[-5:])}"), False  # fmt: skip
+    return (f"no '{READY}' within {timeout:g} s: the VM had reached {console.progress() if console else 'nothing'}; "
+            f"a slow host (QEMU's TCG, a KVM that emulates guest kernel code) needs more: raise {setting} or "
+            f"--timeout; last console lines: {tail[-5:]}"), False  # fmt: skip
 
 
 def boot_firecracker(
@@ -175,7 +191,7 @@ def boot_firecracker(
             ready = time.monotonic() - start
             if line is None or READY not in line:
                 exited = exit_status(proc, console)
-                why, host = _why_not_ready(line, exited, console.tail, timeout)
+                why, host = why_not_ready(line, exited, console.tail, timeout, console)
                 return BootResult(runtime, t.fmt, "firecracker", False, ready, why, console_log, stopped_by_host=host)
             client = AgentClient(vsock_connect(str(uds), AGENT_PORT, timeout=30))
             try:

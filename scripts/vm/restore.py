@@ -12,18 +12,21 @@ starting Firecracker to the program's output; N clones run at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import statistics
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import formats, log, paths, sparse, workspace
 from ..pins import Runtime
-from . import AGENT_PORT, BootResult, Console, Target, running
+from . import AGENT_PORT, EMULATING_KVM, BootResult, Console, Target, host_kvm, running
 from .agent import AgentClient, AgentError, vsock_connect
 from .api import ApiError, put, wait_for_socket
 from .firecracker import Jail, cgroup_v2_problem
@@ -91,6 +94,7 @@ class Restored:
             "cold_boot_to_ready_s": round(self.cold.seconds, 3) if self.cold and self.cold.ok else None,
             "cold": self.cold.as_json() if self.cold else None,
             "problems": self.problems,
+            "host_kvm": host_kvm(),
             "clones": [c.as_json() for c in self.clones],
         }  # fmt: skip
 
@@ -115,15 +119,20 @@ def check_files(directory: Path, doc: dict[str, Any]) -> None:
         )
 
 
+def _checked(t: Target, arch: str, kernel: Path) -> tuple[Path, dict[str, Any]]:
+    directory = paths.snapshot(t.runtime, t.fmt, arch)
+    doc = load(directory)
+    check_binding(doc, t.runtime, t.fmt, arch, kernel)
+    check_files(directory, doc)
+    return directory, doc
+
+
 def restore(rt: Runtime, t: Target, arch: str, kernel: Path, count: int, timeout: float,
             jailed: bool = False) -> list[Clone]:  # fmt: skip
     """``count`` clones of the image's snapshot, started at once; each is stopped once it answered.
     ``jailed``: each through the jailer, in a chroot of its own holding the snapshot's relative
     paths (the jailer starts Firecracker in the chroot's root), as a production host starts it."""
-    directory = paths.snapshot(t.runtime, t.fmt, arch)
-    doc = load(directory)
-    check_binding(doc, t.runtime, t.fmt, arch, kernel)
-    check_files(directory, doc)
+    directory, doc = _checked(t, arch, kernel)
     clones: list[Clone | None] = [None] * count
     with workspace.scratch(paths.images_dir(arch) / "snapshots", f"clones-{t.runtime}.{t.fmt}") as work:
 
@@ -142,13 +151,49 @@ def restore(rt: Runtime, t: Target, arch: str, kernel: Path, count: int, timeout
     return [c for c in clones if c is not None]
 
 
+@contextlib.contextmanager
+def sandbox(t: Target, arch: str, kernel: Path, index: int = 0, jailed: bool = False) -> Iterator[Started]:
+    """One clone of the image's snapshot, held open for a caller that talks to its agent itself
+    (``Started.agent``), as a Vulcan host does with a sandbox; killed, and its directory
+    removed, when the block ends, whatever happened in it. ``index`` names its console log."""
+    directory, doc = _checked(t, arch, kernel)
+    if not doc["binding"].get("ready"):
+        raise SnapshotError(f"snapshot {directory.name} was taken before the guest was ready ({TEST_ONLY_FLAG}): "
+                            "never handed out as a sandbox", hint=f"make a ready one: nox -s snapshot -- "
+                            f"{t.runtime} --format {t.fmt}")  # fmt: skip
+    with workspace.scratch(paths.images_dir(arch) / "snapshots", f"clones-{t.runtime}.{t.fmt}") as work:
+        d = work / f"clone-{index}"
+        d.mkdir()
+        with _started(t, arch, directory, i=index, d=d, jailed=jailed) as vm:
+            yield vm
+
+
 def _console(t: Target, arch: str, i: int) -> Path:
     return paths.console_log(t.runtime, t.fmt, f"firecracker-restore-{i}", arch)
 
 
-def _clone(rt: Runtime, t: Target, arch: str, snap: Path, doc: dict[str, Any], i: int, d: Path,
-           timeout: float, jailed: bool = False) -> Clone:  # fmt: skip
-    d.mkdir()
+@dataclass(frozen=True)
+class Started:
+    """A clone whose snapshot is loaded and resumed."""
+
+    directory: Path  # the clone's own directory (removed with it)
+    here: Path  # where the snapshot's relative paths lead (the jail's root when jailed)
+    proc: subprocess.Popen[bytes]  # its Firecracker
+    console: Console
+    console_log: Path
+    copied_bytes: int
+    start: float  # time.monotonic() when its Firecracker started
+    load_ms: float
+
+    def agent(self, timeout: float = 30.0) -> AgentClient:
+        """A connection to the clone's agent over its vsock socket."""
+        return AgentClient(vsock_connect(str(self.here / VSOCK), AGENT_PORT, timeout=timeout))
+
+
+@contextlib.contextmanager
+def _started(t: Target, arch: str, snap: Path, i: int, d: Path, jailed: bool) -> Iterator[Started]:
+    """Firecracker in ``d`` with the snapshot's relative paths in place, the snapshot loaded
+    and resumed; killed when the block ends. ApiError when Firecracker refused the load."""
     writable = formats.get(t.fmt).writable  # then the guest's memory describes the disk as it was: a copy of it
     disk = snap / root_name(t.fmt) if writable else t.image
     if jailed:
@@ -180,15 +225,25 @@ def _clone(rt: Runtime, t: Target, arch: str, snap: Path, doc: dict[str, Any], i
                                                "resume_vm": True}, timeout=60)  # fmt: skip
             load_ms = (time.monotonic() - asked) * 1000
         except ApiError as exc:
-            why = exc.message + (f" | {' | '.join(console.tail[-3:])}" if proc.poll() is not None else "")
-            return Clone(i, False, why, console_log, copied, directory=str(d))
-        base = Clone(i, False, "", console_log, copied, load_ms, directory=str(d))
-        if not doc["binding"].get("ready"):
-            return replace(base, firecracker_load_ms=_firecrackers_own(console, 5),
-                           detail=f"restored and resumed; a test-only snapshot ({TEST_ONLY_FLAG}: taken "
-                           "before the guest was ready) is never handed out as a sandbox")  # fmt: skip
-        done = _session(rt, here, base, start, timeout)
-        return replace(done, firecracker_load_ms=_firecrackers_own(console, 1))  # read after: not on the clock
+            tail = f" | {' | '.join(console.tail[-3:])}" if proc.poll() is not None else ""
+            raise ApiError(exc.message + tail) from None
+        yield Started(d, here, proc, console, console_log, copied, start, load_ms)
+
+
+def _clone(rt: Runtime, t: Target, arch: str, snap: Path, doc: dict[str, Any], i: int, d: Path,
+           timeout: float, jailed: bool = False) -> Clone:  # fmt: skip
+    d.mkdir()
+    try:
+        with _started(t, arch, snap, i, d, jailed) as vm:
+            base = Clone(i, False, "", vm.console_log, vm.copied_bytes, vm.load_ms, directory=str(d))
+            if not doc["binding"].get("ready"):
+                return replace(base, firecracker_load_ms=_firecrackers_own(vm.console, 5),
+                               detail=f"restored and resumed; a test-only snapshot ({TEST_ONLY_FLAG}: taken "
+                               "before the guest was ready) is never handed out as a sandbox")  # fmt: skip
+            done = _session(rt, vm.here, base, vm.start, timeout)
+            return replace(done, firecracker_load_ms=_firecrackers_own(vm.console, 1))  # read after: not on the clock
+    except ApiError as exc:
+        return Clone(i, False, exc.message, _console(t, arch, i), directory=str(d))
 
 
 def _firecrackers_own(console: Console, wait: float) -> float | None:
@@ -199,22 +254,36 @@ def _firecrackers_own(console: Console, wait: float) -> float | None:
 
 
 def _session(rt: Runtime, d: Path, base: Clone, start: float, timeout: float) -> Clone:
-    """The host's first session with a restored clone: its clock, the program, its randomness."""
+    """The host's first session with a restored clone: its clock, the program, its randomness,
+    all within ``timeout`` of the clone's start (VULCAN_RESTORE_TIMEOUT); a miss says which
+    stage the clone had reached."""
+    deadline = start + timeout
+    late = f"raise VULCAN_RESTORE_TIMEOUT or --timeout (now {timeout:g} s) on a slow host"
     try:
-        client = AgentClient(vsock_connect(str(d / VSOCK), AGENT_PORT, timeout=timeout))
+        sock = vsock_connect(str(d / VSOCK), AGENT_PORT, timeout=deadline - time.monotonic())
     except AgentError as exc:
-        return replace(base, detail=f"restored, but the agent did not answer: {exc.message}")
+        return replace(base, detail=f"restored and resumed, but the agent did not answer within {timeout:g} s of the "
+                       f"start: {exc.message}; {late}")  # fmt: skip
+    client = AgentClient(sock, timeout=max(1.0, deadline - time.monotonic()) + 5)
+    stage = "the agent answered"
     try:
         offset = client.clock(time.time_ns())
         base = replace(base, clock_offset_ms=offset)
-        prog = client.exec(list(rt.program or rt.check), timeout_ms=int(timeout * 1000))
+        stage = "its clock was set"
+        left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        prog = client.exec(list(rt.program or rt.check), timeout_ms=left_ms)
+        if prog.timed_out:
+            return replace(base, detail=f"{stage}, but the program did not finish within {timeout:g} s of the start; "
+                           f"{late}")  # fmt: skip
         base = replace(base, first_result_ms=(time.monotonic() - start) * 1000)
         out = prog.stdout.decode(errors="replace").strip()
         if prog.exit_code != 0 or (rt.program and rt.expect and out != rt.expect):
             return replace(base, detail=f"program gave exit {prog.exit_code}, output {out!r}")
         rnd = client.exec(RANDOM).stdout.decode(errors="replace").split()
     except AgentError as exc:
-        return replace(base, detail=f"restored; the agent failed: {exc.message}")
+        return replace(base, detail=f"restored; the agent failed after {stage}: {exc.message}")
+    except OSError as exc:  # the connection timed out or broke
+        return replace(base, detail=f"restored; after {stage}, the agent's connection failed: {exc}; {late}")
     finally:
         client.close()
     return replace(base, ok=True, detail=f"program printed {out!r}", random="".join(rnd))
@@ -248,5 +317,7 @@ def report(r: Restored) -> None:
             else f"cold boot: {r.cold.detail}" if r.cold else "no cold boot (--no-cold)")  # fmt: skip
     first = j["restore_to_first_result_ms"]
     said = f"{first:.0f} ms (median)" if first is not None else "none"
+    kvm = host_kvm()
+    under = f" (under {kvm}: {EMULATING_KVM[kvm]})" if kvm in EMULATING_KVM else ""
     log.info(f"restore {r.runtime}.{r.fmt}: {sum(c.ok for c in r.clones)}/{len(r.clones)} clones ok; "
-             f"restore-to-first-result {said}; {cold}")  # fmt: skip
+             f"restore-to-first-result {said}; {cold}{under}")  # fmt: skip

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import formats, kconfig, log, paths, sparse, workspace
+from .. import formats, kconfig, log, paths, settings, sparse, workspace
 from ..errors import VulcanError
 from ..hashing import sha256_file
 from ..pins import ARCHES, Runtime, host_arch
@@ -37,7 +37,7 @@ from ..steps import prog
 from . import AGENT_PORT, Disks, exit_status, kvm_problem, running
 from .agent import AgentClient, runtime_check, vsock_connect
 from .api import ApiError, configure_and_start, patch, put, wait_for_socket
-from .firecracker import READY, STOPPED, _why_not_ready
+from .firecracker import READY, STOPPED, why_not_ready
 from .firecracker_config import config as firecracker_config
 
 LAYOUT = 1  # of snapshot.json
@@ -245,7 +245,9 @@ def make(rt: Runtime, runtime: str, fmt: str, arch: str, kernel: Path, timeout: 
             if ready:
                 line = console.wait_for((READY, *STOPPED), start + timeout)
                 if line is None or READY not in line:
-                    why, _ = _why_not_ready(line, exit_status(proc, console), console.tail, timeout)
+                    why, _ = why_not_ready(
+                        line, exit_status(proc, console), console.tail, timeout, console, "VULCAN_SNAPSHOT_TIMEOUT"
+                    )
                     raise SnapshotError(f"snapshot {runtime}.{fmt}: the VM never became ready: {why}",
                                         hint=f"console log: {console_log}")  # fmt: skip
                 warm = _warm(rt, work / VSOCK)
@@ -308,12 +310,17 @@ def main(argv: list[str]) -> int:
                    help=f"which image (default {formats.SHARED}: read-only, shared by every clone)")  # fmt: skip
     p.add_argument("--arch", default=host_arch(), choices=ARCHES)
     p.add_argument("--kernel", type=Path, help="guest kernel (default: bin/vmlinux)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds for a VM to become ready (default 120)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help=f"seconds for a VM to become ready (default VULCAN_SNAPSHOT_TIMEOUT or "
+                   f"{settings.SNAPSHOT_TIMEOUT:g})")  # fmt: skip
     p.add_argument(TEST_ONLY_FLAG, dest="before_ready", action="store_true",
                    help="TESTS ONLY: snapshot the VM right after it starts, before the guest is ready (a KVM "
                    "that never brings a guest to user space); no sandbox is ever started from it")  # fmt: skip
     p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.timeout is not None and not args.timeout > 0:
+        raise SnapshotError(f"--timeout {args.timeout:g}: want more than 0 seconds")
+    timeout = args.timeout or settings.snapshot_timeout()
     known = pins.alpine.runtimes
     for rt in args.runtimes:
         if rt not in known:
@@ -342,5 +349,5 @@ def main(argv: list[str]) -> int:
             raise SnapshotError(f"{paths.image(runtime, args.format, args.arch)} is missing",
                                 hint=f"run 'nox -s rootfs-{runtime}' (with {args.format} in its formats)")  # fmt: skip
     for runtime in chosen:
-        make(known[runtime], runtime, args.format, args.arch, kernel, args.timeout, ready=not args.before_ready)
+        make(known[runtime], runtime, args.format, args.arch, kernel, timeout, ready=not args.before_ready)
     return 0

@@ -251,7 +251,52 @@ def packages(arch: str = "x86_64") -> dict[str, list[Pkg]]:
     return {"main": main, "community": [go]}
 
 
-def setup(world: World, arch: str = "x86_64", runtimes: dict | None = None) -> dict[str, bytes]:  # type: ignore[type-arg]
+VSOCK_PROBE = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+struct vm_addr { unsigned short family, reserved; unsigned int port, cid; unsigned char flags, zero[3]; };
+/* vsock-probe CID PORT: connect over AF_VSOCK (40), send the agent a ping, print what came back */
+int main(int argc, char **argv) {
+  if (argc != 3) { fputs("usage: vsock-probe CID PORT\n", stderr); return 2; }
+  int s = socket(40, SOCK_STREAM, 0);
+  if (s < 0) { printf("socket: %s\n", strerror(errno)); return 3; }
+  struct vm_addr a = {0};
+  a.family = 40; a.cid = (unsigned)strtoul(argv[1], 0, 10); a.port = (unsigned)strtoul(argv[2], 0, 10);
+  if (connect(s, (struct sockaddr *)&a, sizeof a) < 0) { printf("connect: %s\n", strerror(errno)); return 4; }
+  const char *ping = "{\"op\":\"ping\"}\n";
+  if (write(s, ping, strlen(ping)) < 0) { printf("write: %s\n", strerror(errno)); return 5; }
+  char buf[512];
+  ssize_t n = read(s, buf, sizeof buf - 1);
+  if (n <= 0) { printf("closed without a reply%s%s\n", n < 0 ? ": " : "", n < 0 ? strerror(errno) : ""); return 6; }
+  buf[n] = 0;
+  printf("reply: %s", buf);
+  return 0;
+}
+"""
+
+
+def vsock_probe() -> Pkg | None:
+    """A package with /usr/bin/vsock-probe (static, musl-gcc): what a sandboxed program that
+    tries to reach the agent from inside the guest does (x86_64 only)."""
+    cc = shutil.which("musl-gcc")
+    if cc is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "probe.c").write_text(VSOCK_PROBE)
+        subprocess.run([cc, "-static", "-O2", "-o", f"{tmp}/vsock-probe", f"{tmp}/probe.c"], check=True)
+        binary = (Path(tmp) / "vsock-probe").read_bytes()
+    return Pkg("vsock-probe", "1.0-r0", "x86_64", entries=[Entry("usr/bin/vsock-probe", binary, 0o755)], license="MIT")
+
+
+def setup(world: World, arch: str = "x86_64", runtimes: dict | None = None,  # type: ignore[type-arg]
+          extra: list[Pkg] = ()) -> dict[str, bytes]:  # type: ignore[assignment]  # fmt: skip
+    """``extra``: more packages in main (a runtime's world names them)."""
     world.pins["alpine"] = alpine_pins(runtimes or RUNTIMES, BASE, ["main", "community"])
     world.write_pins()
-    return publish(world.mirror, packages(arch), arch)
+    repos = packages(arch)
+    repos["main"] = [*repos["main"], *extra]
+    return publish(world.mirror, repos, arch)
