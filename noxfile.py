@@ -1,21 +1,13 @@
-"""Vulcan image tooling: everything a Vulcan host needs to boot a sandbox.
+"""Vulcan image tooling: everything a Vulcan host needs to boot a sandbox (README.md).
 
-The logic lives in scripts/, this file only wires. The sessions and their one-line summaries
-come from scripts/steps.py (the table ``python -m scripts --help`` shows) and from the
-sessions below; the list at the end of this docstring is made from them when it loads
-(``nox -l`` shows the same). Tags: ``rootfs`` (every image), ``image`` (one session per
-runtime: CI's matrix). Arguments after ``--`` go to the scripts, e.g. ``nox -s download --
---arch aarch64``; a build session passes them on to the build sessions it requires.
-Environment overrides: README.md, "Overrides" (scripts/settings.py reads and checks them all).
+`nox` downloads and builds every image; `nox -s NAME -- ARGS` runs one session with its arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,13 +22,9 @@ from scripts import venvs  # noqa: E402  (stdlib only)
 from scripts.steps import step  # noqa: E402  (stdlib only, imports no step)
 
 nox.needs_version = ">=2024.10.9"
-# uv when it is installed (faster), else virtualenv. nox still probes for uv when it creates a
-# virtualenv and logs "uv binary not found." on every session of a machine without uv: noise
-# for a user who chose not to have uv, so that one line is filtered out.
-nox.options.default_venv_backend = "uv" if shutil.which("uv") else "virtualenv"
-if not shutil.which("uv"):
-    logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
-nox.options.reuse_existing_virtualenvs = True
+# nox probes for uv before each session and logs "uv binary not found." on a machine without
+# it, though no session here asks nox for a virtualenv: noise, filtered out.
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
 nox.options.sessions = ["download", "rootfs_all"]
 
 
@@ -96,23 +84,17 @@ def _explain_missing() -> None:
 _explain_missing()
 
 
-def _install(session: nox.Session, requirements: str) -> None:
-    """Install hash-locked requirements once per venv: a no-op run must not touch pip. A venv
-    without pip (left by a virtualenv run that died or raced, before scripts/venvs.py) is made again."""
-    if session.venv_backend == "none":  # nox --no-venv: this environment already has them (tests)
-        return
-    req = ROOT / requirements
-    wanted = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(ROOT.glob("requirements*.txt")))).hexdigest()
-    location = Path(session.virtualenv.location)
-    marker = location / f".vulcan-{req.stem}.sha256"
-    if not (marker.exists() and marker.read_text() == wanted):
-        if not list(location.glob("lib/python*/site-packages/pip/__main__.py")):
-            session.log(f"{location} has no pip (a broken virtualenv): making it again")
-            shutil.rmtree(location, ignore_errors=True)
-            session.virtualenv.create()
-        session.install("--require-hashes", "-r", str(req))
-        marker.write_text(wanted)
-    venvs.release(session.name)
+# `nox --no-venv`: the sessions run with the python on PATH, which already has what they need
+# (the test suite runs nox this way)
+NO_VENV = "--no-venv" in sys.argv[1 : sys.argv.index("--") if "--" in sys.argv else None]
+
+
+def _python(session: nox.Session, requirements: str, program: str = "python") -> str:
+    """``program`` of the shared virtualenv of ``requirements`` (scripts/venvs.py), made the
+    first time it is needed; with --no-venv, the one on PATH."""
+    if NO_VENV:
+        return program
+    return str(venvs.ensure(ROOT, requirements, session.log) / "bin" / program)
 
 
 def _up_to_date(command: str, argv: list[str]) -> bool:
@@ -127,10 +109,9 @@ def _up_to_date(command: str, argv: list[str]) -> bool:
 
 def _scripts(session: nox.Session, command: str, *args: str) -> None:
     if _up_to_date(command, [*args, *session.posargs]):
-        venvs.release(session.name)  # its venv is as it was: others may go on
         return
-    _install(session, "requirements.txt")
-    session.run("python", "-m", "scripts", command, *args, *session.posargs, external=False, silent=False)
+    python = _python(session, "requirements.txt")
+    session.run(python, "-m", "scripts", command, *args, *session.posargs, external=True, silent=False)
 
 
 def _step_session(command: str, **options: Any) -> None:
@@ -141,7 +122,7 @@ def _step_session(command: str, **options: Any) -> None:
 
     run.__doc__ = step(command).summary
     run.__name__ = command
-    nox.session(name=command, **options)(run)
+    nox.session(name=command, venv_backend="none", **options)(run)
 
 
 _step_session("download")
@@ -153,14 +134,14 @@ def _rootfs_session(runtime: str) -> None:
         _scripts(session, "rootfs", "--runtime", runtime)
 
     rootfs.__doc__ = f"Build images/{runtime}.<format> for alpine.formats (+ manifest, SPDX SBOM) from the lock."
-    nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs", "image"])(rootfs)
+    nox.session(name=f"rootfs-{runtime}", requires=["guest"], tags=["rootfs", "image"], venv_backend="none")(rootfs)
 
 
 for _rt in RUNTIMES:
     _rootfs_session(_rt)
 
 
-@nox.session(requires=["guest"], tags=["rootfs"])
+@nox.session(requires=["guest"], tags=["rootfs"], venv_backend="none")
 def rootfs_all(session: nox.Session) -> None:
     """Build every runtime's images, all at once in one process (what the rootfs-* sessions build)."""
     if PINS_PROBLEM or not RUNTIMES:
@@ -184,53 +165,36 @@ def clean(session: nox.Session) -> None:
     session.run("python3", "-m", "scripts", "clean", *session.posargs, external=True)
 
 
-@nox.session(default=False)
+@nox.session(default=False, venv_backend="none")
 def bench(session: nox.Session) -> None:
     """Benchmarks: no-op, warm and cold builds, size, memory, boot, snapshots, registry, assembly vs apk; vs floors."""
-    _install(session, "requirements-dev.txt")
-    session.run("python", "bench/bench.py", *session.posargs)
+    session.run(_python(session, "requirements-dev.txt"), "bench/bench.py", *session.posargs, external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite (offline; serves upstream-shaped mirrors on 127.0.0.1)."""
-    _install(session, "requirements-dev.txt")
-    session.run("pytest", *(session.posargs or ["-q", "tests"]))
+    python = _python(session, "requirements-dev.txt")
+    session.run(python, "-m", "pytest", *(session.posargs or ["-q", "tests"]), external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
     """Check the code with ruff and mypy (the noxfile included), the workflow with check-jsonschema and zizmor."""
-    _install(session, "requirements-dev.txt")
-    session.run("ruff", "check", "scripts", "tests", "bench", "noxfile.py")
-    session.run("ruff", "format", "--check", "scripts", "tests", "bench", "noxfile.py")
-    session.run("mypy", "scripts", "noxfile.py")
+
+    def tool(name: str, *args: str) -> None:
+        session.run(_python(session, "requirements-dev.txt", name), *args, external=True)
+
+    tool("ruff", "check", "scripts", "tests", "bench", "noxfile.py")
+    tool("ruff", "format", "--check", "scripts", "tests", "bench", "noxfile.py")
+    tool("mypy", "scripts", "noxfile.py")
     # the CI workflow, against the GitHub Actions schema that check-jsonschema ships (offline)
-    session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", ".github/workflows/images.yml")
+    tool("check-jsonschema", "--builtin-schema", "vendor.github-workflows", ".github/workflows/images.yml")
     # and against zizmor's audits (template injection, credentials left in checkouts, ...), offline
-    session.run("zizmor", "--offline", ".github/workflows/images.yml")
+    tool("zizmor", "--offline", ".github/workflows/images.yml")
 
 
-_NO_SESSION_RUN = {"-l", "--list", "--list-sessions", "--json", "--version", "-h", "--help", "--no-venv"}
-
-
-def _hold_venv_creation() -> None:
-    """One nox at a time creates each session's virtualenv (scripts/venvs.py): the sessions
-    asked for (by name, by tag, or the defaults) and the sessions they require."""
-    argv = sys.argv[1:]
-    ours = argv[: argv.index("--")] if "--" in argv else argv
-    if _NO_SESSION_RUN & set(ours) or "none" in ours:  # listing, or no virtualenvs (-db none)
-        return
-    registry = nox.registry.get()
-    tags = {ours[i + 1] for i, a in enumerate(ours[:-1]) if a in ("-t", "--tags")}
-    wanted = _requested() + [n for n, f in registry.items() if tags & set(f.tags)]
-    if not wanted and not tags:
-        wanted = list(nox.options.sessions or [])
-    names = venvs.closure((n for n in wanted if n in registry), lambda n: registry[n].requires if n in registry else [])
-    venvs.hold(ROOT / ".nox", (n for n in names if n in registry and registry[n].venv_backend != "none"))
-
-
-_hold_venv_creation()
-__doc__ += "\nSessions:\n" + "\n".join(
-    f"  {name:<15} {func.__doc__}" for name, func in nox.registry.get().items()
-)  # fmt: skip
+# The logic lives in scripts/, this file only wires. Each step session's summary is its line in
+# scripts/steps.py (the table `python -m scripts --help` shows), so `nox -l` and the scripts say
+# the same. Tags: rootfs (every image), image (one session per runtime: CI's matrix). No session
+# asks nox for a virtualenv: they share one per requirements file (scripts/venvs.py).

@@ -27,8 +27,22 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """An input's value for a log line: a digest as its first 12 hex digits, a string as it is
+    (cut at 60 characters), anything else as JSON when short, else what kind of value it is."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, str):
+        if len(value) >= 40 and all(c in "0123456789abcdef" for c in value):
+            return value[:12] + "…"
+        return value if len(value) <= 60 else value[:59] + "…"
+    text = json.dumps(value, sort_keys=True)
+    if len(text) <= 60:
+        return text
+    return (
+        f"a list of {len(value)} items"
+        if isinstance(value, list)
+        else f"{type(value).__name__} of {len(text)} characters"
+    )
 
 
 def file_record(path: Path, sha256: str | None = None) -> dict[str, Any]:

@@ -11,7 +11,9 @@ Sources (each fetched through fetch(), so VULCAN_MIRROR, retries and timeouts ap
 - Alpine keys: the pinned branch's ``alpine-keys`` package, itself verified through the index
   signed by the currently trusted keys.
 The new pins are validated before they replace the old file (os.replace); any error leaves
-the old file as it was. ``--check`` changes nothing and exits 1 when the pins are outdated.
+the old file as it was. ``--check`` changes nothing. Exit codes (``--check`` or not): 0 current
+(or updated), 1 outdated (``--check``) or a pin refused, 3 upstream could not be asked (network,
+HTTP errors): a scheduled check can tell "outdated" from "could not look".
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from . import atomic, log
 from .apk import indexes, lockfile, packages
 from .apk.keys import keyring
 from .apk.trust import fingerprint
-from .errors import ChecksumError, PinError, VulcanError
+from .errors import ChecksumError, DownloadError, PinError, VulcanError
 from .fetch import cached, fetch
 from .pins import ARCHES, GOARCH, REPO_ROOT, Pins
 from .pins import load as load_pins
@@ -325,9 +327,19 @@ def update_actions(path: Path, check: bool) -> bool:
     return bool(updates)
 
 
+class Unreachable(VulcanError):
+    """Upstream could not be asked: neither current nor outdated is known."""
+
+    exit_code = 3
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=prog("update_pins"), description=__doc__.split("\n\n")[0] if __doc__ else "")
-    p.add_argument("--check", action="store_true", help="only report: exit 1 with the diff when pins are outdated")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only report: exit 1 with the diff when pins are outdated (3: upstream could not be asked)",
+    )
     p.add_argument("--firecracker", metavar="X.Y.Z", help="pin this Firecracker version instead of the newest")
     p.add_argument("--kernel", metavar="6.1.N", help="pin this kernel version instead of the newest")
     p.add_argument("--go", metavar="1.26.N", help="pin this Go version instead of the newest")
@@ -336,8 +348,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workflow", type=Path, default=WORKFLOW, help="the workflow whose action pins to check too")
     args = p.parse_args(argv)
     pins = load_pins()
-    data = proposed(pins, args)
-    actions_outdated = update_actions(args.workflow, args.check)
+    try:
+        data = proposed(pins, args)
+        actions_outdated = update_actions(args.workflow, args.check)
+    except DownloadError as exc:
+        raise Unreachable(f"could not tell whether the pins are current: {exc.message}",
+                          hint="check the network (or VULCAN_MIRROR) and run it again; exit 3 means 'not asked', "
+                          "exit 1 'outdated'") from None  # fmt: skip
     if data == pins.raw:  # compare content, not formatting
         log.info("pins are current" + ("; some action pins are not (above)" if actions_outdated else ""))
         return 1 if args.check and actions_outdated else 0

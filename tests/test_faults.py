@@ -644,7 +644,7 @@ def test_every_python_requirement_is_hash_locked_and_installed_with_the_check_on
         for line in wanted.splitlines():
             if line and not line.startswith(("#", "-r")):
                 assert line.split("==")[0].lower() in pinned, f"{txt.name} lacks {line}: run .ci/lock-requirements"
-    assert '"--require-hashes"' in (REPO / "noxfile.py").read_text()
+    assert '"--require-hashes"' in (REPO / "scripts/venvs.py").read_text()  # the sessions' virtualenvs
     setup = (REPO / ".ci/setup-debian").read_text() + (REPO / ".ci/run").read_text()
     assert "--require-hashes -r requirements-nox.txt" in setup
 
@@ -662,7 +662,8 @@ def _pypi_reachable() -> bool:
 @pytest.mark.slow
 def test_two_first_nox_runs_at_once_share_one_virtualenv_and_a_broken_one_is_made_again(tmp_path: Path) -> None:
     """Two `nox -s ...` started together on a fresh checkout raced in virtualenv creation
-    (tracebacks, then a venv without pip that every later run failed on)."""
+    (tracebacks, then a venv without pip that every later run failed on); and sessions with the
+    same requirements share one virtualenv."""
     nox_bin = shutil.which("nox") or pytest.skip("nox is not installed")
     if not _pypi_reachable():
         pytest.skip("a fresh session venv installs requirements.txt from PyPI, which is unreachable")
@@ -685,9 +686,14 @@ def test_two_first_nox_runs_at_once_share_one_virtualenv_and_a_broken_one_is_mad
         outs = [p.communicate(timeout=600)[0] for p in runs]
         for p, out in zip(runs, outs, strict=True):
             assert p.returncode == 0 and "Traceback" not in out, out
-    for pip in (checkout / ".nox" / "download").glob("lib/python*/site-packages/pip"):
+    # every session that installs requirements.txt shares that one virtualenv (trap: 13 copies)
+    other = subprocess.run([nox_bin, "-s", "verify", "--", "--help"], cwd=checkout, env=env, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert other.returncode == 0 and "making .nox" not in other.stderr, other.stderr
+    assert sorted(p.name for p in (checkout / ".nox").iterdir() if p.is_dir()) == ["requirements"]
+    for pip in (checkout / ".nox" / "requirements").glob("lib/python*/site-packages/pip"):
         shutil.rmtree(pip)  # what the race used to leave
-    for marker in (checkout / ".nox" / "download").glob(".vulcan-*.sha256"):
+    for marker in (checkout / ".nox" / "requirements").glob(".vulcan-*.sha256"):
         marker.unlink()
     again = start()
     out = again.communicate(timeout=600)[0]

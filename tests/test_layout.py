@@ -4,10 +4,14 @@ module, and a README that stays true (the file map and the overrides)."""
 from __future__ import annotations
 
 import ast
+import getpass
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from scripts import settings
 from scripts.steps import STEPS
@@ -42,6 +46,9 @@ def test_python_m_scripts_help_and_nox_l_list_the_same_steps_from_one_table() ->
             continue
         assert name in sessions, name
         assert sessions[name]["description"] == s.summary  # the docstring comes from the table
+    names = [m.group(1) for m in re.finditer(r"^\W*(rootfs_all|download|lint)\b", listed.stdout, re.M)]
+    assert sorted(names) == ["download", "lint", "rootfs_all"], listed.stdout  # each listed once
+    assert len(listed.stdout.split("Sessions defined in")[0].strip().splitlines()) <= 3  # the docstring is short
     own = {"rootfs_all", "bench", "tests", "lint"}
     commands = {s.session_name for s in STEPS}
     assert {n for n in sessions if not n.startswith("rootfs-")} - own == commands - {None, "rootfs-<runtime>"}
@@ -169,3 +176,22 @@ def test_the_leaves_import_nothing_of_ours_not_even_lazily() -> None:
                   and not n.module for a in n.names}  # fmt: skip
         found = {m.rstrip(".") for m in found if m != "scripts.None"}
         assert found <= allowed, (leaf, found - allowed)
+
+
+@pytest.mark.slow
+def test_a_green_run_leaves_nothing_in_the_temporary_directory(tmp_path: Path) -> None:
+    """pytest's own directories (kept for the last failed run only: pyproject.toml), the real
+    apk's install and its scratch: a green run of tests that make them leaves (almost) nothing."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    chosen = [
+        "tests/test_apk_oracle.py::test_the_provider_rule_versioned_against_unversioned_with_priority",
+        "tests/test_rootfs_units.py::test_why_a_step_runs_again_names_the_input_with_whole_short_values",
+    ]
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *chosen], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    left = [p for p in tmp.rglob("*") if not p.is_dir()]
+    assert left == [], left
+    assert [p.name for p in tmp.iterdir()] in ([], [f"pytest-of-{getpass.getuser()}"])

@@ -168,10 +168,28 @@ def _tree(root: Path, modes: dict[str, tuple[int, int, int]] | None = None) -> d
             kind = stat.S_IFMT(st.st_mode)
             mode, uid, gid = (modes or {}).get(rel, (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid))
             target = os.readlink(f) if stat.S_ISLNK(st.st_mode) else ""
-            digest = hashlib.sha256(f.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else ""
+            digest = hashlib.sha256(_read_as_root_would(f, st)).hexdigest() if stat.S_ISREG(st.st_mode) else ""
             size = st.st_size if stat.S_ISREG(st.st_mode) else 0
             out[rel] = (kind, mode, uid, gid, size, target, digest)
     return out
+
+
+def _read_as_root_would(f: Path, st: object) -> bytes:
+    """A file's bytes even when its mode lets nobody read it: real apk run as an ordinary user
+    installs busybox's bbsuid --x--x--x, owned by that user. Its owner may read it after a
+    chmod, which is put back (the mode is compared as the tree has it)."""
+    import os
+    import stat
+
+    try:
+        return f.read_bytes()
+    except PermissionError:
+        mode = stat.S_IMODE(st.st_mode)  # type: ignore[attr-defined]
+        os.chmod(f, mode | stat.S_IRUSR)
+        try:
+            return f.read_bytes()
+        finally:
+            os.chmod(f, mode)
 
 
 def _image_modes(image: Path, copy: Path) -> dict[str, tuple[int, int, int]]:
@@ -229,3 +247,27 @@ def test_the_image_tree_is_what_real_apk_installs_file_for_file(alpine: World, t
     differ = {p: (theirs[p], ours[p]) for p in set(ours) & set(theirs) if ours[p] != theirs[p]}
     unexpected = sorted(set(differ) - EDITED_ON_PURPOSE)
     assert unexpected == [], {p: differ[p] for p in unexpected}
+
+
+def test_a_file_nobody_may_read_is_compared_as_root_would_read_it() -> None:
+    """As an ordinary user real apk installs bbsuid --x--x--x: the comparison reads it anyway
+    (the PermissionError a non-root run of the suite hit), and leaves its mode as it was."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv, to be an ordinary user")
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="vulcan-user-"))  # pytest's own directory is root's alone
+    os.chown(home, 65534, 65534)
+    code = ("import os, sys; from pathlib import Path; from tests.test_real_alpine import _read_as_root_would as r; "
+            "f = Path(sys.argv[1]) / 'bbsuid'; f.write_bytes(b'ELF'); f.chmod(0o111); "
+            "print(r(f, os.lstat(f)).decode(), oct(f.stat().st_mode & 0o777))")  # fmt: skip
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    proc = subprocess.run([*nobody, sys.executable, "-c", code, str(home)], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)  # fmt: skip
+    shutil.rmtree(home)
+    assert proc.stdout.split() == ["ELF", "0o111"], proc.stderr

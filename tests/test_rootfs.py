@@ -39,6 +39,15 @@ def built(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_
         yield w
 
 
+def test_a_fresh_clone_without_a_lock_is_told_once_what_happens(built: World) -> None:
+    """Three runtimes resolved on a first build without alpine.lock.json: one warning that says
+    what it does and how to pin, not one per runtime; the lock is then written for all three."""
+    assert built.log.count("alpine.lock.json does not exist (a fresh clone)") == 1, built.log  # type: ignore[attr-defined]
+    assert "is missing: resolving" not in built.log  # type: ignore[attr-defined]
+    entries = json.loads((built.pins_path.parent / "alpine.lock.json").read_text())["entries"]
+    assert sorted(entries) == ["go/x86_64", "node/x86_64", "python/x86_64"]
+
+
 def image(w: World, runtime: str = "python") -> Path:
     return w.out / "images" / f"{runtime}.ext4"
 
@@ -153,7 +162,11 @@ def test_an_up_to_date_nox_run_still_checks_every_setting(built: World) -> None:
     assert nox_rootfs_all().returncode == 0  # up to date from here on
     typo = nox_rootfs_all(VULCAN_OUTT="/tmp/elsewhere")
     assert typo.returncode == 0 and "python -m scripts" not in typo.stdout, typo.stdout
-    assert typo.stdout.count("VULCAN_OUTT is not a setting of this tool and is ignored") == 1, typo.stdout
+    assert typo.stdout.count("VULCAN_OUTT is not a setting of this tool and is ignored; did you mean VULCAN_OUT?") == 1
+    # steps that run (no fast path): the nox process said it, the steps it starts do not again
+    typo = nox_rootfs_all(VULCAN_OUTT="/tmp/elsewhere", VULCAN_NO_FASTPATH="1")
+    assert typo.returncode == 0 and "python -m scripts" in typo.stdout, typo.stdout
+    assert typo.stdout.count("VULCAN_OUTT is not a setting of this tool") == 1, typo.stdout
     bad = nox_rootfs_all(VULCAN_MIRROR="ftp://x")
     assert bad.returncode != 0, bad.stdout
     assert "VULCAN_MIRROR='ftp://x': not an http:// or https:// URL" in bad.stdout

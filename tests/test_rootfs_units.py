@@ -360,3 +360,17 @@ def test_a_package_only_tarfile_reads_is_merged_from_memory_or_its_scratch_file(
     tree.add_package("gnu", data, set())
     assert tree.read(long) == b"hello"
     tree.close()
+
+
+def test_why_a_step_runs_again_names_the_input_with_whole_short_values(tmp_path: Path) -> None:
+    """A changed digest shows its first 12 hex digits, a string its text without cut quotes."""
+    from scripts import stamps
+
+    old, new = "4dee74e6" + "1" * 56, "825cc44c" + "2" * 56
+    stamps.write(tmp_path / "stamp.json", {"source": {"sha256": old}, "url": "u" * 80}, tmp_path, [])
+    why = stamps.outdated(tmp_path / "stamp.json", {"source": {"sha256": new}, "url": "u" * 80}, tmp_path)
+    assert why == "input source.sha256 changed: 4dee74e61111… -> 825cc44c2222…"
+    why = stamps.outdated(tmp_path / "stamp.json", {"source": {"sha256": old}, "url": "v" * 80}, tmp_path)
+    assert why == f"input url changed: {'u' * 59}… -> {'v' * 59}…"
+    why = stamps.outdated(tmp_path / "stamp.json", {"source": {"sha256": old}}, tmp_path)
+    assert why == f"input url changed: {'u' * 59}… -> (none)"

@@ -183,8 +183,12 @@ def test_network_errors_leave_the_pins_unchanged(upstream: World, fault: str) ->
     before = upstream.pins_path.read_text()
     upstream.mirror.fail(f"{BUCKET}/", *[fault] * 4)
     proc = upstream.run("update_pins")
-    assert proc.returncode == 1 and "spec.ccfc.min" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 3 and "spec.ccfc.min" in proc.stderr and "Traceback" not in proc.stderr
+    assert "could not tell whether the pins are current" in proc.stderr
     assert upstream.pins_path.read_text() == before
+    # a scheduled --check tells "could not look" (3) from "outdated" (1)
+    upstream.mirror.fail(f"{BUCKET}/", *[fault] * 4)
+    assert upstream.run("update_pins", "--check").returncode == 3
     assert not list(Path(upstream.pins_path.parent).glob(".pins.json.new"))
 
 

@@ -223,8 +223,19 @@ def ensure_locked(pins: Pins, runtime: str, arch: str, frozen: bool) -> list[Loc
             f"{path.name}: the lock for {runtime}/{arch} is {state}, and --frozen forbids re-resolving",
             hint="run 'nox -s lock' and commit alpine.lock.json",
         )
-    log.warn(f"{path.name}: lock for {runtime}/{arch} is {state}: resolving now and updating the lock")
+    if entry is None and (_said_no_lock or not path.exists()):
+        if not _said_no_lock:  # once per run, however many runtimes and arches it builds
+            _said_no_lock.append(path)
+            log.warn(f"{path.name} does not exist (a fresh clone): each runtime's packages are resolved now against "
+                     f"the pinned Alpine branch and written to {path.name}; to pin them, commit it (CI's lock job "
+                     "makes it once and hands it to every build: 'nox -s lock')")  # fmt: skip
+        log.info(f"{path.name}: resolving {runtime}/{arch}")
+    else:
+        log.warn(f"{path.name}: lock for {runtime}/{arch} is {state}: resolving now and updating the lock")
     return lock_runtime(pins, runtime, arch)
+
+
+_said_no_lock: list[Path] = []
 
 
 def lock_all(pins: Pins, runtimes: Iterable[str], arches: Iterable[str]) -> dict[str, int]:

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -69,17 +71,28 @@ def _installed(dest: Path) -> Apk:
     """apk-tools and what it needs, resolved, verified and merged by our engine, then unpacked."""
     closure = Solver(index(ISO_INDEX, "x86_64"), "x86_64", ["main"]).solve(["apk-tools"])
     scratch = Path(tempfile.mkdtemp(prefix="vulcan-apk-"))
-    tree = Tree(scratch)
-    for p in closure:
-        v = verify_package(ISO / "x86_64" / f"{p.name}-{p.version}.apk", p, None, p.name)
-        tree.add_package(p.name, inflate(v.path, v.data_offset, scratch / f"{p.name}.tar"), set())
-    tar_path = scratch / "apk.tar"
-    with open(tar_path, "wb") as f:
-        tree.write_tar(f, 0)
-    tree.close()
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(dest, **EXTRACT)  # our own stream, checked paths (tree.py)
+    try:
+        tree = Tree(scratch)
+        for p in closure:
+            v = verify_package(ISO / "x86_64" / f"{p.name}-{p.version}.apk", p, None, p.name)
+            tree.add_package(p.name, inflate(v.path, v.data_offset, scratch / f"{p.name}.tar"), set())
+        tar_path = scratch / "apk.tar"
+        with open(tar_path, "wb") as f:
+            tree.write_tar(f, 0)
+        tree.close()
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(dest, **EXTRACT)  # our own stream, checked paths (tree.py)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return Apk(dest)
+
+
+@functools.cache
+def _home() -> Path:
+    """Where this run installs the real apk: its own directory, gone when the run ends."""
+    dest = Path(tempfile.mkdtemp(prefix="vulcan-real-apk-"))
+    atexit.register(shutil.rmtree, dest, True)
+    return dest
 
 
 def real_apk() -> Apk:
@@ -88,8 +101,7 @@ def real_apk() -> Apk:
         pytest.skip(f"the real Alpine repository is absent ({ISO}); it holds apk-tools 2.14.0")
     if host_arch() != "x86_64":
         pytest.skip("the real apk in ../shared is an x86_64 binary")
-    dest = Path(tempfile.gettempdir()) / f"vulcan-real-apk-{ISO_INDEX.stat().st_mtime_ns}"
-    apk = _installed(dest) if not (dest / "sbin/apk").exists() else Apk(dest)
+    apk = _installed(_home())
     probe = subprocess.run([*apk.argv, "--version"], capture_output=True, text=True)
     if probe.returncode != 0 or "apk-tools 2.14" not in probe.stdout:
         pytest.skip(f"the real apk does not run here: {probe.stderr.strip()[:200]}")
