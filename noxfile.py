@@ -156,6 +156,7 @@ _step_session("snapshot", default=False)
 _step_session("publish", default=False)
 _step_session("pull", default=False)
 _step_session("lock", default=False)
+_step_session("mirror", default=False)
 _step_session("update_pins", default=False)
 
 

@@ -11,7 +11,8 @@
   present, correct entry needs no lock and no write.
 - A host name that does not resolve is not transient: it fails at once with the hint.
 - ``$VULCAN_MIRROR=http://host:port/prefix`` fetches every upstream ``https://HOST/PATH`` as
-  ``$VULCAN_MIRROR/HOST/PATH`` (air-gapped users, and our tests).
+  ``$VULCAN_MIRROR/HOST/PATH`` (air-gapped users, and our tests); a directory (a path or
+  ``file://``, such as ``nox -s mirror`` writes) is read the same way, with no network.
 
 Model: cibuildwheel's download() and pip's adjacent temp file + rename.
 The ``nox -s download`` session is scripts/download.py.
@@ -115,7 +116,26 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
+def _from_directory(real: str, part: Path, progress: log.Progress) -> hashlib._Hash:
+    """A mirror directory's file (``file://``): copied and hashed as a download is."""
+    src = Path(urlsplit(real).path)
+    h = hashlib.sha256()
+    try:
+        with open(src, "rb") as f, open(part, "wb") as out:
+            progress.total = os.fstat(f.fileno()).st_size
+            while chunk := f.read(CHUNK):
+                out.write(chunk)
+                h.update(chunk)
+                progress.update(len(chunk))
+    except FileNotFoundError:
+        part.unlink(missing_ok=True)
+        raise DownloadError("not in the mirror directory", status=404) from None
+    return h
+
+
 def _attempt(real: str, part: Path, progress: log.Progress) -> hashlib._Hash:
+    if real.startswith("file://"):
+        return _from_directory(real, part, progress)
     import requests
     import urllib3
 

@@ -177,7 +177,7 @@ class Pins:
     @property
     def alpine(self) -> Alpine:
         if self.alpine_pins is None:
-            raise PinError(f"{self.path.name}: alpine: missing", hint="see README.md, 'The pins file'")
+            raise PinError(f"{self.path.name}: alpine: missing", hint="see docs/pins.md")
         return self.alpine_pins
 
 

@@ -75,14 +75,23 @@ def pins_path() -> Path:
 
 
 def mirror() -> str | None:
+    """An http(s) URL, or a directory (a path, or file://) such as `nox -s mirror` writes: then
+    ``file://`` and its absolute path."""
     value = _raw("VULCAN_MIRROR")
     if value is None:
         return None
     parts = urlsplit(value)
+    if value.startswith("/") or parts.scheme == "file":
+        directory = Path(parts.path if parts.scheme == "file" else value)
+        if not directory.is_absolute() or not directory.is_dir():
+            raise SettingError(f"VULCAN_MIRROR={value!r}: not an existing directory",
+                               hint="a directory 'nox -s mirror -- DIR' wrote, by its absolute path")  # fmt: skip
+        return f"file://{directory.resolve()}"
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise SettingError(
-            f"VULCAN_MIRROR={value!r}: not an http:// or https:// URL",
-            hint="e.g. VULCAN_MIRROR=http://127.0.0.1:8080/upstream (it serves https://HOST/PATH as .../HOST/PATH)",
+            f"VULCAN_MIRROR={value!r}: not an http:// or https:// URL, nor a directory",
+            hint="e.g. VULCAN_MIRROR=http://127.0.0.1:8080/upstream (it serves https://HOST/PATH as .../HOST/PATH), "
+            "or the absolute path of a directory 'nox -s mirror' wrote",
         )
     return value.rstrip("/")
 
@@ -350,8 +359,8 @@ class Variable:
 
 VARIABLES = (
     Variable("VULCAN_PINS", "path", "another pins file (the lock is read next to it)", pins_path),
-    Variable("VULCAN_MIRROR", "http(s) URL", "fetch every upstream https://HOST/PATH as $VULCAN_MIRROR/HOST/PATH",
-             mirror),
+    Variable("VULCAN_MIRROR", "http(s) URL or directory", "fetch every upstream https://HOST/PATH as "
+             "$VULCAN_MIRROR/HOST/PATH", mirror),
     Variable("VULCAN_CACHE", "directory", "the shared download cache", cache_dir),
     Variable("VULCAN_OUT", "directory", "where bin/ and images/ are written", out_root),
     Variable("VULCAN_SCRATCH", "directory", "where images are assembled", scratch_dir),

@@ -38,6 +38,7 @@ STEPS = (
     Step("rootfs", "rootfs.build", "Build one runtime's images (+ manifest, SPDX SBOM) from the lock.",
          stamped=True, session="rootfs-<runtime>", also=("rootfs_all",)),
     Step("lock", "lock", "Resolve each runtime's Alpine packages for each arch into alpine.lock.json."),
+    Step("mirror", "mirror", "Write everything a build needs from outside into a directory, verified (-- DIR)."),
     Step("verify", "verify", "Check every artifact in bin/ and images/ (table, or --json; --reproduce rebuilds)."),
     Step("boot", "vm.boot", "Boot images and prove the runtime works: Firecracker, or -- --vmm qemu."),
     Step("snapshot", "vm.snapshot",

@@ -4,6 +4,7 @@ supply chain as documented; and the parts that need no GitHub run here (the lock
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -154,3 +155,14 @@ def test_the_lock_hand_off_runs_here_as_in_ci(world: World) -> None:
     world.use_agent()
     world.run("rootfs", "--runtime", "python", "--frozen", check=True)
     assert (world.out / "images/python.ext4").is_file()
+
+
+def test_the_set_up_as_an_ordinary_user_says_what_to_do_and_changes_nothing() -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv, to be an ordinary user")
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    proc = subprocess.run([*nobody, "bash", str(REPO / ".ci/setup-debian")], capture_output=True, text=True, cwd="/",
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("setup-debian: installs system packages, so it runs as root: sudo bash"), proc.stderr
+    assert "docs/setup.md" in proc.stderr

@@ -103,10 +103,14 @@ def test_every_boot_shape_is_started_by_real_firecracker(
 
 
 def test_firecrackers_own_error_reaches_the_user(fc: World, tmp_path: Path) -> None:
-    code, result, _ = _boot(fc, tmp_path, "--vmm", "firecracker", "--kernel", "/etc/passwd")
+    code, result, err = _boot(fc, tmp_path, "--vmm", "firecracker", "--kernel", "/etc/passwd")
     assert code == 1
     assert result["detail"].startswith("Firecracker refused the VM: "), result
     assert "Invalid Elf magic number" in result["detail"]
+    # a failed boot is not reported with a boot-to-ready time
+    [said] = [x for x in err.splitlines() if "FAILED via firecracker" in x]
+    assert re.search(r"FAILED via firecracker after \d+\.\d s: Firecracker refused the VM", said), said
+    assert "boot-to-ready" not in said
 
 
 @pytest.mark.slow

@@ -111,24 +111,72 @@ def test_every_module_says_its_one_job_in_its_first_docstring_line() -> None:
         assert first.endswith((".", ":", "?")) or first.endswith("this."), f"{p.relative_to(REPO)}: {first!r}"
 
 
-def _readme_table(heading: str) -> list[list[str]]:
-    text = (REPO / "README.md").read_text()
-    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+def _table(doc: str, heading: str | None = None) -> list[list[str]]:
+    """The rows of the first table in ``doc`` (under ``## heading`` when given), header dropped."""
+    text = (REPO / doc).read_text()
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0] if heading else text
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("|---")]
     return [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows[1:]]
 
 
-def test_the_readme_map_lists_every_module_and_only_files_that_exist() -> None:
-    listed = [row[0].strip("*`") for row in _readme_table("Where things live")]
+def test_the_code_map_lists_every_module_and_only_files_that_exist() -> None:
+    listed = [row[0].strip("*`") for row in _table("docs/architecture.md")]
     for name in listed:
-        assert (REPO / name).exists(), f"README lists {name}, which does not exist"
+        assert (REPO / name).exists(), f"docs/architecture.md lists {name}, which does not exist"
     modules = {str(p.relative_to(REPO)) for p in MODULES if p.name != "__init__.py"}
-    assert modules - set(listed) == set(), "modules missing from README's 'Where things live'"
+    assert modules - set(listed) == set(), "modules missing from docs/architecture.md"
 
 
 def test_the_readme_overrides_table_is_the_settings_module() -> None:
-    names = {re.match(r"`([A-Z0-9_]+)", row[0]).group(1) for row in _readme_table("Overrides")}  # type: ignore[union-attr]
+    names = {re.match(r"`([A-Z0-9_]+)", row[0]).group(1) for row in _table("README.md", "Overrides")}  # type: ignore[union-attr]
     assert names == set(settings.NAMES)
+
+
+def test_the_readme_sessions_table_is_noxs_list() -> None:
+    """Every session nox lists is in the README's table, and the table names no other."""
+    listed = subprocess.run([sys.executable, "-m", "nox", "-l"], cwd=REPO, capture_output=True, text=True, check=True)
+    sessions = set(re.findall(r"^[*-] (\S+)", listed.stdout, re.M))
+    assert "boot" in sessions and "download" in sessions
+    named = {n for row in _table("README.md", "Sessions") for n in re.findall(r"`([a-z_-]+)`", row[0])}
+    assert {n for n in sessions if not n.startswith("rootfs-")} | {"rootfs-go", "rootfs-node", "rootfs-python"} == named
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_docs_leads_somewhere() -> None:
+    """README.md, docs/ and guest/README.md: each relative link names a file that exists, and
+    each #anchor a heading of that file."""
+    pages = [REPO / "README.md", REPO / "guest" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert len(pages) > 10
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                heads = {_anchor(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)}
+                if anchor not in heads:
+                    broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert broken == []
+
+
+def test_the_readme_is_a_front_door() -> None:
+    """Read in ten minutes: at most ~250 lines, the two commands first, every docs/ page linked."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    assert "bash .ci/setup-debian && nox" in text and "bash .ci/run" in text
+    for page in (REPO / "docs").glob("*.md"):
+        assert f"(docs/{page.name})" in text, f"README does not link docs/{page.name}"
+    diary = re.compile(r"\b(first|second|third|this|last|next) round\b|\bissue \d+|\brounds\b", re.I)
+    assert not diary.search(text + "".join(p.read_text() for p in (REPO / "docs").glob("*.md")))
 
 
 def _strings_outside_docstrings(tree: ast.AST) -> list[ast.Constant]:

@@ -382,6 +382,7 @@ def test_credentials_basic_over_tls_and_the_bearer_token_flow(
         assert (
             anonymous.returncode == 1 and "HTTP 401" in anonymous.stderr
         ) or "refused an anonymous" in anonymous.stderr
+        assert "()" not in anonymous.stderr  # an empty explanation is said as such, not as "()"
         wrong = built.run("publish", *target, VULCAN_REGISTRY_USER=USER, VULCAN_REGISTRY_PASSWORD="nope")
         assert wrong.returncode == 1 and "refused" in wrong.stderr and "credentials" in wrong.stderr, wrong.stderr
         out = tmp_path / "p.json"

@@ -531,3 +531,11 @@ def test_the_kvm_hint_fits_how_dev_kvm_is_shared(tmp_path: Path) -> None:
         kvm_access_hint(dev.stat())
         == f"it is {name}-group read-writable: add yourself to the {name} group, then log in again"
     )
+
+
+def test_a_restore_looks_for_the_snapshot_that_snapshot_makes(world: World) -> None:
+    """`nox -s snapshot -- python` makes the squashfs snapshot (its default): `boot --restore
+    python` looks for that one, not an ext4 one, and says which command makes it."""
+    proc = world.run("boot", "--restore", "--no-cold")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "no squashfs snapshots in" in proc.stderr and "nox -s snapshot -- --format squashfs" in proc.stderr

@@ -43,7 +43,7 @@ def local_index(repo: Repository, arch: str) -> Path:
         raise PinError(
             f"{repo.where}.path: the local repository {repo.location} has no {arch}/APKINDEX.tar.gz ({path})",
             hint=f"index and sign it: cd {repo.local / arch} && apk index -o APKINDEX.tar.gz *.apk && "
-            "abuild-sign APKINDEX.tar.gz (see README, 'Extra repositories')",
+            "abuild-sign APKINDEX.tar.gz (see docs/extra-repositories.md)",
         )
     return path
 

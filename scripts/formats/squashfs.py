@@ -25,7 +25,7 @@ from .squashfs_read import entries
 
 COMPRESSOR = "zstd"
 # Level and block size by measurement (2 cores, tar2sqfs -j 2, a 277 MB tar of a Python stdlib
-# and a Go toolchain, i.e. what our runtimes hold; README Performance):
+# and a Go toolchain, i.e. what our runtimes hold; docs/performance.md):
 #   zstd level, block:  3/128K 84.4 MB 0.8 s | 6/128K 78.9 MB 1.8 s | 9/128K 77.9 MB 2.5 s |
 #   12/128K 77.5 MB 7.0 s | 15/128K 73.4 MB 13.5 s | 19/128K 72.8 MB 37 s | 19/1M 66.9 MB 41 s
 # Level 6 is 6.5% smaller than 3 for one more second; beyond it each percent costs many seconds

@@ -162,6 +162,10 @@ def rdump(image: Path, dirs: list[str], root: Path) -> list[str]:
         with _tar_stream(image) as tar:
             for m in tar:
                 m.name = _name(m.name)
+                if m.name in wanted and m.isdir():  # there, even if empty (a node image's /usr/lib)
+                    (root / m.name).mkdir(parents=True, exist_ok=True)
+                    found.add(m.name)
+                    continue
                 top = inside(m.name)
                 if top is None:
                     continue
