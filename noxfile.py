@@ -5,9 +5,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ ROOT = Path(__file__).parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts import venvs  # noqa: E402  (stdlib only)
+from scripts import nox_sessions  # noqa: E402  (stdlib only)
 from scripts.steps import step  # noqa: E402  (stdlib only, imports no step)
 
 nox.needs_version = ">=2024.10.9"
@@ -28,87 +27,19 @@ logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv bin
 nox.options.sessions = ["download", "rootfs_all"]
 
 
-def _read_pins() -> tuple[list[str], str | None]:
-    """Runtime names (they name sessions) and the pins file's problem, if any.
-
-    The problem is the tool's own message (scripts/pins.py): the same one `nox -s download`
-    prints. Names are read leniently, so a pins file with one bad checksum still lists its
-    sessions, which then fail with that message."""
-    names: list[str] = []
-    try:
-        from scripts import pins, settings
-
-        path = settings.pins_path()
-        with contextlib.suppress(Exception):
-            names = sorted(n for n in json.loads(path.read_text())["alpine"]["runtimes"] if isinstance(n, str))
-        pins.load(path)
-    except Exception as exc:  # every pins problem, said by the loader
-        from scripts.errors import VulcanError
-
-        return names, str(exc) if isinstance(exc, VulcanError) else f"{type(exc).__name__}: {exc}"
-    return names, None
-
-
-RUNTIMES, PINS_PROBLEM = _read_pins()
-
-
-def _requested() -> list[str]:
-    """Session names given on nox's command line (-s/--session/--sessions/-e)."""
-    names, take = [], False
-    for arg in sys.argv[1:]:
-        if arg == "--":
-            break
-        if arg in ("-s", "--session", "--sessions", "-e"):
-            take = True
-        elif arg.startswith("-"):
-            take = False
-        elif take:
-            names.append(arg)
-    return names
-
-
-def _explain_missing() -> None:
-    """nox answers an unknown session with 'Sessions not found': say why, in our words."""
-    if PINS_PROBLEM:
-        print(f"vulcan: error: {PINS_PROBLEM}", file=sys.stderr)
-        return
-    for name in _requested():
-        if name.startswith("rootfs-") and name.removeprefix("rootfs-") not in RUNTIMES:
-            print(
-                f"vulcan: error: no runtime {name.removeprefix('rootfs-')!r} in the pins file, so no session {name}\n"
-                f"  hint: runtimes: {', '.join(RUNTIMES)} (sessions rootfs-<runtime>); add one under alpine.runtimes",
-                file=sys.stderr,
-            )
-
-
-_explain_missing()
-
-
-# `nox --no-venv`: the sessions run with the python on PATH, which already has what they need
-# (the test suite runs nox this way)
-NO_VENV = "--no-venv" in sys.argv[1 : sys.argv.index("--") if "--" in sys.argv else None]
+RUNTIMES, PINS_PROBLEM = nox_sessions.pins_summary()
+_said = nox_sessions.missing_session(sys.argv[1:], os.environ, RUNTIMES, PINS_PROBLEM)
+if _said:
+    print(_said, file=sys.stderr)
+NO_VENV = nox_sessions.no_venv(sys.argv[1:])
 
 
 def _python(session: nox.Session, requirements: str, program: str = "python") -> str:
-    """``program`` of the shared virtualenv of ``requirements`` (scripts/venvs.py), made the
-    first time it is needed; with --no-venv, the one on PATH."""
-    if NO_VENV:
-        return program
-    return str(venvs.ensure(ROOT, requirements, session.log) / "bin" / program)
-
-
-def _up_to_date(command: str, argv: list[str]) -> bool:
-    """Ask the step's own stamp check in this process (scripts/uptodate.py): a no-op session
-    then starts no interpreter. Any doubt, including a nox on an older Python, runs the step."""
-    try:
-        from scripts import uptodate
-    except Exception:
-        return False
-    return uptodate.check(command, argv)
+    return nox_sessions.interpreter(requirements, program, NO_VENV, session.log)
 
 
 def _scripts(session: nox.Session, command: str, *args: str) -> None:
-    if _up_to_date(command, [*args, *session.posargs]):
+    if nox_sessions.up_to_date(command, [*args, *session.posargs]):
         return
     python = _python(session, "requirements.txt")
     session.run(python, "-m", "scripts", command, *args, *session.posargs, external=True, silent=False)

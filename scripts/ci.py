@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from .pins import ARCHES
+from .arch import ARCHES
 from .steps import prog
 
 

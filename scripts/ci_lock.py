@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .apk import lockfile
-from .pins import ARCHES
+from .arch import ARCHES
 from .pins import load as load_pins
 from .steps import prog
 

@@ -2,7 +2,7 @@
 
 Only what this tool wrote, and only where it made the directory: each of bin/, images/ and the
 cache must carry the tool's marker (paths.MARKER, written when the tool created it), and inside
-it only the entries the tool writes are removed (paths.output_entries, paths.CACHE_ENTRIES). A
+it only the entries the tool writes are removed (output_entries(), CACHE_ENTRIES below). A
 directory without the marker, a symbolic link, or anything else is left and reported, and the
 run then fails, saying what to do. Never the checkout, ``$HOME``, ``/``, or a parent of them.
 Scratch directories of runs that died (on disk and in RAM) are swept too; a live run's never.
@@ -17,10 +17,31 @@ import os
 import shutil
 from pathlib import Path
 
-from . import log, paths, settings, workspace
+from . import formats, log, paths, settings, workspace
+from .arch import ARCHES
 from .errors import VulcanError
-from .pins import ARCHES
 from .steps import prog
+
+# What clean removes inside the output directories (paths.OUTPUT_DIRS; fnmatch patterns; arch
+# subdirectories hold the same), scratch directories and temporary files of dead runs too.
+
+
+def output_entries(top: str) -> tuple[str, ...]:
+    """What clean removes in bin/ or images/ (and their arch subdirectories): what is named above."""
+    if top == "bin":
+        return ("firecracker", "jailer", "vmlinux", "vulcan-guest")
+    return (
+        *(f"*.{name}" for name in formats.FORMATS),
+        "*.manifest.json",
+        "*.spdx.json",
+        ".boot",
+        "snapshots",
+        "published.json",
+    )
+
+
+LEFTOVER_ENTRIES = (".stamps", ".vulcan-*", ".*.tmp", ".*.part", paths.MARKER)  # .part: an interrupted pull
+CACHE_ENTRIES = ("sha256", "apk", "keys", "rootfs", "go", "go-build", "oci", "tools", paths.MARKER)
 
 
 class CleanLeft(VulcanError):
@@ -37,7 +58,7 @@ def _precious() -> list[Path]:
 
 
 def _entries_of(top: str) -> tuple[str, ...]:
-    return (*paths.output_entries(top), *paths.LEFTOVER_ENTRIES)
+    return (*output_entries(top), *LEFTOVER_ENTRIES)
 
 
 def _remove(path: Path) -> None:
@@ -136,7 +157,7 @@ def main(argv: list[str]) -> int:
         workspace.remove_stale(scratch)
     sweep_ram()
     if args.all:
-        clean_dir(paths.cache_dir(), paths.CACHE_ENTRIES, False, problems)
+        clean_dir(paths.cache_dir(), CACHE_ENTRIES, False, problems)
     if problems:
         raise CleanLeft(
             "clean left what vulcan-images did not write:\n  " + "\n  ".join(problems),

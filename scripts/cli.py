@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .pins import ARCHES, host_arch
+from .arch import ARCHES, host_arch
 from .steps import prog
 
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic, cli, log, paths, settings, stamps, workspace
+from .arch import GOARCH, host_arch
 from .elf import check_static_binary
 from .errors import ArchiveError, PinError
 from .fetch import cached, file_lock, writable
-from .pins import GOARCH, REPO_ROOT, Pins, host_arch
+from .pins import REPO_ROOT, Pins
 from .pins import load as load_pins
 from .run import minimal_env, run_tool
 from .step import Check, Unsure

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from .apk.lockfile import lock_all, lock_path
-from .pins import ARCHES
+from .arch import ARCHES
 from .pins import load as load_pins
 from .steps import prog
 

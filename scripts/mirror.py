@@ -30,10 +30,11 @@ from . import atomic, log
 from .apk import lockfile
 from .apk.keys import key_pems
 from .apk.packages import fetch_one, repository_of
+from .arch import ARCHES
 from .errors import PinError, VulcanError
 from .fetch import cached, fetch
 from .hashing import sha256_file
-from .pins import ARCHES, Pins, Repository
+from .pins import Pins, Repository
 from .pins import load as load_pins
 from .settings import REPO_ROOT
 from .steps import prog

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from . import formats, ownership, settings
-from .pins import host_arch
+from . import ownership, settings
+from .arch import host_arch
 
 
 def out_root() -> Path:
@@ -107,37 +107,17 @@ _safe: set[Path] = set()
 # -- what is ours: the marker clean relies on ---------------------------------------------------
 # A directory this tool created carries a CACHEDIR.TAG (https://bford.info/cachedir/: backup
 # tools skip it, as they skip cargo's target/) whose comment names this tool. `clean` removes
-# only in directories that carry it, and only entries this tool writes (output_entries(),
-# CACHE_ENTRIES): VULCAN_OUT=$HOME must never cost a user ~/bin, nor VULCAN_CACHE=~/.cache the
+# only in directories that carry it, and only entries this tool writes (clean.py's
+# output_entries(), CACHE_ENTRIES): VULCAN_OUT=$HOME must never cost a user ~/bin, nor VULCAN_CACHE=~/.cache the
 # rest of ~/.cache. A directory that existed before is written into but not marked, unless it
 # is this tool's default location (the checkout's bin/ and images/, ~/.cache/vulcan-images).
 MARKER = "CACHEDIR.TAG"
+OUTPUT_DIRS = ("bin", "images")  # the top-level output directories
 MARKER_TEXT = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
     "# Created by vulcan-images. Its contents are rebuilt or fetched again on demand;\n"
     "# `nox -s clean` removes what vulcan-images wrote here, and nothing else.\n"
 )
-# Top-level output directories, and what clean removes inside them (fnmatch patterns; arch
-# subdirectories hold the same). Scratch directories and temporary files of dead runs too.
-OUTPUT_DIRS = ("bin", "images")
-
-
-def output_entries(top: str) -> tuple[str, ...]:
-    """What clean removes in bin/ or images/ (and their arch subdirectories): what is named above."""
-    if top == "bin":
-        return ("firecracker", "jailer", "vmlinux", "vulcan-guest")
-    return (
-        *(f"*.{name}" for name in formats.FORMATS),
-        "*.manifest.json",
-        "*.spdx.json",
-        ".boot",
-        "snapshots",
-        "published.json",
-    )
-
-
-LEFTOVER_ENTRIES = (".stamps", ".vulcan-*", ".*.tmp", ".*.part", MARKER)  # .part: an interrupted pull
-CACHE_ENTRIES = ("sha256", "apk", "keys", "rootfs", "go", "go-build", "oci", "tools", MARKER)
 
 
 def is_marked(directory: Path) -> bool:

@@ -20,11 +20,10 @@ from typing import Any
 
 from . import formats as image_formats
 from . import names, settings
+from .arch import ARCHES, GOARCH
 from .errors import PinError
 from .formats import DEFAULT as FORMATS_DEFAULT
 
-ARCHES = ("x86_64", "aarch64")
-GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 SCHEMA_VERSION = 1
 REPO_ROOT = settings.REPO_ROOT
 MAX_HEADROOM_MIB = 1 << 16  # 64 GiB of free space in an image is a typo, not a wish
@@ -33,11 +32,6 @@ TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 WORLD_TAG = re.compile(r"^!?[^@<>=~]+@([^<>=~]*)")
 UPDATE_HINT = "run 'nox -s update_pins' to fetch and pin it (nothing is trusted on first use)"
 MAX_PINS_BYTES = 1 << 20  # a pins file is a few KiB; more is not a pins file (VULCAN_PINS=/dev/zero)
-
-
-def host_arch() -> str:
-    machine = os.uname().machine.lower()  # platform.machine(), without importing platform
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
 def pins_path() -> Path:

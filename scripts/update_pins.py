@@ -39,9 +39,10 @@ from . import atomic, log
 from .apk import indexes, lockfile, packages
 from .apk.keys import keyring
 from .apk.trust import fingerprint
+from .arch import ARCHES, GOARCH
 from .errors import ChecksumError, DownloadError, PinError, VulcanError
 from .fetch import cached, fetch
-from .pins import ARCHES, GOARCH, REPO_ROOT, Pins
+from .pins import REPO_ROOT, Pins
 from .pins import load as load_pins
 from .steps import prog
 

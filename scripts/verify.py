@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from . import formats, kconfig, log, paths, settings, stamps
+from .arch import ARCHES, host_arch
 from .elf import check_static_binary, kernel_arch, read_elf
 from .errors import BuildError, VulcanError
 from .hashing import sha256_file
-from .pins import ARCHES, Pins, host_arch
+from .pins import Pins
 from .pins import load as load_pins
 from .rootfs import AGENT
 from .run import run_tool

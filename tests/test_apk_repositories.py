@@ -21,8 +21,9 @@ import pytest
 
 from scripts.apk import indexes, lockfile, packages
 from scripts.apk.trust import TrustError
+from scripts.arch import host_arch
 from scripts.errors import PinError
-from scripts.pins import host_arch, load
+from scripts.pins import load
 from tests.support import realapk
 from tests.support.apkrepo import CDN, KEY_NAME, Entry, Pkg, alpine_pins, key_fingerprint, public_pem, publish
 from tests.support.apkrepo import repository as repo_files

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
+from scripts.arch import ARCHES
 from scripts.formats import NAMES
-from scripts.pins import ARCHES
 from tests.support import imagerepo
 from tests.support.apkrepo import publish
 from tests.support.world import BASE_PINS, REPO, World

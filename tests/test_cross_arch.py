@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 
+from scripts.arch import host_arch
 from scripts.elf import read_elf
 from scripts.formats import ext4_read as debugfs
-from scripts.pins import host_arch
 from tests.support import imagerepo
 from tests.support.toolchains import find_go
 from tests.support.world import SHARED, World

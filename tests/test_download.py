@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.pins import host_arch
+from scripts.arch import host_arch
 from tests.support.world import BASE_PINS, REPO, World
 
 ARCH = host_arch()

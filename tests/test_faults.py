@@ -27,7 +27,7 @@ from scripts import atomic
 from scripts.apk import lockfile
 from scripts.apk.indexes import Resolved
 from scripts.apk.lockfile import Locked
-from scripts.pins import host_arch
+from scripts.arch import host_arch
 from scripts.pins import load as load_pins
 from tests.support import imagerepo
 from tests.support.apkrepo import BRANCH, CDN, publish
@@ -110,10 +110,27 @@ def test_a_pins_problem_in_one_field_still_lists_the_sessions_which_then_fail(tm
     assert "pins.json: kernel.sha256.x86_64: expected 64 hex characters" in proc.stderr
 
 
-def test_an_unknown_runtime_session_lists_the_runtimes(tmp_path: Path) -> None:
-    proc = nox(tmp_path, "-s", "rootfs-ruby")
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [(["-s", "rootfs-ruby"], {}), (["--session=rootfs-ruby"], {}), (["-srootfs-ruby"], {}),
+     (["--sessions", "download", "rootfs-ruby"], {}), ([], {"NOXSESSION": "download,rootfs-ruby"})],
+    ids=["-s X", "--session=X", "-sX", "--sessions A X", "NOXSESSION"],
+)  # fmt: skip
+def test_an_unknown_runtime_session_lists_the_runtimes(tmp_path: Path, args: list[str], env: dict[str, str]) -> None:
+    """Every way nox takes a session name: the noxfile says why there is no such session."""
+    proc = nox(tmp_path, *args, **env)
     assert proc.returncode != 0
-    assert "no runtime 'ruby'" in proc.stderr and "runtimes: go, node, python" in proc.stderr
+    assert "no runtime 'ruby'" in proc.stderr and "runtimes: go, node, python" in proc.stderr, proc.stderr
+
+
+def test_the_sessions_asked_for_are_read_as_nox_reads_them() -> None:
+    from scripts.nox_sessions import no_venv, requested
+
+    assert requested(["-s", "a", "b", "-t", "x"], {}) == ["a", "b"]
+    assert requested(["--session=a", "-sb", "-e", "c", "--", "-s", "d"], {}) == ["a", "b", "c"]
+    assert requested(["-l"], {"NOXSESSION": "a, b"}) == ["a", "b"]
+    assert requested(["-s", "a"], {"NOXSESSION": "b"}) == ["a"]  # the command line wins
+    assert no_venv(["--no-venv", "-s", "a"]) and not no_venv(["-s", "a", "--", "--no-venv"])
 
 
 def test_concurrent_lock_writers_keep_every_entry(ready: World, monkeypatch: pytest.MonkeyPatch) -> None:

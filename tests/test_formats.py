@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from scripts import formats, kconfig
+from scripts.arch import host_arch
 from scripts.formats import Format, Inode, Job, Written
-from scripts.pins import host_arch
 from tests.support import imagerepo
 from tests.support.world import World
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.arch import host_arch
 from scripts.elf import read_elf
-from scripts.pins import host_arch
 from tests.support.toolchains import find_go
 from tests.support.world import REPO, World, sha256
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.pins import host_arch
+from scripts.arch import host_arch
 from tests.support import realapk
 from tests.support.apkrepo import CDN
 from tests.support.world import SHARED, World, built_world

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from scripts.arch import host_arch
 from scripts.formats import ext4
 from scripts.formats import ext4_read as debugfs
-from scripts.pins import host_arch
 from scripts.rootfs import cache
 from tests.support import imagerepo
 from tests.support.apkrepo import CDN, Entry, Pkg, publish

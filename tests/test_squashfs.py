@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from scripts.arch import host_arch
 from scripts.formats import ext4_read as debugfs
 from scripts.formats import squashfs_read
-from scripts.pins import host_arch
 from tests.support import imagerepo
 from tests.support.world import SHARED, World, built_world
 

@@ -141,11 +141,3 @@ SHARED = next(f.name for f in FORMATS.values() if not f.writable)
 
 def get(name: str) -> Format:
     return FORMATS[name]
-
-
-def scratch_drive(path: Path, size: int) -> None:
-    """An empty writable file system for a read-only boot's upper layer (overlay-init mounts it
-    as ext4): a sparse file of ``size`` bytes."""
-    from .ext4 import blank
-
-    blank(path, size)

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic, formats, log, paths, settings, workspace
+from ..arch import ARCHES, host_arch
 from ..hashing import sha256_file
-from ..pins import ARCHES, Pins, host_arch
+from ..pins import Pins
 from ..pins import load as load_pins
 from ..steps import prog
 from . import attest, oci

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic, log, names, ownership, paths, settings, workspace
-from ..pins import ARCHES, host_arch
+from ..arch import ARCHES, host_arch
 from ..steps import prog
 from . import attest, oci
 from .client import Reference, Registry, RegistryError, parse_json

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import rootfs, sparse
 from ..errors import VulcanError
-from ..formats import scratch_drive
+from ..formats.ext4 import blank
 from ..run import bound_to_us
 
 AGENT_PORT = 52
@@ -127,8 +127,7 @@ class Target:
 
 # How far a booting guest got, by its console: each stage's first line (the kernel's banner,
 # the kernel handing over to init, the agent's ready line). A timeout says the last one seen.
-STAGES = (("kernel started", "Linux version "), ("init reached", " as init process"),
-          ("agent ready", "vulcan-guest: ready"))  # fmt: skip
+STAGES = (("the kernel", "Linux version "), ("init", " as init process"), ("the agent", "vulcan-guest: ready"))
 # What the guest says when it stops itself before the agent is up: overlay-init refusing a
 # vulcan.overlay= value, the agent unable to listen, the kernel's panic (init exited).
 GUEST_STOPPED = ("vulcan-overlay: fail", "vulcan-guest: cannot listen", "Kernel panic - not syncing")
@@ -172,10 +171,10 @@ class Console:
             self.stopped_by_guest.append(line.strip())
 
     def progress(self) -> str:
-        """How far the guest got, for a user: "init reached (kernel started after 2.1 s, init
-        reached after 23.4 s)", or that the kernel printed nothing."""
+        """How far the guest got, for a user: "init (the kernel after 2.1 s, init after 23.4 s)",
+        or that the kernel printed nothing."""
         if not self.reached:
-            return "Firecracker started, but the guest kernel printed nothing"
+            return "nothing: Firecracker started, but the guest kernel printed nothing"
         last = list(self.reached)[-1]
         return f"{last} ({', '.join(f'{s} after {t:.1f} s' for s, t in self.reached.items())})"
 
@@ -271,5 +270,5 @@ def prepare_disks(image: Path, fmt: str, read_only: bool, overlay: str, scratch:
     upper = None
     if overlay == "disk":
         upper = scratch / "upper.img"
-        scratch_drive(upper, SCRATCH_MIB << 20)
+        blank(upper, SCRATCH_MIB << 20)  # overlay-init mounts it as ext4: an empty, sparse one
     return Disks(image, True, fmt, upper)

@@ -20,8 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .. import atomic, formats, kconfig, log, paths, settings
+from ..arch import ARCHES, host_arch
 from ..errors import VulcanError
-from ..pins import ARCHES, Pins, host_arch
+from ..pins import Pins
 from ..pins import load as load_pins
 from ..steps import prog
 from . import EMULATING_KVM, BootFailed, BootResult, Target, host_kvm, kvm_problem

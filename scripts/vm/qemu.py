@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .. import log, paths, workspace
-from ..pins import host_arch
+from ..arch import host_arch
 from . import STALL_S, STALLED, BootResult, Disks, Target, exit_status, kvm_problem, prepare_disks, running
 
 QEMU = {"x86_64": "qemu-system-x86_64", "aarch64": "qemu-system-aarch64"}

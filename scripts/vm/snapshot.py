@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import formats, kconfig, log, paths, settings, sparse, workspace
+from ..arch import ARCHES, host_arch
 from ..errors import VulcanError
 from ..hashing import sha256_file
-from ..pins import ARCHES, Runtime, host_arch
+from ..pins import Runtime
 from ..pins import load as load_pins
 from ..run import run_tool
 from ..steps import prog

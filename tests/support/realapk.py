@@ -20,8 +20,8 @@ from scripts.apk.index import Package, parse_index
 from scripts.apk.package import read_index, verify_package
 from scripts.apk.solver import Solver
 from scripts.apk.trust import Keyring
+from scripts.arch import host_arch
 from scripts.formats.squashfs_read import EXTRACT
-from scripts.pins import host_arch
 from scripts.rootfs.inflate import inflate
 from scripts.rootfs.tree import Tree
 from tests.support.world import SHARED

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.pins import host_arch
+from scripts.arch import host_arch
 from tests.support.mirror import Mirror, serve
 from tests.support.toolchains import find_go
 
