@@ -78,9 +78,6 @@ def _session() -> requests.Session:
     return sess
 
 
-READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 @contextlib.contextmanager
 def file_lock(target: Path, shared: bool = False) -> Iterator[None]:
     """An exclusive lock for one artifact; lock files are kept (deleting them would race).

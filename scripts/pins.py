@@ -124,9 +124,6 @@ class Alpine:
     def formats_of(self, runtime: str) -> tuple[str, ...]:
         return self.runtimes[runtime].formats or self.formats
 
-    def repo_url(self, repo: str, arch: str) -> str:
-        return f"{self.mirror.rstrip('/')}/{self.branch}/{repo}/{arch}"
-
     def repositories_of(self, runtime: str) -> tuple[Repository, ...]:
         """Every repository of a runtime's image, in apk's order (its /etc/apk/repositories):
         Alpine's, then the extra ones for all runtimes, then the runtime's own."""

@@ -246,3 +246,17 @@ def test_a_green_run_leaves_nothing_in_the_temporary_directory(tmp_path: Path) -
     left = [p for p in tmp.rglob("*") if not p.is_dir()]
     assert left == [], left
     assert [p.name for p in tmp.iterdir()] in ([], [f"pytest-of-{getpass.getuser()}"])
+
+
+# Commits before this one kept no limit; from here on a subject says what changed in at most 72
+# characters (the body says why and what was measured), as Firecracker's gitlint enforces.
+SUBJECTS_FROM = "5390d95"
+
+
+def test_commit_subjects_fit_72_characters() -> None:
+    proc = subprocess.run(["git", "log", "--format=%h %s", f"{SUBJECTS_FROM}..HEAD"], cwd=REPO, capture_output=True,
+                          text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"no git history here: {proc.stderr.strip()[:100]}")
+    long = [line for line in proc.stdout.splitlines() if len(line.split(" ", 1)[1]) > 72]
+    assert long == [], long

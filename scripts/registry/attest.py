@@ -25,7 +25,7 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUILD_TYPE = "https://github.com/vulcan-sandbox/vulcan-images/build/v1"  # what `rootfs` + `download` do
 
 
-class TrustError(VulcanError):
+class SignatureError(VulcanError):
     """A key cannot be used, or a signature does not verify against the trusted keys."""
 
 
@@ -35,7 +35,7 @@ def load_private_key(pem: bytes, where: str) -> Any:
     try:
         return load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise TrustError(f"{where} is not an unencrypted PEM private key: {exc}",
+        raise SignatureError(f"{where} is not an unencrypted PEM private key: {exc}",
                          hint="e.g. openssl genpkey -algorithm ed25519 -out signing.pem") from None  # fmt: skip
 
 
@@ -46,7 +46,7 @@ def load_public_keys(path: Path) -> list[Any]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise TrustError(
+        raise SignatureError(
             f"trust file {path}: {exc.strerror or exc}", hint="pass --trust FILE or set VULCAN_TRUST"
         ) from None
     blocks = [b for b in text.split("-----END PUBLIC KEY-----") if "-----BEGIN PUBLIC KEY-----" in b]
@@ -56,9 +56,9 @@ def load_public_keys(path: Path) -> list[Any]:
         try:
             keys.append(load_pem_public_key(pem.encode()))
         except ValueError as exc:
-            raise TrustError(f"trust file {path}: a key that cannot be read: {exc}") from None
+            raise SignatureError(f"trust file {path}: a key that cannot be read: {exc}") from None
     if not keys:
-        raise TrustError(f"trust file {path} holds no PEM public key", hint="the publisher's public key: "
+        raise SignatureError(f"trust file {path} holds no PEM public key", hint="the publisher's public key: "
                          "openssl pkey -in signing.pem -pubout")  # fmt: skip
     return keys
 
@@ -76,28 +76,28 @@ def sign(statement: dict[str, Any], private_key: Any) -> bytes:
 
 def verify(envelope_bytes: bytes, keys: list[Any], subject_digest: str) -> dict[str, Any]:
     """The statement of an envelope signed by one of ``keys`` whose subject is ``subject_digest``;
-    TrustError otherwise."""
+    SignatureError otherwise."""
     from securesystemslib.dsse import Envelope
     from securesystemslib.signer import SSlibKey  # type: ignore[attr-defined]
 
     try:
         envelope = Envelope.from_dict(json.loads(envelope_bytes))
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-        raise TrustError(f"the signature is not a DSSE envelope: {str(exc)[:100] or type(exc).__name__}") from None
+        raise SignatureError(f"the signature is not a DSSE envelope: {str(exc)[:100] or type(exc).__name__}") from None
     if envelope.payload_type != PAYLOAD_TYPE:
-        raise TrustError(f"the envelope's payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE!r}")
+        raise SignatureError(f"the envelope's payloadType is {envelope.payload_type!r}, not {PAYLOAD_TYPE!r}")
     try:
         envelope.verify([SSlibKey.from_crypto(k) for k in keys], 1)
     except Exception as exc:  # securesystemslib's VerificationError and what a bad signature raises
-        raise TrustError(f"not signed by a trusted key: {exc}") from None
+        raise SignatureError(f"not signed by a trusted key: {exc}") from None
     try:
         statement = json.loads(envelope.payload)
         subjects = statement.get("subject", [])
         digests = {f"sha256:{s.get('digest', {}).get('sha256')}" for s in subjects if isinstance(s, dict)}
     except (ValueError, AttributeError, RecursionError, TypeError):
-        raise TrustError("the signed payload is not an in-toto statement") from None
+        raise SignatureError("the signed payload is not an in-toto statement") from None
     if statement.get("_type") != STATEMENT or subject_digest not in digests:
-        raise TrustError(f"the signed statement is not about {subject_digest} (its subjects: {sorted(digests)})")
+        raise SignatureError(f"the signed statement is not about {subject_digest} (its subjects: {sorted(digests)})")
     return dict(statement)
 
 

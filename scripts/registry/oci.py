@@ -22,7 +22,6 @@ INDEX = "application/vnd.oci.image.index.v1+json"
 EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY_DATA = b"{}"
 TITLE = "org.opencontainers.image.title"
-CREATED_BY = "org.opencontainers.image.vendor"
 
 # Ours (vnd.vulcan.*). An image manifest per runtime and architecture holds the images and their
 # manifest; a host manifest per architecture holds Firecracker, the jailer and the kernel.

@@ -212,7 +212,7 @@ class Publisher:
                 layers = parse_json(self.reg.manifest(self.repo, r["digest"])[0], "a signature").get("layers", [])
                 envelope = self.reg.small_blob(self.repo, layers[0], "a signature")
                 signed = attest.verify(envelope, [self.public], subject["digest"])
-            except (RegistryError, attest.TrustError, IndexError, KeyError, TypeError, AttributeError):
+            except (RegistryError, attest.SignatureError, IndexError, KeyError, TypeError, AttributeError):
                 continue
             if attest.byproducts(signed) == attest.byproducts(statement):
                 return  # signed by us already, naming the same files
@@ -329,7 +329,7 @@ def main(argv: list[str]) -> int:
                             hint="tags are derived from the pins (see --help)")  # fmt: skip
     pem = args.key.read_bytes() if args.key else settings.signing_key()
     if pem is None and not args.no_sign:
-        raise attest.TrustError("no signing key: hosts accept only what a key they trust signed",
+        raise attest.SignatureError("no signing key: hosts accept only what a key they trust signed",
                                 hint="pass --key FILE or set VULCAN_SIGNING_KEY (or --no-sign, for tests)")  # fmt: skip
     key = attest.load_private_key(pem, str(args.key or "VULCAN_SIGNING_KEY")) if pem is not None else None
     if key is None:

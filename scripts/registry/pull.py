@@ -154,7 +154,7 @@ class Puller:
             for key in self.keys:
                 try:
                     return attest.keyid(key), attest.verify(envelope, [key], digest)
-                except attest.TrustError as exc:
+                except attest.SignatureError as exc:
                     failed = exc.message
             why.append(failed)
         raise PullError(f"{self.ref}: {'no signature is attached' if not why else 'no valid signature'} "
@@ -410,7 +410,7 @@ def main(argv: list[str]) -> int:
     if not args.no_verify:
         trust = args.trust or settings.trust_file()
         if trust is None:
-            raise attest.TrustError("no trusted keys: a host uses only what a key it trusts signed",
+            raise attest.SignatureError("no trusted keys: a host uses only what a key it trusts signed",
                                     hint="pass --trust FILE or set VULCAN_TRUST (the publisher's public key); "
                                     "--no-verify skips the check")  # fmt: skip
         keys = attest.load_public_keys(trust)
