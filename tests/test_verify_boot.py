@@ -278,6 +278,38 @@ def test_no_vmm_at_all_is_an_error_not_a_skip(full: World, tmp_path: Path) -> No
     )
 
 
+def test_a_registered_vmm_is_chosen_and_booted_through_by_the_real_boot(
+    full: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One record in scripts/vm/vmms.py is all a VMM is to `boot`: a stand-in registered first
+    is what --vmm auto chooses when it can run, gets each target (read-only when asked) and its
+    options, and its result is what boot reports; --vmm
+    names it; --jailer is refused for a VMM that does not jail."""
+    from scripts.vm import BootResult, boot, vmms
+
+    seen: list[tuple[str, str, bool, str]] = []
+
+    def stub_boot(t, rt, kernel, arch, timeout, o):  # type: ignore[no-untyped-def]
+        seen.append((t.runtime, t.image.name, t.read_only, o.accel))
+        return BootResult(t.runtime, t.fmt, "stub", True, 0.5, f"stub booted {t.image.name}", tmp_path / "c.log")
+
+    stub = vmms.Vmm("stub", "Stub", "boot-to-stub", lambda arch: None, lambda arch: "a stand-in", stub_boot,
+                    "nothing to install")  # fmt: skip
+    monkeypatch.setattr(vmms, "VMMS", {"stub": stub, **vmms.VMMS})
+    monkeypatch.setattr(boot, "VMMS", vmms.VMMS)
+    for key, value in full.env().items():
+        monkeypatch.setenv(key, value)
+    report = tmp_path / "r.json"
+    assert boot.main(["--report", str(report), "--accel", "tcg", "python"]) == 0
+    assert seen == [("python", "python.ext4", False, "tcg")]
+    [r] = json.loads(report.read_text())
+    assert (r["vmm"], r["ok"], r["detail"]) == ("stub", True, "stub booted python.ext4")
+    assert boot.main(["--vmm", "stub", "--read-only", "python"]) == 0
+    assert seen[-1] == ("python", "python.ext4", True, "auto")
+    with pytest.raises(boot.BootFailed, match="--jailer and --api start Firecracker, which cannot run here"):
+        boot.main(["--vmm", "stub", "--jailer", "python"])
+
+
 # -- a real boot under QEMU ---------------------------------------------------------------------
 
 

@@ -15,38 +15,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 from .. import atomic, formats, kconfig, log, paths, settings
 from ..arch import ARCHES, host_arch
 from ..errors import VulcanError
-from ..pins import Pins
+from ..pins import Pins, Runtime
 from ..pins import load as load_pins
 from ..steps import prog
-from . import EMULATING_KVM, BootFailed, BootResult, Target, host_kvm, kvm_problem
-from .firecracker import boot_firecracker, cgroup_v2_problem
-from .qemu import QEMU, boot_qemu
+from . import EMULATING_KVM, BootFailed, BootResult, Target, host_kvm
+from .firecracker import cgroup_v2_problem
 from .restore import Restored, report, restore, shared_state
 from .snapshot import MANIFEST
+from .vmms import VMMS, Options, Vmm
 
 
 def choose_vmm(requested: str, arch: str) -> tuple[str, str]:
-    fc = paths.vmm(arch, "firecracker")
-    no_kvm = kvm_problem()
-    qemu = shutil.which(QEMU[arch])
-    fc_missing = no_kvm or (None if fc.is_file() else f"{fc} is missing (run 'nox -s download')")
-    if requested == "firecracker" or (requested == "auto" and not fc_missing):
-        if fc_missing:
-            raise BootFailed(f"cannot boot with Firecracker: {fc_missing}", hint="or use --vmm qemu")
-        return "firecracker", f"{fc} with /dev/kvm"
-    if qemu:
-        return "qemu", qemu + ("" if requested == "qemu" else f" (Firecracker not usable: {fc_missing})")
-    raise BootFailed(
-        f"no VMM can run here: Firecracker: {fc_missing}; QEMU: {QEMU[arch]} not found",
-        hint="install qemu-system-x86 (Debian) for --vmm qemu, or use a host with /dev/kvm",
-    )
+    """The VMM to boot with (``requested``, or with ``auto`` the first of VMMS that can run
+    here) and what runs, for the log; BootFailed saying what each one lacks otherwise."""
+    lacking: dict[str, str] = {}
+    for name, vmm in VMMS.items():
+        if requested not in ("auto", name):
+            continue
+        problem = vmm.problem(arch)
+        if problem is None:
+            passed = "".join(f" ({VMMS[n].label} not usable: {p})" for n, p in lacking.items())
+            return name, vmm.describe(arch) + passed
+        if requested == name:
+            others = " or ".join(f"--vmm {n}" for n in VMMS if n != name)
+            raise BootFailed(f"cannot boot with {vmm.label}: {problem}", hint=f"or use {others}")
+        lacking[name] = problem
+    raise BootFailed(f"no VMM can run here: {'; '.join(f'{VMMS[n].label}: {p}' for n, p in lacking.items())}",
+                     hint="; or ".join(VMMS[n].install for n in lacking))  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -77,7 +78,9 @@ def main(argv: list[str]) -> int:
         metavar="WORDS",
         help="more kernel command line words after ours, e.g. 'vulcan.overlay_size=64m loglevel=8'",
     )
-    p.add_argument("--vmm", default="auto", choices=["auto", "firecracker", "qemu"])
+    p.add_argument(
+        "--vmm", default="auto", choices=["auto", *VMMS], help="which VMM (default: the first that can run here)"
+    )
     p.add_argument("--jailer", action="store_true",
                    help="start Firecracker through bin/jailer (chroot, cgroup, uid/gid 65534), as in production; "
                    "needs root")  # fmt: skip
@@ -86,7 +89,7 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="configure Firecracker through its API socket (as Vulcan hosts do), not --config-file",
     )
-    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"], help="QEMU accelerator")
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"], help="QEMU's accelerator")
     p.add_argument("--kernel", type=Path, help="guest kernel (default: bin/vmlinux from 'nox -s download')")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help=f"seconds per VM to its agent (default VULCAN_BOOT_TIMEOUT or {settings.BOOT_TIMEOUT:g}); "
@@ -120,9 +123,10 @@ def main(argv: list[str]) -> int:
 def restore_all(pins: Pins, args: argparse.Namespace) -> list[Restored]:
     """``--restore``: each runtime's snapshot, ``--count`` clones at once, and a cold boot beside them."""
     arch, known = args.arch, pins.alpine.runtimes
-    if args.vmm == "qemu" or args.read_only or args.overlay != "tmpfs" or args.append:
-        raise BootFailed("--restore starts Firecracker from a snapshot, whose VM is fixed when it is made: "
-                         "--vmm qemu, --read-only, --overlay and --append do not apply",
+    restorer = next(n for n, v in VMMS.items() if v.restores)  # the VMM that makes and restores snapshots
+    if args.vmm not in ("auto", restorer) or args.read_only or args.overlay != "tmpfs" or args.append:
+        raise BootFailed(f"--restore starts {VMMS[restorer].label} from a snapshot, whose VM is fixed when it is "
+                         "made: --vmm, --read-only, --overlay and --append do not apply",
                          hint="drop them (a read-only image's clones get a tmpfs overlay)")  # fmt: skip
     _jailer_needs_root(args)
     no_cgroup = cgroup_v2_problem() if args.jailer else None
@@ -135,7 +139,7 @@ def restore_all(pins: Pins, args: argparse.Namespace) -> list[Restored]:
     if not chosen:
         raise BootFailed(f"no {args.format} snapshots in {paths.images_dir(arch) / 'snapshots'}",
                          hint=f"run 'nox -s snapshot -- --format {args.format}' first")  # fmt: skip
-    which_vmm, why = choose_vmm("firecracker", arch)
+    which_vmm, why = choose_vmm(restorer, arch)
     kernel = args.kernel or paths.kernel(arch)
     log.info(f"boot --restore: using {which_vmm}: {why}")
     out = []
@@ -146,15 +150,20 @@ def restore_all(pins: Pins, args: argparse.Namespace) -> list[Restored]:
                          args.jailer)  # fmt: skip
         r = Restored(rt, args.format, clones, problems=shared_state(clones))
         if not args.no_cold:
-            try:
-                r.cold = boot_firecracker(t, known[rt], kernel, arch, settings.boot_timeout(), jailed=args.jailer,
-                                          api=True)  # fmt: skip
-            except (VulcanError, OSError) as exc:
-                r.cold = BootResult(rt, t.fmt, "firecracker", False, 0.0, str(exc),
-                                    paths.console_log(rt, t.fmt, "firecracker", arch))  # fmt: skip
+            r.cold = _boot_with(VMMS[which_vmm], t, known[rt], kernel, arch, settings.boot_timeout(),
+                                Options(jailed=args.jailer, api=True))  # fmt: skip
         report(r)
         out.append(r)
     return out
+
+
+def _boot_with(vmm: Vmm, t: Target, rt: Runtime, kernel: Path, arch: str, timeout: float, o: Options) -> BootResult:
+    """One boot through a VMM's record; an error it raises is this boot's failed result."""
+    try:
+        return vmm.boot(t, rt, kernel, arch, timeout, o)
+    except (VulcanError, OSError) as exc:
+        return BootResult(t.runtime, t.fmt, vmm.name, False, 0.0, str(exc),
+                          paths.console_log(t.runtime, t.fmt, vmm.name, arch))  # fmt: skip
 
 
 def _jailer_needs_root(args: argparse.Namespace) -> None:
@@ -192,12 +201,15 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
     for risk in kconfig.risky(config or {}):
         log.warn(f"kernel {kernel}: {risk}")
     which_vmm, why = choose_vmm(args.vmm, arch)
-    if args.jailer and which_vmm != "firecracker":
-        raise BootFailed(f"--jailer starts Firecracker, which cannot run here ({why})", hint="drop --jailer")
+    if (args.jailer or args.api) and not VMMS[which_vmm].jails:
+        raise BootFailed(f"--jailer and --api start Firecracker, which cannot run here ({why})",
+                         hint="drop them")  # fmt: skip
     log.info(f"boot: using {which_vmm}: {why}")
     _jailer_needs_root(args)
     results = []
     timeout = args.timeout or settings.boot_timeout()
+    options = Options(jailed=args.jailer, api=args.api, accel=args.accel)
+    tried: set[str] = set()
     for rt in chosen:
         image = paths.image(rt, args.format, arch)
         if not image.is_file():
@@ -206,20 +218,18 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
             )
         t = Target(rt, image, args.format, args.read_only or not formats.get(args.format).writable, args.overlay,
                    args.append)  # fmt: skip
-        if which_vmm == "firecracker":
-            try:
-                r = boot_firecracker(t, known[rt], kernel, arch, timeout, args.jailer, args.api)
-            except (VulcanError, OSError) as exc:
-                r = BootResult(rt, t.fmt, "firecracker", False, 0.0, str(exc),
-                               paths.console_log(rt, t.fmt, "firecracker", arch))  # fmt: skip
-            if r.stopped_by_host and args.vmm == "auto" and shutil.which(QEMU[arch]) and not args.jailer:
-                log.warn(f"boot {rt}: leaving Firecracker: {r.detail}; booting with QEMU instead "
-                         f"(console log of the Firecracker attempt: {r.console})")  # fmt: skip
-                which_vmm = "qemu"  # and for the runtimes after this one
-        if which_vmm == "qemu":
-            r = boot_qemu(t, kernel, arch, timeout, args.accel)
+        r = _boot_with(VMMS[which_vmm], t, known[rt], kernel, arch, timeout, options)
+        if r.stopped_by_host and args.vmm == "auto" and not args.jailer:
+            tried.add(which_vmm)
+            following = next((n for n in VMMS if n not in tried and VMMS[n].problem(arch) is None), None)
+            if following is not None:
+                log.warn(f"boot {rt}: leaving {VMMS[which_vmm].label}: {r.detail}; booting with "
+                         f"{VMMS[following].label} instead (console log of the {VMMS[which_vmm].label} attempt: "
+                         f"{r.console})")  # fmt: skip
+                which_vmm = following  # and for the runtimes after this one
+                r = _boot_with(VMMS[which_vmm], t, known[rt], kernel, arch, timeout, options)
         results.append(r)
-        what = "boot-to-smoke" if which_vmm == "qemu" else "boot-to-ready"
+        what = VMMS[which_vmm].measures
         kvm = host_kvm()
         if r.vmm == "firecracker" and kvm in EMULATING_KVM:
             what += f" (under {kvm}: {EMULATING_KVM[kvm]})"
