@@ -50,6 +50,8 @@ STEPS = (
     Step("update_pins", "update_pins",
          "Move pins to the newest upstream versions in their lines, then re-lock (--check: report only)."),
     Step("ci-matrix", "ci", "Print the CI matrix from `nox -t image -l --json` on stdin (GitHub Actions).", session=""),
+    Step("ci-summary", "ci_summary", "Print a CI job summary (boot, restore, published) as Markdown tables.",
+         session=""),
     Step("ci-lock", "ci_lock", "Print whether alpine.lock.json is fresh for the pins (CI's lock job).", session=""),
 )  # fmt: skip
 BY_COMMAND = {s.command: s for s in STEPS}

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,31 @@ def test_the_set_up_as_an_ordinary_user_says_what_to_do_and_changes_nothing() ->
     assert proc.returncode == 1
     assert proc.stderr.startswith("setup-debian: installs system packages, so it runs as root: sudo bash"), proc.stderr
     assert "docs/setup.md" in proc.stderr
+
+
+def test_the_job_summaries_are_tables_made_by_a_tested_step(tmp_path: Path) -> None:
+    """The workflow's summaries come from `python -m scripts ci-summary` (no inline Python a lint
+    never reads), from the very reports boot and boot --restore write."""
+    from scripts.vm import BootResult
+    from scripts.vm.restore import Clone, Restored
+
+    assert "python3 - <<" not in WORKFLOW.read_text() and "python - <<" not in WORKFLOW.read_text()
+    boot = tmp_path / "boot-x86_64.json"
+    boot.write_text(
+        json.dumps([BootResult("python", "ext4", "firecracker", True, 0.83, "ok", tmp_path / "c").as_json()])
+    )
+    clones = [Clone(i, True, "program printed '42'", tmp_path / "c", 0, 9.5, None, 21.0 + i) for i in range(2)]
+    restore = tmp_path / "restore-squashfs.json"
+    restore.write_text(json.dumps([Restored("python", "squashfs", clones).as_json()]))
+
+    def summary(*args: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "-m", "scripts", "ci-summary", *args], cwd=REPO, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        return proc.stdout.splitlines()
+
+    lines = summary("boot", str(boot), str(tmp_path / "boot-aarch64.json"))  # a cell that wrote nothing
+    assert lines[0].startswith("| runtime | format | vmm | ok | boot-to-ready (s)") and len(lines) == 3
+    assert lines[2].startswith("| python | ext4 | firecracker | True | 0.83 | 0 |")
+    lines = summary("restore", str(restore))
+    assert lines[2] == "| python | squashfs | 2/2 | 21.5 | 21, 22 | 9.5 | None | 0 |", lines
+    assert summary("published", str(tmp_path / "published.json")) == ["nothing was published"]

@@ -1,6 +1,6 @@
 """The staging-directory fallback of ext4.py, run as root or under fakeroot.
 
-``python -m scripts.ext4_stage TAR DIR -- mke2fs ARGS``: extract our own, already validated
+``python -m scripts.formats.ext4_stage TAR DIR -- mke2fs ARGS``: extract our own, already validated
 tar stream into DIR keeping owners, modes, devices and xattrs, then run mke2fs on it. Only
 used with e2fsprogs < 1.47.1, which cannot read tar.
 """
@@ -45,4 +45,4 @@ def stage(tar_path: str, dest: str, mke2fs: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 3 and sys.argv[3] == "--":
         sys.exit(stage(sys.argv[1], sys.argv[2], sys.argv[4:]))
-    sys.exit("usage: python -m scripts.ext4_stage TAR DIR -- mke2fs ARGS")
+    sys.exit("usage: python -m scripts.formats.ext4_stage TAR DIR -- mke2fs ARGS")
