@@ -252,22 +252,24 @@ def test_the_image_tree_is_what_real_apk_installs_file_for_file(alpine: World, t
 def test_a_file_nobody_may_read_is_compared_as_root_would_read_it() -> None:
     """As an ordinary user real apk installs bbsuid --x--x--x: the comparison reads it anyway
     (the PermissionError a non-root run of the suite hit), and leaves its mode as it was."""
+    import inspect
     import os
     import shutil
     import subprocess
-    import sys
-
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv, to be an ordinary user")
     import tempfile
 
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or not Path("/usr/bin/python3").exists():
+        pytest.skip("needs root, setpriv and /usr/bin/python3, to be an ordinary user")
     home = Path(tempfile.mkdtemp(prefix="vulcan-user-"))  # pytest's own directory is root's alone
     os.chown(home, 65534, 65534)
-    code = ("import os, sys; from pathlib import Path; from tests.test_real_alpine import _read_as_root_would as r; "
-            "f = Path(sys.argv[1]) / 'bbsuid'; f.write_bytes(b'ELF'); f.chmod(0o111); "
-            "print(r(f, os.lstat(f)).decode(), oct(f.stat().st_mode & 0o777))")  # fmt: skip
+    # the function's own source, run by the system's Python: the checkout and its virtualenv may
+    # sit in a directory only root may enter (a CI clone under mktemp -d)
+    code = ("from __future__ import annotations\nimport os, sys\nfrom pathlib import Path\n\n"
+            + inspect.getsource(_read_as_root_would) + "\n"
+            "f = Path(sys.argv[1]) / 'bbsuid'; f.write_bytes(b'ELF'); f.chmod(0o111)\n"
+            "print(_read_as_root_would(f, os.lstat(f)).decode(), oct(f.stat().st_mode & 0o777))\n")  # fmt: skip
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
-    proc = subprocess.run([*nobody, sys.executable, "-c", code, str(home)], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent)  # fmt: skip
+    proc = subprocess.run([*nobody, "/usr/bin/python3", "-c", code, str(home)], capture_output=True, text=True,
+                          cwd="/")  # fmt: skip
     shutil.rmtree(home)
     assert proc.stdout.split() == ["ELF", "0o111"], proc.stderr
