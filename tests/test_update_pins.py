@@ -186,9 +186,10 @@ def test_network_errors_leave_the_pins_unchanged(upstream: World, fault: str) ->
     assert proc.returncode == 3 and "spec.ccfc.min" in proc.stderr and "Traceback" not in proc.stderr
     assert "could not tell whether the pins are current" in proc.stderr
     assert upstream.pins_path.read_text() == before
-    # a scheduled --check tells "could not look" (3) from "outdated" (1)
-    upstream.mirror.fail(f"{BUCKET}/", *[fault] * 4)
-    assert upstream.run("update_pins", "--check").returncode == 3
+    if fault == "404":  # (500s are retried with back-off: seconds, once is enough)
+        # a scheduled --check tells "could not look" (3) from "outdated" (1)
+        upstream.mirror.fail(f"{BUCKET}/", *[fault] * 4)
+        assert upstream.run("update_pins", "--check").returncode == 3
     assert not list(Path(upstream.pins_path.parent).glob(".pins.json.new"))
 
 
