@@ -317,6 +317,20 @@ def test_a_registered_vmm_is_chosen_and_booted_through_by_the_real_boot(
 @pytest.mark.skipif(ARCH != "x86_64", reason="the test kernel is x86_64")
 @pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
+def test_a_qemu_timeout_says_how_far_the_guest_got(full: World, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    proc = full.run("boot", "--vmm", "qemu", "--accel", "tcg", "--report", str(report), "python",
+                    VULCAN_BOOT_TIMEOUT="1")  # fmt: skip
+    [r] = json.loads(report.read_text())
+    assert proc.returncode == 1 and not r["ok"]
+    assert re.match(r"no 'vulcan-smoke' line within 1 s: the VM had reached (nothing|the kernel|init)\b.*raise "
+                    r"VULCAN_BOOT_TIMEOUT or --timeout on a slow host", r["detail"]), r["detail"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ARCH != "x86_64", reason="the test kernel is x86_64")
+@pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
 def test_qemu_boots_the_image_and_the_agent_reports_smoke_ok(full: World) -> None:
     proc = full.run("boot", "--vmm", "qemu", "python", "go")
     assert proc.returncode == 0, proc.stderr

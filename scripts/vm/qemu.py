@@ -119,6 +119,8 @@ def boot_qemu(t: Target, kernel: Path, arch: str, timeout: float, accel: str, re
             " | ".join(console.tail[-5:]) or "no output"
         )
     else:
-        why = line.strip() if line else f"no 'vulcan-smoke' line within {timeout:.0f}s"
+        why = line.strip() if line else (f"no 'vulcan-smoke' line within {timeout:g} s: the VM had reached "
+                                         f"{console.progress()}; raise VULCAN_BOOT_TIMEOUT or --timeout on a slow "
+                                         "host")  # fmt: skip
         detail = f"{why}; last console lines: {console.tail[-5:]}"
     return BootResult(runtime, t.fmt, f"qemu ({accel})", ok, seconds, detail, console_log, disks.copied_bytes)
