@@ -34,15 +34,16 @@ if _said:
 NO_VENV = nox_sessions.no_venv(sys.argv[1:])
 
 
-def _python(session: nox.Session, requirements: str, program: str = "python") -> str:
-    return nox_sessions.interpreter(requirements, program, NO_VENV, session.log)
+def _run(session: nox.Session, requirements: str, program: str, *args: str) -> None:
+    """``program`` of the shared virtualenv of ``requirements``, run as in an activated one."""
+    bin_dir, env = nox_sessions.activated(requirements, NO_VENV, session.log)
+    session.run(f"{bin_dir}/{program}" if bin_dir else program, *args, external=True, env=env)
 
 
 def _scripts(session: nox.Session, command: str, *args: str) -> None:
     if nox_sessions.up_to_date(command, [*args, *session.posargs]):
         return
-    python = _python(session, "requirements.txt")
-    session.run(python, "-m", "scripts", command, *args, *session.posargs, external=True, silent=False)
+    _run(session, "requirements.txt", "python", "-m", "scripts", command, *args, *session.posargs)
 
 
 def _step_session(command: str, **options: Any) -> None:
@@ -100,14 +101,13 @@ def clean(session: nox.Session) -> None:
 @nox.session(default=False, venv_backend="none")
 def bench(session: nox.Session) -> None:
     """Benchmarks: no-op, warm and cold builds, size, memory, boot, snapshots, registry, assembly vs apk; vs floors."""
-    session.run(_python(session, "requirements-dev.txt"), "bench/bench.py", *session.posargs, external=True)
+    _run(session, "requirements-dev.txt", "python", "bench/bench.py", *session.posargs)
 
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite (offline; serves upstream-shaped mirrors on 127.0.0.1)."""
-    python = _python(session, "requirements-dev.txt")
-    session.run(python, "-m", "pytest", *(session.posargs or ["-q", "tests"]), external=True)
+    _run(session, "requirements-dev.txt", "python", "-m", "pytest", *(session.posargs or ["-q", "tests"]))
 
 
 @nox.session(venv_backend="none")
@@ -115,7 +115,7 @@ def lint(session: nox.Session) -> None:
     """Check the code with ruff and mypy (the noxfile included), the workflow with check-jsonschema and zizmor."""
 
     def tool(name: str, *args: str) -> None:
-        session.run(_python(session, "requirements-dev.txt", name), *args, external=True)
+        _run(session, "requirements-dev.txt", name, *args)
 
     tool("ruff", "check", "scripts", "tests", "bench", "noxfile.py")
     tool("ruff", "format", "--check", "scripts", "tests", "bench", "noxfile.py")

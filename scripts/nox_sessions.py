@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -88,12 +89,16 @@ def no_venv(argv: Sequence[str]) -> bool:
     return "--no-venv" in ours
 
 
-def interpreter(requirements: str, program: str, plain: bool, say: Callable[[str], None]) -> str:
-    """``program`` of the shared virtualenv of ``requirements``, made the first time it is
-    needed; ``plain`` (--no-venv): the one on PATH."""
+def activated(requirements: str, plain: bool, say: Callable[[str], None]) -> tuple[str, dict[str, str]]:
+    """The bin/ directory of the shared virtualenv of ``requirements`` (made the first time it
+    is needed) and the environment of a program run in it, as an activated virtualenv gives:
+    its bin/ first on PATH (the tests find zizmor, check-jsonschema, oras there) and
+    VIRTUAL_ENV. ``plain`` (--no-venv): the environment as it is, programs from PATH."""
     if plain:
-        return program
-    return str(venvs.ensure(ROOT, requirements, say) / "bin" / program)
+        return "", {}
+    venv = venvs.ensure(ROOT, requirements, say)
+    path = f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    return str(venv / "bin"), {"PATH": path, "VIRTUAL_ENV": str(venv)}
 
 
 def up_to_date(command: str, argv: list[str]) -> bool:
