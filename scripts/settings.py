@@ -239,39 +239,6 @@ def registry_user() -> tuple[str, str] | None:
     return (user, password) if user is not None and password is not None else None
 
 
-def registry_credentials(registry: str) -> tuple[str, str] | None:
-    """The user and password for ``registry``: VULCAN_REGISTRY_USER/PASSWORD, else Docker's
-    config.json (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``, ``auths``: the
-    host, ``https://host`` or ``https://host/v1/``; ``auth`` base64 ``user:password``, or
-    ``username``/``password``), else None (anonymous). Credential helpers are not run."""
-    given = registry_user()
-    if given is not None:
-        return given
-    import base64
-    import json
-
-    config = docker_config() / "config.json"
-    try:
-        auths = json.loads(config.read_text()).get("auths", {})
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError) as exc:
-        raise SettingError(f"{config} is not a Docker config.json: {exc}", hint="fix or move it") from None
-    for key in (registry, f"https://{registry}", f"https://{registry}/v1/", f"http://{registry}"):
-        entry = auths.get(key) if isinstance(auths, dict) else None
-        if not isinstance(entry, dict):
-            continue
-        if entry.get("auth"):
-            try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except ValueError:
-                raise SettingError(f"{config}: auths[{key!r}].auth is not base64 of user:password") from None
-            return user, password
-        if entry.get("username") and entry.get("password"):
-            return str(entry["username"]), str(entry["password"])
-    return None
-
-
 def docker_config() -> Path:
     """``DOCKER_CONFIG``: the directory of Docker's config.json (default ~/.docker)."""
     value = _raw("DOCKER_CONFIG")

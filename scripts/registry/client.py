@@ -4,7 +4,7 @@
   says ``Basic`` (credentials sent) or ``Bearer realm=...,service=...,scope=...`` (a token is
   fetched from the realm with the credentials, cached per scope: ghcr.io, Docker Hub,
   distribution's ``token`` auth). Credentials: ``VULCAN_REGISTRY_USER``/``VULCAN_REGISTRY_PASSWORD``
-  or Docker's ``config.json`` (settings.registry_credentials).
+  or Docker's ``config.json`` (auth.py).
 - HTTPS with the system CAs or ``ca`` (a PEM file); plain HTTP only with ``insecure``.
 - Credentials (Basic, or a Bearer token) go only to the registry's own host and port, with the
   scheme it was given: an upload ``Location`` on another host, port or scheme gets none, and one
@@ -32,13 +32,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urljoin
 
 import requests
 
 from .. import atomic, log
 from ..errors import VulcanError
 from . import oci
+from .auth import CREDENTIALS_HINT, challenge, origin
 
 CHUNK = 16 << 20  # bytes per PATCH of a large blob (and the largest monolithic PUT)
 # The largest manifest, index or referrers list read (distribution and most registries refuse a
@@ -85,20 +86,6 @@ class Reference:
             f"@{self.digest}" if self.digest else "")  # fmt: skip
 
 
-def _challenge(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.partition(" ")
-    return scheme.lower(), {k.lower(): v for k, v in re.findall(r'(\w+)="([^"]*)"', rest)}
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    try:
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    except ValueError:
-        port = -1
-    return parts.scheme, (parts.hostname or "").lower(), port
-
-
 def parse_json(body: bytes, what: str) -> dict[str, Any]:
     """A JSON object from a registry, or a RegistryError that says what it was (never a
     traceback: a document nested thousands deep exhausts Python's recursion)."""
@@ -121,7 +108,7 @@ class Registry:
                  state_dir: Path | None = None) -> None:  # fmt: skip
         self.name = registry
         self.base = f"{'http' if insecure else 'https'}://{registry}"
-        self.origin = _origin(self.base)
+        self.origin = origin(self.base)
         self.credentials = credentials
         self.deadline = time.monotonic() + deadline
         self.deadline_seconds = deadline
@@ -158,7 +145,7 @@ class Registry:
     def _send(self, method: str, url: str, scope: str, headers: dict[str, str] | None, data: Any,
               stream: bool) -> requests.Response:  # fmt: skip
         h = dict(headers or {})
-        target = _origin(url)
+        target = origin(url)
         ours = target == self.origin  # credentials and tokens go to the registry's own origin only
         if target[0] == "http" and self.origin[0] == "https":
             raise RegistryError(f"{self.name} sent this client to {url.split('?')[0]}, plain HTTP: refused",
@@ -226,7 +213,7 @@ class Registry:
 
     def _authenticate(self, resp: requests.Response, scope: str) -> bool:
         """Answer a 401's challenge; False when there is nothing more to try."""
-        scheme, params = _challenge(resp.headers.get("WWW-Authenticate", ""))
+        scheme, params = challenge(resp.headers.get("WWW-Authenticate", ""))
         if scheme == "basic":
             if self.credentials is None or self.basic:
                 return False
@@ -236,8 +223,8 @@ class Registry:
             return False
         self.tokens.pop(scope, None)  # a token it refused may have expired: ask for a new one
         realm = params["realm"]
-        scheme = _origin(realm)[0]
-        if scheme != "https" and not (scheme == "http" and _origin(realm) == self.origin):
+        scheme = origin(realm)[0]
+        if scheme != "https" and not (scheme == "http" and origin(realm) == self.origin):
             raise RegistryError(f"{self.name} names a token service at {realm}: not HTTPS, nor this registry's own "
                                 "host given with --insecure: refused (the credentials would travel readable)",
                                 hint="the registry's token service must use HTTPS")  # fmt: skip
@@ -252,7 +239,7 @@ class Registry:
         if got.status_code in (401, 403):
             raise RegistryError(f"{self.name}'s token service refused "
                                 f"{'the credentials' if self.credentials else 'an anonymous request'} "
-                                f"(HTTP {got.status_code})", hint=_CREDENTIALS_HINT)  # fmt: skip
+                                f"(HTTP {got.status_code})", hint=CREDENTIALS_HINT)  # fmt: skip
         try:
             body = parse_json(text, "the token service's answer")
             token = body.get("token") or body.get("access_token")
@@ -277,7 +264,7 @@ class Registry:
         where = url.removeprefix(self.base)
         if resp.status_code == 401:
             who = "the credentials were refused" if self.credentials else "it needs credentials"
-            return RegistryError(f"{self.name}: {method} {where}: HTTP 401: {who} ({said})", hint=_CREDENTIALS_HINT)
+            return RegistryError(f"{self.name}: {method} {where}: HTTP 401: {who} ({said})", hint=CREDENTIALS_HINT)
         if resp.status_code == 403:
             return RegistryError(f"{self.name}: {method} {where}: HTTP 403: not allowed for this user ({said})")
         return RegistryError(f"{self.name}: {method} {where}: HTTP {resp.status_code}: {said}")
@@ -461,9 +448,3 @@ def _scope(repo: str, actions: str) -> str:
 
 def _with(url: str, **query: str) -> str:
     return url + ("&" if "?" in url else "?") + urlencode(query)
-
-
-_CREDENTIALS_HINT = (
-    "set VULCAN_REGISTRY_USER and VULCAN_REGISTRY_PASSWORD, or log in so that Docker's config.json "
-    "(DOCKER_CONFIG, ~/.docker/config.json) has this registry under 'auths'"
-)

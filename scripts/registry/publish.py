@@ -32,7 +32,7 @@ from ..hashing import sha256_file
 from ..pins import Pins
 from ..pins import load as load_pins
 from ..steps import prog
-from . import attest, oci
+from . import attest, auth, oci
 from .client import Reference, Registry, RegistryError, parse_json
 
 # Single-threaded: the same image compresses to the same bytes, so the same digest. Level 3 (zstd's
@@ -334,7 +334,7 @@ def main(argv: list[str]) -> int:
     key = attest.load_private_key(pem, str(args.key or "VULCAN_SIGNING_KEY")) if pem is not None else None
     if key is None:
         log.warn("!!! publishing UNSIGNED: hosts will refuse it unless they pull with --no-verify !!!")
-    reg = Registry(target.registry, credentials=settings.registry_credentials(target.registry),
+    reg = Registry(target.registry, credentials=auth.credentials_for(target.registry),
                    insecure=args.insecure, ca=args.ca, state_dir=paths.cache_dir() / "oci" / "uploads",
                    timeout=settings.registry_timeout(), deadline=settings.registry_deadline())  # fmt: skip
     arches = args.arch or [a for a in ARCHES if a == host_arch()] + [a for a in ARCHES if a != host_arch()]

@@ -24,7 +24,7 @@ from typing import Any
 from .. import atomic, log, names, ownership, paths, settings, workspace
 from ..arch import ARCHES, host_arch
 from ..steps import prog
-from . import attest, oci
+from . import attest, auth, oci
 from .client import Reference, Registry, RegistryError, parse_json
 
 ZERO = bytes(1 << 16)
@@ -432,7 +432,7 @@ def main(argv: list[str]) -> int:
                 return 0
         reg = Registry(
             ref.registry,
-            credentials=settings.registry_credentials(ref.registry),
+            credentials=auth.credentials_for(ref.registry),
             insecure=args.insecure,
             ca=args.ca,
             timeout=settings.registry_timeout(),
