@@ -64,8 +64,9 @@ class Mirror:
         self.entries: dict[str, dict[str, object]] = {}
         self.copied = 0
 
-    def keep(self, url: str, good: Callable[[Path], bool], obtain: Callable[[Path], None]) -> None:
-        """``url``'s file in the directory: kept if ``good``, else ``obtain``-ed (whole or not at all)."""
+    def keep(self, url: str, good: Callable[[Path], bool], obtain: Callable[[Path], None], sha256: str = "") -> None:
+        """``url``'s file in the directory: kept if ``good``, else ``obtain``-ed (whole or not at all).
+        ``sha256``: the file's, when ``good`` has just established it (a pin): not hashed again."""
         dest = place(self.root, url)
         if not (dest.is_file() and good(dest)):
             obtain(dest)
@@ -73,12 +74,12 @@ class Mirror:
                 dest.unlink()
                 raise MirrorError(f"{dest}: failed its check right after it was placed", hint="run the mirror again")
             self.copied += 1
-        self.entries[url] = {"path": str(dest.relative_to(self.root)), "sha256": sha256_file(dest),
+        self.entries[url] = {"path": str(dest.relative_to(self.root)), "sha256": sha256 or sha256_file(dest),
                              "size": dest.stat().st_size}  # fmt: skip
 
     def pinned(self, url: str, sha256: str) -> None:
         """A file pinned by its sha256 (Firecracker, kernel, Go): through the tool's cache."""
-        self.keep(url, lambda p: sha256_file(p) == sha256, lambda dest: _copy(cached(url, sha256), dest))
+        self.keep(url, lambda p: sha256_file(p) == sha256, lambda dest: _copy(cached(url, sha256), dest), sha256)
 
 
 def _copy(src: Path, dest: Path) -> None:
@@ -88,11 +89,11 @@ def _copy(src: Path, dest: Path) -> None:
 
 def _keys(m: Mirror, repo_keys: list[tuple[str, str]]) -> None:
     """Each key file (URL, fingerprint), checked by the DER fingerprint the pins give it."""
-    from .apk.keys import _fp
+    from .apk.keys import matches_pin
 
     def fetch_key(url: str, fingerprint: str, dest: Path) -> None:
         def check(part: Path) -> None:
-            if _fp(part) != fingerprint:
+            if not matches_pin(part, fingerprint):
                 raise MirrorError(f"the key at {url} is not the pinned one (fingerprint {fingerprint})",
                                   hint="check the key's pin, and what the network serves for it")  # fmt: skip
 
@@ -101,7 +102,7 @@ def _keys(m: Mirror, repo_keys: list[tuple[str, str]]) -> None:
 
     for url, fingerprint in repo_keys:
         if url:
-            m.keep(url, lambda p, f=fingerprint: _fp(p) == f,  # type: ignore[misc]
+            m.keep(url, lambda p, f=fingerprint: matches_pin(p, f),  # type: ignore[misc]
                    lambda dest, u=url, f=fingerprint: fetch_key(u, f, dest))  # type: ignore[misc]  # fmt: skip
 
 
@@ -188,20 +189,20 @@ def main(argv: list[str]) -> int:
     alpine = pins.alpine
     key_pems(alpine)  # the pinned Alpine keys, fetched (or cached) and checked once
     keys = {(k.url, k.sha256) for k in alpine.keys}
-    repos: dict[tuple[str, str], Repository] = {}
+    indexes: dict[str, tuple[Repository, str]] = {}  # each remote repository's index URL, once
     for runtime in alpine.runtimes:
         for repo in alpine.repositories_of(runtime):
             keys |= {(k.url, k.sha256) for k in repo.keys}
             for arch in arches:
                 if repo.local is None:
-                    repos[(repo.arch_url(arch), repo.name)] = repo
+                    indexes[f"{repo.arch_url(arch)}/APKINDEX.tar.gz"] = (repo, arch)
     _keys(m, sorted(keys))
     for arch in arches:
         for artifact in (pins.firecracker, pins.kernel, pins.go):
             if artifact is not None:
                 m.pinned(artifact.url_for(arch), artifact.sha256_for(arch))
-    for (where, _), repo in sorted(repos.items()):
-        _index(m, repo, where.rsplit("/", 1)[1])
+    for _, (repo, arch) in sorted(indexes.items()):
+        _index(m, repo, arch)
     packages = sum(_packages(m, pins, rt, arch, args.frozen) for arch in arches for rt in alpine.runtimes)
     wheels = [] if args.no_wheels else _wheels(root, args.dev)
     listing = {

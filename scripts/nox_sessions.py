@@ -2,9 +2,9 @@
 
 nox imports the noxfile before it runs anything, so what is read here at import is cheap: the
 pins file's runtime names (they name the rootfs-<runtime> sessions) and, for a session nox will
-not find, the reason in our words. A session runs a step through ``run_step``: the step's own
-stamp check first, in nox's process (a no-op session starts no interpreter), then ``python -m
-scripts`` in the shared virtualenv of requirements.txt (venvs.py).
+not find, the reason in our words. A session runs a step after ``up_to_date``, the step's own
+stamp check in nox's process (a no-op session starts no interpreter), as ``python -m scripts``
+in the shared virtualenv of requirements.txt (``activated``, venvs.py).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def requested(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
         flag, eq, value = arg.partition("=")
         if arg in SESSION_FLAGS:
             given, take = True, True
-        elif eq and flag in ("--session", "--sessions", "-s", "-e"):
+        elif eq and flag in SESSION_FLAGS:
             given, take = True, False
             names.append(value)
         elif arg[:2] in ("-s", "-e") and len(arg) > 2 and not arg.startswith("--"):

@@ -33,13 +33,9 @@ def wanted(root: Path) -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(root.glob("requirements*.txt")))).hexdigest()
 
 
-def location(root: Path, requirements: str) -> Path:
-    return root / ".nox" / Path(requirements).stem
-
-
 def ensure(root: Path, requirements: str, say: Callable[[str], None] = print) -> Path:
     """The shared virtualenv of ``requirements`` (a file in ``root``), ready; its directory."""
-    venv = location(root, requirements)
+    venv = root / ".nox" / Path(requirements).stem
     want = wanted(root)
     if _ready(venv, want):  # the no-op path: one read, no lock
         return venv

@@ -21,8 +21,8 @@ from tests.support.mounts import tmpfs
 from tests.support.world import (
     SHARED,
     World,
+    file_state,
     require_real_firecracker,
-    sha256,
 )
 
 TEST_KERNEL = SHARED / "kernel" / "vmlinux.xz"
@@ -35,11 +35,6 @@ def test_a_real_release_is_downloaded_and_verified(fc: World) -> None:
                                                       "result": "pass", "detail": "Firecracker v1.12.1"}  # fmt: skip
     assert rows[("bin/jailer", "--version")]["detail"] == "Jailer v1.12.1"
     assert rows[("bin/firecracker", "ELF machine")]["result"] == "pass"
-
-
-def _state(p: Path) -> tuple[str, int, int, int]:
-    st = p.stat()
-    return sha256(p.read_bytes()), st.st_mode, st.st_uid, st.st_gid
 
 
 # boot makes its Firecracker scratch in the temporary directory: the module gets a private one,
@@ -86,7 +81,7 @@ def test_every_boot_shape_is_started_by_real_firecracker(
     """Firecracker accepts the config we write and starts the VM; the guest kernel gets exactly
     the command line we meant; then this host's KVM stops it, and boot says that at once."""
     image = fc.out / "images" / f"python.{fmt}"
-    before, left_before = _state(image), _scratch_left()
+    before, left_before = file_state(image), _scratch_left()
     code, result, _ = _boot(fc, tmp_path, "--vmm", "firecracker", "--format", fmt, *extra)
     assert code == 1 and not result["ok"]
     assert result["detail"] == NESTED_KVM
@@ -98,7 +93,7 @@ def test_every_boot_shape_is_started_by_real_firecracker(
     assert wanted | {"console=ttyS0", "reboot=k", "panic=1", "vulcan.port=52"} <= args, line
     if fmt == "ext4" and not extra:
         assert not any(a.startswith(("init=", "vulcan.overlay")) for a in args), line
-    assert _state(image) == before  # the published image: same bytes, mode and owner
+    assert file_state(image) == before  # the published image: same bytes, mode and owner
     assert _scratch_left() == left_before  # the scratch copy, config and sockets are gone
 
 
@@ -129,12 +124,12 @@ def test_a_jailed_boot_leaves_the_published_image_as_it_was(fc: World, tmp_path:
         pytest.skip("the jailer needs root")
     image = fc.out / "images" / "python.squashfs"
     image.chmod(0o640)  # not world-readable: the jail gets a copy it may change, not a link
-    before, left_before = _state(image), _scratch_left()
+    before, left_before = file_state(image), _scratch_left()
     code, result, err = _boot(fc, tmp_path, "--vmm", "firecracker", "--jailer", "--format", "squashfs")
     assert code == 1 and result["detail"] == NESTED_KVM, result
     if not Path("/sys/fs/cgroup/cgroup.controllers").is_file():
         assert re.search(r"jailed WITHOUT a memory limit: /sys/fs/cgroup is not a cgroup v2 hierarchy", err), err
-    assert _state(image) == before
+    assert file_state(image) == before
     image.chmod(0o644)
     assert _scratch_left() == left_before  # the jail went with the scratch directory
     # images/ on another file system than the jail (a hard link cannot be made): a copy, and
@@ -143,12 +138,12 @@ def test_a_jailed_boot_leaves_the_published_image_as_it_was(fc: World, tmp_path:
         # without the snapshots test_snapshot may have made in this shared world (256 MiB each)
         shutil.copytree(fc.out, other / "out", symlinks=True, ignore=shutil.ignore_patterns("snapshots"))
         moved = other / "out" / "images" / "python.squashfs"
-        before = _state(moved)
+        before = file_state(moved)
         report = tmp_path / "other.json"
         proc = fc.run("boot", "--report", str(report), "--timeout", "120", "--vmm", "firecracker", "--jailer",
                       "--format", "squashfs", "python", VULCAN_OUT=str(other / "out"))  # fmt: skip
         assert proc.returncode == 1 and json.loads(report.read_text())[0]["detail"] == NESTED_KVM, proc.stderr
-        assert _state(moved) == before
+        assert file_state(moved) == before
 
 
 @pytest.mark.slow

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import socket
 import struct
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 from scripts.arch import host_arch
 from scripts.elf import read_elf
 from tests.support.toolchains import find_go
-from tests.support.world import REPO, World, sha256
+from tests.support.world import REPO, World, go_release, sha256
 
 ARCH = host_arch()
 
@@ -88,14 +86,7 @@ def test_cross_build_aarch64_gives_an_aarch64_elf(world: World, go: str) -> None
 
 
 def test_pinned_toolchain_is_downloaded_verified_and_cached(world: World, go: str) -> None:
-    # A small Go-release-shaped tarball whose go/bin/go hands over to the real toolchain.
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        data = f'#!/bin/sh\nexec {go} "$@"\n'.encode()
-        info = tarfile.TarInfo("go/bin/go")
-        info.size, info.mode = len(data), 0o755
-        tar.addfile(info, io.BytesIO(data))
-    tgz = buf.getvalue()
+    tgz = go_release(f'#!/bin/sh\nexec {go} "$@"\n')  # hands over to the real toolchain
     pin = world.pins["go"]
     pin["sha256"][ARCH] = sha256(tgz)
     world.mirror.add(

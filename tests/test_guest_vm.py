@@ -31,6 +31,7 @@ from tests.support.world import (
     SHARED,
     World,
     built_world,
+    file_state,
     require_real_firecracker,
     serve_real_firecracker,
     sha256,
@@ -102,11 +103,6 @@ def guest(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_
         g.background.join(timeout=1500)  # its VMs go with it (they are killed with their command)
 
 
-def _state(p: Path) -> tuple[str, int, int, int]:
-    st = p.stat()
-    return sha256_file(p), st.st_mode, st.st_uid, st.st_gid
-
-
 def _boot(g: Guest, tmp_path: Path, *args: str, **env: str) -> tuple[int, dict, str]:  # type: ignore[type-arg]
     report = tmp_path / "report.json"
     proc = g.world.run("boot", "--report", str(report), *args, "python", **env)
@@ -116,11 +112,11 @@ def _boot(g: Guest, tmp_path: Path, *args: str, **env: str) -> tuple[int, dict, 
 
 def _to_the_agent(g: Guest, tmp_path: Path, fmt: str, *args: str) -> dict:  # type: ignore[type-arg]
     """A boot that must reach the agent and run the check and the program; the image untouched."""
-    before = _state(g.image(fmt))
+    before = file_state(g.image(fmt))
     code, r, err = _boot(g, tmp_path, "--vmm", "firecracker", "--format", fmt, *args)
     assert code == 0 and r["ok"], (r, err)
     assert r["detail"] == "Python 3.14.7; program printed '42'", r
-    assert _state(g.image(fmt)) == before
+    assert file_state(g.image(fmt)) == before
     label = " ".join((fmt, *args))
     figures.add(f"boot {label}: boot-to-ready {r['seconds']:.1f} s")
     return r  # type: ignore[no-any-return]
@@ -217,7 +213,7 @@ def test_clones_of_the_squashfs_snapshot_answer_at_once_each_its_own(guest: Gues
     prints the program's output, its clock set, its RNG reseeded (VMGENID), nothing copied."""
     snap = guest.snapshot("squashfs")
     shared = {n: sha256_file(snap / n) for n in ("memory", "vmstate")}
-    image = _state(guest.image("squashfs"))
+    image = file_state(guest.image("squashfs"))
     report = tmp_path / "r.json"
     proc = guest.world.run("boot", "--restore", "--count", "3", "--no-cold", "--report", str(report), "python")
     assert proc.returncode == 0, proc.stderr
@@ -228,7 +224,7 @@ def test_clones_of_the_squashfs_snapshot_answer_at_once_each_its_own(guest: Gues
         assert c["clock_offset_ms"] is not None and c["load_ms"] > 0 and c["first_result_ms"] > 0
         assert "crng reseeded due to virtual machine fork" in Path(c["console"]).read_text()
     assert len({c["random"] for c in r["clones"]}) == 3 and all(len(c["random"]) == 32 for c in r["clones"])
-    assert {n: sha256_file(snap / n) for n in shared} == shared and _state(guest.image("squashfs")) == image
+    assert {n: sha256_file(snap / n) for n in shared} == shared and file_state(guest.image("squashfs")) == image
     loads = sorted(c["load_ms"] for c in r["clones"])
     firsts = sorted(c["first_result_ms"] for c in r["clones"])
     figures.add(f"restore python.squashfs x3: load {loads[1]:.1f} ms (median), restore-to-first-result "

@@ -3,10 +3,8 @@ verified, and `VULCAN_MIRROR=DIR` builds the same bytes with no request to anywh
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,21 +12,10 @@ import pytest
 
 from scripts.hashing import sha256_file
 from tests.support import imagerepo
-from tests.support.world import World, built_world, sha256
+from tests.support.world import World, built_world, go_release, sha256
 
 pytestmark = pytest.mark.slow
 ARCH = "x86_64"
-
-
-def _go_tgz(arch: str) -> bytes:
-    """A stand-in Go release archive (the builds here use a local Go; the mirror carries the pin's)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        data = f"#!/bin/sh\necho go1.26.9 {arch}\n".encode()
-        info = tarfile.TarInfo("go/bin/go")
-        info.size, info.mode = len(data), 0o755
-        tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +24,7 @@ def connected(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, ag
         imagerepo.setup(w)
         go = w.pins["go"]
         for arch, goarch in (("x86_64", "amd64"), ("aarch64", "arm64")):
-            data = _go_tgz(arch)
+            data = go_release(f"#!/bin/sh\necho go1.26.9 {arch}\n")  # the builds use a local Go; this is the pin's
             go["sha256"][arch] = sha256(data)
             w.mirror.add(go["url"].format(version=go["version"], goarch=goarch), data)
 

@@ -45,11 +45,11 @@ def key_pems(keys: Alpine | tuple[AlpineKey, ...]) -> dict[str, bytes]:
             pems[key.name] = _local_key(key)
             continue
         path = cache_dir() / "keys" / key.sha256 / key.name
-        if not writable(path) and path.is_file() and _matches(path, key.sha256):
+        if not writable(path) and path.is_file() and matches_pin(path, key.sha256):
             pems[key.name] = path.read_bytes()  # a read-only cache that has it
             continue
         with file_lock(path):
-            if not path.exists() or not _matches(path, key.sha256):
+            if not path.exists() or not matches_pin(path, key.sha256):
 
                 def check(part: Path, key: Any = key) -> None:
                     actual = _fp(part)
@@ -104,7 +104,8 @@ def _local_key(key: AlpineKey) -> bytes:
     return data
 
 
-def _matches(path: Path, sha256: str) -> bool:
+def matches_pin(path: Path, sha256: str) -> bool:
+    """Whether the key file at ``path`` is the key pinned by ``sha256`` (its DER fingerprint)."""
     from .trust import has_fingerprint
 
     try:

@@ -47,6 +47,13 @@ def host_kvm(modules: Path = Path("/sys/module")) -> str:
 EMULATING_KVM = {"kvm_pvm": "guest kernel code emulated: not a normal KVM's figure"}
 
 
+def kvm_caveat() -> str:
+    """What a boot or restore figure measured here says beside it: " (under kvm_pvm: ...)" on a
+    host whose KVM emulates guest kernel code, else nothing."""
+    kvm = host_kvm()
+    return f" (under {kvm}: {EMULATING_KVM[kvm]})" if kvm in EMULATING_KVM else ""
+
+
 @dataclass(frozen=True)
 class BootResult:
     runtime: str

@@ -24,7 +24,7 @@ from ..errors import VulcanError
 from ..pins import Pins, Runtime
 from ..pins import load as load_pins
 from ..steps import prog
-from . import EMULATING_KVM, BootFailed, BootResult, Target, host_kvm
+from . import BootFailed, BootResult, Target, kvm_caveat
 from .firecracker import cgroup_v2_problem
 from .restore import Restored, report, restore, shared_state
 from .snapshot import MANIFEST
@@ -230,9 +230,8 @@ def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:
                 r = _boot_with(VMMS[which_vmm], t, known[rt], kernel, arch, timeout, options)
         results.append(r)
         what = VMMS[which_vmm].measures
-        kvm = host_kvm()
-        if r.vmm == "firecracker" and kvm in EMULATING_KVM:
-            what += f" (under {kvm}: {EMULATING_KVM[kvm]})"
+        if r.vmm == "firecracker":
+            what += kvm_caveat()
         if r.ok:
             log.info(f"boot {t.label}: ok via {r.vmm}: {what} {r.seconds:.1f}s, copied {log.human(r.copied_bytes)}: "
                      f"{r.detail}")  # fmt: skip

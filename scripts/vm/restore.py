@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import formats, log, paths, sparse, workspace
 from ..pins import Runtime
-from . import AGENT_PORT, EMULATING_KVM, BootResult, Console, Target, host_kvm, running
+from . import AGENT_PORT, BootResult, Console, Target, host_kvm, kvm_caveat, running
 from .agent import AgentClient, AgentError, vsock_connect
 from .api import ApiError, put, wait_for_socket
 from .firecracker import Jail, cgroup_v2_problem
@@ -317,7 +317,5 @@ def report(r: Restored) -> None:
             else f"cold boot: {r.cold.detail}" if r.cold else "no cold boot (--no-cold)")  # fmt: skip
     first = j["restore_to_first_result_ms"]
     said = f"{first:.0f} ms (median)" if first is not None else "none"
-    kvm = host_kvm()
-    under = f" (under {kvm}: {EMULATING_KVM[kvm]})" if kvm in EMULATING_KVM else ""
     log.info(f"restore {r.runtime}.{r.fmt}: {sum(c.ok for c in r.clones)}/{len(r.clones)} clones ok; "
-             f"restore-to-first-result {said}; {cold}{under}")  # fmt: skip
+             f"restore-to-first-result {said}; {cold}{kvm_caveat()}")  # fmt: skip

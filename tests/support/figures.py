@@ -14,8 +14,6 @@ def add(line: str) -> None:
 def summary() -> list[str]:
     if not FIGURES:
         return []
-    from scripts.vm import EMULATING_KVM, host_kvm
+    from scripts.vm import host_kvm, kvm_caveat
 
-    kvm = host_kvm()
-    label = f"{kvm}: {EMULATING_KVM[kvm]}" if kvm in EMULATING_KVM else kvm
-    return [f"real Firecracker to user space, measured under {label}:", *(f"  {x}" for x in FIGURES)]
+    return [f"real Firecracker to user space{kvm_caveat() or f' (under {host_kvm()})'}:", *(f"  {x}" for x in FIGURES)]

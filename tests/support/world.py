@@ -34,6 +34,23 @@ def sha256(data: bytes) -> str:
 
 
 @functools.lru_cache(maxsize=8)
+def file_state(p: Path) -> tuple[str, int, int, int]:
+    """A file's sha256, mode, owner and group: what "left as it was" compares."""
+    st = p.stat()
+    return hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mode, st.st_uid, st.st_gid
+
+
+def go_release(script: str) -> bytes:
+    """A Go-release-shaped archive (go/bin/go) whose go is ``script``, a shell script."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = script.encode()
+        info = tarfile.TarInfo("go/bin/go")
+        info.size, info.mode = len(data), 0o755
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def version_program(text: str, arch: str) -> bytes:
     """A static ELF printing ``text`` (like firecracker --version), built with Debian's
     musl-gcc when it can target ``arch``; otherwise a shell script."""
