@@ -293,10 +293,15 @@ def test_oras_pulls_what_we_publish_and_we_pull_what_oras_pushes(
     proc = _pull(built, f"{registry.host}/{REPO_NAME}:by-oras", dest, "--no-verify", "--insecure")
     assert proc.returncode == 0, proc.stderr
     assert _sha(dest / "images/python.squashfs") == _sha(built.out / "images/python.squashfs")
+    # ours and oras's are two images of the python runtime: one pull cannot place both
+    both = built.run("pull", published["published"]["python"]["reference"], f"{registry.host}/{REPO_NAME}:by-oras",
+                     "--dest", str(tmp_path / "both"), "--no-verify", "--insecure")  # fmt: skip
+    assert both.returncode == 1 and "are different images that both place" in both.stderr, both.stderr
+    assert not (tmp_path / "both/images/python.squashfs").exists()
 
 
 @pytest.mark.parametrize("case", ["no-trust", "untrusted-key", "unsigned", "no-such-tag", "bad-reference",
-                                  "wrong-arch", "down", "tampered-blob"])  # fmt: skip
+                                  "wrong-arch", "down", "tampered-blob", "tampered-zstd-blob"])  # fmt: skip
 def test_a_pull_that_cannot_be_trusted_or_done_says_why_and_places_nothing(
     built: World, registry: RunningRegistry, published: dict[str, Any], keys: dict[str, Path], tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory, case: str,
@@ -327,12 +332,14 @@ def test_a_pull_that_cannot_be_trusted_or_done_says_why_and_places_nothing(
             _pull(built, ref.replace(registry.host, "127.0.0.1:9"), dest, *trust, "--insecure"),
             "not reachable",
         )
-    else:
+    else:  # a byte changed in the registry's storage: the last of the squashfs, the middle of the zstd
         manifest = _manifest(registry, published["published"]["python"]["manifests"]["x86_64"])
-        layer = next(x for x in manifest["layers"] if x["mediaType"].endswith("squashfs.v1"))
+        kind = "ext4.v1+zstd" if case == "tampered-zstd-blob" else "squashfs.v1"
+        layer = next(x for x in manifest["layers"] if x["mediaType"].endswith(kind))
         data = next(p for p in registry.storage.rglob("data") if p.parent.name == layer["digest"][7:])
         saved = data.read_bytes()
-        data.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+        at = len(saved) // 2 if case == "tampered-zstd-blob" else len(saved) - 1
+        data.write_bytes(saved[:at] + bytes([saved[at] ^ 0xFF]) + saved[at + 1 :])
         try:
             proc, want = _pull(built, ref, dest, *trust, "--insecure"), "another sha256: refused, nothing placed"
         finally:
@@ -342,21 +349,49 @@ def test_a_pull_that_cannot_be_trusted_or_done_says_why_and_places_nothing(
     assert not [n for n in placed if not n.startswith(".")], placed
 
 
+@pytest.mark.parametrize("image", ["python.squashfs", "python.ext4"])  # as it is; decompressed
 def test_an_interrupted_pull_resumes_where_it_stopped(
-    built: World, registry: RunningRegistry, published: dict[str, Any], keys: dict[str, Path], tmp_path: Path
-) -> None:
+    built: World, registry: RunningRegistry, published: dict[str, Any], keys: dict[str, Path], tmp_path: Path,
+    image: str,
+) -> None:  # fmt: skip
     manifest = _manifest(registry, published["published"]["python"]["manifests"]["x86_64"])
-    layer = next(x for x in manifest["layers"] if x["mediaType"].endswith("squashfs.v1"))
+    layer = next(x for x in manifest["layers"] if x["annotations"]["org.opencontainers.image.title"] == image)
     blob = _get(registry, f"/v2/{REPO_NAME}/blobs/{layer['digest']}").content
     dest = tmp_path / "host"
     (dest / "images").mkdir(parents=True)
-    (dest / "images" / f".python.squashfs.{layer['digest'][7:19]}.part").write_bytes(blob[: len(blob) // 2])
+    (dest / "images" / f".{image}.{layer['digest'][7:19]}.part").write_bytes(blob[: len(blob) // 2])
     proc = _pull(built, published["published"]["python"]["reference"], dest, "--trust", str(keys["ours.pub"]),
                  "--insecure")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"resuming at {len(blob) // 2:,} of {len(blob):,} bytes" in proc.stderr
-    assert _sha(dest / "images/python.squashfs") == _sha(built.out / "images/python.squashfs")
+    assert _sha(dest / "images" / image) == _sha(built.out / "images" / image)
     assert not list((dest / "images").glob("*.part"))
+    assert os.stat(dest / "images" / image).st_blocks <= os.stat(built.out / "images" / image).st_blocks * 1.02
+
+
+def test_several_references_in_one_pull_land_together_or_not_at_all(
+    built: World, registry: RunningRegistry, published: dict[str, Any], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    python, host = published["published"]["python"]["reference"], published["published"]["host"]["reference"]
+    trust = ["--trust", str(keys["ours.pub"]), "--insecure"]
+    dest = tmp_path / "host"
+    missing = f"{registry.host}/{REPO_NAME}@sha256:{'0' * 64}"
+    proc = built.run("pull", python, host, missing, "--dest", str(dest), *trust)
+    assert proc.returncode == 1 and "(HTTP 404)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not [p for top in ("images", "bin") if (dest / top).is_dir() for p in (dest / top).iterdir()
+                if not p.name.startswith(".")]  # nothing of the two good ones either  # fmt: skip
+    proc = built.run("pull", python, host, "--dest", str(dest), *trust)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("signed by") == 2 and "pull: received" in proc.stderr
+    for name in ("python.ext4", "python.squashfs", "python.manifest.json", "python.spdx.json"):
+        assert _sha(dest / "images" / name) == _sha(built.out / "images" / name), name
+    for name in ("firecracker", "jailer", "vmlinux", "vulcan-guest"):
+        assert _sha(dest / "bin" / name) == _sha(built.out / "bin" / name), name
+    again = built.run("pull", python, host, "--dest", str(dest), *trust)
+    assert again.returncode == 0 and again.stderr.count("up to date") == 2 and "received" not in again.stderr
+    by_tag = python.split("@")[0] + ":" + published["published"]["python"]["tag"]  # the same index, by its tag
+    twice = built.run("pull", python, by_tag, "--dest", str(tmp_path / "h2"), *trust)
+    assert twice.returncode == 0 and twice.stderr.count("signed by") == 1, twice.stderr
 
 
 def test_two_pulls_at_once_download_once(

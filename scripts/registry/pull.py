@@ -15,19 +15,23 @@ same digest asks the registry nothing and rewrites nothing; pulls at once on one
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import atomic, log, names, ownership, paths, settings, workspace
 from ..arch import ARCHES, host_arch
 from ..steps import prog
-from . import attest, auth, oci
+from . import attest, auth, blobs, oci
 from .client import Reference, Registry, RegistryError, parse_json
 
-ZERO = bytes(1 << 16)
+# Blobs (and references being resolved) at once: the three runtimes' images land together
+PARALLEL = 4
 
 
 class PullError(RegistryError):
@@ -180,107 +184,10 @@ class Puller:
             self.warn(f"the signed statement names {name} ({want}), but no referrer of {digest} holds it: not placed")
         return None
 
-    def download(self, desc: dict[str, Any], part: Path) -> None:
-        """A blob into ``part``, resumed from what ``part`` holds, checked against digest and size."""
-        digest, size = desc["digest"], int(desc["size"])
-        title = desc.get("annotations", {}).get(oci.TITLE, digest)
-        h = hashlib.sha256()
-        have = part.stat().st_size if part.is_file() else 0
-        if have > size:
-            part.unlink()
-            have = 0
-        if have:
-            with open(part, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            log.info(f"{title}: resuming at {have:,} of {size:,} bytes")
-        if have < size:
-            with self.reg.blob(self.repo, digest, offset=have) as resp, open(part, "ab") as out:
-                if have and resp.status_code != 206:  # the registry ignored Range: start over
-                    out.truncate(0)
-                    h = hashlib.sha256()
-                for chunk in self.reg.chunks(resp, size - out.tell(), f"blob {digest} ({title})"):
-                    h.update(chunk)
-                    out.write(chunk)
-                    self.reg.received += len(chunk)
-        got = part.stat().st_size
-        if got != size or "sha256:" + h.hexdigest() != digest:
-            part.unlink(missing_ok=True)
-            what = f"size {got}" if got != size else "another sha256"
-            raise PullError(f"blob {digest} ({title}) arrived with {what}: refused, nothing placed")
-
 
 def _platform(entry: dict[str, Any]) -> tuple[object, object]:
     plat = entry.get("platform")
     return (plat.get("os"), plat.get("architecture")) if isinstance(plat, dict) else (None, None)
-
-
-def write_sparse(src: Path, dest: Path, compressed: bool) -> str:
-    """``src`` (zstd or plain) into ``dest``, every all-zero 4 KiB block left a hole (the block
-    size of the ext4 images: as sparse as mke2fs wrote them); the sha256 of what was written,
-    taken on a second thread (hashlib lets go of the GIL) while this one decompresses and writes."""
-    import queue
-    import threading
-
-    import zstandard
-
-    h = hashlib.sha256()
-    pieces: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
-
-    def hash_pieces() -> None:
-        while (piece := pieces.get()) is not None:
-            h.update(piece)
-
-    hasher = threading.Thread(target=hash_pieces, name="pull-sha256")
-    hasher.start()
-    try:
-        with open(src, "rb") as raw, open(dest, "wb") as out:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw) if compressed else raw
-            size = 0
-            while piece := _read_full(reader, len(ZERO)):
-                pieces.put(piece)
-                if piece == ZERO[: len(piece)]:
-                    out.seek(len(piece), os.SEEK_CUR)
-                else:
-                    _write_runs(out, memoryview(piece))
-                size += len(piece)
-            out.truncate(size)
-    finally:
-        pieces.put(None)
-        hasher.join()
-    return "sha256:" + h.hexdigest()
-
-
-def _write_runs(out: Any, view: memoryview, block: int = 4096) -> None:
-    """Runs of data blocks written, runs of all-zero blocks skipped (left as holes)."""
-
-    def is_zero(at: int) -> bool:
-        return view[at : at + block] == ZERO[: min(block, len(view) - at)]
-
-    start = 0
-    while start < len(view):
-        zero = is_zero(start)
-        end = start + block
-        while end < len(view) and is_zero(end) == zero:
-            end += block
-        end = min(end, len(view))
-        if zero:
-            out.seek(end - start, os.SEEK_CUR)
-        else:
-            out.write(view[start:end])
-        start = end
-
-
-def _read_full(reader: Any, n: int) -> bytes:
-    """``n`` bytes (fewer only at the end): a decompressor may return short reads."""
-    parts, got = [], 0
-    while got < n:
-        chunk = reader.read(n - got)
-        if not chunk:
-            break
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
 
 
 def expected_files(kind: str, manifest: dict[str, Any]) -> dict[str, str]:
@@ -326,8 +233,22 @@ def checked_layers(ref: Reference, kind: str, manifest: dict[str, Any], arch: st
     return layers
 
 
-def pull(puller: Puller, out_root: Path, verify: bool) -> tuple[Path, list[str], str | None]:
-    """Pull into ``out_root``; (the directory, the files placed or kept, who signed: None unverified)."""
+@dataclass
+class Planned:
+    """One reference, resolved and its signature checked: what it places, where, signed by whom."""
+
+    puller: Puller
+    directory: Path
+    kind: str
+    blobs: list[dict[str, Any]]  # the layers, then the SBOM
+    signer: str | None
+    manifest: str  # the image manifest's digest
+    asked: str  # the digest the reference named (an index's, or the manifest's)
+    made: list[Path]  # directories this pull made (removed again if nothing is placed)
+
+
+def plan(puller: Puller, out_root: Path, verify: bool) -> Planned:
+    """Resolve the reference and check who signed it: nothing but small documents is read yet."""
     mdigest, manifest, asked = puller.resolve()
     # artifactType, or for a manifest without one (older clients) its config's media type (image-spec)
     config = manifest.get("config")
@@ -345,56 +266,132 @@ def pull(puller: Puller, out_root: Path, verify: bool) -> tuple[Path, list[str],
         sbom = puller.sbom(mdigest, f"{runtime}.spdx.json", signed_files)
         if sbom is not None:
             sbom = {**sbom, "mediaType": oci.SBOM, "annotations": {oci.TITLE: f"{runtime}.spdx.json"}}
-    # marked as ours when made here (clean knows them); removed again if nothing is placed
+    # marked as ours when made here (clean knows them)
     made = [d for d in (out_root / top, directory) if paths.claim(d)]
+    return Planned(puller, directory, kind, [*layers, *([sbom] if sbom else [])], signer, mdigest, asked, made)
+
+
+def _title(blob: dict[str, Any]) -> str:
+    return str(blob["annotations"][oci.TITLE])
+
+
+def _one_place_each(plans: list[Planned]) -> list[Planned]:
+    """The plans without repeats (two references to one manifest: a tag and its digest); two
+    manifests that would place the same file are refused before anything is downloaded."""
+    seen: dict[Path, Planned] = {}
+    kept: list[Planned] = []
+    for p in plans:
+        if any(k.manifest == p.manifest and k.directory == p.directory for k in kept):
+            continue
+        kept.append(p)
+        for blob in p.blobs:
+            where = p.directory / _title(blob)
+            if where in seen:
+                raise PullError(f"{seen[where].puller.ref} and {p.puller.ref} are different images that both "
+                                f"place {where}: pull one of them", hint="a host holds one image per runtime "
+                                "and architecture in an output directory (--dest for another)")  # fmt: skip
+            seen[where] = p
+    return kept
+
+
+@dataclass
+class Landed:
+    planned: Planned
+    blob: dict[str, Any]
+    staged: Path
+    sha256: str
+
+
+def land(plans: list[Planned], stages: dict[Path, Path], connect: Callable[[Planned], Registry]) -> list[Landed]:
+    """Every blob not in place yet, downloaded into its directory's stage, biggest first, several
+    at once (each on a connection of its own): download, decompress, sparse write and hash are
+    one pass per blob, and the blobs share the cores and the link."""
+    todo: list[tuple[Planned, dict[str, Any]]] = []
+    for p in plans:
+        outputs = _record(p.directory).get("outputs", {})
+        for blob in p.blobs:
+            old = outputs.get(_title(blob)) if isinstance(outputs, dict) else None
+            if not _in_place(p.directory, blob, old):
+                todo.append((p, blob))
+    todo.sort(key=lambda t: -int(t[1]["size"]))
+
+    def one(item: tuple[Planned, dict[str, Any]]) -> Landed:
+        p, blob = item
+        title, digest = _title(blob), blob["digest"]
+        part = p.directory / f".{title}.{digest[7:19]}.part"  # kept across an interrupted pull
+        staged = stages[p.directory] / title
+        got = blobs.fetch(connect(p), p.puller.repo, blob, part, staged, blob["mediaType"] in oci.COMPRESSED)
+        return Landed(p, blob, staged, got)
+
+    if len(todo) <= 1:
+        return [one(t) for t in todo]
+    with ThreadPoolExecutor(max_workers=min(PARALLEL, len(todo)), thread_name_prefix="pull") as pool:
+        futures = [pool.submit(one, t) for t in todo]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            f.cancel()  # after a failure: what has not started does not start
+        return [f.result() for f in futures]
+
+
+def _in_place(directory: Path, blob: dict[str, Any], old: object) -> bool:
+    """The very bytes this blob names, placed earlier and untouched since."""
     try:
-        return _place(puller, directory, kind, layers, sbom, signer, mdigest, asked)
+        return isinstance(old, dict) and old.get("layer") == blob["digest"] and \
+            old.get("fingerprint") == _fingerprint(directory / _title(blob))  # fmt: skip
+    except OSError:
+        return False
+
+
+def place(plans: list[Planned], landed: list[Landed]) -> None:
+    """Everything verified: into place, one rename each, and each directory's record rewritten once."""
+    for directory in dict.fromkeys(p.directory for p in plans):
+        record = _record(directory)
+        outputs = dict(record.get("outputs", {})) if isinstance(record.get("outputs"), dict) else {}
+        pulls = dict(record.get("pulls", {})) if isinstance(record.get("pulls"), dict) else {}
+        for p in (p for p in plans if p.directory == directory):
+            files = {_title(b): b["digest"] for b in p.blobs}
+            for title in files:  # kept as they were: now vouched for by this pull's signer too
+                if title in outputs and _in_place(directory, {"annotations": {oci.TITLE: title},
+                                                              "digest": files[title]}, outputs[title]):  # fmt: skip
+                    outputs[title] = {**outputs[title], "signed_by": p.signer or outputs[title].get("signed_by")}
+            for got in (x for x in landed if x.planned is p):
+                title = _title(got.blob)
+                mode = 0o755 if p.kind == oci.HOST_ARTIFACT and title != "vmlinux" else 0o644
+                atomic.publish(got.staged, directory / title, mode)
+                outputs[title] = {"sha256": got.sha256, "layer": got.blob["digest"],
+                                  "fingerprint": _fingerprint(directory / title), "signed_by": p.signer}  # fmt: skip
+            pulls[p.asked] = pulls[p.manifest] = {"reference": str(p.puller.ref), "manifest": p.manifest,
+                                                  "files": files, "signed_by": p.signer}  # fmt: skip
+        atomic.write_text(_stamp(directory), json.dumps({"outputs": outputs, "pulls": pulls}, indent=1) + "\n")
+
+
+def pull_all(
+    pullers: list[Puller], out_root: Path, verify: bool, connect: Callable[[Planned], Registry]
+) -> list[Planned]:
+    """Pull every reference, or place nothing: all are resolved and their signatures checked first
+    (small documents, one reference per thread), then every blob lands, then all are placed."""
+    with ThreadPoolExecutor(max_workers=min(PARALLEL, len(pullers)), thread_name_prefix="resolve") as pool:
+        futures = [pool.submit(plan, p, out_root, verify) for p in pullers]
+    plans = [f.result() for f in futures if f.exception() is None]
+    try:
+        for f in futures:
+            f.result()  # the first reference that cannot be pulled, said
+        plans = _one_place_each(plans)
+        with contextlib.ExitStack() as stack:
+            directories = dict.fromkeys(p.directory for p in plans)
+            stages = {d: stack.enter_context(workspace.scratch(d, "pull")) for d in directories}
+            place(plans, land(plans, stages, connect))
     except BaseException:
-        paths.unclaim(made[::-1])
+        for p in plans:
+            paths.unclaim(p.made[::-1])
         raise
-
-
-def _place(puller: Puller, directory: Path, kind: str, layers: list[dict[str, Any]], sbom: dict[str, Any] | None,
-           signer: str | None, mdigest: str, asked: str) -> tuple[Path, list[str], str | None]:  # fmt: skip
-    """Download what is not in place yet, stage it, and move it all in once every blob is checked."""
-    record = _record(directory)
-    outputs = dict(record.get("outputs", {})) if isinstance(record.get("outputs"), dict) else {}
-    files: dict[str, str] = {}
-    with workspace.scratch(directory, "pull") as stage:
-        ready: list[tuple[Path, dict[str, Any], int, str]] = []
-        for layer in [*layers, *([sbom] if sbom else [])]:
-            title, digest = layer["annotations"][oci.TITLE], layer["digest"]
-            files[title] = digest
-            old = outputs.get(title, {})
-            try:  # the very bytes this layer names, placed earlier and untouched since
-                if isinstance(old, dict) and old.get("layer") == digest and \
-                        old.get("fingerprint") == _fingerprint(directory / title):  # fmt: skip
-                    outputs[title] = {**old, "signed_by": signer or old.get("signed_by")}
-                    continue
-            except OSError:
-                pass
-            part = directory / f".{title}.{digest[7:19]}.part"  # kept across an interrupted pull
-            puller.download(layer, part)
-            dest = stage / title
-            written = write_sparse(part, dest, layer["mediaType"] in oci.COMPRESSED)
-            mode = 0o755 if kind == oci.HOST_ARTIFACT and title != "vmlinux" else 0o644
-            ready.append((dest, layer, mode, written))
-            part.unlink()
-        for dest, layer, mode, written in ready:  # everything verified: now into place, one rename each
-            title = layer["annotations"][oci.TITLE]
-            atomic.publish(dest, directory / title, mode)
-            outputs[title] = {"sha256": written.removeprefix("sha256:"), "layer": layer["digest"],
-                              "fingerprint": _fingerprint(directory / title), "signed_by": signer}  # fmt: skip
-    pulls = dict(record.get("pulls", {})) if isinstance(record.get("pulls"), dict) else {}
-    pulls[asked] = pulls[mdigest] = {"reference": str(puller.ref), "manifest": mdigest, "files": files,
-                                     "signed_by": signer}  # fmt: skip
-    atomic.write_text(_stamp(directory), json.dumps({"outputs": outputs, "pulls": pulls}, indent=1) + "\n")
-    return directory, sorted(files), signer
+    return plans
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog=prog("pull"), description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("reference", help="REGISTRY/REPOSITORY@sha256:DIGEST (or :TAG)")
+    ap.add_argument("reference", nargs="+", help="REGISTRY/REPOSITORY@sha256:DIGEST (or :TAG); several are pulled "
+                    "at once, and placed only if all of them are")  # fmt: skip
     ap.add_argument("--trust", type=Path, help="PEM public keys to trust (else VULCAN_TRUST)")
     ap.add_argument("--no-verify", action="store_true", help="do not check the signature (said loudly)")
     ap.add_argument("--arch", default=host_arch(), choices=ARCHES, help="which entry of an index (default: this host)")
@@ -403,9 +400,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--insecure", action="store_true", help="plain HTTP (a registry on a trusted network only)")
     ap.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    ref = Reference.parse(args.reference)
-    if ref.digest is None:
-        log.warn(f"{ref}: a tag moves; a host should pull a digest (REGISTRY/REPOSITORY@sha256:...)")
+    refs = list(dict.fromkeys(Reference.parse(r) for r in args.reference))
+    for ref in refs:
+        if ref.digest is None:
+            log.warn(f"{ref}: a tag moves; a host should pull a digest (REGISTRY/REPOSITORY@sha256:...)")
     keys = None
     if not args.no_verify:
         trust = args.trust or settings.trust_file()
@@ -422,26 +420,38 @@ def main(argv: list[str]) -> int:
     paths.claim(out_root, default=args.dest is None and out_root == settings.REPO_ROOT)
     # what an earlier pull placed counts only if a key trusted now signed it (or nothing is checked now)
     trusted = None if keys is None else {attest.keyid(k) for k in keys}
+    opened: list[Registry] = []
+
+    def connect(registry: str) -> Registry:
+        reg = Registry(registry, credentials=auth.credentials_for(registry), insecure=args.insecure, ca=args.ca,
+                       timeout=settings.registry_timeout(), deadline=settings.registry_deadline())  # fmt: skip
+        opened.append(reg)
+        return reg
+
     with workspace.directory_lock(out_root, "a pull"):  # two pulls at once: the second waits, then finds the files
-        for top in ("images", "bin"):
-            directory = paths.per_arch(out_root / top, args.arch)
-            entry = up_to_date(directory, _record(directory), ref.digest, trusted) if ref.digest else None
-            if entry is not None:
-                log.info(f"pull {ref}: up to date in {directory} ({', '.join(sorted(entry['files']))}; "
-                         f"{_signed(entry.get('signed_by'))})")  # fmt: skip
-                return 0
-        reg = Registry(
-            ref.registry,
-            credentials=auth.credentials_for(ref.registry),
-            insecure=args.insecure,
-            ca=args.ca,
-            timeout=settings.registry_timeout(),
-            deadline=settings.registry_deadline(),
-        )
-        directory, placed, signer = pull(Puller(reg, ref, keys, args.arch), out_root, not args.no_verify)
-    log.info(f"pull {ref}: {', '.join(placed)} in {directory}; {_signed(signer)}; "
-             f"received {log.human(reg.received)} in {reg.requests} requests")  # fmt: skip
+        todo = [ref for ref in refs if not _said_up_to_date(ref, out_root, args.arch, trusted)]
+        if not todo:
+            return 0
+        pullers = [Puller(connect(ref.registry), ref, keys, args.arch) for ref in todo]
+        plans = pull_all(pullers, out_root, not args.no_verify, lambda p: connect(p.puller.ref.registry))
+    for p in plans:
+        log.info(f"pull {p.puller.ref}: {', '.join(sorted(_title(b) for b in p.blobs))} in {p.directory}; "
+                 f"{_signed(p.signer)}")  # fmt: skip
+    log.info(f"pull: received {log.human(sum(r.received for r in opened))} in "
+             f"{sum(r.requests for r in opened)} requests")  # fmt: skip
     return 0
+
+
+def _said_up_to_date(ref: Reference, out_root: Path, arch: str, trusted: set[str] | None) -> bool:
+    """Whether an earlier pull placed what ``ref`` names, still in place (said when so)."""
+    for top in ("images", "bin"):
+        directory = paths.per_arch(out_root / top, arch)
+        entry = up_to_date(directory, _record(directory), ref.digest, trusted) if ref.digest else None
+        if entry is not None:
+            log.info(f"pull {ref}: up to date in {directory} ({', '.join(sorted(entry['files']))}; "
+                     f"{_signed(entry.get('signed_by'))})")  # fmt: skip
+            return True
+    return False
 
 
 def _signed(signer: str | None) -> str:
