@@ -13,9 +13,26 @@ import os
 import sys
 from pathlib import Path
 
+# What ``python -m scripts COMMAND`` exits with, by kind of error (each class says its own;
+# docs/errors.md lists them, and a test keeps the two the same). Under nox, nox's last line
+# names the code and nox itself exits 1.
+EXIT_CODES = {
+    0: "success",
+    1: "a step failed: a build, a tool, a check (verify, `update_pins --check`: outdated)",
+    2: "a bad command line (an unknown command, option or runtime; options that do not go together)",
+    3: "the network: a mirror or registry could not be reached or refused an answer",
+    4: "the configuration: pins.json, alpine.lock.json or a VULCAN_* setting cannot be used",
+    5: "a tool this step needs is not installed",
+    6: "trust: bytes, a signature or a path that does not verify (nothing of it was kept)",
+    7: "no space left on a file system",
+    8: "a VM did not boot, answer or snapshot",
+    70: "an internal error: a bug (the traceback says where; please report it)",
+    130: "interrupted (Ctrl-C)",
+}
+
 
 class VulcanError(Exception):
-    """Base class. ``hint`` tells the user what to do next."""
+    """Base class. ``hint`` tells the user what to do next; ``exit_code``: see EXIT_CODES."""
 
     exit_code = 1
 
@@ -30,16 +47,29 @@ class VulcanError(Exception):
         return self.message
 
 
+class UsageError(VulcanError):
+    """The command line asks for something that is not there (a runtime pins.json lacks) or
+    combines options that do not go together."""
+
+    exit_code = 2
+
+
 class PinError(VulcanError):
     """pins.json (or the lock) is malformed or incomplete."""
+
+    exit_code = 4
 
 
 class SettingError(VulcanError):
     """An environment variable (VULCAN_*, SOURCE_DATE_EPOCH) has a value we cannot use."""
 
+    exit_code = 4
+
 
 class DownloadError(VulcanError):
     """A URL could not be fetched. ``status``: the HTTP status when the server answered."""
+
+    exit_code = 3
 
     def __init__(self, message: str, hint: str | None = None, status: int | None = None) -> None:
         super().__init__(message, hint)
@@ -49,9 +79,13 @@ class DownloadError(VulcanError):
 class ChecksumError(VulcanError):
     """Bytes do not match their pin."""
 
+    exit_code = 6
+
 
 class ToolMissing(VulcanError):
     """An external program is not installed."""
+
+    exit_code = 5
 
 
 class ToolFailed(VulcanError):
@@ -68,6 +102,8 @@ class ArchiveError(VulcanError):
 
 class NoSpace(VulcanError):
     """A file system is full."""
+
+    exit_code = 7
 
 
 def mount_point(path: Path) -> Path:

@@ -31,7 +31,7 @@ from .apk import lockfile
 from .apk.keys import key_pems
 from .apk.packages import fetch_one, repository_of
 from .arch import ARCHES
-from .errors import PinError, VulcanError
+from .errors import ChecksumError, PinError, VulcanError
 from .fetch import cached, fetch
 from .hashing import sha256_file
 from .pins import Pins, Repository
@@ -72,7 +72,7 @@ class Mirror:
             obtain(dest)
             if not good(dest):  # what was placed is checked the same way, never trusted as written
                 dest.unlink()
-                raise MirrorError(f"{dest}: failed its check right after it was placed", hint="run the mirror again")
+                raise ChecksumError(f"{dest}: failed its check right after it was placed", hint="run the mirror again")
             self.copied += 1
         self.entries[url] = {"path": str(dest.relative_to(self.root)), "sha256": sha256 or sha256_file(dest),
                              "size": dest.stat().st_size}  # fmt: skip
@@ -94,7 +94,7 @@ def _keys(m: Mirror, repo_keys: list[tuple[str, str]]) -> None:
     def fetch_key(url: str, fingerprint: str, dest: Path) -> None:
         def check(part: Path) -> None:
             if not matches_pin(part, fingerprint):
-                raise MirrorError(f"the key at {url} is not the pinned one (fingerprint {fingerprint})",
+                raise ChecksumError(f"the key at {url} is not the pinned one (fingerprint {fingerprint})",
                                   hint="check the key's pin, and what the network serves for it")  # fmt: skip
 
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ from .errors import VulcanError
 class UnsafePath(VulcanError):
     """A directory or file that another user could change is where we would load code or keep bytes."""
 
+    exit_code = 6
+
 
 def _nearest_existing(path: Path) -> Path:
     p = Path(os.path.abspath(path))

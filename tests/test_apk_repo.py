@@ -167,4 +167,4 @@ def test_unsatisfiable_world_names_the_chain(env: World) -> None:
 
 def test_cli_lock_with_unknown_runtime(env: World) -> None:
     proc = env.run("lock", "--runtime", "ruby", "--arch", ARCH)
-    assert proc.returncode == 1 and "unknown runtime 'ruby'" in proc.stderr
+    assert proc.returncode == 2 and "unknown runtime 'ruby'" in proc.stderr

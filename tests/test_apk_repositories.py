@@ -253,13 +253,13 @@ def test_a_nul_in_a_local_path_and_a_huge_key_file_are_clear_errors(env: World, 
     with open(env.tmp / "keys" / DEV, "wb") as f:
         f.truncate(2 << 30)  # 2 GiB, sparse: never read whole
     proc = env.run("rootfs", "--runtime", "tools")
-    assert proc.returncode == 1 and "is larger than 64 KiB" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 6 and "is larger than 64 KiB" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_local_key_that_is_not_a_pem_public_key_is_refused(env: World) -> None:
     (env.tmp / "keys" / DEV).write_bytes(b"-----BEGIN RSA PRIVATE KEY-----\nnot this\n-----END RSA PRIVATE KEY-----\n")
     proc = env.run("rootfs", "--runtime", "tools")
-    assert proc.returncode == 1
+    assert proc.returncode == 6
     assert f"alpine.extra_repositories.local.keys.{DEV}: " in proc.stderr and "is not a PEM public key" in proc.stderr
     assert "Traceback" not in proc.stderr and not (env.out / "images" / "tools.ext4").exists()
 
@@ -267,7 +267,7 @@ def test_a_local_key_that_is_not_a_pem_public_key_is_refused(env: World) -> None
 def test_a_key_url_that_serves_no_pem_key_names_its_pins_path(env: World) -> None:
     env.mirror.add(f"{TEAM_URL}/{TEAM}", b"<html>not found</html>")
     proc = env.run("lock")
-    assert proc.returncode == 1
+    assert proc.returncode == 6
     assert f"check alpine.extra_repositories.acme.keys.{TEAM} in pins.json" in proc.stderr, proc.stderr
     assert not (env.tmp / "alpine.lock.json").exists()
 

@@ -97,7 +97,7 @@ def test_wrong_bytes_fail_with_both_hashes_and_publish_nothing(world: World) -> 
     fc = world.pins["firecracker"]
     world.mirror.fail(fc["url"].format(version=fc["version"], arch=ARCH), "wrong")
     proc = world.run("download")
-    assert proc.returncode == 1
+    assert proc.returncode == 6
     assert fc["sha256"][ARCH] in proc.stderr
     assert "actual sha256:" in proc.stderr and "checksum mismatch" in proc.stderr
     assert FC_TGZ in proc.stderr
@@ -116,7 +116,7 @@ def test_404_names_the_url_and_does_not_retry(world: World) -> None:
     url = kernel["url"].format(version=kernel["version"], arch=ARCH)
     world.mirror.remove(url)
     proc = world.run("download")
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     assert url in proc.stderr and "HTTP 404" in proc.stderr
     assert world.mirror.count(KERNEL) == 1
     assert "bin" not in {p.name for p in world.out.iterdir()} or bin_files(world) == {}

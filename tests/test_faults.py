@@ -304,7 +304,7 @@ def test_a_full_output_file_system_is_an_error_that_names_it(ready: World, tmp_p
     out = fresh_out(ready, tmp_path)
     with tmpfs(out / "images", "2m") as images:
         proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(tmp_path / "s"))
-        assert proc.returncode == 1
+        assert proc.returncode == 7
         no_traceback(proc)
         assert f"no space left on {images}" in proc.stderr and "needs" in proc.stderr
         assert not (images / f"{RUNTIME}.ext4").exists()
@@ -316,7 +316,7 @@ def test_a_full_scratch_file_system_is_an_error(ready: World, tmp_path: Path) ->
     with tmpfs(tmp_path / "s", "1m") as scratch:
         proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(scratch),
                          VULCAN_REASSEMBLE="1")  # fmt: skip
-        assert proc.returncode == 1
+        assert proc.returncode == 7
         no_traceback(proc)
         assert f"no space left on {scratch}" in proc.stderr
         assert not leftovers(out, scratch)
@@ -328,7 +328,7 @@ def test_a_full_scratch_file_system_in_a_warm_build_names_it(ready: World, tmp_p
     out = fresh_out(ready, tmp_path)
     with tmpfs(tmp_path / "s", "2m") as scratch:
         proc = ready.run("rootfs", "--runtime", RUNTIME, VULCAN_OUT=str(out), VULCAN_SCRATCH=str(scratch))
-        assert proc.returncode == 1
+        assert proc.returncode == 7
         no_traceback(proc)
         assert "reusing its tar" in proc.stderr
         assert f"no space left on {scratch} writing the image" in proc.stderr, proc.stderr
@@ -343,7 +343,7 @@ def test_a_full_cache_while_downloading_names_the_file_system(world: World, tmp_
         world.mirror.add(kernel["url"].format(version=kernel["version"], arch=arch), big)
     with tmpfs(tmp_path / "cache", "1m") as cache:
         proc = world.run("download", VULCAN_CACHE=str(cache))
-        assert proc.returncode == 1
+        assert proc.returncode == 7
         no_traceback(proc)
         assert f"no space left on {cache} downloading" in proc.stderr and ".part" in proc.stderr, proc.stderr
 
@@ -370,7 +370,7 @@ def test_a_read_only_cache_serves_what_it_has(ready: World, tmp_path: Path) -> N
         finally:
             ready.pins["kernel"]["sha256"][ARCH] = pinned
             ready.write_pins()
-        assert missing.returncode == 1
+        assert missing.returncode == 3
         no_traceback(missing)
         assert "the cache is read-only" in missing.stderr
 
@@ -618,7 +618,7 @@ def test_a_bad_setting_is_an_error_naming_it_before_any_work(
     ready: World, tmp_path: Path, env: dict[str, str], names: str
 ) -> None:
     proc = ready.run("rootfs", "--runtime", RUNTIME, **{"VULCAN_OUT": str(tmp_path / "o"), **env})
-    assert proc.returncode == 1
+    assert proc.returncode == 4
     no_traceback(proc)
     assert names in proc.stderr
     assert "downloading" not in proc.stderr
@@ -633,14 +633,14 @@ def test_headroom_has_a_sane_upper_bound(ready: World, tmp_path: Path) -> None:
         [sys.executable, "-m", "scripts", "rootfs", "--runtime", RUNTIME], cwd=REPO,
         env=ready.env(VULCAN_PINS=str(path), VULCAN_OUT=str(tmp_path / "o")), capture_output=True, text=True,
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == 4
     no_traceback(proc)
     assert "alpine.headroom_mib: 1000000000000000 is more than 65536" in proc.stderr
 
 
 def test_an_unresolvable_mirror_fails_at_once_with_the_hint(world: World) -> None:
     proc = world.run("download", VULCAN_MIRROR="http://mirror.invalid:8080/up")
-    assert proc.returncode == 1
+    assert proc.returncode == 3
     no_traceback(proc)
     assert "does not resolve" in proc.stderr and "offline" in proc.stderr
     assert "retrying" not in proc.stderr
@@ -812,7 +812,7 @@ def test_a_package_gone_from_mirror_and_index_says_that_a_relock_will_not_help(r
         ready.mirror.remove(f"{CDN}/{BRANCH}/main/{ARCH}/musl-{old.version}.apk")
         proc = ready.run("rootfs", "--runtime", RUNTIME, "--frozen", VULCAN_OUT=str(out),
                          VULCAN_CACHE=str(tmp_path / "cache"))  # fmt: skip
-        assert proc.returncode == 1
+        assert proc.returncode == 4
         no_traceback(proc)
         assert f"musl-{old.version}.apk is gone from the mirror" in proc.stderr
         assert "a re-lock would not help: the pins no longer resolve against the mirror" in proc.stderr

@@ -103,9 +103,9 @@ def test_pinned_toolchain_is_downloaded_verified_and_cached(world: World, go: st
 
 def test_bad_toolchain_and_source_are_clear_errors(world: World, tmp_path: Path) -> None:
     proc = world.run("guest", VULCAN_GO=str(tmp_path / "nope"))
-    assert proc.returncode == 1 and "VULCAN_GO=" in proc.stderr and "not an executable" in proc.stderr
+    assert proc.returncode == 4 and "VULCAN_GO=" in proc.stderr and "not an executable" in proc.stderr
     proc = world.run("guest", VULCAN_GO="/bin/true", VULCAN_GUEST_SOURCE=str(tmp_path))
-    assert proc.returncode == 1 and "has no go.mod" in proc.stderr
+    assert proc.returncode == 4 and "has no go.mod" in proc.stderr
 
 
 class Agent:

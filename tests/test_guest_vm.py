@@ -197,7 +197,7 @@ def test_a_boot_timeout_says_how_far_the_vm_got_and_what_to_raise(guest: Guest, 
     kernel.write_bytes((guest.world.out / "bin" / "vmlinux").read_bytes() + b"\0")
     proc = guest.world.run("snapshot", "--format", "ext4", "--kernel", str(kernel), "python",
                            VULCAN_SNAPSHOT_TIMEOUT="6")  # fmt: skip
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 8 and "Traceback" not in proc.stderr
     assert "stale: kernel_sha256" in proc.stderr, proc.stderr
     assert "the VM never became ready: no 'vulcan-guest: ready' within 6 s: the VM had reached " in proc.stderr
     assert "raise VULCAN_SNAPSHOT_TIMEOUT or --timeout" in proc.stderr, proc.stderr
@@ -363,7 +363,7 @@ def test_a_snapshot_of_another_kernel_or_image_is_refused_by_restore_and_verify(
     other.write_bytes(lzma.decompress(OTHER_KERNEL.read_bytes()))
     proc = w.run("boot", "--restore", "--no-cold", "--kernel", str(other), "python")
     assert (
-        proc.returncode == 1 and "snapshot python.squashfs does not belong to this host: kernel_sha256" in proc.stderr
+        proc.returncode == 8 and "snapshot python.squashfs does not belong to this host: kernel_sha256" in proc.stderr
     )
 
     def binding_row() -> dict:  # type: ignore[type-arg]
@@ -389,7 +389,7 @@ def test_a_snapshot_of_another_kernel_or_image_is_refused_by_restore_and_verify(
     assert sha256_file(guest.image("squashfs")) != before
     try:
         proc = w.run("boot", "--restore", "--no-cold", "python")
-        assert proc.returncode == 1 and "does not belong to this host: image_sha256" in proc.stderr, proc.stderr
+        assert proc.returncode == 8 and "does not belong to this host: image_sha256" in proc.stderr, proc.stderr
         row = binding_row()
         assert row["result"] == "FAIL" and row["detail"].startswith("stale: image_sha256: "), row
     finally:

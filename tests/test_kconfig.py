@@ -91,5 +91,5 @@ def test_boot_refuses_a_kernel_that_cannot_mount_squashfs(world: World, tmp_path
     images.mkdir(parents=True)
     (images / "python.squashfs").write_bytes(b"hsqs")  # never opened: the kernel is refused first
     proc = world.run("boot", "--vmm", "qemu", "--format", "squashfs", "python")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 8 and "Traceback" not in proc.stderr
     assert "its configuration lacks CONFIG_SQUASHFS" in proc.stderr and "hint:" in proc.stderr

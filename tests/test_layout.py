@@ -130,6 +130,27 @@ def test_the_code_map_lists_every_module_and_only_files_that_exist() -> None:
     assert modules - set(listed) == set(), "modules missing from docs/architecture.md"
 
 
+def test_every_error_has_a_documented_exit_code_and_the_docs_say_which() -> None:
+    import importlib
+
+    from scripts import errors
+
+    for path in MODULES:  # every error class of ours, wherever it is defined
+        importlib.import_module(_module_name(path))
+    classes, todo = set(), [errors.VulcanError]
+    while todo:
+        c = todo.pop()
+        classes.add(c)
+        todo.extend(c.__subclasses__())
+    documented = {int(row[0]): row for row in _table("docs/errors.md")}
+    assert set(documented) == set(errors.EXIT_CODES)
+    for c in classes:
+        assert c.exit_code in errors.EXIT_CODES, f"{c.__name__}: exit code {c.exit_code} is not in EXIT_CODES"
+        if c.__name__ != "PackageGone":  # caught inside the build (a re-lock): it never reaches a user
+            named = set(re.findall(r"`([A-Za-z]+)`", documented[c.exit_code][2]))
+            assert c.__name__ in named, f"docs/errors.md does not name {c.__name__} under exit code {c.exit_code}"
+
+
 def test_the_readme_overrides_table_is_the_settings_module() -> None:
     names = {re.match(r"`([A-Z0-9_]+)", row[0]).group(1) for row in _table("README.md", "Overrides")}  # type: ignore[union-attr]
     assert names == set(settings.NAMES)

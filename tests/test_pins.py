@@ -120,7 +120,7 @@ def test_repository_pins_are_valid() -> None:
 def test_cli_reports_bad_pins_without_traceback(world: World) -> None:
     world.pins["kernel"]["sha256"]["aarch64"] = "abc"
     proc = world.run("download")
-    assert proc.returncode == 1
+    assert proc.returncode == 4
     assert "pins.json: kernel.sha256.aarch64: expected 64 hex characters" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (world.out / "bin").exists()

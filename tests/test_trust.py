@@ -278,7 +278,7 @@ def test_a_directory_another_user_can_write_is_refused_with_a_hint(built: World,
         shutil.copytree(built.cache, shared / "x")  # its streams: exactly what another user could edit
     args = ["--runtime", "python", "--frozen"] if step == "rootfs" else []
     proc = built.run(step, *args, **env)
-    assert proc.returncode == 1 and "could be changed by another user" in proc.stderr, proc.stderr
+    assert proc.returncode == 6 and "could be changed by another user" in proc.stderr, proc.stderr
     assert f"{shared} is writable by every user (mode 0777)" in proc.stderr and what in proc.stderr
     assert "Traceback" not in proc.stderr
     shared.chmod(0o1777)  # sticky, like /tmp: what is ours inside stays ours
@@ -373,7 +373,7 @@ def test_an_upload_location_on_another_host_gets_no_credentials(
         proxy.rewrite = elsewhere
         for scheme in ("http", "https"):
             proc = _publish_with_credentials(built, keys, reg, proxy)
-            assert proc.returncode == 1, proc.stderr
+            assert proc.returncode == 3, proc.stderr
             if scheme == "http":
                 assert "plain HTTP: refused" in proc.stderr
         assert proxy.authorized(), "the registry itself got the credentials"
@@ -394,7 +394,7 @@ def test_a_token_service_over_plain_http_on_another_host_gets_no_credentials(
 
         proxy.rewrite = realm_elsewhere
         proc = _publish_with_credentials(built, keys, reg, proxy)
-        assert proc.returncode == 1 and "names a token service at http://" in proc.stderr, proc.stderr
+        assert proc.returncode == 3 and "names a token service at http://" in proc.stderr, proc.stderr
         assert sniffer.seen == []
 
 
@@ -432,7 +432,7 @@ def test_a_huge_document_is_refused_before_it_is_read_whole(
     try:
         ref = published["python"]["reference"].replace(registry.host, proxy.host)
         proc = _pull(built, ref, tmp_path / "host", "--trust", str(keys["ours.pub"]), "--insecure")
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode == (6 if what == "signature" else 3) and "Traceback" not in proc.stderr, proc.stderr
         assert "refused" in proc.stderr and "more than" in proc.stderr
         assert ("more than 4,194,304" in proc.stderr) == what.startswith("manifest")
         if what == "signature":  # no further than the size its descriptor declares
@@ -455,7 +455,7 @@ def test_a_trickling_registry_is_cut_off_at_the_deadline(
             built, ref, tmp_path / "host", "--trust", str(keys["ours.pub"]), "--insecure", VULCAN_REGISTRY_DEADLINE="3"
         )
         took = time.monotonic() - start
-        assert proc.returncode == 1 and "not done within the deadline of 3 s" in proc.stderr, proc.stderr
+        assert proc.returncode == 3 and "not done within the deadline of 3 s" in proc.stderr, proc.stderr
         assert "VULCAN_REGISTRY_DEADLINE" in proc.stderr
         assert took < 300  # a bound on a failure only: the trickle alone would take 500 s
     finally:
@@ -558,7 +558,8 @@ def test_what_a_registry_should_not_serve_is_a_clear_error_and_places_nothing(
     try:
         dest = tmp_path / "host"
         proc = _pull(built, ref, dest, *flags)
-        assert proc.returncode == 1 and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        code = {"deeply nested JSON": 3, "referrers that are not objects": 6}.get(case, 4)  # docs/errors.md
+        assert proc.returncode == code and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         if case == "referrers that are not objects":
             assert "3 entries of a referrers list are not descriptors: ignored" in proc.stderr
         placed = [p.name for p in dest.rglob("*") if p.is_file()] if dest.exists() else []

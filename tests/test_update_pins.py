@@ -164,7 +164,7 @@ def test_asset_disagreeing_with_its_checksum_file_is_refused(upstream: World) ->
     url = "https://github.com/firecracker-microvm/firecracker/releases/download/v1.18.0/firecracker-v1.18.0-aarch64.tgz"
     upstream.mirror.add(url, b"tampered release asset")
     proc = upstream.run("update_pins")
-    assert proc.returncode == 1 and "disagrees with its .sha256.txt" in proc.stderr
+    assert proc.returncode == 6 and "disagrees with its .sha256.txt" in proc.stderr
     assert upstream.pins_path.read_text() == before
 
 
@@ -174,7 +174,7 @@ def test_kernel_not_matching_its_etag_is_refused(upstream: World) -> None:
     upstream.mirror.add(f"{BUCKET}/", _listing(objects))
     before = upstream.pins_path.read_text()
     proc = upstream.run("update_pins")
-    assert proc.returncode == 1 and "differs from the object's ETag" in proc.stderr
+    assert proc.returncode == 6 and "differs from the object's ETag" in proc.stderr
     assert upstream.pins_path.read_text() == before
 
 

@@ -263,7 +263,7 @@ def test_firecracker_without_kvm_or_binary_says_what_is_missing(full: World, tmp
     out = copy_outputs(full, tmp_path / "o")
     (out / "bin/firecracker").unlink()
     proc = full.run("boot", "--vmm", "firecracker", "python", VULCAN_OUT=str(out))
-    assert proc.returncode == 1 and "cannot boot with Firecracker" in proc.stderr
+    assert proc.returncode == 8 and "cannot boot with Firecracker" in proc.stderr
     assert "/dev/kvm" in proc.stderr or "bin/firecracker is missing" in proc.stderr
 
 
@@ -274,7 +274,7 @@ def test_no_vmm_at_all_is_an_error_not_a_skip(full: World, tmp_path: Path) -> No
     empty.mkdir()
     proc = full.run("boot", "python", VULCAN_OUT=str(out), PATH=str(empty))
     assert (
-        proc.returncode == 1 and "no VMM can run here" in proc.stderr and "qemu-system-x86_64 not found" in proc.stderr
+        proc.returncode == 8 and "no VMM can run here" in proc.stderr and "qemu-system-x86_64 not found" in proc.stderr
     )
 
 
@@ -583,5 +583,5 @@ def test_a_restore_looks_for_the_snapshot_that_snapshot_makes(world: World) -> N
     """`nox -s snapshot -- python` makes the squashfs snapshot (its default): `boot --restore
     python` looks for that one, not an ext4 one, and says which command makes it."""
     proc = world.run("boot", "--restore", "--no-cold")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 8 and "Traceback" not in proc.stderr
     assert "no squashfs snapshots in" in proc.stderr and "nox -s snapshot -- --format squashfs" in proc.stderr

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import atomic, log, names, workspace
-from ..errors import PinError, VulcanError
+from ..errors import UsageError, VulcanError
 from ..pins import Pins
 
 if TYPE_CHECKING:  # only a re-lock builds Packages: a warm rebuild does not import the index parser
@@ -34,6 +34,8 @@ RELOCK_HINT = "the lock is damaged or was edited: run 'nox -s lock' and commit a
 
 class LockError(VulcanError):
     """The lock is missing, stale, or names packages the mirror no longer has."""
+
+    exit_code = 4
 
 
 @dataclass(frozen=True)
@@ -243,7 +245,7 @@ def lock_all(pins: Pins, runtimes: Iterable[str], arches: Iterable[str]) -> dict
     for arch in arches:
         for rt in runtimes:
             if rt not in pins.alpine.runtimes:
-                raise PinError(f"unknown runtime {rt!r}", hint=f"known: {', '.join(pins.alpine.runtimes)}")
+                raise UsageError(f"unknown runtime {rt!r}", hint=f"known: {', '.join(pins.alpine.runtimes)}")
             closure = lock_runtime(pins, rt, arch)
             sizes[f"{rt}/{arch}"] = len(closure)
             log.info(f"lock {rt}/{arch}: {len(closure)} packages")

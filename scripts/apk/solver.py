@@ -42,6 +42,8 @@ MAX_STEPS = 200_000
 class ResolveError(VulcanError):
     """The world cannot be satisfied; the message shows the chain that failed."""
 
+    exit_code = 4
+
 
 class _Fatal(Exception):
     """A dead end apk does not back out of: the solve fails."""

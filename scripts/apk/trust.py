@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 class TrustError(VulcanError):
     """A signature or checksum link of the trust chain is broken."""
 
+    exit_code = 6
+
 
 # One PEM public key block and nothing else (RFC 7468's strict form, with optional trailing
 # white space): cryptography accepts text before "-----BEGIN", so a key URL serving a shell

@@ -28,6 +28,8 @@ BUILD_TYPE = "https://github.com/vulcan-sandbox/vulcan-images/build/v1"  # what 
 class SignatureError(VulcanError):
     """A key cannot be used, or a signature does not verify against the trusted keys."""
 
+    exit_code = 6
+
 
 def load_private_key(pem: bytes, where: str) -> Any:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, cast
 
 from .. import log
 from . import oci
-from .client import Registry, RegistryError
+from .client import Refused, Registry
 
 BLOCK = 4096  # the ext4 images' block size: holes at this grain are as sparse as mke2fs left them
 PIECE = 1 << 20
@@ -36,7 +36,7 @@ _ZERO_PIECE = bytes(PIECE)
 _BUFFERS = 4
 
 
-class BlobError(RegistryError):
+class BlobError(Refused):
     """A blob arrived other than its descriptor says, or does not decompress: nothing is placed."""
 
 

@@ -56,6 +56,20 @@ REFERENCE = re.compile(
 class RegistryError(VulcanError):
     """The registry refused a request, could not be reached, or answered what it must not."""
 
+    exit_code = 3
+
+
+class BadReference(RegistryError):
+    """A reference or repository name that is not one: the input, not the registry."""
+
+    exit_code = 4
+
+
+class Refused(RegistryError):
+    """The registry served bytes other than the digest asked for: refused, nothing kept."""
+
+    exit_code = 6
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -71,7 +85,7 @@ class Reference:
     def parse(cls, text: str, what: str = "reference") -> Reference:
         m = REFERENCE.fullmatch(text.strip())
         if m is None or not ("." in m["registry"] or ":" in m["registry"] or m["registry"] == "localhost"):
-            raise RegistryError(f"{what} {text!r} is not REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]",
+            raise BadReference(f"{what} {text!r} is not REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]",
                                 hint="e.g. ghcr.io/acme/vulcan-images@sha256:<64 hex>; the registry host "
                                 "is required")  # fmt: skip
         return cls(m["registry"], m["repository"], m["tag"], m["digest"])
@@ -373,7 +387,7 @@ class Registry:
             data = b"".join(self.chunks(resp, size, f"{what} ({digest})"))
         self.received += len(data)
         if len(data) != size or oci.digest_of(data) != digest:
-            raise RegistryError(f"{what}: blob {digest} served with another digest or size: refused")
+            raise Refused(f"{what}: blob {digest} served with another digest or size: refused")
         return data
 
     # -- manifests ---------------------------------------------------------------------------
@@ -390,7 +404,7 @@ class Registry:
         self.received += len(body)
         digest = oci.digest_of(body)
         if ref.startswith("sha256:") and digest != ref:
-            raise RegistryError(f"{self.name}/{repo}: the manifest served for {ref} has digest {digest}: refused")
+            raise Refused(f"{self.name}/{repo}: the manifest served for {ref} has digest {digest}: refused")
         media = r.headers.get("Content-Type", "").split(";")[0].strip()
         media = parse_json(body, f"{self.name}/{repo}: manifest {ref}").get("mediaType") or media
         return body, str(media), digest

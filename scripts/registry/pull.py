@@ -37,6 +37,8 @@ PARALLEL = 4
 class PullError(RegistryError):
     """What was asked for cannot be pulled as it is."""
 
+    exit_code = 4
+
 
 def _stamp(directory: Path) -> Path:
     return paths.stamp_path(directory, "pull")
@@ -161,7 +163,7 @@ class Puller:
                 except attest.SignatureError as exc:
                     failed = exc.message
             why.append(failed)
-        raise PullError(f"{self.ref}: {'no signature is attached' if not why else 'no valid signature'} "
+        raise attest.SignatureError(f"{self.ref}: {'no signature is attached' if not why else 'no valid signature'} "
                         f"for {digest} by a trusted key{': ' + '; '.join(dict.fromkeys(why)) if why else ''}",
                         hint="pull what the publisher you trust signed, or fix the trust file (--trust); "
                         "--no-verify skips the check")  # fmt: skip

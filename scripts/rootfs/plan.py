@@ -17,7 +17,7 @@ from typing import Any
 from .. import TOOL_VERSION, paths, settings, stamps
 from ..apk import lockfile
 from ..apk.lockfile import Locked
-from ..errors import BuildError, PinError, SettingError
+from ..errors import BuildError, SettingError, UsageError
 from ..formats import Format, Writer, Written
 from ..formats import get as get_format
 from ..hashing import sha256_file
@@ -201,7 +201,7 @@ def check(pins: Pins, runtime: str, arch: str, frozen: bool, dry: bool) -> Check
     """The plan and why its outputs are out of date. ``dry`` never resolves or writes the lock."""
     alpine = pins.alpine
     if runtime not in alpine.runtimes:
-        raise PinError(
+        raise UsageError(
             f"unknown runtime {runtime!r}",
             hint=f"runtimes in {pins.path.name}: {', '.join(alpine.runtimes)} (add one under alpine.runtimes)",
         )

@@ -33,6 +33,8 @@ APK_CHECKSUM_PAX = "APK-TOOLS.checksum.SHA1"
 class UnsafePackage(BuildError):
     """A package tries to write outside the image root."""
 
+    exit_code = 6
+
 
 @dataclass
 class Node:

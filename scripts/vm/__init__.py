@@ -33,6 +33,8 @@ STALL_S = 60.0  # a guest silent for this long before it is up has hung (a safet
 class BootFailed(VulcanError):
     """The VM did not show a working image in time."""
 
+    exit_code = 8
+
 
 def host_kvm(modules: Path = Path("/sys/module")) -> str:
     """Which KVM this host has (the loaded module), so figures say what they were measured on:

@@ -20,6 +20,8 @@ from . import connect_unix
 class AgentError(VulcanError):
     """The agent could not be reached or answered with an error."""
 
+    exit_code = 8
+
 
 def vsock_connect(uds_path: str, port: int, timeout: float) -> socket.socket:
     """Connect through Firecracker's vsock Unix socket, retrying until the guest listens."""

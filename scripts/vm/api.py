@@ -24,6 +24,8 @@ from . import connect_unix
 class ApiError(VulcanError):
     """Firecracker refused an API request, or its socket did not answer."""
 
+    exit_code = 8
+
 
 def wait_for_socket(path: Path, timeout: float, alive: Any = None) -> None:
     """Until Firecracker listens on ``path`` (``alive()`` False: it exited first)."""

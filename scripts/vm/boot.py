@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import atomic, formats, kconfig, log, paths, settings
 from ..arch import ARCHES, host_arch
-from ..errors import VulcanError
+from ..errors import UsageError, VulcanError
 from ..pins import Pins, Runtime
 from ..pins import load as load_pins
 from ..steps import prog
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.timeout is not None and not args.timeout > 0:
-        raise BootFailed(f"--timeout {args.timeout:g}: want more than 0 seconds")
+        raise UsageError(f"--timeout {args.timeout:g}: want more than 0 seconds")
     # snapshot makes the shared, read-only format's snapshot by default: --restore finds it
     args.format = args.format or (formats.SHARED if args.restore else formats.DEFAULT[0])
     if args.restore:
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
             atomic.write_text(args.report, json.dumps([r.as_json() for r in restored], indent=1) + "\n")
         return 0 if restored and all(r.ok for r in restored) else 1
     if args.count != 1 or args.no_cold:
-        raise BootFailed("--count and --no-cold go with --restore", hint="add --restore, or drop them")
+        raise UsageError("--count and --no-cold go with --restore", hint="add --restore, or drop them")
     results = boot_all(pins, args)
     if args.report:
         atomic.write_text(args.report, json.dumps([r.as_json() for r in results], indent=1) + "\n")
@@ -175,7 +175,7 @@ def _jailer_needs_root(args: argparse.Namespace) -> None:
 def _check_runtimes(asked: list[str], known: Mapping[str, object]) -> None:
     for rt in asked:
         if rt not in known:
-            raise BootFailed(f"unknown runtime {rt!r}", hint=f"runtimes in pins.json: {', '.join(known)}")
+            raise UsageError(f"unknown runtime {rt!r}", hint=f"runtimes in pins.json: {', '.join(known)}")
 
 
 def boot_all(pins: Pins, args: argparse.Namespace) -> list[BootResult]:

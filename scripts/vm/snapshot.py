@@ -29,7 +29,7 @@ from typing import Any
 
 from .. import formats, kconfig, log, paths, settings, sparse, workspace
 from ..arch import ARCHES, host_arch
-from ..errors import VulcanError
+from ..errors import UsageError, VulcanError
 from ..hashing import sha256_file
 from ..pins import Runtime
 from ..pins import load as load_pins
@@ -58,6 +58,8 @@ TEST_ONLY_FLAG = "--test-only-before-ready"
 
 class SnapshotError(VulcanError):
     """A snapshot could not be made, or does not belong to this host."""
+
+    exit_code = 8
 
 
 def root_name(fmt: str) -> str:
@@ -320,12 +322,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--frozen", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.timeout is not None and not args.timeout > 0:
-        raise SnapshotError(f"--timeout {args.timeout:g}: want more than 0 seconds")
+        raise UsageError(f"--timeout {args.timeout:g}: want more than 0 seconds")
     timeout = args.timeout or settings.snapshot_timeout()
     known = pins.alpine.runtimes
     for rt in args.runtimes:
         if rt not in known:
-            raise SnapshotError(f"unknown runtime {rt!r}", hint=f"runtimes in pins.json: {', '.join(known)}")
+            raise UsageError(f"unknown runtime {rt!r}", hint=f"runtimes in pins.json: {', '.join(known)}")
     if args.arch != host_arch():
         raise SnapshotError(f"snapshots are made by running the VM: {args.arch} cannot run on {host_arch()}",
                             hint="make them on a host of that architecture")  # fmt: skip
