@@ -2,7 +2,7 @@
 
 A bad value is an error that names the variable and says what it takes, never a traceback or a
 silent default. Each reader is a small function, so a no-op run reads only what it needs.
-``tests/test_layout.py`` keeps this table and the README's in step.
+``tests/quick/test_layout.py`` keeps this table and the README's in step.
 """
 
 from __future__ import annotations

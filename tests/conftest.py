@@ -7,6 +7,7 @@ import lzma
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +103,145 @@ def fc(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin
     with built_world(tmp_path_factory.mktemp("fc"), go_build_cache, agent_bin, prepare=prepare,
                      formats=["ext4", "squashfs"], download=True) as w:  # fmt: skip
         yield w
+
+
+# -- worlds shared by a quick module and its slow counterpart (tests/quick/X, tests/system/X):
+# built once for the whole run, whichever of the two asks first
+
+
+@pytest.fixture(scope="session")
+def ready(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
+    """The test repository, the agent and the lock; the python image built once as the
+    reference (test_faults)."""
+    with built_world(tmp_path_factory.mktemp("faults"), go_build_cache, agent_bin,
+                     runtimes={"python": imagerepo.RUNTIMES["python"]}) as w:  # fmt: skip
+        w.reference = sha256((w.out / "images" / "python.ext4").read_bytes())  # type: ignore[attr-defined]
+        yield w
+
+
+@pytest.fixture(scope="session")
+def squashfs_built(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
+    """The python runtime built in both formats (test_squashfs)."""
+    with built_world(tmp_path_factory.mktemp("sq"), go_build_cache, agent_bin,
+                     runtimes={"python": imagerepo.RUNTIMES["python"]}, formats=["ext4", "squashfs"]) as w:  # fmt: skip
+        yield w
+
+
+@pytest.fixture(scope="session")
+def full(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
+    """The python runtime with a Firecracker release and the QEMU test kernel downloaded as pinned
+    (test_verify_boot; without ../shared any ELF of this machine stands in for the kernel:
+    verify checks its header, not a boot)."""
+    from scripts.arch import host_arch
+    from tests.support.world import firecracker_tgz, version_program
+
+    arch = host_arch()
+
+    def prepare(w: World) -> None:
+        fc, kernel = w.pins["firecracker"], w.pins["kernel"]
+        tgz = firecracker_tgz(fc["version"], arch)
+        fc["sha256"][arch] = sha256(tgz)
+        w.mirror.add(fc["url"].format(version=fc["version"], arch=arch), tgz)
+        test_kernel = TEST_KERNEL.is_file()
+        vmlinux = lzma.decompress(TEST_KERNEL.read_bytes()) if test_kernel else version_program("vmlinux", arch)
+        kernel["sha256"][arch] = sha256(vmlinux)
+        w.mirror.add(kernel["url"].format(version=kernel["version"], arch=arch), vmlinux)
+        imagerepo.setup(w)
+
+    with built_world(tmp_path_factory.mktemp("full"), go_build_cache, agent_bin, prepare=prepare, download=True) as w:
+        yield w
+
+
+@pytest.fixture(scope="session")
+def alpine(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
+    """Images of the real Alpine v3.19 repository of ../shared (test_real_alpine)."""
+    from tests.support import realapk, realworld
+    from tests.support.apkrepo import CDN
+
+    apk = realapk.real_apk()  # skips without ../shared
+
+    def prepare(w: World) -> None:
+        keys = w.pins["alpine"]["keys"]
+        realapk.serve_as_mirror(w.mirror, realworld.BRANCH, keys)
+        w.pins["alpine"] = {"mirror": CDN, "branch": realworld.BRANCH, "repositories": ["main"], "keys": keys,
+                            "base": realworld.BASE, "headroom_mib": 16, "runtimes": realworld.RUNTIMES}  # fmt: skip
+
+    with built_world(tmp_path_factory.mktemp("alpine"), go_build_cache, agent_bin, prepare=prepare) as w:
+        w.apk = apk  # type: ignore[attr-defined]
+        yield w
+
+
+@pytest.fixture(scope="session")
+def real(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
+    """The real v3.19 repository with the extra repositories beside it (test_apk_repositories)."""
+    from scripts.arch import host_arch
+    from tests.support import extrarepos, realapk
+    from tests.support.apkrepo import CDN
+
+    if host_arch() != "x86_64":
+        pytest.skip("the real repository in ../shared is x86_64")
+    apk = realapk.real_apk()  # skips without ../shared
+
+    def prepare(w: World) -> None:
+        keys = w.pins["alpine"]["keys"]
+        realapk.serve_as_mirror(w.mirror, extrarepos.BRANCH, keys)
+        extrarepos.serve_extra(w.mirror, w.tmp)
+        w.pins["alpine"] = {
+            "mirror": CDN, "branch": extrarepos.BRANCH, "repositories": ["main"], "keys": keys,
+            "base": extrarepos.BASE, "headroom_mib": 16, "extra_repositories": extrarepos.extra_repositories(),
+            "runtimes": {"tools": {"world": extrarepos.WORLD, "check": ["team-tool"], "binary": "/usr/bin/team-tool"}},
+        }  # fmt: skip
+
+    with built_world(tmp_path_factory.mktemp("extra"), go_build_cache, agent_bin, prepare=prepare) as w:
+        w.apk = apk  # type: ignore[attr-defined]
+        yield w
+
+
+@pytest.fixture
+def go() -> str:
+    """The Go toolchain the agent is built with (test_guest)."""
+    from tests.support.toolchains import find_go
+
+    return find_go()
+
+
+@pytest.fixture(scope="session")
+def apk() -> Any:
+    """The real apk-tools 2.14 of ../shared (the oracle's), or a skip saying why not."""
+    from tests.support.realapk import real_apk
+
+    return real_apk()
+
+
+@pytest.fixture(scope="session")
+def roots(apk: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An empty apk root per index of the oracle (test_apk_oracle), whose repository serves that index."""
+    from tests.quick.test_apk_oracle import INDEXES, REPOS
+    from tests.support.realapk import ISO, ISO_INDEX, empty_root
+
+    out = {}
+    for name, (paths, arch) in INDEXES.items():
+        if not all(p.is_file() for p in paths):
+            continue
+        base = tmp_path_factory.mktemp(name)
+        repos = []
+        for i, path in enumerate(paths):
+            if path == ISO_INDEX:
+                repos.append(ISO)
+                continue
+            repo = base / REPOS[i]
+            (repo / arch).mkdir(parents=True)
+            (repo / arch / "APKINDEX.tar.gz").symlink_to(path)
+            repos.append(repo)
+        out[name] = empty_root(base, repos, arch)
+    return out
+
+
+SYSTEM = Path(__file__).parent / "system"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in tests/system/ is slow, so that ``-m "not slow"`` is tests/quick/ too."""
+    for item in items:
+        if SYSTEM in item.path.parents:
+            item.add_marker(pytest.mark.slow)

@@ -1,22 +1,19 @@
-"""Read-only squashfs images from the same tar stream as ext4: built, reproducible, the same files
+"""Read-only squashfs images from the same tar stream as ext4: squashfs_built, reproducible, the same files
 as the ext4 image, checked by verify, and refused with a clear error where they cannot be made."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import lzma
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from scripts.arch import host_arch
 from scripts.formats import ext4_read as debugfs
 from scripts.formats import squashfs_read
 from tests.support import imagerepo
-from tests.support.world import SHARED, World, built_world
+from tests.support.world import SHARED, World
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="squashfs-tools-ng (tar2sqfs) is not installed"),
@@ -34,15 +31,8 @@ def both_formats(w: World) -> None:
     w.write_pins()
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
-    runtimes = {"python": imagerepo.RUNTIMES["python"]}
-    with built_world(tmp_path_factory.mktemp("sq"), go_build_cache, agent_bin, runtimes=runtimes, formats=BOTH) as w:
-        yield w
-
-
-def test_both_formats_are_built_described_and_listed_in_the_sbom(built: World) -> None:
-    images = built.out / "images"
+def test_both_formats_are_built_described_and_listed_in_the_sbom(squashfs_built: World) -> None:
+    images = squashfs_built.out / "images"
     manifest = json.loads((images / "python.manifest.json").read_text())
     listed = {i["format"]: i for i in manifest["images"]}
     assert sorted(listed) == BOTH
@@ -59,10 +49,10 @@ def test_both_formats_are_built_described_and_listed_in_the_sbom(built: World) -
     assert {"python.ext4", "python.squashfs"} <= names
 
 
-def test_squashfs_holds_exactly_the_files_of_the_ext4_image(built: World) -> None:
+def test_squashfs_holds_exactly_the_files_of_the_ext4_image(squashfs_built: World) -> None:
     """Every owner, mode, size, symlink, hard link, device node and xattr (rdsquashfs/sqfs2tar
     against debugfs)."""
-    images = built.out / "images"
+    images = squashfs_built.out / "images"
     sq = squashfs_read.entries(images / "python.squashfs")
     ext = debugfs.stat_many(images / "python.ext4", sorted(sq))
     assert len(sq) > 100
@@ -83,18 +73,18 @@ def test_squashfs_holds_exactly_the_files_of_the_ext4_image(built: World) -> Non
     assert (sq["work"].inode.uid, sq["work"].inode.gid) == (1000, 1000)
 
 
-def test_squashfs_is_bit_identical_on_rebuild(built: World, tmp_path: Path) -> None:
+def test_squashfs_is_bit_identical_on_rebuild(squashfs_built: World, tmp_path: Path) -> None:
     """Another output and scratch directory, another cache (so the stream is assembled again)."""
     out = tmp_path / "again"
-    shutil.copytree(built.out / "bin", out / "bin")
-    built.run("rootfs", "--all", check=True, VULCAN_OUT=str(out), VULCAN_CACHE=str(tmp_path / "cache"),
+    shutil.copytree(squashfs_built.out / "bin", out / "bin")
+    squashfs_built.run("rootfs", "--all", check=True, VULCAN_OUT=str(out), VULCAN_CACHE=str(tmp_path / "cache"),
               VULCAN_SCRATCH=str(tmp_path / "scratch"))  # fmt: skip
     for fmt in BOTH:
-        assert sha(out / "images" / f"python.{fmt}") == sha(built.out / "images" / f"python.{fmt}"), fmt
+        assert sha(out / "images" / f"python.{fmt}") == sha(squashfs_built.out / "images" / f"python.{fmt}"), fmt
 
 
-def test_verify_checks_the_squashfs_image(built: World) -> None:
-    proc = built.run("verify", "--json", "--reproduce")
+def test_verify_checks_the_squashfs_image(squashfs_built: World) -> None:
+    proc = squashfs_built.run("verify", "--json", "--reproduce")
     rows = json.loads(proc.stdout)["rows"]
     # --reproduce compares both formats with what was published
     assert {(r["artifact"], r["result"]) for r in rows if r["check"] == "--reproduce"} == {
@@ -109,9 +99,9 @@ def test_verify_checks_the_squashfs_image(built: World) -> None:
         assert sq["runtime runs"]["result"] == "pass", sq["runtime runs"]
 
 
-def test_a_changed_squashfs_image_fails_verify(built: World, tmp_path: Path) -> None:
+def test_a_changed_squashfs_image_fails_verify(squashfs_built: World, tmp_path: Path) -> None:
     out = tmp_path / "copy"
-    shutil.copytree(built.out, out)
+    shutil.copytree(squashfs_built.out, out)
     img = out / "images/python.squashfs"
     data = bytearray(img.read_bytes())
     # a byte of the (compressed) inode table: squashfs has no checksums, so a flipped byte of a
@@ -120,7 +110,7 @@ def test_a_changed_squashfs_image_fails_verify(built: World, tmp_path: Path) -> 
     inode_table = int.from_bytes(data[64:72], "little")
     data[inode_table + 10] ^= 0xFF
     img.write_bytes(bytes(data))
-    proc = built.run("verify", "--json", VULCAN_OUT=str(out))
+    proc = squashfs_built.run("verify", "--json", VULCAN_OUT=str(out))
     assert proc.returncode == 1
     failed = {(r["artifact"], r["check"]) for r in json.loads(proc.stdout)["rows"] if r["result"] == "FAIL"}
     assert ("images/python.squashfs", "sha256 = manifest") in failed
@@ -128,7 +118,7 @@ def test_a_changed_squashfs_image_fails_verify(built: World, tmp_path: Path) -> 
     assert "Traceback" not in proc.stderr
 
 
-def test_the_build_check_reads_all_metadata_and_verify_also_every_block(built: World, tmp_path: Path) -> None:
+def test_the_build_check_reads_all_metadata_and_verify_also_every_block(squashfs_built: World, tmp_path: Path) -> None:
     """After writing, a build reads every inode and directory back (as e2fsck -fn does for
     ext4); verify also decompresses every block, since squashfs has no checksums of its own."""
     import struct
@@ -136,7 +126,7 @@ def test_the_build_check_reads_all_metadata_and_verify_also_every_block(built: W
     from scripts.errors import BuildError
     from scripts.formats.squashfs import WRITER
 
-    image = built.out / "images/python.squashfs"
+    image = squashfs_built.out / "images/python.squashfs"
     WRITER.check(image)
     WRITER.check(image, deep=True)
     inode_table = struct.unpack_from("<Q", image.read_bytes(), 64)[0]  # the superblock's inode_table_start
@@ -156,16 +146,18 @@ def test_the_build_check_reads_all_metadata_and_verify_also_every_block(built: W
             WRITER.check(bad, deep=True)
 
 
-def test_an_epoch_squashfs_cannot_store_is_refused_before_anything_is_built(built: World, tmp_path: Path) -> None:
+def test_an_epoch_squashfs_cannot_store_is_refused_before_anything_is_built(
+    squashfs_built: World, tmp_path: Path
+) -> None:
     """SOURCE_DATE_EPOCH takes up to 2106 (ext4, tar); tar2sqfs only up to 2038-01-19."""
     out = tmp_path / "o"
-    shutil.copytree(built.out / "bin", out / "bin")
-    proc = built.run("rootfs", "--all", SOURCE_DATE_EPOCH="2147483648", VULCAN_OUT=str(out))
+    shutil.copytree(squashfs_built.out / "bin", out / "bin")
+    proc = squashfs_built.run("rootfs", "--all", SOURCE_DATE_EPOCH="2147483648", VULCAN_OUT=str(out))
     assert proc.returncode == 4 and "Traceback" not in proc.stderr
     assert "SOURCE_DATE_EPOCH=2147483648: later than squashfs images can store (at most 2147483647)" in proc.stderr
     assert "leave squashfs out of alpine.formats" in proc.stderr
     assert not (out / "images").exists() or not list((out / "images").glob("python.*"))
-    proc = built.run("rootfs", "--all", SOURCE_DATE_EPOCH="2147483647", VULCAN_OUT=str(out))
+    proc = squashfs_built.run("rootfs", "--all", SOURCE_DATE_EPOCH="2147483647", VULCAN_OUT=str(out))
     assert proc.returncode == 0, proc.stderr
     assert (out / "images/python.squashfs").is_file() and (out / "images/python.ext4").is_file()
 
@@ -195,63 +187,3 @@ def test_tar2sqfs_missing_is_a_clear_error_and_leaves_no_image(world: World, tmp
 
 
 TEST_KERNEL = SHARED / "kernel" / "vmlinux.xz"
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(host_arch() != "x86_64", reason="the x86_64 test kernel")
-@pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
-@pytest.mark.parametrize(("fmt", "extra"), [("squashfs", []), ("squashfs", ["--overlay", "disk"]),
-                                            ("ext4", ["--read-only"])])  # fmt: skip
-def test_a_read_only_image_boots_with_a_writable_overlay_and_is_not_changed(
-    built: World, fmt: str, extra: list[str]
-) -> None:
-    """The image is attached read-only and in place: nothing is copied, /work and /etc are
-    writable in the guest (the overlay), and the image file is the same afterwards."""
-    kernel = built.tmp / "vmlinux"
-    if not kernel.exists():
-        kernel.write_bytes(lzma.decompress(TEST_KERNEL.read_bytes()))
-    image = built.out / "images" / f"python.{fmt}"
-    before = sha(image)
-    report = built.tmp / f"boot-{fmt}-{'-'.join(extra)}.json"
-    proc = built.run("boot", "--vmm", "qemu", "--kernel", str(kernel), "--format", fmt, *extra,
-                     "--report", str(report), "python")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(report.read_text())[0]
-    assert result["ok"] and result["format"] == fmt and result["copied_bytes"] == 0
-    assert "root=overlay writable=/work,/etc" in result["detail"], result
-    # overlay-init detached the read-only root and the upper layer: a sandbox sees neither
-    assert "vulcan-mounts=none" in result["detail"], result
-    assert sha(image) == before
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(host_arch() != "x86_64", reason="the x86_64 test kernel")
-@pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
-@pytest.mark.parametrize(
-    ("append", "refused"),
-    [
-        ("vulcan.overlay=/dev/vda", "vulcan-overlay: fail vulcan.overlay=/dev/vda: expected tmpfs or a drive"),
-        ("vulcan.overlay_size=1m,nr_inodes=1", "vulcan-overlay: fail vulcan.overlay_size=1m,nr_inodes=1: expected"),
-        ("vulcan.overlay_size=64m", None),
-    ],
-)
-def test_overlay_init_takes_only_a_known_upper_layer_and_a_plain_size(
-    built: World, append: str, refused: str | None
-) -> None:
-    """The last word of the command line wins: a device that is not a spare drive, or mount
-    options smuggled into the size, stop the boot with a console message; a plain size boots."""
-    kernel = built.tmp / "vmlinux"
-    if not kernel.exists():
-        kernel.write_bytes(lzma.decompress(TEST_KERNEL.read_bytes()))
-    report = built.tmp / f"boot-append-{abs(hash(append))}.json"
-    proc = built.run("boot", "--vmm", "qemu", "--kernel", str(kernel), "--format", "squashfs", "--append", append,
-                     "--report", str(report), "--timeout", "120", "python")  # fmt: skip
-    result = json.loads(report.read_text())[0]
-    if refused is None:
-        assert proc.returncode == 0 and result["ok"], result
-        assert "vulcan-mounts=none" in result["detail"], result
-    else:
-        assert proc.returncode == 1 and not result["ok"], result
-        assert refused in result["detail"], result

@@ -8,49 +8,23 @@ from __future__ import annotations
 
 import difflib
 import json
-import lzma
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scripts.arch import host_arch
 from tests.support import realapk
-from tests.support.apkrepo import CDN
-from tests.support.world import SHARED, World, built_world
+from tests.support.realworld import BASE, RUNTIMES
+from tests.support.world import SHARED, World
 
-BRANCH = "v3.19"
-BASE = ["alpine-baselayout", "alpine-keys", "alpine-release", "busybox", "busybox-binsh", "musl",
-        "ca-certificates-bundle"]  # fmt: skip
-RUNTIMES = {
-    "apk": {"world": ["apk-tools"], "check": ["apk", "--version"], "binary": "/sbin/apk"},
-    "openssl": {"world": ["openssl"], "check": ["openssl", "version"], "binary": "/usr/bin/openssl"},
-    # meta packages (no files of their own but apk's .dummy) beside real ones: the tree comparison
-    "meta": {"world": ["alpine-base", "libc-utils"], "check": ["apk", "--version"], "binary": "/sbin/apk"},
-}
 # What we write over package files on purpose: accounts (sandbox, shadow, klogd) and the init
 EDITED = {"etc/passwd", "etc/group", "etc/shadow", "etc/inittab", "etc/hostname"}
 TEST_KERNEL = SHARED / "kernel" / "vmlinux.xz"
 
 pytestmark = pytest.mark.skipif(host_arch() != "x86_64", reason="the real repository in ../shared is x86_64")
-
-
-@pytest.fixture(scope="module")
-def alpine(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
-    apk = realapk.real_apk()  # skips without ../shared
-
-    def prepare(w: World) -> None:
-        keys = w.pins["alpine"]["keys"]
-        realapk.serve_as_mirror(w.mirror, BRANCH, keys)
-        w.pins["alpine"] = {"mirror": CDN, "branch": BRANCH, "repositories": ["main"], "keys": keys, "base": BASE,
-                            "headroom_mib": 16, "runtimes": RUNTIMES}  # fmt: skip
-
-    with built_world(tmp_path_factory.mktemp("alpine"), go_build_cache, agent_bin, prepare=prepare) as w:
-        w.apk = apk  # type: ignore[attr-defined]
-        yield w
 
 
 def image_root(w: World, runtime: str, dest: Path) -> Path:
@@ -139,17 +113,6 @@ def test_real_apk_adds_and_removes_a_package_without_losing_a_record(alpine: Wor
     assert sorted(apk.run("info", "-v", root=root).stdout.split()) == before
     db = (root / "lib/apk/db/installed").read_text()
     assert len(re.findall(r"^P:", db, re.M)) == len(before)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not TEST_KERNEL.is_file(), reason="../shared/testdata/kernel/vmlinux.xz is absent")
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed")
-def test_a_real_alpine_image_boots(alpine: World) -> None:
-    kernel = alpine.tmp / "vmlinux"
-    kernel.write_bytes(lzma.decompress(TEST_KERNEL.read_bytes()))
-    proc = alpine.run("boot", "--vmm", "qemu", "--kernel", str(kernel), "apk")
-    assert proc.returncode == 0, proc.stderr
-    assert "vulcan-smoke: ok" in (alpine.out / "images/.boot/apk.ext4.qemu.console.log").read_text()
 
 
 def _tree(root: Path, modes: dict[str, tuple[int, int, int]] | None = None) -> dict[str, tuple[object, ...]]:
@@ -254,7 +217,6 @@ def test_a_file_nobody_may_read_is_compared_as_root_would_read_it() -> None:
     (the PermissionError a non-root run of the suite hit), and leaves its mode as it was."""
     import inspect
     import os
-    import shutil
     import subprocess
     import tempfile
 

@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,80 +20,31 @@ import pytest
 
 from scripts.apk import indexes, lockfile, packages
 from scripts.apk.trust import TrustError
-from scripts.arch import host_arch
 from scripts.errors import PinError
 from scripts.pins import load
 from tests.support import realapk
-from tests.support.apkrepo import CDN, KEY_NAME, Entry, Pkg, alpine_pins, key_fingerprint, public_pem, publish
+from tests.support.apkrepo import CDN, KEY_NAME, Entry, Pkg, alpine_pins, public_pem, publish
 from tests.support.apkrepo import repository as repo_files
-from tests.support.world import BASE_PINS, World, built_world
-
-ARCH = "x86_64"
-TEAM, EDGE, DEV = "acme-team-61a0c0de.rsa.pub", "acme-edge-61a0c0df.rsa.pub", "dev@example.com-61a0c0e0.rsa.pub"
-TEAM_URL = "https://packages.acme.test/alpine/v3.19/acme"
-EDGE_URL = "https://packages.acme.test/alpine/edge/acme"
-
-
-def tree(*paths: str) -> list[Entry]:
-    """Entries with every parent directory (real apk refuses a data tar without its dirents) and
-    abuild's per-file checksums (real apk 2.14 counts a package without them as an error)."""
-    out: dict[str, Entry] = {}
-    for p in paths:
-        parts = p.split("/")
-        for i in range(1, len(parts)):
-            d = "/".join(parts[:i])
-            out.setdefault(d, Entry(d, kind="dir", mode=0o755))
-        out[p] = Entry(p, f"#!/bin/sh\necho {parts[-1]}\n".encode(), 0o755, checksum=True)
-    return list(out.values())
-
-
-def team_packages() -> list[Pkg]:
-    return [Pkg("team-tool", "1.0-r0", entries=tree("usr/bin/team-tool"), depends=["musl"], key=TEAM)]
-
-
-def edge_packages() -> list[Pkg]:
-    return [
-        Pkg("newthing", "2.0-r0", entries=tree("usr/bin/newthing"), depends=["edgelib"], key=EDGE),
-        Pkg("edgelib", "2.0-r0", entries=tree("usr/lib/edgelib/edge.sh"), key=EDGE),
-        # a newer team-tool in the tagged repository: an untagged world entry must never take it
-        Pkg("team-tool", "9.0-r0", entries=tree("usr/bin/team-tool"), key=EDGE),
-    ]
-
-
-def dev_packages(version: str = "0.1-r0") -> list[Pkg]:
-    return [Pkg("devpkg", version, entries=tree("usr/share/devpkg/hello"), key=DEV)]
-
-
-def key_entry(name: str, url: str | None = None, path: str | None = None) -> dict[str, str]:
-    return {"sha256": key_fingerprint(name), **({"url": url} if url else {"path": path or ""})}
-
-
-def extra_repositories(local: str = "local-repo") -> dict[str, object]:
-    return {
-        "acme": {"url": TEAM_URL, "supplier": "Acme", "keys": {TEAM: key_entry(TEAM, f"{TEAM_URL}/{TEAM}")}},
-        "acme-edge": {"url": EDGE_URL, "tag": "edge", "keys": {EDGE: key_entry(EDGE, f"{EDGE_URL}/{EDGE}")}},
-        "local": {"path": local, "keys": {DEV: key_entry(DEV, path=f"keys/{DEV}")}},
-    }
-
-
-def serve_extra(mirror: object, tmp: Path, dev: list[Pkg] | None = None) -> None:
-    """The team's and the tagged repository on the mirror, the local one and its key in ``tmp``."""
-    for url, key, pkgs in ((TEAM_URL, TEAM, team_packages()), (EDGE_URL, EDGE, edge_packages())):
-        mirror.add(f"{url}/{key}", public_pem(key))  # type: ignore[attr-defined]
-        for name, data in repo_files(pkgs, key=key).items():
-            mirror.add(f"{url}/{ARCH}/{name}", data)  # type: ignore[attr-defined]
-    write_local(tmp / "local-repo", dev or dev_packages())
-    (tmp / "keys").mkdir(exist_ok=True)
-    (tmp / "keys" / DEV).write_bytes(public_pem(DEV))
-
-
-def write_local(repo: Path, pkgs: list[Pkg], key: str = DEV) -> None:
-    d = repo / ARCH
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    for name, data in repo_files(pkgs, key=key).items():
-        (d / name).write_bytes(data)
-
+from tests.support.extrarepos import (
+    ARCH,
+    BASE,
+    BRANCH,
+    DEV,
+    EDGE,
+    EDGE_URL,
+    TEAM,
+    TEAM_URL,
+    WORLD,
+    dev_packages,
+    edge_packages,
+    extra_repositories,
+    key_entry,
+    serve_extra,
+    team_packages,
+    tree,
+    write_local,
+)
+from tests.support.world import BASE_PINS, World
 
 # -- in-process, generated repositories ------------------------------------------------------
 
@@ -274,31 +224,7 @@ def test_a_key_url_that_serves_no_pem_key_names_its_pins_path(env: World) -> Non
 
 # -- a real image: real Alpine main + the three extra repositories, accepted by real apk -------
 
-BRANCH = "v3.19"
-BASE = ["alpine-baselayout", "alpine-keys", "alpine-release", "busybox", "busybox-binsh", "musl"]
-WORLD = ["team-tool", "newthing@edge", "devpkg"]
 EDITED = {"etc/passwd", "etc/group", "etc/shadow", "etc/inittab", "etc/hostname"}
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory: pytest.TempPathFactory, go_build_cache: Path, agent_bin: Path) -> Iterator[World]:
-    if host_arch() != "x86_64":
-        pytest.skip("the real repository in ../shared is x86_64")
-    apk = realapk.real_apk()  # skips without ../shared
-
-    def prepare(w: World) -> None:
-        keys = w.pins["alpine"]["keys"]
-        realapk.serve_as_mirror(w.mirror, BRANCH, keys)
-        serve_extra(w.mirror, w.tmp)
-        w.pins["alpine"] = {
-            "mirror": CDN, "branch": BRANCH, "repositories": ["main"], "keys": keys, "base": BASE,
-            "headroom_mib": 16, "extra_repositories": extra_repositories(),
-            "runtimes": {"tools": {"world": WORLD, "check": ["team-tool"], "binary": "/usr/bin/team-tool"}},
-        }  # fmt: skip
-
-    with built_world(tmp_path_factory.mktemp("extra"), go_build_cache, agent_bin, prepare=prepare) as w:
-        w.apk = apk  # type: ignore[attr-defined]
-        yield w
 
 
 def image_root(w: World, dest: Path) -> Path:
@@ -374,17 +300,6 @@ def test_the_sbom_names_each_repositorys_supplier_and_location(real: World) -> N
     rows = {p["name"]: p for p in manifest["packages"]}
     assert rows["devpkg"]["repository"] == "local-repo" and rows["devpkg"]["key"] == DEV
     assert rows["newthing"]["tag"] == "edge"
-
-
-@pytest.mark.slow
-def test_rebuilt_from_the_lock_with_a_cold_cache_it_is_bit_identical(real: World, tmp_path: Path) -> None:
-    first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (real.out / "images").glob("tools.*")}
-    out = tmp_path / "out"
-    shutil.copytree(real.out / "bin", out / "bin", symlinks=True)
-    proc = real.run("rootfs", "--runtime", "tools", "--frozen", VULCAN_OUT=str(out), VULCAN_CACHE=str(tmp_path / "c"))
-    assert proc.returncode == 0, proc.stderr
-    again = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "images").glob("tools.*")}
-    assert again == first
 
 
 def test_verify_reads_the_image_built_from_extra_repositories(real: World) -> None:

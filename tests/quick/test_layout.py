@@ -4,8 +4,6 @@ module, and a README that stays true (the file map and the overrides)."""
 from __future__ import annotations
 
 import ast
-import getpass
-import os
 import re
 import subprocess
 import sys
@@ -221,7 +219,7 @@ def _strings_outside_docstrings(tree: ast.AST) -> list[ast.Constant]:
 
 def test_only_the_formats_package_knows_a_format_by_name() -> None:
     """Adding a format is a record in scripts/formats/: nothing else may branch on "ext4" or
-    "squashfs" (tests/test_formats.py builds an image in a format registered by the test)."""
+    "squashfs" (tests/quick/test_formats.py builds an image in a format registered by the test)."""
     from scripts.formats import FORMATS
 
     named = []
@@ -248,25 +246,6 @@ def test_the_leaves_import_nothing_of_ours_not_even_lazily() -> None:
                   and not n.module for a in n.names}  # fmt: skip
         found = {m.rstrip(".") for m in found if m != "scripts.None"}
         assert found <= allowed, (leaf, found - allowed)
-
-
-@pytest.mark.slow
-def test_a_green_run_leaves_nothing_in_the_temporary_directory(tmp_path: Path) -> None:
-    """pytest's own directories (kept for the last failed run only: pyproject.toml), the real
-    apk's install and its scratch: a green run of tests that make them leaves (almost) nothing."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    chosen = [
-        "tests/test_apk_oracle.py::test_the_provider_rule_versioned_against_unversioned_with_priority",
-        "tests/test_rootfs_units.py::test_why_a_step_runs_again_names_the_input_with_whole_short_values",
-    ]
-    env = {**os.environ, "TMPDIR": str(tmp)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *chosen], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    left = [p for p in tmp.rglob("*") if not p.is_dir()]
-    assert left == [], left
-    assert [p.name for p in tmp.iterdir()] in ([], [f"pytest-of-{getpass.getuser()}"])
 
 
 # Commits before this one kept no limit; from here on a subject says what changed in at most 72

@@ -23,7 +23,6 @@ pytestmark = [
 ]
 
 
-@pytest.mark.slow
 def test_aarch64_image_on_an_x86_64_host(world: World) -> None:
     imagerepo.setup(world, arch="aarch64")
     world.run("guest", "--arch", "aarch64", check=True, VULCAN_GO=find_go())
@@ -53,7 +52,6 @@ def test_aarch64_image_on_an_x86_64_host(world: World) -> None:
 ARM64_KERNEL = SHARED / "kernel" / "arm64" / "Image.xz"
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not ARM64_KERNEL.is_file(), reason="../shared/testdata/kernel/arm64/Image.xz is absent")
 @pytest.mark.skipif(shutil.which("qemu-system-aarch64") is None, reason="qemu-system-arm is not installed")
 @pytest.mark.skipif(imagerepo.static_busybox("aarch64") is None,

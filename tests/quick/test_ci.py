@@ -15,9 +15,7 @@ import pytest
 
 from scripts.arch import ARCHES
 from scripts.formats import NAMES
-from tests.support import imagerepo
-from tests.support.apkrepo import publish
-from tests.support.world import BASE_PINS, REPO, World
+from tests.support.world import BASE_PINS, REPO
 
 WORKFLOW = REPO / ".github/workflows/images.yml"
 
@@ -138,24 +136,6 @@ def test_the_publish_job_runs_on_main_after_check_and_boot_with_the_users_comman
     assert "nox -s download guest -- --arch" in step["run"]  # the host artifact needs both architectures' bin/
     lock = [s for s in job["steps"] if s.get("with", {}).get("name") == "alpine-lock"]
     assert lock and lock[0]["if"] == "needs.lock.outputs.fresh != 'true'"
-
-
-@pytest.mark.slow  # 15 s: it resolves and builds like two CI jobs; the quick set must stay under 3 minutes
-def test_the_lock_hand_off_runs_here_as_in_ci(world: World) -> None:
-    """No committed lock: the lock job's commands find it stale, resolve it once, and a
-    --frozen build (what every cell runs) then succeeds with that lock; a fresh lock is a no-op."""
-    imagerepo.setup(world, runtimes={"python": imagerepo.RUNTIMES["python"]})
-    state = world.run("ci-lock", check=True).stdout
-    assert "fresh=false" in state and "python/x86_64" in state
-    frozen = world.run("rootfs", "--runtime", "python", "--frozen")
-    assert frozen.returncode == 4 and "nox -s lock" in frozen.stderr  # what a cell does without the hand-off
-    publish(world.mirror, imagerepo.packages("aarch64"), "aarch64")  # the lock job resolves both arches
-    lock = world.run("lock", check=True)
-    assert "lock python/x86_64" in lock.stderr and "lock python/aarch64" in lock.stderr
-    assert world.run("ci-lock", check=True).stdout.strip() == "fresh=true"
-    world.use_agent()
-    world.run("rootfs", "--runtime", "python", "--frozen", check=True)
-    assert (world.out / "images/python.ext4").is_file()
 
 
 def test_the_set_up_as_an_ordinary_user_says_what_to_do_and_changes_nothing() -> None:

@@ -169,7 +169,7 @@ def test_a_tools_directory_the_user_may_not_enter_leaves_mke2fs_plain() -> None:
     place = Path(f"/tmp/vulcan-tools-{os.getpid()}")
     shutil.rmtree(place, ignore_errors=True)
     try:
-        shutil.copytree(Path(__file__).resolve().parents[1] / "scripts", place / "src/scripts",
+        shutil.copytree(Path(__file__).resolve().parents[2] / "scripts", place / "src/scripts",
                         ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
         (place / "root-only").mkdir(mode=0o700)
         place.chmod(0o755)

@@ -3,7 +3,7 @@
 (the test-only switch, with a kernel this host's KVM stops early), the files and snapshot.json,
 refusal of a snapshot bound to something else, N concurrent restores each with its own socket
 and layer, and nothing copied per restore of a read-only image. Ready, warm snapshots and
-clones printing 42 with their clock set and their RNG reseeded: tests/test_guest_vm.py."""
+clones printing 42 with their clock set and their RNG reseeded: tests/system/test_guest_vm.py."""
 
 from __future__ import annotations
 
@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from scripts import kconfig
 from scripts.hashing import sha256_file
 from scripts.vm.firecracker import NESTED_KVM
-from scripts.vm.snapshot import BINDING, TEST_ONLY_FLAG, differences, host_cpu
+from scripts.vm.snapshot import BINDING, TEST_ONLY_FLAG, host_cpu
 from tests.support.world import World
 
-slow = pytest.mark.slow  # each builds on the real-Firecracker world
 MIB = 1 << 20
 
 
@@ -41,7 +39,6 @@ def _files(d: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in d.iterdir()}
 
 
-@slow
 def test_a_snapshot_holds_the_vm_and_says_what_it_is_bound_to(fc: World, snap: Path) -> None:
     doc = json.loads((snap / "snapshot.json").read_text())
     assert sorted(p.name for p in snap.iterdir()) == ["memory", "snapshot.json", "vmstate"]
@@ -59,7 +56,6 @@ def test_a_snapshot_holds_the_vm_and_says_what_it_is_bound_to(fc: World, snap: P
     assert (b["cpu_model"], b["cpu_flags"]) == host_cpu() and b["ready"] is False
 
 
-@slow
 def test_a_second_snapshot_run_is_a_no_op(fc: World, snap: Path) -> None:
     before = _files(snap)
     proc = fc.run("snapshot", TEST_ONLY_FLAG, "--format", "squashfs", "python")
@@ -67,7 +63,6 @@ def test_a_second_snapshot_run_is_a_no_op(fc: World, snap: Path) -> None:
     assert _files(snap) == before
 
 
-@slow
 def test_a_kernel_that_would_not_reseed_clones_is_refused_for_real_snapshots(fc: World, snap: Path) -> None:
     before = _files(snap)
     proc = fc.run("snapshot", "--format", "squashfs", "python")
@@ -76,7 +71,6 @@ def test_a_kernel_that_would_not_reseed_clones_is_refused_for_real_snapshots(fc:
     assert "Traceback" not in proc.stderr and _files(snap) == before
 
 
-@slow
 def test_clones_restore_at_once_each_with_its_own_socket_and_nothing_copied(
     fc: World, snap: Path, tmp_path: Path
 ) -> None:
@@ -101,7 +95,6 @@ def test_clones_restore_at_once_each_with_its_own_socket_and_nothing_copied(
     assert "0/3 clones ok" in proc.stderr
 
 
-@slow
 def test_clones_restore_through_the_jailer_each_in_a_chroot_of_its_own(fc: World, snap: Path, tmp_path: Path) -> None:
     """As a production host starts them: the jailer per clone, the snapshot's relative paths
     found inside each chroot; the shared image hard-linked in as it is (nothing copied, its mode
@@ -122,7 +115,6 @@ def test_clones_restore_through_the_jailer_each_in_a_chroot_of_its_own(fc: World
     assert (sha256_file(image), image.stat().st_mode, image.stat().st_uid) == before
 
 
-@slow
 def test_a_restore_reports_a_cold_boot_beside_it(fc: World, snap: Path, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     proc = fc.run("boot", "--restore", "--report", str(report), "--format", "squashfs", "python")
@@ -132,7 +124,6 @@ def test_a_restore_reports_a_cold_boot_beside_it(fc: World, snap: Path, tmp_path
     assert r["cold_boot_to_ready_s"] is None
 
 
-@slow
 @pytest.mark.parametrize(
     ("field", "value"),
     [("firecracker_version", "Firecracker v1.11.0"), ("image_sha256", "0" * 64)],
@@ -159,7 +150,6 @@ def test_a_snapshot_bound_to_something_else_is_refused_naming_the_field(
         manifest.write_text(original)
 
 
-@slow
 @pytest.mark.parametrize("how", ["changed", "a symbolic link"])
 def test_a_restore_maps_only_the_files_snapshot_json_records(fc: World, snap: Path, tmp_path: Path, how: str) -> None:
     state = snap / "vmstate"
@@ -181,7 +171,6 @@ def test_a_restore_maps_only_the_files_snapshot_json_records(fc: World, snap: Pa
         os.replace(saved, state)
 
 
-@slow
 def test_verify_checks_a_snapshots_files_and_says_it_is_test_only(fc: World, snap: Path) -> None:
     rows = {r["check"]: r for r in json.loads(fc.run("verify", "--json").stdout)["rows"]
             if r["artifact"] == "images/snapshots/python.squashfs"}  # fmt: skip
@@ -203,7 +192,6 @@ def test_verify_checks_a_snapshots_files_and_says_it_is_test_only(fc: World, sna
         state.write_bytes(saved)
 
 
-@slow
 def test_a_writable_images_snapshot_keeps_its_disk_and_each_clone_gets_a_copy(fc: World, tmp_path: Path) -> None:
     proc = fc.run("snapshot", TEST_ONLY_FLAG, "--format", "ext4", "python")
     assert proc.returncode == 0, proc.stderr
@@ -219,59 +207,8 @@ def test_a_writable_images_snapshot_keeps_its_disk_and_each_clone_gets_a_copy(fc
     assert sha256_file(d / "rootfs.ext4") == disk  # the clones wrote to their copies
 
 
-@slow
 def test_restore_without_a_snapshot_says_what_to_run(fc: World) -> None:
     proc = fc.run("boot", "--restore", "--format", "squashfs", "--no-cold", "nosuch")
     assert proc.returncode == 2 and "unknown runtime 'nosuch'" in proc.stderr
     proc = fc.run("boot", "--count", "2", "python")
     assert proc.returncode == 2 and "--count and --no-cold go with --restore" in proc.stderr
-
-
-def test_host_cpu_reads_x86_and_arm64_cpuinfo(tmp_path: Path) -> None:
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: sse2 fpu avx2\n\nprocessor\t: 1\n"
-                    "model name\t: other\nflags\t\t: fpu\n")  # fmt: skip
-    assert host_cpu(info) == ("AMD EPYC 7B13", ["avx2", "fpu", "sse2"])
-    info.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd aes\nCPU implementer\t: 0x41\n"
-                    "CPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: 0xd0c\nCPU revision\t: 1\n")  # fmt: skip
-    assert host_cpu(info) == ("implementer=0x41 architecture=8 variant=0x1 part=0xd0c revision=1",
-                              ["aes", "asimd", "fp"])  # fmt: skip
-
-
-def test_binding_differences_name_the_field_and_the_flags() -> None:
-    b = {f: f"{f}-value" for f in BINDING} | {"cpu_flags": ["avx2", "fpu"], "ready": True}
-    assert differences(b, b) == []
-    other = b | {"cpu_flags": ["fpu", "sse4"], "kernel_sha256": "k2"}
-    assert differences(b, other) == [
-        "kernel_sha256: the snapshot has 'kernel_sha256-value', this host 'k2'",
-        "cpu_flags: this host lacks ['avx2'] and adds ['sse4']",
-    ]
-
-
-def test_snapshots_need_a_kernel_that_reseeds_on_restore() -> None:
-    config = {o: "y" for o in (*kconfig.EVERY_GUEST, "EXT4_FS")}
-    assert kconfig.missing(config, ["ext4"]) == []
-    assert kconfig.missing(config, ["ext4"], snapshot=True) == ["CONFIG_VMGENID"]
-    assert kconfig.missing(config | {"VMGENID": "y"}, ["ext4"], snapshot=True) == []
-
-
-def test_a_unix_socket_deeper_than_sun_path_is_reached(tmp_path: Path) -> None:
-    """Firecracker makes its sockets relative to its working directory; a clone's directory
-    under a deep checkout gives paths longer than connect(2) takes (108 bytes)."""
-    import socket
-
-    from scripts.vm import connect_unix
-
-    deep = tmp_path / ("d" * 60) / ("e" * 60)
-    deep.mkdir(parents=True)
-    fd = os.open(deep, os.O_PATH | os.O_DIRECTORY)
-    with socket.socket(socket.AF_UNIX) as server, socket.socket(socket.AF_UNIX) as client:
-        server.bind(f"/proc/self/fd/{fd}/api.sock")
-        os.close(fd)
-        server.listen(1)
-        assert len(str(deep / "api.sock")) > 108
-        connect_unix(client, deep / "api.sock")
-        conn, _ = server.accept()
-        client.sendall(b"hi")
-        assert conn.recv(2) == b"hi"
-        conn.close()

@@ -40,7 +40,7 @@ from tests.support.world import (
 EMULATED_KERNEL = SHARED / "kernel-fc-emulated" / "vmlinux.xz"
 OTHER_KERNEL = SHARED / "kernel" / "vmlinux.xz"
 ARCH = "x86_64"
-pytestmark = [pytest.mark.slow, pytest.mark.userspace]
+pytestmark = pytest.mark.userspace  # (and slow, as everything in tests/system/)
 
 
 @dataclass

@@ -29,10 +29,7 @@ from tests.support.imagerepo import RUNTIMES
 from tests.support.registry import Interposer, RunningRegistry, require_registry, running_registry
 from tests.support.world import World, built_world
 
-pytestmark = [
-    pytest.mark.slow,  # a built world and a real registry: the full suite's, not the quick set's
-    pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="squashfs-tools-ng is not installed"),
-]
+pytestmark = pytest.mark.skipif(shutil.which("tar2sqfs") is None, reason="squashfs-tools-ng is not installed")
 REPO_NAME = "acme/vulcan-images"
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--")
 
