@@ -28,7 +28,7 @@ from .tarwalk import Facts
 
 
 def _stream(
-    plan: Plan, scratch: Path, stack: contextlib.ExitStack, beside: list[Task[Any]]
+    plan: Plan, scratch: Path, stack: contextlib.ExitStack, background: list[Task[Any]]
 ) -> tuple[Plan, Stream, Task[tuple[str | None, Facts | None]] | None]:
     """The cached stream (its verification running on the other core) or a fresh one. A
     spliced stream is written in RAM when it fits (``stack`` holds that directory until the
@@ -39,7 +39,7 @@ def _stream(
         found = None if settings.reassemble() else cache.cached(plan.stream_digest)
         if found is not None:
             log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
-            cache.sweep(_names(plan))  # what a build killed while storing them left
+            cache.sweep(_cache_keys(plan))  # what a build killed while storing them left
             return plan, found, Task(_timed, "verify cached stream", cache.verify, found)
         base = None if settings.reassemble() else cache.cached(plan.base_digest, "base")
     except cache.Corrupt as exc:  # assembled again, which stores both names: the entry is repaired
@@ -56,7 +56,7 @@ def _stream(
                 fresh = _splice(base, facts, agent, plan.epoch, ram, scratch)
             return plan, fresh, None
         log.warn(f"cached tar stream {base.tar} is corrupt ({problem}); assembling it again")
-    plan, fresh = _assemble(plan, scratch, beside)
+    plan, fresh = _assemble(plan, scratch, background)
     return plan, fresh, None
 
 
@@ -79,20 +79,20 @@ def _splice(base: Stream, facts: Facts, agent: bytes, epoch: int, ram: Path | No
         raise
 
 
-def _keep(plan: Plan, fresh: Stream) -> Task[None]:
+def _store_in_cache(plan: Plan, fresh: Stream) -> Task[None]:
     """Store the stream for the next build (hard links and sidecars, ~30 ms), on the other core
     while the writers run. A build killed meanwhile leaves at most a tar without its sidecar,
     which is never used (``cache.cached`` needs both)."""
-    return Task(_timed, "store stream", cache.store, fresh, _names(plan))
+    return Task(_timed, "store stream", cache.store, fresh, _cache_keys(plan))
 
 
-def _names(plan: Plan) -> list[tuple[str, str]]:
+def _cache_keys(plan: Plan) -> list[tuple[str, str]]:
     """The cache entries a stream is stored under: its own digest, and its packages' and
     configuration's (``base``: what an agent change splices)."""
     return [(plan.stream_digest, ""), (plan.base_digest, "base")]
 
 
-def _assemble(plan: Plan, scratch: Path, beside: list[Task[Any]]) -> tuple[Plan, Stream]:
+def _assemble(plan: Plan, scratch: Path, background: list[Task[Any]]) -> tuple[Plan, Stream]:
     """Assemble from the plan's packages, merging each as soon as it is verified (the others
     are checked, or downloaded, meanwhile); after a re-lock (a locked package left the mirror),
     from a new plan of the new closure, so that stream, manifest and stamp describe what was built."""
@@ -104,7 +104,7 @@ def _assemble(plan: Plan, scratch: Path, beside: list[Task[Any]]) -> tuple[Plan,
         closure = packages.relock(plan.pins, plan.runtime, plan.arch, plan.frozen, exc)
         plan = make_plan(plan.pins, plan.runtime, plan.arch, plan.frozen, closure)
         fresh = _merged(plan, scratch)
-    beside.append(_keep(plan, fresh))
+    background.append(_store_in_cache(plan, fresh))
     return plan, fresh
 
 
@@ -133,7 +133,7 @@ def _write_all(plan: Plan, s: Stream, scratch: Path, stack: contextlib.ExitStack
         # written in RAM when it fits (mke2fs is ~25% faster there); then this thread hashes it
         # while the other core checks it and copies it next to the output (one task, not two:
         # three threads on two cores slowed the hash, which is what a build waits for)
-        in_ram = contextlib.ExitStack()  # closed beside what follows, or at once on an error
+        in_ram = contextlib.ExitStack()  # the RAM it was written in: released once it is copied out
         ram = in_ram.enter_context(
             workspace.ram_scratch(settings.ram_dir(), f"{plan.runtime}-{out.format}", out.writer.room(job))
         )
@@ -141,18 +141,18 @@ def _write_all(plan: Plan, s: Stream, scratch: Path, stack: contextlib.ExitStack
             built = ram / out.image.name if ram is not None else final
             with log.phase(f"write {out.format}"):
                 written, built = _write(out.writer, job, built, final)
-            beside = Task(_check_and_copy, out, built, final)
+            checking = Task(_check_and_copy, out, built, final)
             try:
                 with log.phase(f"hash {out.format}"):
                     digest = sha256_file(built)
             finally:
-                wait_all([beside])
+                wait_all([checking])
         except BaseException:
             in_ram.close()
             raise
-        # the image is out of RAM: giving its pages back (~7 ms for 68 MiB) runs beside what follows
-        gone = Task(in_ram.close)
-        stack.callback(gone.exception)  # waited for before the build returns, whatever happens meanwhile
+        # the image is copied out of RAM: giving the pages back (~7 ms for 68 MiB) runs in the background
+        release = Task(in_ram.close)
+        stack.callback(release.exception)  # waited for before the build returns, whatever happens meanwhile
         results.append(Image(out, written, digest))
     return results
 
@@ -200,9 +200,9 @@ def _copy_out(src: Path, dest: Path) -> None:
 
 def _build(plan: Plan, scratch: Path, stack: contextlib.ExitStack) -> tuple[Plan, Stream, list[Image]]:
     """The stream and every image written from it, checked and hashed."""
-    beside: list[Task[Any]] = []  # what runs meanwhile on the other core (storing the stream)
-    stack.callback(lambda: [t.exception() for t in beside])  # after an error too: before scratch goes
-    plan, s, pending = _stream(plan, scratch, stack, beside)
+    background: list[Task[Any]] = []  # what runs meanwhile on the other core (storing the stream)
+    stack.callback(lambda: [t.exception() for t in background])  # after an error too: before scratch goes
+    plan, s, pending = _stream(plan, scratch, stack, background)
     try:
         images = _write_all(plan, s, scratch, stack)
         failed: VulcanError | None = None
@@ -212,11 +212,11 @@ def _build(plan: Plan, scratch: Path, stack: contextlib.ExitStack) -> tuple[Plan
     if problem is not None:
         log.warn(f"cached tar stream {s.tar} is corrupt ({problem}); assembling it again")
         s.tar.unlink(missing_ok=True)
-        plan, s = _assemble(plan, scratch, beside)
+        plan, s = _assemble(plan, scratch, background)
         images = _write_all(plan, s, scratch, stack)
     elif failed is not None:
         raise failed
-    wait_all(beside)
+    wait_all(background)
     return plan, s, images
 
 
