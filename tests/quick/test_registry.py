@@ -298,6 +298,24 @@ def test_oras_pulls_what_we_publish_and_we_pull_what_oras_pushes(
                      "--dest", str(tmp_path / "both"), "--no-verify", "--insecure")  # fmt: skip
     assert both.returncode == 4 and "are different images that both place" in both.stderr, both.stderr
     assert not (tmp_path / "both/images/python.squashfs").exists()
+    # a layer typed as zstd that is not: its digest is right (the publisher's very bytes), so the
+    # error says it does not decompress, and nothing of it is placed or kept to resume from
+    (src / "python.ext4").write_bytes(b"not zstd at all, " * 1000)
+    os.chdir(src)
+    try:
+        client.push(
+            target=f"{registry.host}/{REPO_NAME}:not-zstd",
+            files=["python.ext4:application/vnd.vulcan.rootfs.ext4.v1+zstd"],
+            manifest_annotations={"vnd.vulcan.runtime": "python"},
+            manifest_config="config.json:application/vnd.vulcan.rootfs.v1",
+            disable_path_validation=True,
+        )
+    finally:
+        os.chdir(cwd)
+    bad = _pull(built, f"{registry.host}/{REPO_NAME}:not-zstd", tmp_path / "bad", "--no-verify", "--insecure")
+    assert bad.returncode == 6 and "python.ext4: the blob does not decompress as zstd" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad/images").exists()  # made by this pull, so removed again with nothing in it
 
 
 # the exit code of each (docs/errors.md): 6 trust, 3 the registry, 4 what was asked for
