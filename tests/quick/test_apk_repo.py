@@ -34,9 +34,7 @@ def base_packages(rev: str = "r0") -> list[Pkg]:
 @pytest.fixture
 def env(world: World, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     """In-process use of the engine, with the world's cache and mirror."""
-    for k, v in world.env().items():
-        if k.startswith("VULCAN_"):
-            monkeypatch.setenv(k, v)
+    world.in_process(monkeypatch)
     world.pins["alpine"] = alpine_pins(
         {"python": {"world": ["python3~3.14"], "check": ["python3", "--version"], "binary": "/usr/bin/python3"}},
         ["busybox", "musl"],

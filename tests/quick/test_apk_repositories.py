@@ -58,9 +58,7 @@ def base_packages() -> list[Pkg]:
 
 @pytest.fixture
 def env(world: World, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
-    for k, v in world.env().items():
-        if k.startswith("VULCAN_"):
-            monkeypatch.setenv(k, v)
+    world.in_process(monkeypatch)
     world.pins["alpine"] = alpine_pins(
         {"tools": {"world": ["team-tool", "newthing@edge", "devpkg"], "check": ["true"], "binary": "/bin/busybox"}},
         ["busybox", "musl"],

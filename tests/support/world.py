@@ -126,6 +126,13 @@ class World:
     def write_pins(self) -> None:
         self.pins_path.write_text(json.dumps(self.pins, indent=2))
 
+    def in_process(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """This process as the tool run in this world (for the engine called in-process): the
+        world's VULCAN_* settings in os.environ until the test ends."""
+        for k, v in self.env().items():
+            if k.startswith("VULCAN_"):
+                monkeypatch.setenv(k, v)
+
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VULCAN_")}
         env.update(

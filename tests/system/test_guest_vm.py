@@ -251,9 +251,7 @@ def test_clones_of_the_ext4_snapshot_each_write_their_own_copy(guest: Guest, tmp
 @pytest.fixture
 def inside(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> Guest:
     """This process as the tool run in the guest world (the clones below are started in-process)."""
-    for k, v in guest.world.env().items():
-        if k.startswith("VULCAN_"):
-            monkeypatch.setenv(k, v)
+    guest.world.in_process(monkeypatch)
     return guest
 
 
