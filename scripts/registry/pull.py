@@ -310,8 +310,9 @@ def land(plans: list[Planned], stages: dict[Path, Path], connect: Callable[[Plan
     at once (each on a connection of its own): download, decompress, sparse write and hash are
     one pass per blob, and the blobs share the cores and the link."""
     todo: list[tuple[Planned, dict[str, Any]]] = []
+    records = {d: _record(d) for d in dict.fromkeys(p.directory for p in plans)}
     for p in plans:
-        outputs = _record(p.directory).get("outputs", {})
+        outputs = records[p.directory].get("outputs", {})
         for blob in p.blobs:
             old = outputs.get(_title(blob)) if isinstance(outputs, dict) else None
             if not _in_place(p.directory, blob, old):
@@ -357,10 +358,10 @@ def place(plans: list[Planned], landed: list[Landed]) -> None:
         pulls = dict(record.get("pulls", {})) if isinstance(record.get("pulls"), dict) else {}
         for p in (p for p in plans if p.directory == directory):
             files = {_title(b): b["digest"] for b in p.blobs}
-            for title in files:  # kept as they were: now vouched for by this pull's signer too
-                if title in outputs and _in_place(directory, {"annotations": {oci.TITLE: title},
-                                                              "digest": files[title]}, outputs[title]):  # fmt: skip
-                    outputs[title] = {**outputs[title], "signed_by": p.signer or outputs[title].get("signed_by")}
+            for blob in p.blobs:  # kept as they were: now vouched for by this pull's signer too
+                old = outputs.get(_title(blob), {})
+                if _in_place(directory, blob, old):
+                    outputs[_title(blob)] = {**old, "signed_by": p.signer or old.get("signed_by")}
             for got in (x for x in landed if x.planned is p):
                 title = _title(got.blob)
                 mode = 0o755 if p.kind == oci.HOST_ARTIFACT and title != "vmlinux" else 0o644
