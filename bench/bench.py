@@ -739,9 +739,7 @@ def registry(b: Bench) -> dict[str, Any]:
     docker-registry on 127.0.0.1): seconds, blob bytes on the wire / compressed size, the second
     publish and pull; our pull of the three (one command: what a host runs) against ``oras pull``
     + ``zstd -d --sparse`` of the same manifests, in turn, medians."""
-    import shutil as sh
-
-    if sh.which("docker-registry") is None:
+    if shutil.which("docker-registry") is None:
         return {"skipped": "docker-registry is not installed"}
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
