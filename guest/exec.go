@@ -9,7 +9,9 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -89,6 +91,9 @@ func execute(req request) (execReply, error) {
 	cwd := req.Cwd
 	if cwd == "" {
 		cwd = sandboxHome
+		if image.Cwd != "" {
+			cwd = image.Cwd
+		}
 	}
 	if st, err := os.Stat(cwd); err != nil || !st.IsDir() {
 		return execReply{}, fmt.Errorf("cwd %s: not a directory", cwd)
@@ -109,6 +114,9 @@ func execute(req request) (execReply, error) {
 	user := "root"
 	env := map[string]string{}
 	for k, v := range defaultEnv {
+		env[k] = v
+	}
+	for k, v := range image.Env {
 		env[k] = v
 	}
 	switch req.User {
@@ -140,6 +148,13 @@ func execute(req request) (execReply, error) {
 		cmd.Env = append(cmd.Env, k+"="+env[k])
 	}
 	cmd.SysProcAttr = attr
+	// A bare name is looked up in the PATH the program gets (the image's, from env.json, or the
+	// default), not in the agent's own: PID 1 has none (the kernel gives init no PATH).
+	if !strings.Contains(req.Argv[0], "/") {
+		if found := lookPath(req.Argv[0], env["PATH"]); found != "" {
+			cmd.Path, cmd.Err = found, nil
+		}
+	}
 
 	// Own pipes rather than cmd.Stdout: after the child exits we kill its whole process
 	// group, so a background grandchild holding a pipe cannot make us wait forever.
@@ -245,4 +260,40 @@ func execute(req request) (execReply, error) {
 		reply.Stderr = base64.StdEncoding.EncodeToString(e)
 	}
 	return reply, nil
+}
+
+// imageConfig is what a template's image config says programs run with (/etc/vulcan/env.json,
+// written at build time from the OCI config's Env and WorkingDir); Alpine images have none.
+type imageConfig struct {
+	Env map[string]string `json:"env"`
+	Cwd string            `json:"cwd"`
+}
+
+var image imageConfig
+
+func loadImageConfig(dir string) {
+	data, err := os.ReadFile(dir + "/env.json")
+	if err != nil {
+		return
+	}
+	var c imageConfig
+	if err := json.Unmarshal(data, &c); err != nil {
+		fmt.Fprintf(os.Stderr, "vulcan-guest: %s/env.json: %v (ignored)\n", dir, err)
+		return
+	}
+	image = c
+}
+
+// lookPath is exec.LookPath in a given PATH: the first regular executable file named name.
+func lookPath(name, path string) string {
+	for _, dir := range filepath.SplitList(path) {
+		if dir == "" {
+			dir = "."
+		}
+		p := filepath.Join(dir, name)
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+			return p
+		}
+	}
+	return ""
 }

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -44,6 +45,10 @@ func main() {
 		fmt.Println("vulcan-guest", version)
 		return
 	}
+	if os.Getpid() == 1 && filepath.Base(os.Args[0]) == "overlay-init" {
+		overlayInit() // never returns: it ends in /sbin/init
+	}
+	loadImageConfig(opt.configDir)
 	if os.Getpid() == 1 && os.Getenv(childEnv) == "" {
 		supervise() // never returns
 	}

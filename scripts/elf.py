@@ -23,6 +23,7 @@ class ElfInfo:
     elf_type: int  # 2 = EXEC, 3 = DYN
     interpreter: bool
     dynamic: bool
+    interpreter_path: str = ""  # PT_INTERP's path: /lib/ld-musl-x86_64.so.1, /lib64/ld-linux-x86-64.so.2
 
     @property
     def static(self) -> bool:
@@ -41,9 +42,17 @@ def read_elf(path: Path) -> ElfInfo:
         e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
         f.seek(e_phoff)
         table = f.read(e_phentsize * e_phnum)
-    kinds = {struct.unpack_from("<I", table, i * e_phentsize)[0] for i in range(e_phnum)}
+        kinds = {struct.unpack_from("<I", table, i * e_phentsize)[0] for i in range(e_phnum)}
+        interp = ""
+        for i in range(min(e_phnum, len(table) // max(e_phentsize, 1))):
+            # Elf64_Phdr: p_type, p_flags, p_offset (at 8), p_vaddr, p_paddr, p_filesz (at 32)
+            at = i * e_phentsize
+            if struct.unpack_from("<I", table, at)[0] == PT_INTERP:
+                (offset,), (size,) = struct.unpack_from("<Q", table, at + 8), struct.unpack_from("<Q", table, at + 32)
+                f.seek(offset)
+                interp = f.read(min(size, 4096)).split(b"\0", 1)[0].decode("utf-8", "replace")
     machine = EM.get(e_machine, f"e_machine {e_machine}")
-    return ElfInfo(machine, e_type, PT_INTERP in kinds, PT_DYNAMIC in kinds)
+    return ElfInfo(machine, e_type, PT_INTERP in kinds, PT_DYNAMIC in kinds, interp)
 
 
 def check_static_binary(path: Path, arch: str) -> ElfInfo:

@@ -203,7 +203,8 @@ def main(argv: list[str]) -> int:
                 m.pinned(artifact.url_for(arch), artifact.sha256_for(arch))
     for _, (repo, arch) in sorted(indexes.items()):
         _index(m, repo, arch)
-    packages = sum(_packages(m, pins, rt, arch, args.frozen) for arch in arches for rt in alpine.runtimes)
+    apk_runtimes = [rt for rt, r in alpine.runtimes.items() if r.image is None]  # a template's layers: not mirrored
+    packages = sum(_packages(m, pins, rt, arch, args.frozen) for arch in arches for rt in apk_runtimes)
     wheels = [] if args.no_wheels else _wheels(root, args.dev)
     listing = {
         "pins": pins.path.name, "architectures": arches, "files": dict(sorted(m.entries.items())),

@@ -107,6 +107,23 @@ class Runtime:
     expect: str = ""  # ... and the output it must print
     formats: tuple[str, ...] | None = None  # image formats for this runtime (None: alpine.formats)
     extra_repositories: tuple[Repository, ...] = ()  # this runtime's own, after alpine's
+    image: ImageSource | None = None  # a template: built from this OCI image instead of a world
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A runtime made from an OCI image (a template): ``REGISTRY/REPOSITORY[:TAG][@sha256:D]``.
+    A build takes the digest of each architecture from the lock (``nox -s lock`` resolves a tag)."""
+
+    reference: str
+
+
+# REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST] (the registry client's own grammar; named here so
+# that loading pins does not import the client)
+IMAGE_REFERENCE = re.compile(
+    r"[A-Za-z0-9.-]+(?::[0-9]+)?/[a-z0-9]+(?:[._/-][a-z0-9]+)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
 
 
 @dataclass(frozen=True)
@@ -320,6 +337,9 @@ class _Checker:
                 if "headroom_mib" in rt
                 else None
             )
+            image = self.image(rt, f"{where}.image") if "image" in rt else None
+            if image is not None and "world" in rt:
+                raise self.fail(where, "a runtime has either a world (Alpine packages) or an image, not both")
             binary = self.text(rt, "binary", f"{where}.binary")
             if not binary.startswith("/"):
                 raise self.fail(f"{where}.binary", "expected an absolute path inside the image")
@@ -328,7 +348,7 @@ class _Checker:
             formats = self.formats(rt, "formats", f"{where}.formats") if "formats" in rt else None
             rt_tags = dict(tags)
             own_repos = self.repositories(rt, f"{where}.extra_repositories", dict(taken), rt_tags, dict(key_fps))
-            world = self.strings(rt, "world", f"{where}.world")
+            world = self.strings(rt, "world", f"{where}.world") if image is None else ()
             for label, entries in ((f"{where}.world", world), ("alpine.base", base)):
                 self.world_tags(label, entries, rt_tags, name)
             runtimes[name] = Runtime(
@@ -341,11 +361,26 @@ class _Checker:
                 expect,
                 formats,
                 own_repos,
+                image,
             )
         if not runtimes:
             raise self.fail("alpine.runtimes", "no runtimes")
         formats = self.formats(sec, "formats", "alpine.formats") if "formats" in sec else FORMATS_DEFAULT
         return Alpine(mirror, branch, repos, keys, base, runtimes, headroom, formats, extra)
+
+    def image(self, rt: Mapping[str, Any], where: str) -> ImageSource:
+        sec = self.obj(rt, "image", where)
+        for key in sec:
+            if key != "reference":
+                raise self.fail(f"{where}.{key}", "unknown key; image takes reference")
+        ref = self.text(sec, "reference", f"{where}.reference")
+        if not IMAGE_REFERENCE.fullmatch(ref) or "/" not in ref or not re.match(r"[^/]*[.:]|localhost/", ref):
+            raise self.fail(
+                f"{where}.reference",
+                f"{ref!r} is not REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]",
+                hint="e.g. docker.io/library/python:3.12-slim-bookworm@sha256:<64 hex>; the registry host is required",
+            )
+        return ImageSource(ref)
 
     def keys(self, sec: Mapping[str, Any], where: str, local: bool) -> tuple[AlpineKey, ...]:
         """Pinned keys: each by the SHA-256 of its DER public key, from a URL (or, for an extra

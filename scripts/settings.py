@@ -8,6 +8,7 @@ silent default. Each reader is a small function, so a no-op run reads only what 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +257,32 @@ def signing_key() -> bytes | None:
     return value.encode()
 
 
+def registry_insecure() -> frozenset[str]:
+    """``VULCAN_REGISTRY_INSECURE``: registries (HOST:PORT, comma-separated) a build and
+    ``nox -s lock`` reach over plain HTTP, as publish and pull do with --insecure; no other."""
+    value = _raw("VULCAN_REGISTRY_INSECURE")
+    hosts = frozenset(h.strip() for h in (value or "").split(",") if h.strip())
+    for h in hosts:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?", h):
+            raise SettingError(
+                f"VULCAN_REGISTRY_INSECURE: {h!r} is not HOST or HOST:PORT",
+                hint="e.g. VULCAN_REGISTRY_INSECURE=127.0.0.1:5000 (a comma-separated list)",
+            )
+    return hosts
+
+
+def registry_ca() -> Path | None:
+    """``VULCAN_REGISTRY_CA``: the PEM CA bundle a build and ``nox -s lock`` trust for
+    registries (as publish and pull with --ca); default: the system's."""
+    value = _raw("VULCAN_REGISTRY_CA")
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise SettingError(f"VULCAN_REGISTRY_CA={value}: not a file", hint="point it at a PEM CA bundle, or unset it")
+    return path
+
+
 def _seconds(name: str, default: float, most: float) -> float:
     value = _raw(name)
     if value is None:
@@ -355,6 +382,10 @@ VARIABLES = (
              registry_user),
     Variable("DOCKER_CONFIG", "directory", "where Docker's config.json with registry credentials is",
              docker_config),
+    Variable("VULCAN_REGISTRY_INSECURE", "HOST:PORT,...", "registries a template build and 'nox -s lock' reach "
+             "over plain HTTP (publish and pull: --insecure)", registry_insecure),
+    Variable("VULCAN_REGISTRY_CA", "path", "the PEM CA bundle a template build and 'nox -s lock' trust for "
+             "registries (publish and pull: --ca)", registry_ca),
     Variable("VULCAN_REGISTRY_TIMEOUT", "seconds", "how long one read from a registry may wait (default 60)",
              registry_timeout),
     Variable("VULCAN_REGISTRY_DEADLINE", "seconds", "how long a pull's or publish's requests may take in all "

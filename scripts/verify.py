@@ -26,7 +26,7 @@ from .errors import BuildError, VulcanError
 from .hashing import sha256_file
 from .pins import Pins
 from .pins import load as load_pins
-from .rootfs import AGENT
+from .rootfs import AGENT, OVERLAY_INIT
 from .run import run_tool
 from .steps import prog
 
@@ -210,8 +210,13 @@ def check_image(rep: Report, pins: Pins, runtime: str, fmt: str, arch: str) -> s
         return None
     reader = record.reader
     guest = paths.agent(arch)
-    agent_path = AGENT
-    runtime_bin = manifest.get("binary", "").lstrip("/")
+    template = isinstance(manifest.get("template"), dict)
+    try:  # a template's paths may go through its symlinks (a merged /usr: sbin -> usr/sbin)
+        agent_path = resolve_in_image(reader, img, AGENT) if template else AGENT
+        runtime_bin = resolve_in_image(reader, img, manifest.get("binary", "").lstrip("/"))
+    except VulcanError as exc:
+        rep.add(name, "files readable", False, exc.message.splitlines()[0][:200])
+        return None
     files = {p: size for pkg in manifest.get("packages", []) for p, size in pkg.get("files", {}).items()}
     wanted = sorted({agent_path, "work", "sbin/init", "etc/inittab", runtime_bin, *files})
     try:
@@ -229,15 +234,21 @@ def check_image(rep: Report, pins: Pins, runtime: str, fmt: str, arch: str) -> s
         rep.add(name, "agent = bin/vulcan-guest", same, detail if guest.is_file() else "bin/vulcan-guest missing")
     w = st.get("work")
     rep.add(name, "/work is a directory", bool(w and w.kind == "directory"), f"uid {w.uid}" if w else "missing")
-    init = st.get("sbin/init")
-    inittab = reader.cat(img, "etc/inittab").decode(errors="replace") if st.get("etc/inittab") else ""
-    starts = init is not None and f"/{AGENT}" in inittab and "respawn" in inittab
-    why = (
-        "busybox init, inittab respawns the agent"
-        if starts
-        else f"/sbin/init {'present' if init else 'missing'}; inittab {'lacks' if inittab else 'missing'} the agent"
-    )
-    rep.add(name, "/sbin/init starts the agent", starts, why)
+    if template:  # no init system: the agent is PID 1, and overlay-init of a read-only root
+        ends = {p: resolve_in_image(reader, img, p) for p in ("sbin/init", OVERLAY_INIT)}
+        wrong = [f"/{p} leads to /{e}" for p, e in ends.items() if e != agent_path]
+        rep.add(name, "/sbin/init starts the agent", not wrong,
+                "the agent is /sbin/init and overlay-init" if not wrong else "; ".join(wrong))  # fmt: skip
+    else:
+        init = st.get("sbin/init")
+        inittab = reader.cat(img, "etc/inittab").decode(errors="replace") if st.get("etc/inittab") else ""
+        starts = init is not None and f"/{AGENT}" in inittab and "respawn" in inittab
+        why = (
+            "busybox init, inittab respawns the agent"
+            if starts
+            else f"/sbin/init {'present' if init else 'missing'}; inittab {'lacks' if inittab else 'missing'} the agent"
+        )
+        rep.add(name, "/sbin/init starts the agent", starts, why)
     rb = st.get(runtime_bin)
     rep.add(name, "runtime binary present", rb is not None, f"/{runtime_bin}")
     bad = []
@@ -246,9 +257,70 @@ def check_image(rep: Report, pins: Pins, runtime: str, fmt: str, arch: str) -> s
         if found is None or found.size != size:
             bad.append(f"/{p} ({'missing' if found is None else f'{found.size} bytes, packaged {size}'})")
     rep.add(name, "package files intact", not bad, f"{len(files)} files" if not bad else f"{len(bad)} wrong: {bad[:5]}")
-    check_package_contents(rep, img, reader, manifest, pins, runtime, arch)
+    if template:
+        check_layer_contents(rep, img, reader, manifest, pins, runtime, arch)
+    else:
+        check_package_contents(rep, img, reader, manifest, pins, runtime, arch)
     check_runtime_runs(rep, img, reader, manifest, arch)
     return actual
+
+
+def resolve_in_image(reader: Any, img: Path, path: str) -> str:
+    """``path`` with every symlink on the way followed inside the image (as the guest's kernel
+    would, absolute links from the image's root); the path itself when a part is missing."""
+    done: list[str] = []
+    todo = [p for p in path.split("/") if p]
+    for _ in range(64):
+        if not todo:
+            return "/".join(done)
+        part = todo.pop(0)
+        if part in (".", ""):
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = "/".join([*done, part])
+        st = reader.stat_many(img, [here]).get(here)
+        if st is None or st.kind != "symlink":
+            done.append(part)
+            if st is None:
+                return "/".join([*done, *todo])
+            continue
+        target = st.target or reader.cat(img, here).decode("utf-8", "surrogateescape")  # a slow ext4 link
+        if target.startswith("/"):
+            done = []
+        todo = [p for p in target.split("/") if p] + todo
+    return path  # a loop of links: what the checks then find missing
+
+
+def check_layer_contents(rep: Report, img: Path, reader: Any, manifest: dict[str, Any], pins: Pins, runtime: str,
+                         arch: str) -> None:  # fmt: skip
+    """A template's every file its package database lists holds the bytes the image's layers
+    give it: the layers are taken by digest (the cache, else the registry; checked as a build
+    does), applied again and each file's sha256 compared. Nothing the build cached is believed."""
+    from .template.assemble import flattened
+    from .template.lock import locked
+
+    name, check = paths.rel(img), "package files = layers"
+    image = locked(pins, runtime, arch)
+    if image is None:
+        rep.add(name, check, None, f"no current lock entry for {runtime}/{arch} to fetch the layers by: nox -s lock")
+        return
+    if image.manifest != manifest["template"].get("manifest"):
+        rep.add(name, check, False, "the image's manifest names another image than the lock: rebuild it")
+        return
+    files = {p for pkg in manifest.get("packages", []) for p in pkg.get("files", {})}
+    try:
+        with tempfile.TemporaryDirectory(prefix="vulcan-verify-") as tmp:
+            want = flattened(image, Path(tmp), files)
+    except VulcanError as exc:
+        rep.add(name, check, None, f"the layers could not be fetched to compare: {exc.message[:160]}")
+        return
+    have = reader.digests(img, set(want))
+    bad = [f"/{p}" for p, digest in sorted(want.items()) if have.get(p) != digest]
+    detail = f"{len(want)} files, sha256 each"
+    rep.add(name, check, not bad, detail if not bad else f"{len(bad)} differ from the layers: {bad[:5]}")
 
 
 def check_package_contents(rep: Report, img: Path, reader: Any, manifest: dict[str, Any], pins: Pins, runtime: str,
@@ -318,7 +390,10 @@ def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, 
     with tempfile.TemporaryDirectory(prefix="vulcan-verify-") as tmp:
         root = Path(tmp)
         binary = manifest.get("binary", "").lstrip("/")
-        missing = reader.rdump(img, ["lib", "usr/lib", Path(binary).parent.as_posix()], root)
+        dirs = ["lib", "usr/lib", Path(binary).parent.as_posix()]
+        if isinstance(manifest.get("template"), dict):  # glibc's places too, through a merged /usr's links
+            dirs = _linked_dirs(reader, img, root, [*dirs, "lib64", "usr/lib64", Path(binary).parent.as_posix()])
+        missing = reader.rdump(img, dirs, root)
         if missing:
             rep.add(name, "runtime runs", False, f"/{missing[0]} could not be copied out of the image")
             return
@@ -333,7 +408,13 @@ def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, 
         loaders = sorted((root / "lib").glob("ld-musl-*.so.1"))
         info = read_elf(target)
         argv = [str(target), *manifest.get("check", [])[1:]]
-        if info.interpreter:
+        own = _resolve_in(root, info.interpreter_path.lstrip("/")) if info.interpreter_path else None
+        if info.interpreter and own is not None and "musl" not in own.name:  # glibc's ld.so (a template)
+            triplet = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}[arch]
+            libdirs = ("lib", "usr/lib", "lib64", "usr/lib64", f"lib/{triplet}", f"usr/lib/{triplet}")
+            libpath = ":".join(str(root / d) for d in libdirs if (root / d).is_dir())
+            argv = [str(own), "--library-path", libpath, *argv]
+        elif info.interpreter:
             if not loaders:
                 rep.add(name, "runtime runs", False, "dynamic binary but no /lib/ld-musl-*.so.1 in the image")
                 return
@@ -348,6 +429,24 @@ def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, 
         how = f" (under {Path(emulator[0]).name})" if emulator else ""
         rep.add(name, "runtime runs", proc.returncode == 0,
                 f"{' '.join(manifest.get('check', []))}: {' '.join(out)}{how}")  # fmt: skip
+
+
+def _linked_dirs(reader: Any, img: Path, root: Path, dirs: list[str]) -> list[str]:
+    """The directories to copy out for ``dirs``: each where its symlinks lead (those that
+    exist), the links themselves made in ``root`` (lib -> usr/lib), as the image has them."""
+    out = []
+    for d in dict.fromkeys(dirs):
+        real = resolve_in_image(reader, img, d)
+        st = reader.stat_many(img, [real]).get(real)
+        if st is None or st.kind != "directory":
+            continue
+        out.append(real)
+        if real != d:
+            link = root / d
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink() and not link.exists():
+                link.symlink_to(os.path.relpath(root / real, link.parent))
+    return out
 
 
 QEMU_USER = {"x86_64": ("qemu-x86_64-static", "qemu-x86_64"), "aarch64": ("qemu-aarch64-static", "qemu-aarch64")}

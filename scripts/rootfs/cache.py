@@ -27,7 +27,7 @@ from .tarwalk import Facts, read_facts
 
 
 def sidecar(stream: Stream) -> dict[str, Any]:
-    side = {
+    side: dict[str, Any] = {
         "sha256": stream.sha256,
         "shape": stream.shape.__dict__,
         "files": stream.files,
@@ -35,6 +35,8 @@ def sidecar(stream: Stream) -> dict[str, Any]:
         "busybox_links": stream.busybox_links,
         "os_release": stream.os_release,
     }
+    if stream.packages:  # a template's (absent otherwise: the sidecars of Alpine streams stay as they were)
+        side["packages"] = stream.packages
     return {**side, "binding": binding(side)}
 
 
@@ -75,6 +77,7 @@ def cached(digest: str, kind: str = "") -> Stream | None:
             install_scripts=list(side["install_scripts"]),
             busybox_links=int(side["busybox_links"]),
             os_release=side["os_release"],
+            packages=list(side.get("packages", [])),
         )
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise Corrupt(f"its sidecar is unreadable: {exc}") from None

@@ -98,6 +98,17 @@ def _assemble(plan: Plan, scratch: Path, background: list[Task[Any]]) -> tuple[P
     from a new plan of the new closure, so that stream, manifest and stamp describe what was built."""
     from ..apk import packages  # only a build that assembles fetches
 
+    if plan.image is not None:  # a template: from its image's layers
+        from ..template.assemble import assemble
+
+        try:
+            fresh = assemble(plan, plan.image, scratch)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise no_space(scratch, None, "assembling the image in") from None
+            raise
+        background.append(_store_in_cache(plan, fresh))
+        return plan, fresh
     try:
         fresh = _merged(plan, scratch)
     except packages.PackageGone as exc:

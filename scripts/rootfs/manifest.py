@@ -14,6 +14,8 @@ from .stream import Stream
 
 
 def package_rows(plan: Plan, stream: Stream) -> list[dict[str, Any]]:
+    if plan.image is not None:  # a template: what its own package database says
+        return [{**p, "files": stream.files.get(p["name"], {})} for p in stream.packages]
     repos = {r.name: r for r in plan.pins.alpine.repositories_of(plan.runtime)}
     rows = []
     for p in plan.closure:
@@ -43,7 +45,6 @@ def package_rows(plan: Plan, stream: Stream) -> list[dict[str, Any]]:
 def manifest(plan: Plan, stream: Stream, rows: list[dict[str, Any]], images: list[Image]) -> dict[str, Any]:
     """``images``: as built, in the plan's order. The first one's figures stay at the top level,
     where manifests of one image had them."""
-    alpine = plan.pins.alpine
     rt = plan.rt
     first = images[0]
     written = first.written
@@ -56,21 +57,7 @@ def manifest(plan: Plan, stream: Stream, rows: list[dict[str, Any]], images: lis
         "arch": plan.arch,
         "check": list(rt.check),
         "binary": rt.binary,
-        "alpine": {
-            "branch": alpine.branch,
-            "repositories": list(alpine.repositories),
-            "world": [*alpine.base, *rt.world],
-            "extra_repositories": [
-                {
-                    "name": r.name,
-                    "location": r.location,
-                    "tag": r.tag,
-                    "local": r.local is not None,
-                    "keys": {k.name: k.sha256 for k in r.keys},
-                }
-                for r in alpine.extra_repositories + rt.extra_repositories
-            ],
-        },
+        **_source(plan, stream),
         "packages": rows,
         "guest": {"path": f"/{AGENT}", "sha256": plan.guest_sha},
         "pins_sha256": plan.pins.digest,
@@ -96,3 +83,28 @@ def manifest(plan: Plan, stream: Stream, rows: list[dict[str, Any]], images: lis
         "tool_version": TOOL_VERSION,
     }
     return doc
+
+
+def _source(plan: Plan, stream: Stream) -> dict[str, Any]:
+    """What the image was made from: an OCI image (a template), or the Alpine world."""
+    alpine, rt = plan.pins.alpine, plan.rt
+    if plan.image is not None:
+        database = stream.packages[0].get("database", "") if stream.packages else ""
+        return {"template": {**plan.image.to_json(), "package_database": database or "none found"}}
+    return {
+        "alpine": {
+            "branch": alpine.branch,
+            "repositories": list(alpine.repositories),
+            "world": [*alpine.base, *rt.world],
+            "extra_repositories": [
+                {
+                    "name": r.name,
+                    "location": r.location,
+                    "tag": r.tag,
+                    "local": r.local is not None,
+                    "keys": {k.name: k.sha256 for k in r.keys},
+                }
+                for r in alpine.extra_repositories + rt.extra_repositories
+            ],
+        },
+    }

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import TOOL_VERSION, paths, settings, stamps
 from ..apk import lockfile
@@ -23,6 +23,9 @@ from ..formats import get as get_format
 from ..hashing import sha256_file
 from ..pins import Pins, Runtime
 from ..step import Check, Unsure
+
+if TYPE_CHECKING:
+    from ..template.source import LockedImage
 
 
 def source_date_epoch(closure: list[Locked], formats: tuple[Format, ...] = ()) -> int:
@@ -80,6 +83,7 @@ class Plan:
     arch: str
     frozen: bool
     closure: list[Locked]
+    image: LockedImage | None = None  # a template's image (its closure is empty)
 
     @property
     def rt(self) -> Runtime:
@@ -106,6 +110,8 @@ class Plan:
 
     @functools.cached_property
     def epoch(self) -> int:
+        if self.image is not None:
+            return template_epoch(self.image, tuple(o.fmt for o in self.outputs))
         return source_date_epoch(self.closure, tuple(o.fmt for o in self.outputs))
 
     @property
@@ -117,6 +123,15 @@ class Plan:
     def content_inputs(self) -> dict[str, Any]:
         """What the image's bytes depend on (keys the stream cache)."""
         alpine, rt = self.pins.alpine, self.rt
+        if self.image is not None:
+            return {
+                "arch": self.arch,
+                "runtime": {"check": list(rt.check), "binary": rt.binary},
+                "image": {"reference": self.image.reference, "manifest": self.image.manifest,
+                          "config": self.image.config, "layers": [x.digest for x in self.image.layers]},
+                "guest_sha256": self.guest_sha,
+                "source_date_epoch": self.epoch,
+            }  # fmt: skip
         return {
             "arch": self.arch,
             "runtime": {"world": list(rt.world), "check": list(rt.check), "binary": rt.binary},
@@ -180,6 +195,8 @@ class Plan:
 
     @property
     def lock_sha256(self) -> str:
+        if self.image is not None:
+            return hashlib.sha256(json.dumps(self.image.to_json(), sort_keys=True).encode()).hexdigest()
         return hashlib.sha256(json.dumps(self.content_inputs["packages"]).encode()).hexdigest()
 
     def files(self) -> list[Path]:
@@ -189,10 +206,23 @@ class Plan:
         return Check(self.what, self.stamp, self.inputs, self.files(), why, self.base, self)
 
 
-def make_plan(pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[Locked]) -> Plan:
+def template_epoch(image: LockedImage, formats: tuple[Format, ...]) -> int:
+    """SOURCE_DATE_EPOCH, else the image config's ``created`` (at most what every format stores)."""
+    env = settings.source_date_epoch()
+    epoch = env if env is not None else image.created
+    for w in formats:
+        if epoch > w.max_epoch:
+            raise SettingError(f"{'SOURCE_DATE_EPOCH' if env is not None else 'the image config created'} {epoch}: "
+                               f"later than {w.name} images can store (at most {w.max_epoch})",
+                               hint=f"set SOURCE_DATE_EPOCH to at most {w.max_epoch}")  # fmt: skip
+    return epoch
+
+
+def make_plan(pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[Locked],
+              image: LockedImage | None = None) -> Plan:  # fmt: skip
     """A Plan, its derived parts computed now: a missing agent or an epoch no format can store
     is said before anything is built."""
-    plan = Plan(pins, runtime, arch, frozen, closure)
+    plan = Plan(pins, runtime, arch, frozen, closure, image)
     plan.inputs  # noqa: B018 - computes guest_sha, epoch and the tool versions, raising what is wrong
     return plan
 
@@ -205,6 +235,14 @@ def check(pins: Pins, runtime: str, arch: str, frozen: bool, dry: bool) -> Check
             f"unknown runtime {runtime!r}",
             hint=f"runtimes in {pins.path.name}: {', '.join(alpine.runtimes)} (add one under alpine.runtimes)",
         )
+    if alpine.runtimes[runtime].image is not None:
+        from ..template import lock as template_lock
+
+        image = template_lock.locked(pins, runtime, arch) if dry else template_lock.ensure(pins, runtime, arch, frozen)
+        if image is None:
+            raise Unsure("the lock has no fresh entry")
+        plan = make_plan(pins, runtime, arch, frozen, [], image)
+        return plan.check(stamps.outdated(plan.stamp, plan.inputs, plan.base))
     if dry:
         closure = lockfile.locked_entry(pins, runtime, arch)
         if closure is None:

@@ -75,13 +75,92 @@ def _own_package(name: str, spdxid: str, sha256: str, purpose: str) -> dict[str,
     }
 
 
+def _template(
+    plan: Plan, image_id: str, doc_packages: list[dict[str, Any]], relationships: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The OCI image a template was made from, and each of its layers, by digest."""
+    from urllib.parse import quote
+
+    image = plan.image
+    assert image is not None
+    from ..registry.client import Reference
+
+    ref = Reference.parse(image.reference, "image.reference")
+    base_id = "SPDXRef-BaseImage"
+    name = ref.repository.rsplit("/", 1)[-1]
+    url = quote(f"{ref.registry}/{ref.repository}", safe="/")
+    purl = f"pkg:oci/{quote(name, safe='')}@{quote(image.manifest, safe='')}?repository_url={url}"
+    doc_packages.append(
+        {
+            "name": image.reference,
+            "SPDXID": base_id,
+            "versionInfo": image.manifest,
+            "supplier": "NOASSERTION",
+            "downloadLocation": "NOASSERTION",
+            "filesAnalyzed": False,
+            "checksums": [{"algorithm": "SHA256", "checksumValue": image.manifest[7:]}],
+            "primaryPackagePurpose": "CONTAINER",
+            "externalRefs": [
+                {"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl", "referenceLocator": purl}
+            ],
+        }
+    )
+    relationships.append(
+        {"spdxElementId": image_id, "relationshipType": "DESCENDANT_OF", "relatedSpdxElement": base_id}
+    )
+    for i, x in enumerate(image.layers):
+        lid = f"SPDXRef-Layer-{i}"
+        doc_packages.append(
+            {
+                "name": f"layer {i} of {image.reference}",
+                "SPDXID": lid,
+                "versionInfo": x.digest,
+                "supplier": "NOASSERTION",
+                "downloadLocation": "NOASSERTION",
+                "filesAnalyzed": False,
+                "checksums": [{"algorithm": "SHA256", "checksumValue": x.digest[7:]}],
+                "primaryPackagePurpose": "ARCHIVE",
+            }
+        )
+        relationships.append({"spdxElementId": base_id, "relationshipType": "CONTAINS", "relatedSpdxElement": lid})
+    return doc_packages, relationships
+
+
+def _deb(p: Mapping[str, Any], pid: str) -> dict[str, Any]:
+    from urllib.parse import quote
+
+    entry: dict[str, Any] = {
+        "name": p["name"],
+        "SPDXID": pid,
+        "versionInfo": p["version"],
+        "supplier": f"Organization: {p['supplier']}" if p.get("supplier") else "NOASSERTION",
+        "downloadLocation": "NOASSERTION",
+        "filesAnalyzed": False,
+        "licenseConcluded": "NOASSERTION",
+        "licenseDeclared": "NOASSERTION",
+        "copyrightText": "NOASSERTION",
+        "sourceInfo": f"source package {p.get('origin') or p['name']}, from the image's dpkg database",
+        "externalRefs": [
+            {
+                "referenceCategory": "PACKAGE-MANAGER",
+                "referenceType": "purl",
+                "referenceLocator": f"pkg:deb/debian/{quote(p['name'], safe='')}@{quote(p['version'], safe='')}"
+                f"?arch={quote(p.get('arch', ''), safe='')}",
+            }
+        ],
+    }
+    if p.get("url"):
+        entry["homepage"] = p["url"]
+    return entry
+
+
 def document(plan: Plan, packages: Sequence[Mapping[str, Any]], images: Sequence[Image]) -> dict[str, Any]:
     """The SBOM of the plan's first image; the same image in other formats (squashfs) is
     described too, as a VARIANT_OF the first, since it holds the very same files."""
     image_name, image_sha256 = images[0].output.image.name, images[0].sha256
     runtime, arch, guest_sha256, epoch = plan.runtime, plan.arch, plan.guest_sha, plan.epoch
     variants = [(i.output.image.name, i.sha256) for i in images[1:]]
-    distro = f"alpine-{plan.pins.alpine.branch.lstrip('v')}"
+    distro = f"alpine-{plan.pins.alpine.branch.lstrip('v')}"  # an Alpine-based template's apk rows too
     image_id = "SPDXRef-Image"
     doc_packages: list[dict[str, Any]] = [
         _own_package(image_name, image_id, image_sha256, "OPERATING-SYSTEM"),
@@ -98,14 +177,21 @@ def document(plan: Plan, packages: Sequence[Mapping[str, Any]], images: Sequence
             {"spdxElementId": "SPDXRef-DOCUMENT", "relationshipType": "DESCRIBES", "relatedSpdxElement": vid},
             {"spdxElementId": vid, "relationshipType": "VARIANT_OF", "relatedSpdxElement": image_id},
         ]
+    if plan.image is not None:
+        doc_packages, relationships = _template(plan, image_id, doc_packages, relationships)
     for p in packages:
-        pid = spdx_id("Package-apk", p["name"])
+        kind = p.get("type", "apk")
+        pid = spdx_id(f"Package-{kind}", p["name"])
+        if kind == "deb":  # a template's dpkg database: what it records, no more (no license, no download)
+            doc_packages.append(_deb(p, pid))
+            relationships.append({"spdxElementId": image_id, "relationshipType": "CONTAINS", "relatedSpdxElement": pid})
+            continue
         entry: dict[str, Any] = {
             "name": p["name"],
             "SPDXID": pid,
             "versionInfo": p["version"],
             "supplier": f"Organization: {p.get('supplier') or 'Alpine Linux'}",
-            "downloadLocation": p["download"] or "NOASSERTION",
+            "downloadLocation": p.get("download") or "NOASSERTION",
             "filesAnalyzed": False,
             "licenseConcluded": "NOASSERTION",
             "licenseDeclared": license_expression(p.get("license", "")),

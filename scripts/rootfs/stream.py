@@ -12,7 +12,7 @@ import errno
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -82,6 +82,8 @@ class Stream:
     install_scripts: list[dict[str, str]]
     busybox_links: int
     os_release: str | None
+    # a template's OS packages, as its package database says (dpkg, apk), without their files
+    packages: list[dict[str, Any]] = field(default_factory=list)
 
 
 def os_release_problem(tree: Tree, installed: set[str]) -> str | None:

@@ -84,17 +84,24 @@ class Tree:
 
     # -- paths --------------------------------------------------------------------------------
 
-    @staticmethod
-    def clean_name(name: str, pkg: str) -> str:
+    # What the tree is merged from, in messages ("package NAME"; a layer tree says "layer DIGEST"),
+    # and whether a path may go through an absolute symlink (apk resolves it inside the root)
+    UNIT = "package"
+    ABSOLUTE_LINKS = True
+
+    def _refuse(self, pkg: str, problem: str) -> UnsafePackage:
+        return UnsafePackage(f"{self.UNIT} {pkg}: {problem}", hint=f"refusing the {self.UNIT}")
+
+    def clean_name(self, name: str, pkg: str) -> str:
         raw = name
         if name.startswith("/"):
-            raise UnsafePackage(f"package {pkg}: absolute path {raw!r} in its data", hint="refusing the package")
+            raise self._refuse(pkg, f"absolute path {raw!r} in its data")
         while name.startswith("./"):
             name = name[2:]
         name = name.rstrip("/")
         parts = [p for p in name.split("/") if p not in ("", ".")]
         if any(p == ".." for p in parts):
-            raise UnsafePackage(f"package {pkg}: path {raw!r} contains '..'", hint="refusing the package")
+            raise self._refuse(pkg, f"path {raw!r} contains '..'")
         return "/".join(parts)
 
     def resolve_parent(self, path: str, pkg: str) -> str:
@@ -111,10 +118,7 @@ class Tree:
                 continue
             if part == "..":
                 if not resolved:
-                    raise UnsafePackage(
-                        f"package {pkg}: {path!r} goes through a symlink that leads out of the root",
-                        hint="refusing the package",
-                    )
+                    raise self._refuse(pkg, f"{path!r} goes through a symlink that leads out of the root")
                 resolved.pop()
                 continue
             here = "/".join([*resolved, part])
@@ -122,14 +126,17 @@ class Tree:
             if node is not None and node.kind == "symlink":
                 hops += 1
                 if hops > 40:
-                    raise UnsafePackage(f"package {pkg}: {path!r}: too many levels of symlinks")
+                    raise self._refuse(pkg, f"{path!r}: too many levels of symlinks")
                 target = node.linkname
                 if target.startswith("/"):
+                    if not self.ABSOLUTE_LINKS:
+                        raise self._refuse(pkg, f"{path!r} goes through /{here}, a symlink to the absolute path "
+                                                f"{target} (where it leads depends on who follows it)")
                     resolved = []
                 todo = [p for p in target.split("/") if p] + todo
                 continue
             if node is not None and node.kind != "dir":
-                raise BuildError(f"package {pkg}: {path!r}: {here} is a {node.kind}, not a directory")
+                raise BuildError(f"{self.UNIT} {pkg}: {path!r}: {here} is a {node.kind}, not a directory")
             resolved.append(part)
         return "/".join([*resolved, base])
 
@@ -163,6 +170,9 @@ class Tree:
         first = info.name.split("/", 1)[0]
         if first.startswith(".") and first not in (".", ".."):
             return
+        self._add_member(info, index, pkg)
+
+    def _add_member(self, info: tarfile.TarInfo | pkgtar.Member, index: int, pkg: str) -> None:
         path = self.clean_name(info.name, pkg)
         if not path:
             return  # the root itself: ours, not the package's
@@ -187,8 +197,11 @@ class Tree:
             node.kind, node.linkname = "symlink", info.linkname
         elif info.islnk():
             target = self.resolve_parent(self.clean_name(info.linkname, pkg), pkg)
-            if self.nodes.get(target) is None or self.nodes[target].kind != "file":
-                raise BuildError(f"package {pkg}: hard link {path!r} to {info.linkname!r}, which is not a file")
+            found = self.nodes.get(target)
+            if found is not None and found.kind == "hardlink":
+                target, found = found.linkname, self.nodes.get(found.linkname)
+            if found is None or found.kind != "file":
+                raise BuildError(f"{self.UNIT} {pkg}: hard link {path!r} to {info.linkname!r}, which is not a file")
             node.kind, node.linkname = "hardlink", target
         elif info.ischr() or info.isblk():
             node.kind = "char" if info.ischr() else "block"
@@ -196,7 +209,7 @@ class Tree:
         elif info.isfifo():
             node.kind = "fifo"
         else:
-            raise BuildError(f"package {pkg}: unsupported tar entry type for {path!r}")
+            raise BuildError(f"{self.UNIT} {pkg}: unsupported tar entry type for {path!r}")
         self._parents(path, pkg)
         self._put(node)
         self._record(pkg, node)

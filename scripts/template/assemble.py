@@ -1,0 +1,133 @@
+"""A template's normalised tar stream: its layers fetched (in parallel, verified, cached), applied
+in order (layers.py), Vulcan's part added (configure.py), written as the Alpine path writes it."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .. import log
+from ..errors import no_space
+from ..formats import Shape
+from ..rootfs.plan import Plan
+from ..rootfs.stream import Stream, _HashingWriter, os_release_problem
+from ..rootfs.tarwalk import blocks
+from . import configure, ospackages, source
+from .layers import LayerTree
+
+PARALLEL = 4  # layer downloads at once (a registry serves each blob on its own connection)
+
+
+def fetched(image: source.LockedImage) -> tuple[dict[str, Any], list[Path]]:
+    """The image's config and its layers' cache entries: from the cache, else the registry
+    (connected only when something is missing). The manifest is read by its digest too, and
+    must list the layers the lock does."""
+    src = source.Source(image.reference)
+    missing = [x for x in image.layers if source._cached(x.digest) is None]
+    need = missing or source._cached(image.config) is None or source._cached(image.manifest) is None
+    if not need:
+        return source.config_of(image), [source.cache_path(x.digest) for x in image.layers]
+    ref = src.parsed
+    with src.registry() as (reg, repo):
+        doc = source.document(src, reg, repo, image.manifest, "the manifest")[0]
+        listed = [(d.get("digest"), d.get("size")) for d in doc.get("layers") or [] if isinstance(d, dict)]
+        config = (doc.get("config") or {}).get("digest")
+        if listed != [(x.digest, x.size) for x in image.layers] or config != image.config:
+            raise source.TemplateError(
+                f"{image.reference}: manifest {image.manifest} does not list the layers and config the lock records",
+                hint=source.LOCK_HINT,
+            )
+        size = int((doc.get("config") or {}).get("size", 0))
+        source.config_json(src, reg, repo, image.config, size)
+        if missing:
+            total = sum(x.size for x in missing)
+            log.info(f"{ref.registry}/{ref.repository}: fetching {len(missing)} layers, {log.human(total)}")
+            with ThreadPoolExecutor(PARALLEL) as pool:
+                list(pool.map(lambda x: source.layer(src, reg, repo, x), sorted(missing, key=lambda x: -x.size)))
+    return source.config_of(image), [source.cache_path(x.digest) for x in image.layers]
+
+
+def _applied(image: source.LockedImage, blobs: list[Path], scratch: Path) -> LayerTree:
+    tree = LayerTree(scratch)
+    try:
+        with log.phase("apply layers"):
+            for x, blob in zip(image.layers, blobs, strict=True):
+                tree.add_layer(x, blob, scratch)
+    except BaseException:
+        tree.close()
+        raise
+    return tree
+
+
+def flattened(image: source.LockedImage, scratch: Path, files: set[str]) -> dict[str, str]:
+    """The sha256 of each of ``files`` as the image's layers give it (verify's reference: the
+    layers by digest, applied again; nothing the build wrote is read)."""
+    tree = _applied(image, fetched(image)[1], scratch)
+    try:
+        out = {}
+        for path in files:
+            node = tree.nodes.get(path)
+            if node is not None and node.kind == "file":
+                h = hashlib.sha256()
+                for chunk in tree._chunks(node):
+                    h.update(chunk)
+                out[path] = h.hexdigest()
+        return out
+    finally:
+        tree.close()
+
+
+def assemble(plan: Plan, image: source.LockedImage, scratch: Path) -> Stream:
+    rt = plan.rt
+    with log.phase("fetch layers"):
+        config, blobs = fetched(image)
+    tree = _applied(image, blobs, scratch)
+    try:
+        with log.phase("configure (accounts, agent, init)"):
+            kind, rows = ospackages.installed(tree)
+            configure.vulcan(tree, rt.check, plan.runtime, plan.guest.read_bytes(), config, image.reference)
+            binary = tree.nodes.get(tree.resolve_parent(rt.binary.lstrip("/"), "vulcan"))
+            if binary is None:
+                raise source.TemplateError(
+                    f"{image.reference}: the runtime binary {rt.binary} is not in the image",
+                    hint=f"fix alpine.runtimes.{plan.runtime}.binary",
+                )
+        os_release = tree.nodes.get("etc/os-release")
+        problem = os_release_problem(tree, set())
+        if problem is not None:
+            log.warn(problem.replace(": add alpine-release to alpine.base", ""))
+        tar_path = scratch / "rootfs.tar"
+        try:
+            with log.phase("write tar (+ sha256)"), open(tar_path, "wb") as f:
+                w = _HashingWriter(f)
+                try:
+                    tree.write_tar(w, plan.epoch)  # type: ignore[arg-type]
+                finally:
+                    w.close()
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise no_space(tar_path, tree.content_size(), "writing the tar stream") from None
+            raise
+        files = [n for n in tree.nodes.values() if n.kind == "file"]
+        return Stream(
+            tar=tar_path,
+            sha256=w.h.hexdigest(),
+            shape=Shape(
+                file_blocks=sum(blocks(n.size) for n in files),
+                dirs=sum(1 for n in tree.nodes.values() if n.kind == "dir"),
+                entries=len(tree.nodes),
+                content_bytes=tree.content_size(),
+            ),
+            files={r["name"]: r["files"] for r in rows if r["files"]},
+            install_scripts=[],
+            busybox_links=0,
+            os_release=os_release.owner if os_release else None,
+            packages=[{k: v for k, v in r.items() if k != "files"} | {"database": kind} for r in rows],
+        )
+    finally:
+        tree.close()
+        for p in scratch.glob("layer-*.tar"):
+            p.unlink(missing_ok=True)
