@@ -246,15 +246,6 @@ def lock_all(pins: Pins, runtimes: Iterable[str], arches: Iterable[str]) -> dict
         for rt in runtimes:
             if rt not in pins.alpine.runtimes:
                 raise UsageError(f"unknown runtime {rt!r}", hint=f"known: {', '.join(pins.alpine.runtimes)}")
-            if pins.alpine.runtimes[rt].image is not None:
-                from ..template import lock as template_lock
-                from ..template.source import NoPlatform
-
-                try:
-                    sizes[f"{rt}/{arch}"] = len(template_lock.lock(pins, rt, arch).layers)
-                except NoPlatform as exc:  # an image made for one architecture: the others are not built
-                    log.warn(f"lock {rt}/{arch}: {exc.message}; not locked (a build for {arch} says so)")
-                continue
             closure = lock_runtime(pins, rt, arch)
             sizes[f"{rt}/{arch}"] = len(closure)
             log.info(f"lock {rt}/{arch}: {len(closure)} packages")

@@ -70,5 +70,6 @@ def splice_agent(base: Stream, facts: Facts, agent: bytes, epoch: int, scratch: 
         base.shape.entries,
         base.shape.content_bytes - old_size + len(agent),
     )
-    return Stream(out, h.hexdigest(), shape, base.files, base.install_scripts, base.busybox_links, base.os_release,
-                  base.packages)
+    return Stream(
+        out, h.hexdigest(), shape, base.files, base.install_scripts, base.busybox_links, base.os_release, base.packages
+    )

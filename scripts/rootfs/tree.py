@@ -130,8 +130,11 @@ class Tree:
                 target = node.linkname
                 if target.startswith("/"):
                     if not self.ABSOLUTE_LINKS:
-                        raise self._refuse(pkg, f"{path!r} goes through /{here}, a symlink to the absolute path "
-                                                f"{target} (where it leads depends on who follows it)")
+                        raise self._refuse(
+                            pkg,
+                            f"{path!r} goes through /{here}, a symlink to the absolute path "
+                            f"{target} (where it leads depends on who follows it)",
+                        )
                     resolved = []
                 todo = [p for p in target.split("/") if p] + todo
                 continue

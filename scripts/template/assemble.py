@@ -1,5 +1,8 @@
-"""A template's normalised tar stream: its layers fetched (in parallel, verified, cached), applied
-in order (layers.py), Vulcan's part added (configure.py), written as the Alpine path writes it."""
+"""A template's normalised tar stream, from its image's layers.
+
+The layers are fetched (in parallel, verified, cached: source.py), applied in order (layers.py),
+Vulcan's part is added (configure.py), and the stream is written as the Alpine path writes it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""An OCI image's layers applied in order into one tree, as a container runtime would, without root.
+"""An OCI image's layers, applied in order into one tree as a container runtime would (no root).
 
 Each layer is decompressed once into a scratch tar (streamed: memory stays a few MiB whatever the
 layer's size); the tree keeps only metadata and where each file's bytes are, as it does for
@@ -18,11 +18,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError
 from ..rootfs import pkgtar
 from ..rootfs.inflate import Data
 from ..rootfs.tree import Node, Tree, _Pkg
-from .source import Layer
+from .source import Layer, TemplateError
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -40,15 +39,7 @@ class LayerTree(Tree):
         _decompress(layer, blob, tar)
         index = len(self.packages)
         self.packages.append(_Pkg(layer.digest, frozenset(), Data(None, tar)))
-        try:
-            members: list[Any] = pkgtar.members(tar)
-        except pkgtar.Unusual:
-            import tarfile
-
-            with tarfile.open(tar, "r:") as t:
-                members = t.getmembers()  # metadata only: the bytes stay in the file
-        except Exception as exc:
-            raise BuildError(f"layer {layer.digest}: not a tar archive ({exc})", hint="refusing the layer") from None
+        members = _members(layer, tar)
         # whiteouts apply to the layers below only: first every deletion, then the layer's entries
         entries = []
         for m in members:
@@ -138,6 +129,21 @@ class LayerTree(Tree):
         """Layers have no package database to write."""
 
 
+def _members(layer: Layer, tar: Path) -> list[Any]:
+    """The layer's entries (metadata only: the bytes stay in the file), read as pkgtar reads a
+    package, or by tarfile what pkgtar leaves to it (GNU long names, base-256 numbers)."""
+    import tarfile
+
+    try:
+        try:
+            return pkgtar.members(tar)
+        except pkgtar.Unusual:
+            with tarfile.open(tar, "r:") as t:
+                return t.getmembers()
+    except (tarfile.TarError, ValueError) as exc:
+        raise TemplateError(f"layer {layer.digest}: not a tar archive ({exc})", hint="refusing the layer") from None
+
+
 def _decompress(layer: Layer, blob: Path, dest: Path) -> None:
     """The layer's tar, decompressed as it streams (bounded memory)."""
     try:
@@ -155,7 +161,7 @@ def _decompress(layer: Layer, blob: Path, dest: Path) -> None:
     except (OSError, EOFError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
-        raise BuildError(
+        raise TemplateError(
             f"layer {layer.digest}: its {layer.compression or 'tar'} data is damaged or of another "
             f"kind than {layer.media_type} says ({exc})",
             hint="refusing the layer",
@@ -163,6 +169,6 @@ def _decompress(layer: Layer, blob: Path, dest: Path) -> None:
     except Exception as exc:  # zstandard.ZstdError
         if type(exc).__name__ != "ZstdError":
             raise
-        raise BuildError(
+        raise TemplateError(
             f"layer {layer.digest}: its zstd data is damaged or not zstd ({exc})", hint="refusing the layer"
         ) from None

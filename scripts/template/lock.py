@@ -15,7 +15,7 @@ from .. import log
 from ..apk import lockfile
 from ..apk.lockfile import LockError
 from ..pins import Pins
-from .source import LOCK_HINT, LockedImage, check_pinned, resolve
+from .source import LOCK_HINT, LockedImage, NoPlatform, check_pinned, resolve
 
 
 def request_digest(pins: Pins, runtime: str, arch: str) -> str:
@@ -63,3 +63,13 @@ def ensure(pins: Pins, runtime: str, arch: str, frozen: bool) -> LockedImage:
     check_pinned(image.reference)
     log.info(f"{name}: resolving the template {runtime}/{arch} ({image.reference})")
     return lock(pins, runtime, arch)
+
+
+def lock_templates(pins: Pins, runtimes: list[str], arches: list[str]) -> None:
+    """``nox -s lock`` for templates: an architecture the image is not built for is said, not locked."""
+    for arch in arches:
+        for rt in runtimes:
+            try:
+                lock(pins, rt, arch)
+            except NoPlatform as exc:
+                log.warn(f"lock {rt}/{arch}: {exc.message}; not locked (a build for {arch} says so)")

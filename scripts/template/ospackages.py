@@ -1,4 +1,4 @@
-"""The OS packages an image's own package database says are installed (for the manifest and SBOM).
+"""The OS packages an image's own package database says are installed, for the manifest and SBOM.
 
 dpkg's ``/var/lib/dpkg/status`` (deb822 paragraphs; installed = ``Status: install ok installed``)
 with each package's file list from ``/var/lib/dpkg/info/NAME[:ARCH].list``, or apk's

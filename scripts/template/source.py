@@ -1,4 +1,4 @@
-"""An OCI image's documents and layers, from its registry, by digest, into the content-addressed cache.
+"""An OCI image's documents and layers: from its registry, by digest, into the content-addressed cache.
 
 What a registry serves is checked as it streams: a manifest or config against the digest that
 named it (bounded in size), a layer against its descriptor's digest and size; nothing that fails
