@@ -253,7 +253,8 @@ def publish(pins: Pins, pins_file: Path, target: Reference, reg: Registry, key: 
             body = oci.manifest(oci.RUNTIME_ARTIFACT, layers, annotations=annotations)
             desc = p.manifest(body, oci.MANIFEST)
             manifest_doc = json.loads(man.read_text())
-            deps = [_package(pkg) for pkg in manifest_doc.get("packages", [])]
+            deps = _template_deps(manifest_doc["template"]) if isinstance(manifest_doc.get("template"), dict) else [
+                _package(pkg) for pkg in manifest_doc.get("packages", [])]  # fmt: skip
             guest = manifest_doc.get("guest", {})
             if guest.get("sha256"):
                 deps.append({"name": "vulcan-guest", "digest": {"sha256": guest["sha256"]}})
@@ -296,6 +297,19 @@ def _package(pkg: dict[str, Any]) -> dict[str, Any]:
     annotations = {"version": pkg["version"], **({"repository": pkg["repository"]} if "repository" in pkg else {})}
     entry = {"name": pkg["name"], "digest": attest.q1_digest(pkg["checksum"]), "annotations": annotations}
     return {"uri": pkg["download"], **entry} if pkg.get("download") else entry
+
+
+def _template_deps(template: dict[str, Any]) -> list[dict[str, Any]]:
+    """A template's resolved dependencies: the image it was made from and each of its layers, by
+    digest (its OS packages have none: they are in the SBOM, as the image's database lists them)."""
+    image = {"name": template["reference"], "uri": f"oci://{template['reference'].split('@')[0]}",
+             "digest": {"sha256": template["manifest"].removeprefix("sha256:")}}  # fmt: skip
+    layers = [
+        {"name": f"layer {i}", "digest": {"sha256": x["digest"].removeprefix("sha256:")},
+         "annotations": {"mediaType": x["media_type"]}}
+        for i, x in enumerate(template.get("layers", []))
+    ]  # fmt: skip
+    return [image, *layers]
 
 
 def _files(layers: list[oci.Blob]) -> list[dict[str, Any]]:
