@@ -17,12 +17,14 @@ from .. import settings
 from ..errors import SettingError
 
 
-def credentials_for(registry: str) -> tuple[str, str] | None:
-    """The user and password for ``registry``: VULCAN_REGISTRY_USER/PASSWORD, else Docker's
-    config.json (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``, ``auths``: the
-    host, ``https://host`` or ``https://host/v1/``; ``auth`` base64 ``user:password``, or
-    ``username``/``password``), else None (anonymous). Credential helpers are not run."""
-    given = settings.registry_user()
+def credentials_for(registry: str, environment: bool = True) -> tuple[str, str] | None:
+    """The user and password for ``registry``: VULCAN_REGISTRY_USER/PASSWORD (unless not
+    ``environment``: they name no registry, so a build that reaches several never sends them),
+    else Docker's config.json (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``,
+    ``auths``: the host, ``https://host`` or ``https://host/v1/``; ``auth`` base64
+    ``user:password``, or ``username``/``password``), else None (anonymous). Credential helpers
+    are not run."""
+    given = settings.registry_user() if environment else None
     if given is not None:
         return given
     config = settings.docker_config() / "config.json"

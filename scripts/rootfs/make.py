@@ -262,7 +262,8 @@ def _make(plan: Plan) -> Plan:
     for i in images:
         log.info(
             f"{plan.what}: {i.output.image.relative_to(plan.base)} {i.written.size >> 20} MiB "
-            f"({len(plan.closure)} packages, {s.shape.content_bytes >> 20} MiB content) "
+            f"({len(plan.closure) if plan.image is None else len(s.packages)} packages, "
+            f"{s.shape.content_bytes >> 20} MiB content) "
             f"in {time.monotonic() - start:.1f}s, sha256 {i.sha256}"
         )
     return plan

@@ -138,9 +138,12 @@ class Source:
         repo = ref.repository
         if host == "registry-1.docker.io" and "/" not in repo:
             repo = f"library/{repo}"  # docker.io/python is docker.io/library/python
+        # Docker's config.json only, by host (Docker Hub's key is index.docker.io): the
+        # VULCAN_REGISTRY_USER of publish and pull names no registry, and a build may reach several
+        login = "index.docker.io" if ref.registry in API_HOSTS else ref.registry
         reg = Registry(
             host,
-            credentials=auth.credentials_for(ref.registry),
+            credentials=auth.credentials_for(login, environment=False),
             ca=settings.registry_ca(),
             insecure=ref.registry in settings.registry_insecure(),
             timeout=settings.registry_timeout(),

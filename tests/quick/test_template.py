@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import subprocess
 import tarfile
 import tracemalloc
 from collections.abc import Iterator
@@ -389,3 +390,33 @@ def test_pins_with_an_image_are_checked_like_every_other_pin(tmp_path: Path) -> 
 
 def test_a_template_error_is_a_configuration_error() -> None:
     assert issubclass(TemplateError, VulcanError) and TemplateError("x").exit_code == 4
+
+
+def test_credentials_come_from_docker_config_by_host_never_from_the_publish_variables(
+    alpine_layers: list[bytes], agent_bin: Path, go_build_cache: Path, tmp_path: Path
+) -> None:
+    """VULCAN_REGISTRY_USER/PASSWORD name no registry: a build that may reach several registries
+    (one per template) does not send them anywhere; Docker's config.json says whose they are."""
+    import base64
+
+    from tests.support.registry import PASSWORD, USER
+
+    ociimages.require_skopeo()
+    layout = tmp_path / "layout"
+    digests = ociimages.write_layout(layout, [Image([(alpine_layers[0], GZ)])])
+    with running_registry(tmp_path / "reg", auth="htpasswd") as reg:
+        proc = subprocess.run([ociimages.require_skopeo(), "copy", "-q", "--dest-tls-verify=false", "--dest-creds",
+                               f"{USER}:{PASSWORD}", f"oci:{layout}", f"docker://{reg.host}/private/x:1"],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        ref = f"{reg.host}/private/x@{digests['amd64']}"
+        env = {"VULCAN_REGISTRY_INSECURE": reg.host, "VULCAN_REGISTRY_USER": USER, "VULCAN_REGISTRY_PASSWORD": PASSWORD}
+        w = _template_world(tmp_path / "w", agent_bin, go_build_cache, ref)
+        proc = w.run("rootfs", "--arch", "x86_64", **env)
+        assert proc.returncode == 3 and "401" in proc.stderr, proc.stderr
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        (docker / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": token}}}))
+        proc = w.run("rootfs", "--arch", "x86_64", DOCKER_CONFIG=str(docker), **env)
+        assert proc.returncode == 0, proc.stderr
