@@ -420,3 +420,40 @@ def test_credentials_come_from_docker_config_by_host_never_from_the_publish_vari
         (docker / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": token}}}))
         proc = w.run("rootfs", "--arch", "x86_64", DOCKER_CONFIG=str(docker), **env)
         assert proc.returncode == 0, proc.stderr
+
+
+def test_an_artifact_is_not_a_template_and_a_tls_registry_needs_its_ca(
+    alpine_layers: list[bytes], agent_bin: Path, go_build_cache: Path, tmp_path: Path
+) -> None:
+    """An OCI artifact (a signature, a chart) named as a template is said to be one; a registry
+    with a certificate of a private CA is reached with VULCAN_REGISTRY_CA, and refused without."""
+    from scripts.registry import oci
+    from scripts.registry.client import Registry
+
+    ociimages.require_skopeo()
+    with running_registry(tmp_path / "reg", tls=True) as reg:
+        assert reg.ca is not None
+        client = Registry(reg.host, ca=reg.ca.cert)
+        config = oci.empty_config()
+        layer = oci.Blob("application/vnd.cncf.helm.chart.content.v1.tar+gzip", *_digest_size(b"chart"), data=b"chart")
+        for blob in (config, layer):
+            client.push_blob("art/chart", blob)
+        body = oci.manifest("application/vnd.cncf.helm.config.v1+json", [layer])
+        client.put_manifest("art/chart", "1", body, oci.MANIFEST)
+        w = _template_world(tmp_path / "w", agent_bin, go_build_cache, f"{reg.host}/art/chart:1")
+        proc = w.run("lock", "--arch", "x86_64", VULCAN_REGISTRY_CA=str(reg.ca.cert))
+        assert proc.returncode == 4 and "is not an image config" in proc.stderr, proc.stderr
+        assert "an artifact (a Helm chart, a signature) is not an image" in proc.stderr
+        # an image on the same registry: the CA makes it reachable, and only the CA
+        layout = tmp_path / "layout"
+        digests = ociimages.write_layout(layout, [Image([(alpine_layers[0], GZ)])])
+        ociimages.copy_to(reg.host, str(layout), "img/x:1")
+        w2 = _template_world(tmp_path / "w2", agent_bin, go_build_cache, f"{reg.host}/img/x@{digests['amd64']}")
+        proc = w2.run("rootfs", "--arch", "x86_64")
+        assert proc.returncode == 3 and "certificate" in proc.stderr.lower(), proc.stderr
+        proc = w2.run("rootfs", "--arch", "x86_64", VULCAN_REGISTRY_CA=str(reg.ca.cert))
+        assert proc.returncode == 0, proc.stderr
+
+
+def _digest_size(data: bytes) -> tuple[str, int]:
+    return "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
