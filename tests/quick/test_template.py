@@ -457,3 +457,31 @@ def test_an_artifact_is_not_a_template_and_a_tls_registry_needs_its_ca(
 
 def _digest_size(data: bytes) -> tuple[str, int]:
     return "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
+
+
+def test_the_package_rows_are_what_the_images_own_database_says(tmp_path: Path) -> None:
+    """dpkg's status (only what is installed) and apk's installed database, each package's files
+    from its own list, through the image's symlinks; files another layer deleted are not listed."""
+    from scripts.template import ospackages
+
+    status = (b"Package: libc6\nStatus: install ok installed\nArchitecture: amd64\nSource: glibc\n"
+              b"Version: 2.36-9+deb12u14\nMaintainer: GNU Libc Maintainers <debian-glibc@lists.debian.org>\n"
+              b"Description: GNU C Library\n continued\n\n"
+              b"Package: gone\nStatus: deinstall ok config-files\nArchitecture: amd64\nVersion: 1\n")  # fmt: skip
+    tree = _apply(tmp_path, layer_tar([
+        entry("lib", kind=L, link="usr/lib"), entry("usr/lib/x86_64-linux-gnu/libc.so.6", b"ELF" * 10),
+        entry("var/lib/dpkg/status", status),
+        entry("var/lib/dpkg/info/libc6:amd64.list", b"/.\n/lib/x86_64-linux-gnu/libc.so.6\n/usr/share/doc/libc6/x\n"),
+    ]))  # fmt: skip
+    kind, rows = ospackages.installed(tree)
+    assert kind == "dpkg" and [r["name"] for r in rows] == ["libc6"]
+    assert rows[0]["version"] == "2.36-9+deb12u14" and rows[0]["origin"] == "glibc"
+    assert rows[0]["files"] == {"usr/lib/x86_64-linux-gnu/libc.so.6": 30}  # through lib -> usr/lib; doc gone
+    db = b"C:Q1abc=\nP:musl\nV:1.2.4_git20230717-r4\nA:x86_64\nL:MIT\no:musl\nF:lib\nR:ld-musl-x86_64.so.1\n\n"
+    (tmp_path / "apk").mkdir()
+    apk_tree = _apply(tmp_path / "apk", layer_tar([
+        entry("lib/apk/db/installed", db), entry("lib/ld-musl-x86_64.so.1", b"ELF"),
+    ]))  # fmt: skip
+    kind, rows = ospackages.installed(apk_tree)
+    assert kind == "apk" and rows[0]["name"] == "musl" and rows[0]["license"] == "MIT"
+    assert rows[0]["files"] == {"lib/ld-musl-x86_64.so.1": 3}
