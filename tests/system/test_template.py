@@ -74,8 +74,14 @@ def _as_nobody(tmp: Path, env: dict[str, str], *args: str) -> subprocess.Complet
         for f in files:
             os.chmod(Path(d) / f, 0o644)
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp), **env}
-    argv = [*NOBODY, "/usr/bin/python3", "-I", "-c", "import sys; sys.path.insert(0, ''); import runpy; "
-            "runpy.run_module('scripts', run_name='__main__')", *args]
+    argv = [
+        *NOBODY,
+        "/usr/bin/python3",
+        "-I",
+        "-c",
+        "import sys; sys.path.insert(0, ''); import runpy; runpy.run_module('scripts', run_name='__main__')",
+        *args,
+    ]
     return subprocess.run(argv, cwd=tool, capture_output=True, text=True, timeout=900, env=env)
 
 
