@@ -2,7 +2,8 @@
 
 From pins.json and alpine.lock.json, for each architecture (``--arch``, default both): the
 Firecracker release, the kernel, the Go toolchain, the Alpine keys and each extra repository's,
-each repository's signed ``APKINDEX.tar.gz`` and every locked package, written as
+each repository's signed ``APKINDEX.tar.gz``, every locked package and each template's manifest,
+config and layers (at ``https://HOST/v2/REPO/{manifests,blobs}/DIGEST``), written as
 ``DIR/HOST/PATH`` for ``https://HOST/PATH`` (the layout ``VULCAN_MIRROR`` maps to), so that
 ``VULCAN_MIRROR=DIR`` (a path or ``file://``) builds with no network at all. Every file is
 verified as a build verifies it (pinned sha256, key fingerprint, the index's signature by the
@@ -155,6 +156,33 @@ def _packages(m: Mirror, pins: Pins, runtime: str, arch: str, frozen: bool) -> i
     return count
 
 
+def _template(m: Mirror, pins: Pins, runtime: str, arch: str, frozen: bool) -> None:
+    """A template's manifest, config and layers, by digest, at the registry URLs that serve them
+    (``HOST/v2/REPO/manifests/D``, ``.../blobs/D``): fetched into the cache through the registry
+    (as a build fetches them) only when the directory lacks one."""
+    from .template import lock as template_lock
+    from .template.assemble import fetched
+    from .template.source import NoPlatform, upstream_urls
+
+    image = template_lock.locked(pins, runtime, arch)
+    if image is None:
+        if frozen:
+            raise lockfile.LockError(
+                f"no current lock entry for the template {runtime}/{arch}, and --frozen forbids resolving it",
+                hint="run 'nox -s lock' and commit alpine.lock.json",
+            )
+        try:
+            image = template_lock.lock(pins, runtime, arch)
+        except NoPlatform as exc:
+            log.warn(f"mirror {runtime}/{arch}: {exc.message}; not mirrored")
+            return
+    urls = upstream_urls(image)
+    if any(not (place(m.root, u).is_file() and sha256_file(place(m.root, u)) == d[7:]) for d, u in urls.items()):
+        fetched(image)
+    for digest, url in urls.items():
+        m.pinned(url, digest.removeprefix("sha256:"))
+
+
 def _wheels(root: Path, dev: bool) -> list[str]:
     """pip download of the hash-locked requirements into root/python; the files it holds."""
     wheels = root / "python"
@@ -203,8 +231,11 @@ def main(argv: list[str]) -> int:
                 m.pinned(artifact.url_for(arch), artifact.sha256_for(arch))
     for _, (repo, arch) in sorted(indexes.items()):
         _index(m, repo, arch)
-    apk_runtimes = [rt for rt, r in alpine.runtimes.items() if r.image is None]  # a template's layers: not mirrored
+    apk_runtimes = [rt for rt, r in alpine.runtimes.items() if r.image is None]
     packages = sum(_packages(m, pins, rt, arch, args.frozen) for arch in arches for rt in apk_runtimes)
+    for arch in arches:
+        for rt in (rt for rt, r in alpine.runtimes.items() if r.image is not None):
+            _template(m, pins, rt, arch, args.frozen)
     wheels = [] if args.no_wheels else _wheels(root, args.dev)
     listing = {
         "pins": pins.path.name, "architectures": arches, "files": dict(sorted(m.entries.items())),

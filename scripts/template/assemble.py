@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .. import log
+from .. import log, settings
 from ..errors import no_space
 from ..formats import Shape
 from ..rootfs.plan import Plan
@@ -25,24 +26,32 @@ PARALLEL = 4  # layer downloads at once (a registry serves each blob on its own 
 
 
 def fetched(image: source.LockedImage) -> tuple[dict[str, Any], list[Path]]:
-    """The image's config and its layers' cache entries: from the cache, else the registry
-    (connected only when something is missing). The manifest is read by its digest too, and
-    must list the layers the lock does."""
+    """The image's config and its layers' cache entries: from the cache, else VULCAN_MIRROR when it
+    is set (at the registry URLs, as ``nox -s mirror`` writes them), else the registry (connected
+    only when something is missing). Every byte is checked against its digest whatever served it;
+    the manifest must list the layers the lock does."""
     src = source.Source(image.reference)
+    if settings.mirror():  # by digest through VULCAN_MIRROR first (nox -s mirror wrote them there)
+        from ..errors import DownloadError
+        from ..fetch import cached
+
+        for digest, url in source.upstream_urls(image).items():
+            if source._cached(digest) is None:
+                try:
+                    cached(url, digest.removeprefix("sha256:"))
+                except DownloadError as exc:
+                    if exc.status != 404:
+                        raise
+                    log.info(f"{digest} is not in VULCAN_MIRROR: asking the registry")
     missing = [x for x in image.layers if source._cached(x.digest) is None]
     need = missing or source._cached(image.config) is None or source._cached(image.manifest) is None
     if not need:
+        _check_manifest(image, json.loads(source.cache_path(image.manifest).read_bytes()))
         return source.config_of(image), [source.cache_path(x.digest) for x in image.layers]
     ref = src.parsed
     with src.registry() as (reg, repo):
         doc = source.document(src, reg, repo, image.manifest, "the manifest")[0]
-        listed = [(d.get("digest"), d.get("size")) for d in doc.get("layers") or [] if isinstance(d, dict)]
-        config = (doc.get("config") or {}).get("digest")
-        if listed != [(x.digest, x.size) for x in image.layers] or config != image.config:
-            raise source.TemplateError(
-                f"{image.reference}: manifest {image.manifest} does not list the layers and config the lock records",
-                hint=source.LOCK_HINT,
-            )
+        _check_manifest(image, doc)
         size = int((doc.get("config") or {}).get("size", 0))
         source.config_json(src, reg, repo, image.config, size)
         if missing:
@@ -51,6 +60,17 @@ def fetched(image: source.LockedImage) -> tuple[dict[str, Any], list[Path]]:
             with ThreadPoolExecutor(PARALLEL) as pool:
                 list(pool.map(lambda x: source.layer(src, reg, repo, x), sorted(missing, key=lambda x: -x.size)))
     return source.config_of(image), [source.cache_path(x.digest) for x in image.layers]
+
+
+def _check_manifest(image: source.LockedImage, doc: dict[str, Any]) -> None:
+    """The manifest (its bytes are its digest's) lists the config and layers the lock records."""
+    listed = [(d.get("digest"), d.get("size")) for d in doc.get("layers") or [] if isinstance(d, dict)]
+    config = doc["config"].get("digest") if isinstance(doc.get("config"), dict) else None
+    if listed != [(x.digest, x.size) for x in image.layers] or config != image.config:
+        raise source.TemplateError(
+            f"{image.reference}: manifest {image.manifest} does not list the layers and config the lock records",
+            hint=source.LOCK_HINT,
+        )
 
 
 def _applied(image: source.LockedImage, blobs: list[Path], scratch: Path) -> LayerTree:

@@ -128,16 +128,22 @@ class Source:
 
         return Reference.parse(self.reference, "image.reference")
 
+    @property
+    def api(self) -> tuple[str, str]:
+        """The host that serves the registry API, and the repository's name there."""
+        ref = self.parsed
+        host = API_HOSTS.get(ref.registry, ref.registry)
+        if host == "registry-1.docker.io" and "/" not in ref.repository:
+            return host, f"library/{ref.repository}"  # docker.io/python is docker.io/library/python
+        return host, ref.repository
+
     @contextlib.contextmanager
     def registry(self) -> Iterator[tuple[Any, str]]:
         from ..registry import auth
         from ..registry.client import Registry
 
         ref = self.parsed
-        host = API_HOSTS.get(ref.registry, ref.registry)
-        repo = ref.repository
-        if host == "registry-1.docker.io" and "/" not in repo:
-            repo = f"library/{repo}"  # docker.io/python is docker.io/library/python
+        host, repo = self.api
         # Docker's config.json only, by host (Docker Hub's key is index.docker.io): the
         # VULCAN_REGISTRY_USER of publish and pull names no registry, and a build may reach several
         login = "index.docker.io" if ref.registry in API_HOSTS else ref.registry
@@ -153,6 +159,16 @@ class Source:
             yield reg, repo
         finally:
             reg.session.close()
+
+
+def upstream_urls(image: LockedImage) -> dict[str, str]:
+    """digest -> the registry URL that serves it (``https://HOST/v2/REPO/{manifests,blobs}/D``):
+    where ``nox -s mirror`` puts a template's documents and layers, and VULCAN_MIRROR finds them."""
+    host, repo = Source(image.reference).api
+    base = f"https://{host}/v2/{repo}"
+    urls = {image.manifest: f"{base}/manifests/{image.manifest}", image.config: f"{base}/blobs/{image.config}"}
+    urls.update({x.digest: f"{base}/blobs/{x.digest}" for x in image.layers})
+    return urls
 
 
 def cache_path(digest: str) -> Path:

@@ -485,3 +485,56 @@ def test_the_package_rows_are_what_the_images_own_database_says(tmp_path: Path) 
     kind, rows = ospackages.installed(apk_tree)
     assert kind == "apk" and rows[0]["name"] == "musl" and rows[0]["license"] == "MIT"
     assert rows[0]["files"] == {"lib/ld-musl-x86_64.so.1": 3}
+
+
+def test_a_mirror_directory_holds_a_template_and_a_build_from_it_needs_no_registry(
+    registry: RunningRegistry, alpine_layers: list[bytes], agent_bin: Path, go_build_cache: Path, tmp_path: Path
+) -> None:
+    """`nox -s mirror` writes the template's manifest, config and layers at the registry URLs that
+    serve them; `VULCAN_MIRROR=DIR` builds the same bytes from them without the registry (which,
+    on plain HTTP and not named in VULCAN_REGISTRY_INSECURE, the build could not reach anyway)."""
+    import shutil
+
+    from tests.support import imagerepo
+    from tests.support.mirror import serve
+    from tests.support.world import go_release, serve_vmm
+
+    layout = tmp_path / "layout"
+    ociimages.write_layout(layout, [Image([(t, GZ) for t in alpine_layers])])
+    ociimages.copy_to(registry.host, str(layout), "small/mirrored:1")
+    mirror, server = serve()
+    try:
+        (tmp_path / "w").mkdir()
+        w = serve_vmm(World(mirror, tmp_path / "w", copy.deepcopy(BASE_PINS), go_build_cache, agent_bin))
+        imagerepo.setup(w)
+        for arch, goarch in (("x86_64", "amd64"), ("aarch64", "arm64")):
+            data = go_release(f"#!/bin/sh\necho go {arch}\n")
+            w.pins["go"]["sha256"][arch] = sha256(data)
+            w.mirror.add(w.pins["go"]["url"].format(version=w.pins["go"]["version"], goarch=goarch), data)
+        w.pins["alpine"]["runtimes"] = {"small": {"image": {"reference": f"{registry.host}/small/mirrored:1"},
+                                                  "check": ["busybox", "true"], "binary": "/bin/busybox"}}  # fmt: skip
+        w.pins["alpine"]["formats"] = ["ext4", "squashfs"]
+        w.use_agent()
+        online = {"VULCAN_REGISTRY_INSECURE": registry.host}
+        assert w.run("lock", "--arch", "x86_64", **online).returncode == 0
+        d = tmp_path / "mirror"
+        proc = w.run("mirror", str(d), "--arch", "x86_64", "--frozen", "--no-wheels", **online)
+        assert proc.returncode == 0, proc.stderr
+        files = json.loads((d / "vulcan-mirror.json").read_text())["files"]
+        image = json.loads((w.pins_path.parent / "alpine.lock.json").read_text())["entries"]["small/x86_64"]["image"]
+        base = f"https://{registry.host}/v2/small/mirrored"
+        want = {f"{base}/manifests/{image['manifest']}", f"{base}/blobs/{image['config']}"}
+        want |= {f"{base}/blobs/{x['digest']}" for x in image["layers"]}
+        assert want <= set(files)
+        assert w.run("rootfs", "--arch", "x86_64", **online).returncode == 0  # the connected build
+        out, cache = tmp_path / "out", tmp_path / "cache"
+        shutil.copytree(w.out / "bin", out / "bin")
+        offline = {"VULCAN_OUT": str(out), "VULCAN_CACHE": str(cache), "VULCAN_MIRROR": f"file://{d}"}
+        proc = w.run("rootfs", "--arch", "x86_64", "--frozen", **offline)
+        assert proc.returncode == 0, proc.stderr
+        for fmt in ("ext4", "squashfs"):
+            assert sha256(( out / "images" / f"small.{fmt}").read_bytes()) == sha256(
+                (w.out / "images" / f"small.{fmt}").read_bytes())  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
