@@ -50,7 +50,7 @@ class LayerTree(Tree):
                 target = base[len(WHITEOUT) :]
                 if target in ("", ".", "..") or "/" in target:
                     raise self._refuse(layer.digest, f"whiteout {m.name!r} names {target!r}")
-                self._delete(self._whiteout_dir(parent, layer.digest), target, m.name, layer.digest)
+                self._delete(self._whiteout_dir(parent, layer.digest), target)
             else:
                 entries.append(m)
         for m in entries:
@@ -66,7 +66,7 @@ class LayerTree(Tree):
         gone = [p for p in self.nodes if p.startswith(prefix) and p != directory]
         self._remove(gone)
 
-    def _delete(self, directory: str, name: str, raw: str, digest: str) -> None:
+    def _delete(self, directory: str, name: str) -> None:
         path = f"{directory}/{name}" if directory else name
         if path not in self.nodes:
             return  # a whiteout of what no layer below has: as runtimes do, nothing to delete
