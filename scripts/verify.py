@@ -392,7 +392,7 @@ def check_runtime_runs(rep: Report, img: Path, reader: Any, manifest: dict[str, 
         binary = manifest.get("binary", "").lstrip("/")
         dirs = ["lib", "usr/lib", Path(binary).parent.as_posix()]
         if isinstance(manifest.get("template"), dict):  # glibc's places too, through a merged /usr's links
-            dirs = _linked_dirs(reader, img, root, [*dirs, "lib64", "usr/lib64", Path(binary).parent.as_posix()])
+            dirs = _linked_dirs(reader, img, root, [*dirs, "lib64", "usr/lib64"])
         missing = reader.rdump(img, dirs, root)
         if missing:
             rep.add(name, "runtime runs", False, f"/{missing[0]} could not be copied out of the image")

@@ -86,14 +86,15 @@ class Stream:
     packages: list[dict[str, Any]] = field(default_factory=list)
 
 
-def os_release_problem(tree: Tree, installed: set[str]) -> str | None:
+def os_release_problem(tree: Tree, installed: set[str], alpine: bool = True) -> str | None:
     """What is wrong with the image's /etc/os-release (os-release(5): KEY=value lines with an
-    ID), said as what to do; None when it is a good one."""
+    ID), said as what to do; None when it is a good one. ``alpine``: the image is made of
+    Alpine packages (a missing file is then a missing package), not a template's image."""
     node = tree.nodes.get("etc/os-release")
     if node is None:
         if "alpine-release" in installed:
             return "alpine-release is in the image but ships no /etc/os-release: is it a real Alpine alpine-release?"
-        return "no /etc/os-release in the image: add alpine-release to alpine.base"
+        return "no /etc/os-release in the image" + (": add alpine-release to alpine.base" if alpine else "")
     path = "etc/os-release"
     for _ in range(8):  # Alpine >= 3.17: etc/os-release -> ../usr/lib/os-release
         if node.kind != "symlink":
@@ -156,32 +157,15 @@ def assemble(plan: Plan, verified: Iterator[Any], scratch: Path) -> Stream:
         problem = os_release_problem(tree, {p.pkginfo["pkgname"][0] for p in installed})
         if problem is not None:
             log.warn(problem)
-        tar_path = scratch / "rootfs.tar"
-        try:
-            with log.phase("write tar (+ sha256)"), open(tar_path, "wb") as f:
-                w = _HashingWriter(f)
-                try:
-                    tree.write_tar(w, plan.epoch)  # type: ignore[arg-type]
-                finally:
-                    w.close()
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise no_space(tar_path, tree.content_size(), "writing the tar stream") from None
-            raise
+        tar_path, sha256, shape = write_tar(tree, plan.epoch, scratch)
         per_package: dict[str, dict[str, int]] = {}
-        files = [n for n in tree.nodes.values() if n.kind == "file"]
-        for n in files:
-            if n.owner != "vulcan":
+        for n in tree.nodes.values():
+            if n.kind == "file" and n.owner != "vulcan":
                 per_package.setdefault(n.owner, {})[n.path] = n.size
         stream = Stream(
             tar=tar_path,
-            sha256=w.h.hexdigest(),
-            shape=Shape(
-                file_blocks=sum(blocks(n.size) for n in files),
-                dirs=sum(1 for n in tree.nodes.values() if n.kind == "dir"),
-                entries=len(tree.nodes),
-                content_bytes=tree.content_size(),
-            ),
+            sha256=sha256,
+            shape=shape,
             files={k: dict(sorted(v.items())) for k, v in per_package.items()},
             install_scripts=[r.__dict__ for r in report],
             busybox_links=links,
@@ -193,6 +177,31 @@ def assemble(plan: Plan, verified: Iterator[Any], scratch: Path) -> Stream:
         if r.action == "not supported":
             log.warn(f"{r.package} {r.script}: not supported; its effect is not in the image (see the manifest)")
     return stream
+
+
+def write_tar(tree: Tree, epoch: int, scratch: Path) -> tuple[Path, str, Shape]:
+    """The tree's normalised stream written to ``scratch/rootfs.tar``: its path, its sha256
+    (hashed as it is written) and its shape (what the writers size the image by)."""
+    tar_path = scratch / "rootfs.tar"
+    try:
+        with log.phase("write tar (+ sha256)"), open(tar_path, "wb") as f:
+            w = _HashingWriter(f)
+            try:
+                tree.write_tar(w, epoch)  # type: ignore[arg-type]
+            finally:
+                w.close()
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise no_space(tar_path, tree.content_size(), "writing the tar stream") from None
+        raise
+    files = [n for n in tree.nodes.values() if n.kind == "file"]
+    shape = Shape(
+        file_blocks=sum(blocks(n.size) for n in files),
+        dirs=sum(1 for n in tree.nodes.values() if n.kind == "dir"),
+        entries=len(tree.nodes),
+        content_bytes=tree.content_size(),
+    )
+    return tar_path, w.h.hexdigest(), shape
 
 
 def _require(tree: Tree, path: str, message: str) -> None:

@@ -6,7 +6,6 @@ Vulcan's part is added (configure.py), and the stream is written as the Alpine p
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -14,11 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import log, settings
-from ..errors import no_space
-from ..formats import Shape
 from ..rootfs.plan import Plan
-from ..rootfs.stream import Stream, _HashingWriter, os_release_problem
-from ..rootfs.tarwalk import blocks
+from ..rootfs.stream import Stream, os_release_problem, write_tar
 from . import configure, ospackages, source
 from .layers import LayerTree
 
@@ -119,31 +115,14 @@ def assemble(plan: Plan, image: source.LockedImage, scratch: Path) -> Stream:
                     hint=f"fix alpine.runtimes.{plan.runtime}.binary",
                 )
         os_release = tree.nodes.get("etc/os-release")
-        problem = os_release_problem(tree, set())
+        problem = os_release_problem(tree, set(), alpine=False)
         if problem is not None:
-            log.warn(problem.replace(": add alpine-release to alpine.base", ""))
-        tar_path = scratch / "rootfs.tar"
-        try:
-            with log.phase("write tar (+ sha256)"), open(tar_path, "wb") as f:
-                w = _HashingWriter(f)
-                try:
-                    tree.write_tar(w, plan.epoch)  # type: ignore[arg-type]
-                finally:
-                    w.close()
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise no_space(tar_path, tree.content_size(), "writing the tar stream") from None
-            raise
-        files = [n for n in tree.nodes.values() if n.kind == "file"]
+            log.warn(problem)
+        tar_path, sha256, shape = write_tar(tree, plan.epoch, scratch)
         return Stream(
             tar=tar_path,
-            sha256=w.h.hexdigest(),
-            shape=Shape(
-                file_blocks=sum(blocks(n.size) for n in files),
-                dirs=sum(1 for n in tree.nodes.values() if n.kind == "dir"),
-                entries=len(tree.nodes),
-                content_bytes=tree.content_size(),
-            ),
+            sha256=sha256,
+            shape=shape,
             files={r["name"]: r["files"] for r in rows if r["files"]},
             install_scripts=[],
             busybox_links=0,
