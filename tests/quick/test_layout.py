@@ -260,3 +260,21 @@ def test_commit_subjects_fit_72_characters() -> None:
         pytest.skip(f"no git history here: {proc.stderr.strip()[:100]}")
     long = [line for line in proc.stdout.splitlines() if len(line.split(" ", 1)[1]) > 72]
     assert long == [], long
+
+
+# What the top of a clone holds (the README's front door and file map); anything else there is a
+# stray file a shell redirection left behind, which a newcomer would take for part of the tool.
+TOP_LEVEL = {
+    ".ci", ".github", ".gitignore", "README.md", "bench", "docs", "guest", "noxfile.py", "pins.json",
+    "alpine.lock.json", "pyproject.toml", "scripts", "tests",
+    "requirements.in", "requirements.txt", "requirements-dev.in", "requirements-dev.txt",
+    "requirements-nox.in", "requirements-nox.txt",
+}  # fmt: skip
+
+
+def test_the_top_level_holds_only_the_projects_own_files() -> None:
+    proc = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"no git checkout here: {proc.stderr.strip()[:100]}")
+    top = {path.split("/", 1)[0] for path in proc.stdout.split("\0") if path}
+    assert top - TOP_LEVEL == set(), "tracked at the top level, not part of the project's layout"
