@@ -28,6 +28,7 @@ from typing import Any
 
 from .. import atomic, formats, log, paths, settings, workspace
 from ..arch import ARCHES, host_arch
+from ..errors import VulcanError
 from ..hashing import sha256_file
 from ..pins import Pins
 from ..pins import load as load_pins
@@ -87,6 +88,18 @@ class Fingerprints:
         return str(digest)
 
 
+def as_built(image: Path, digest: str, doc: dict[str, Any], man: Path) -> None:
+    """``image`` is the one its manifest names (sha256 and size): a writable ext4 booted in place,
+    or a file copied over it, is not what the build measured, and a host would be sent bytes
+    that its signed manifest does not describe."""
+    named = {e.get("image"): e for e in doc.get("images", []) if isinstance(e, dict)}.get(image.name, {})
+    if (named.get("sha256"), named.get("size")) != (digest.removeprefix("sha256:"), image.stat().st_size):
+        raise VulcanError(f"{paths.rel(image)} is not the image {paths.rel(man)} names (sha256 "
+                          f"{named.get('sha256')}): it changed after it was built, nothing was published",
+                          hint=f"build it again (nox -s rootfs-{doc.get('runtime', '<runtime>')}), then publish; "
+                          "boot a copy, not the image itself")  # fmt: skip
+
+
 def compressed(image: Path, media_type: str, cache: Path, prints: Fingerprints) -> oci.Blob:
     """The image zstd-compressed (kept in the cache by the image's fingerprint), as a blob."""
     import tempfile
@@ -103,13 +116,14 @@ def compressed(image: Path, media_type: str, cache: Path, prints: Fingerprints) 
             workspace.remove_if_abandoned(dead, 0, lambda p: p.unlink(missing_ok=True))
         fd, name = tempfile.mkstemp(prefix=".zstd-", suffix=".tmp", dir=cache)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while this run writes it: another run's sweep leaves it
-    h = hashlib.sha256()
+    h, raw = hashlib.sha256(), hashlib.sha256()  # the blob's digest; the image's, read in the same pass
     try:
         with open(image, "rb") as src, os.fdopen(fd, "wb") as out:
             cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0, write_checksum=True)
             sink: Any = _Hashing(out, h)
             with cctx.stream_writer(sink, closefd=False, size=os.fstat(src.fileno()).st_size) as w:
                 while chunk := src.read(1 << 20):
+                    raw.update(chunk)
                     w.write(chunk)
             out.flush()
             digest = "sha256:" + h.hexdigest()
@@ -118,6 +132,7 @@ def compressed(image: Path, media_type: str, cache: Path, prints: Fingerprints) 
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+    prints.put(image, "sha256", "sha256:" + raw.hexdigest())
     prints.put(image, "zstd", {"digest": digest, "size": size})
     return oci.Blob(media_type, digest, size, path=str(cache / digest.replace(":", "-")), title=image.name)
 
@@ -233,6 +248,15 @@ def publish(pins: Pins, pins_file: Path, target: Reference, reg: Registry, key: 
     lock = pins_file.with_name("alpine.lock.json")
     if lock.is_file():
         external["lock"] = {"sha256": sha256_file(lock)}
+    for runtime in pins.alpine.runtimes:  # every image the one its manifest names, before anything is pushed
+        for arch in arches:
+            man = paths.manifest(runtime, arch)
+            for f in formats.NAMES if man.is_file() else ():
+                img = paths.image(runtime, f, arch)
+                if img.is_file():
+                    if oci.FORMAT_LAYER[f] in oci.COMPRESSED:  # measured while it is compressed (kept for the push)
+                        compressed(img, oci.FORMAT_LAYER[f], cache / "blobs", prints)
+                    as_built(img, prints.sha256(img), json.loads(man.read_text()), man)
     for runtime in pins.alpine.runtimes:
         platforms = []
         for arch in arches:

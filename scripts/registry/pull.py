@@ -29,7 +29,7 @@ from ..arch import ARCHES, host_arch
 from ..background import quick_handoff
 from ..steps import prog
 from . import attest, auth, blobs, oci
-from .client import Reference, Registry, RegistryError, parse_json
+from .client import Reference, Refused, Registry, RegistryError, parse_json
 
 # Blobs (and references being resolved) at once: the three runtimes' images land together
 PARALLEL = 4
@@ -341,6 +341,35 @@ def land(plans: list[Planned], stages: dict[Path, Path], connect: Callable[[Plan
             return [f.result() for f in futures]
 
 
+def as_built(p: Planned, landed: list[Landed]) -> None:
+    """Each image that landed is the one its runtime's manifest.json (a layer of the same, signed,
+    manifest) names: sha256 and size, taken as it was written. The compressed blob was checked
+    against its digest; this checks what it decompressed to against what the build measured,
+    so the sha256 a host records (and ``verify`` holds the file to) is the build's, not the pull's."""
+    if p.kind != oci.RUNTIME_ARTIFACT:
+        return
+    mine = [x for x in landed if x.planned is p]
+    named = next((b for b in p.blobs if b["mediaType"] == oci.IMAGE_MANIFEST), None)
+    images = [x for x in mine if x.blob["mediaType"] in oci.FORMAT_LAYER.values()]
+    if named is None or not images:
+        return
+    staged = next((x.staged for x in mine if x.blob is named), p.directory / _title(named))
+    try:
+        doc = json.loads(staged.read_bytes())
+        built = {e["image"]: (e["sha256"], e["size"]) for e in doc["images"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise Refused(f"{p.puller.ref}: {_title(named)} does not say which images it built ({exc}): refused, "
+                      "nothing placed") from None  # fmt: skip
+    for x in images:
+        title = _title(x.blob)
+        got = (x.sha256, x.staged.stat().st_size)
+        if built.get(title) != got:
+            raise Refused(f"{p.puller.ref}: {title} arrived as sha256 {got[0]}, {got[1]:,} bytes, but the "
+                          f"{_title(named)} that came with it names {built.get(title, 'no such image')}: "
+                          "refused, nothing placed",
+                          hint="the publisher's image and manifest do not belong together: publish again")  # fmt: skip
+
+
 def _in_place(directory: Path, blob: dict[str, Any], old: object) -> bool:
     """The very bytes this blob names, placed earlier and untouched since."""
     try:
@@ -388,7 +417,10 @@ def pull_all(
         with contextlib.ExitStack() as stack:
             directories = dict.fromkeys(p.directory for p in plans)
             stages = {d: stack.enter_context(workspace.scratch(d, "pull")) for d in directories}
-            place(plans, land(plans, stages, connect))
+            landed = land(plans, stages, connect)
+            for p in plans:
+                as_built(p, landed)
+            place(plans, landed)
     except BaseException:
         for p in plans:
             paths.unclaim(p.made[::-1])

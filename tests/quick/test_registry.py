@@ -316,6 +316,45 @@ def test_oras_pulls_what_we_publish_and_we_pull_what_oras_pushes(
     assert bad.returncode == 6 and "python.ext4: the blob does not decompress as zstd" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
     assert not (tmp_path / "bad/images").exists()  # made by this pull, so removed again with nothing in it
+    # an image other than the one its manifest.json names (one byte): its blob's digest is right,
+    # what it decompresses to is not what the build measured; refused, nothing placed
+    image = bytearray((built.out / "images/python.ext4").read_bytes())
+    image[len(image) // 2] ^= 0x01
+    (src / "python.ext4").write_bytes(zstandard.ZstdCompressor().compress(bytes(image)))
+    os.chdir(src)
+    try:
+        client.push(
+            target=f"{registry.host}/{REPO_NAME}:not-as-built",
+            files=["python.ext4:application/vnd.vulcan.rootfs.ext4.v1+zstd",
+                   "python.manifest.json:application/vnd.vulcan.rootfs.manifest.v1+json"],
+            manifest_annotations={"vnd.vulcan.runtime": "python"},
+            manifest_config="config.json:application/vnd.vulcan.rootfs.v1",
+            disable_path_validation=True,
+        )  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    other = _pull(built, f"{registry.host}/{REPO_NAME}:not-as-built", tmp_path / "other", "--no-verify", "--insecure")
+    named = json.loads((built.out / "images/python.manifest.json").read_text())["images"][0]["sha256"]
+    assert other.returncode == 6 and f"python.ext4 arrived as sha256 {hashlib.sha256(image).hexdigest()}" in \
+        other.stderr and f"names ('{named}', {len(image)})" in other.stderr, other.stderr  # fmt: skip
+    assert not (tmp_path / "other/images").exists()
+
+
+def test_publish_refuses_an_image_changed_after_it_was_built(
+    built: World, registry: RunningRegistry, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    image = built.out / "images/python.ext4"  # a writable image booted in place: one block changed
+    saved = image.read_bytes()
+    image.write_bytes(saved[:4096] + b"\x01" + saved[4097:])
+    try:
+        proc = built.run("publish", "--to", f"{registry.host}/acme/changed", "--key", str(keys["ours"]),
+                         *registry.flags())  # fmt: skip
+    finally:
+        image.write_bytes(saved)
+    assert proc.returncode == 1, proc.stderr
+    assert "images/python.ext4 is not the image images/python.manifest.json names" in proc.stderr, proc.stderr
+    assert "nothing was published" in proc.stderr and "nox -s rootfs-python" in proc.stderr
+    assert not list(registry.storage.rglob("changed")), "the repository was made: something was pushed"
 
 
 # the exit code of each (docs/errors.md): 6 trust, 3 the registry, 4 what was asked for
