@@ -40,7 +40,8 @@ from .hashing import sha256_file
 if TYPE_CHECKING:
     import requests
 
-# requests/urllib3 are imported where they are used: a no-op run never pays for them.
+# requests/urllib3 are imported where they are used: a no-op run and a warm rebuild never pay for
+# them (50 ms of imports, python -X importtime, beside the rootfs step's own 53 ms; test_rootfs).
 
 ATTEMPTS = 4
 BACKOFF_S = 0.5
