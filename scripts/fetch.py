@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import requests
 
 # requests/urllib3 are imported where they are used: a no-op run and a warm rebuild never pay for
-# them (50 ms of imports, python -X importtime, beside the rootfs step's own 53 ms; test_rootfs).
+# them (50 ms of imports, python -X importtime, beside the rootfs step's own ~50 ms; test_rootfs).
 
 ATTEMPTS = 4
 BACKOFF_S = 0.5

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TextIO
 
 from .text import human as human  # log.human: what callers format sizes with
@@ -49,11 +48,10 @@ def interactive() -> bool:
     return _stream().isatty() and not _config.ci
 
 
-@dataclass
 class _Config:
-    ci: bool = False  # CI: plain lines, never a progress bar
+    ci = False  # CI: plain lines, never a progress bar
     timing: str | None = None  # VULCAN_TIMING: "1" a line of phases per build, "json" a JSON line
-    debug: bool = False  # --debug: tracebacks, and the lines debug() writes
+    debug = False  # --debug: tracebacks, and the lines debug() writes
 
 
 _config = _Config()

@@ -14,9 +14,8 @@ import re
 import stat
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import formats as image_formats
 from . import names, settings
@@ -39,8 +38,7 @@ def pins_path() -> Path:
     return settings.pins_path()
 
 
-@dataclass(frozen=True)
-class Artifact:
+class Artifact(NamedTuple):
     """A versioned download with one sha256 per architecture (Firecracker, kernel, Go)."""
 
     name: str
@@ -60,8 +58,7 @@ class Artifact:
         return {"version": self.version, "url": self.url_for(arch), "sha256": self.sha256_for(arch)}
 
 
-@dataclass(frozen=True)
-class AlpineKey:
+class AlpineKey(NamedTuple):
     name: str
     url: str  # "" when the key is a local file
     sha256: str  # of the DER SubjectPublicKeyInfo, not of the file
@@ -69,8 +66,7 @@ class AlpineKey:
     where: str = ""  # its JSON path in pins.json, for messages
 
 
-@dataclass(frozen=True)
-class Repository:
+class Repository(NamedTuple):
     """One APK repository an image takes packages from: Alpine's own (``alpine.repositories``,
     under the mirror and branch) or an extra one (``alpine.extra_repositories``, per runtime
     too), each with the keys that alone may sign its index, and an optional tag (apk's
@@ -96,8 +92,7 @@ class Repository:
         return f"@{self.tag} {self.location}" if self.tag else self.location
 
 
-@dataclass(frozen=True)
-class Runtime:
+class Runtime(NamedTuple):
     name: str
     world: tuple[str, ...]
     check: tuple[str, ...]  # argv run inside the image to prove the runtime works
@@ -110,8 +105,7 @@ class Runtime:
     image: ImageSource | None = None  # a template: built from this OCI image instead of a world
 
 
-@dataclass(frozen=True)
-class ImageSource:
+class ImageSource(NamedTuple):
     """A runtime made from an OCI image (a template): ``REGISTRY/REPOSITORY[:TAG][@sha256:D]``.
     A build takes the digest of each architecture from the lock (``nox -s lock`` resolves a tag)."""
 
@@ -126,8 +120,7 @@ IMAGE_REFERENCE = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class Alpine:
+class Alpine(NamedTuple):
     mirror: str
     branch: str
     repositories: tuple[str, ...]
@@ -163,16 +156,14 @@ class Alpine:
         return tuple(seen[n] for n in sorted(seen))
 
 
-@dataclass(frozen=True)
-class Guest:
+class Guest(NamedTuple):
     """Where the agent's Go source is (``guest.source``, relative to the pins file's checkout)."""
 
     source: str
     package: str
 
 
-@dataclass(frozen=True)
-class Pins:
+class Pins(NamedTuple):
     path: Path
     raw: Mapping[str, Any]
     firecracker: Artifact

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from .errors import SettingError
@@ -340,8 +340,7 @@ def ci() -> bool:
     return _raw("CI") is not None
 
 
-@dataclass(frozen=True)
-class Variable:
+class Variable(NamedTuple):
     """One environment variable: its name, what it takes, what it does, and its reader (the
     only code that reads it; a bad value is the reader's SettingError)."""
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from . import log
 
@@ -28,8 +27,7 @@ class Unsure(Exception):
     """A dry check cannot tell without network or writes: the step must run."""
 
 
-@dataclass(frozen=True)
-class Check(Generic[T]):
+class Check(NamedTuple, Generic[T]):
     """One output set of a step and why it is out of date; ``context`` is what the step's
     check() decided and its run() builds from (the rootfs step's Plan, the pins, ...)."""
 
@@ -39,7 +37,7 @@ class Check(Generic[T]):
     outputs: list[Path]
     why: str | None  # None: up to date
     base: Path  # outputs are shown relative to it
-    context: T = field(repr=False)
+    context: T
 
     def done_line(self) -> str:
         shown = ", ".join(_rel(p, self.base) for p in self.outputs)

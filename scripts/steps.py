@@ -7,12 +7,11 @@ start counts; see bench: no-op).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     command: str  # python -m scripts COMMAND
     module: str  # scripts.<module>: main(argv), or the step protocol (step.py) when stamped
     summary: str  # what nox -l and --help show

@@ -8,14 +8,12 @@ read-modify-write, so concurrent builds of different runtimes never lose each ot
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import atomic, log, names, workspace
 from ..errors import UsageError, VulcanError
@@ -38,8 +36,7 @@ class LockError(VulcanError):
     exit_code = 4
 
 
-@dataclass(frozen=True)
-class Locked:
+class Locked(NamedTuple):
     name: str
     version: str
     arch: str
@@ -80,7 +77,8 @@ class Locked:
     def from_json(cls, value: object, where: str) -> Locked:
         """One package of the lock, checked: the lock comes with the pins (a pull request's, in
         CI), and its names become cache paths and file names (scripts/names.py)."""
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        # each field's type as written (a NamedTuple keeps it as a forward reference)
+        fields = {k: getattr(t, "__forward_arg__", t) for k, t in cls.__annotations__.items()}
         if not isinstance(value, dict) or set(value) != set(fields):
             raise LockError(f"{where}: expected an object with {', '.join(fields)}", hint=RELOCK_HINT)
         for key, kind in fields.items():
@@ -191,7 +189,7 @@ def lock_runtime(pins: Pins, runtime: str, arch: str) -> list[Locked]:
         entry: dict[str, Any] = {
             "request": request_digest(pins, runtime, arch),
             "world": [*pins.alpine.base, *pins.alpine.runtimes[runtime].world],
-            "packages": [asdict(p) for p in closure],
+            "packages": [p._asdict() for p in closure],
         }
         if local := local_indexes(pins, runtime, arch):
             entry["local_indexes"] = local

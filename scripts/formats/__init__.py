@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from types import MappingProxyType
+from typing import Any, NamedTuple, Protocol, cast
 
 
-@dataclass(frozen=True)
-class Shape:
+class Shape(NamedTuple):
     """What the tar stream holds, as far as sizing an image needs (recomputed from the tar)."""
 
     file_blocks: int  # 4 KiB blocks of regular-file data
@@ -28,8 +27,7 @@ class Shape:
     content_bytes: int
 
 
-@dataclass(frozen=True)
-class Job:
+class Job(NamedTuple):
     tar: Path
     tar_sha256: str
     shape: Shape
@@ -38,15 +36,13 @@ class Job:
     headroom_mib: int
 
 
-@dataclass(frozen=True)
-class Written:
+class Written(NamedTuple):
     size: int  # the image file's size in bytes
     reproducible: bool  # bit-identical on any host
-    manifest: Mapping[str, Any] = field(default_factory=dict)  # format-specific manifest fields
+    manifest: Mapping[str, Any] = MappingProxyType({})  # format-specific manifest fields
 
 
-@dataclass(frozen=True)
-class Inode:
+class Inode(NamedTuple):
     """One path of an image as its reader reports it (the same for every format)."""
 
     kind: str  # regular, directory, symlink, character special, block special, FIFO, socket
@@ -96,8 +92,7 @@ class Reader(Protocol):  # a reader module's three functions
         ...
 
 
-@dataclass(frozen=True)
-class Format:
+class Format(NamedTuple):
     name: str  # the file suffix, the manifest's "format" and the kernel's rootfstype=
     writer_module: str  # scripts.formats.<module>, exporting WRITER
     reader_module: str  # scripts.formats.<module>: stat_many(), cat(), rdump(), digests() (the Reader protocol)

@@ -19,10 +19,9 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import settings
 from ..errors import BuildError, ToolFailed, ToolMissing
@@ -77,8 +76,7 @@ def method() -> str:
     return "tar" if e2fsprogs_version() >= TAR_INPUT_VERSION else "dir"
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     size_bytes: int
     inodes: int
 

@@ -118,7 +118,7 @@ def _entries(image: Path) -> dict[str, Entry]:
     for e in out.values():  # link counts, as stat reports them
         n = links.get(e.hardlink_to or e.path, 1)
         if e.inode.kind == "regular" and n > 1:
-            out[e.path] = Entry(e.path, Inode(**{**e.inode.__dict__, "links": n}), e.devices, e.xattrs, e.hardlink_to)
+            out[e.path] = Entry(e.path, e.inode._replace(links=n), e.devices, e.xattrs, e.hardlink_to)
     return out
 
 

@@ -29,7 +29,7 @@ from .tarwalk import Facts, read_facts
 def sidecar(stream: Stream) -> dict[str, Any]:
     side: dict[str, Any] = {
         "sha256": stream.sha256,
-        "shape": stream.shape.__dict__,
+        "shape": stream.shape._asdict(),
         "files": stream.files,
         "install_scripts": stream.install_scripts,
         "busybox_links": stream.busybox_links,

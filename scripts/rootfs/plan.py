@@ -10,9 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import TOOL_VERSION, paths, settings, stamps
 from ..apk import lockfile
@@ -43,8 +42,7 @@ def source_date_epoch(closure: list[Locked], formats: tuple[Format, ...] = ()) -
     return epoch
 
 
-@dataclass(frozen=True)
-class Output:
+class Output(NamedTuple):
     """One image file of the plan, in one format."""
 
     fmt: Format
@@ -59,8 +57,7 @@ class Output:
         return self.fmt.writer
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(NamedTuple):
     """One image as built: its output (format, path), what its writer wrote, and its sha256."""
 
     output: Output
@@ -72,18 +69,15 @@ class Image:
         return self.output.format
 
 
-@dataclass(frozen=True)
 class Plan:
     """What an image is built from (pins, runtime, arch, the locked closure) and everything
     derived from it, computed once: where it goes, the agent and its sha256, the epoch, the
     stream's and the stamp's inputs."""
 
-    pins: Pins
-    runtime: str
-    arch: str
-    frozen: bool
-    closure: list[Locked]
-    image: LockedImage | None = None  # a template's image (its closure is empty)
+    def __init__(self, pins: Pins, runtime: str, arch: str, frozen: bool, closure: list[Locked],
+                 image: LockedImage | None = None) -> None:  # fmt: skip
+        self.pins, self.runtime, self.arch, self.frozen, self.closure = pins, runtime, arch, frozen, closure
+        self.image = image  # a template's image (its closure is empty)
 
     @property
     def rt(self) -> Runtime:

@@ -12,7 +12,6 @@ import errno
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -71,19 +70,23 @@ class _HashingWriter:
         self._task.result()
 
 
-@dataclass
 class Stream:
     """The stream and what the build learnt assembling it."""
 
-    tar: Path
-    sha256: str
-    shape: Shape
-    files: dict[str, dict[str, int]]  # package -> {path: size}
-    install_scripts: list[dict[str, str]]
-    busybox_links: int
-    os_release: str | None
-    # a template's OS packages, as its package database says (dpkg, apk), without their files
-    packages: list[dict[str, Any]] = field(default_factory=list)
+    def __init__(
+        self,
+        tar: Path,
+        sha256: str,
+        shape: Shape,
+        files: dict[str, dict[str, int]],  # package -> {path: size}
+        install_scripts: list[dict[str, str]],
+        busybox_links: int,
+        os_release: str | None,
+        packages: list[dict[str, Any]] | None = None,  # a template's OS packages (dpkg, apk), without files
+    ) -> None:
+        self.tar, self.sha256, self.shape, self.files = tar, sha256, shape, files
+        self.install_scripts, self.busybox_links, self.os_release = install_scripts, busybox_links, os_release
+        self.packages = packages if packages is not None else []
 
 
 def os_release_problem(tree: Tree, installed: set[str], alpine: bool = True) -> str | None:

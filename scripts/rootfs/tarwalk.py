@@ -13,9 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..formats import Shape
 from ..hashing import WINDOW, hash_mapped
@@ -55,8 +54,7 @@ def blocks(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     name: str  # without a trailing "/"
     kind: bytes  # the ustar type flag: b"0" file, b"5" directory, b"1" hard link, b"2" symlink, ...
     start: int  # offset of its first header (its PAX header's, if it has one)
@@ -96,8 +94,7 @@ def entries(m: Any, size: int) -> Iterator[Entry]:
         start = pos
 
 
-@dataclass(frozen=True)
-class Facts:
+class Facts(NamedTuple):
     """What a tar holds, recomputed from the tar itself in one read."""
 
     sha256: str
@@ -106,7 +103,7 @@ class Facts:
     spans: dict[str, tuple[int, int, int]]  # path -> (first header offset, end offset, data size)
     end: int  # where the end-of-archive blocks start
     checkpoint: str | None = None  # the entry whose preceding sha256 state is kept ...
-    checkpoint_state: Any = field(default=None, compare=False, repr=False)  # ... and that state
+    checkpoint_state: Any = None  # ... and that state
     identity: tuple[int, int, int, int] = (0, 0, 0, 0)  # device, inode, size, mtime of the file read
 
 

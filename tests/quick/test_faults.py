@@ -155,7 +155,7 @@ def test_concurrent_lock_writers_keep_every_entry(ready: World, monkeypatch: pyt
             data["entries"][f"{RUNTIME}/{ARCH}"] = {
                 "request": lockfile.request_digest(pins, RUNTIME, ARCH),
                 "world": [],
-                "packages": [p.__dict__ for p in closure],
+                "packages": [p._asdict() for p in closure],
             }
             lockfile.write_lock(pins, data)
         b.join(60)
