@@ -284,15 +284,23 @@ def fetch(
 
 
 def cached(url: str, sha256: str) -> Path:
-    """The verified cache entry for ``sha256``, downloading it from ``url`` only if needed.
+    """The verified cache entry for ``sha256``, downloading it from ``url`` only if needed."""
+    return cache_entry(sha256, lambda path: fetch(url, path, sha256=sha256), url)
 
-    Entries are re-hashed on every use: a tampered entry is deleted and fetched again. In a
-    read-only cache a correct entry is used as it is; a missing or corrupt one is an error."""
+
+def cache_entry(sha256: str, obtain: Callable[[Path], object], what: str) -> Path:
+    """The content-addressed cache entry for ``sha256`` (``$VULCAN_CACHE/sha256/XX/HEX``, shared
+    by every download: packages, release files, a template's layers), made by ``obtain(path)``
+    only if it is missing or corrupt; ``obtain`` writes ``path`` only once its bytes are checked.
+
+    Entries are re-hashed on every use: a tampered entry is deleted and obtained again. In a
+    read-only cache a correct entry is used as it is; a missing or corrupt one is an error
+    naming ``what`` (its URL, or the layer of an image)."""
     path = settings.cache_dir() / "sha256" / sha256[:2] / sha256
     if not writable(path):
         if path.is_file() and sha256_file(path) == sha256:
             return path
-        raise read_only_cache(path, url)
+        raise read_only_cache(path, what)
     with file_lock(path):
         if path.exists():
             actual = sha256_file(path)
@@ -300,7 +308,7 @@ def cached(url: str, sha256: str) -> Path:
                 return path
             log.warn(f"cache entry {path} is corrupt (sha256 {actual}); fetching it again")
             path.unlink()
-        fetch(url, path, sha256=sha256)
+        obtain(path)
     return path
 
 

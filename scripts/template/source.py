@@ -325,38 +325,33 @@ def created(cfg: dict[str, Any]) -> int:
 
 def layer(source: Source, reg: Any, repo: str, x: Layer) -> Path:
     """The layer's cache entry, fetched now if it is not cached (checked as it streams)."""
-    hit = _cached(x.digest)
-    if hit is not None:
-        return hit
+    from ..fetch import cache_entry
+
+    return cache_entry(x.digest.removeprefix("sha256:"), lambda path: _download(source, reg, repo, x, path),
+                       f"{source.reference} layer {x.digest}")  # fmt: skip
+
+
+def _download(source: Source, reg: Any, repo: str, x: Layer, path: Path) -> None:
+    """The layer from the registry into ``path`` (through ``.part``), only if it is its digest."""
     from ..registry.blobs import BlobError
 
-    path = cache_path(x.digest)
-    if not writable(path):
-        from ..fetch import read_only_cache
-
-        raise read_only_cache(path, f"{source.reference} layer {x.digest}")
-    paths.claim_cache()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path):
-        if (hit := _cached(x.digest)) is not None:  # another build fetched it meanwhile
-            return hit
-        part = path.with_name(path.name + ".part")
-        h = hashlib.sha256()
-        n = 0
-        with reg.blob(repo, x.digest) as resp, open(part, "wb") as out:
-            for chunk in reg.chunks(resp, x.size, f"layer {x.digest}"):
-                h.update(chunk)
-                out.write(chunk)
-                n += len(chunk)
-        reg.received += n
-        if n != x.size or "sha256:" + h.hexdigest() != x.digest:
-            part.unlink(missing_ok=True)
-            raise BlobError(
-                f"{source.reference}: layer {x.digest} was served as {n:,} bytes with sha256 "
-                f"{h.hexdigest()}: refused, nothing kept"
-            )
-        os.replace(part, path)
-    return path
+    part = path.with_name(path.name + ".part")
+    h = hashlib.sha256()
+    n = 0
+    with reg.blob(repo, x.digest) as resp, open(part, "wb") as out:
+        for chunk in reg.chunks(resp, x.size, f"layer {x.digest}"):
+            h.update(chunk)
+            out.write(chunk)
+            n += len(chunk)
+    reg.received += n
+    if n != x.size or "sha256:" + h.hexdigest() != x.digest:
+        part.unlink(missing_ok=True)
+        raise BlobError(
+            f"{source.reference}: layer {x.digest} was served as {n:,} bytes with sha256 "
+            f"{h.hexdigest()}: refused, nothing kept"
+        )
+    os.replace(part, path)
 
 
 def check_pinned(reference: str) -> None:
