@@ -23,7 +23,7 @@ from typing import Any
 from .. import log, paths, settings
 from ..arch import GOARCH
 from ..errors import BuildError, UsageError
-from ..fetch import file_lock, writable
+from ..fetch import cache_entry, file_lock, writable
 from ..hashing import sha256_file
 
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -325,8 +325,6 @@ def created(cfg: dict[str, Any]) -> int:
 
 def layer(source: Source, reg: Any, repo: str, x: Layer) -> Path:
     """The layer's cache entry, fetched now if it is not cached (checked as it streams)."""
-    from ..fetch import cache_entry
-
     return cache_entry(x.digest.removeprefix("sha256:"), lambda path: _download(source, reg, repo, x, path),
                        f"{source.reference} layer {x.digest}")  # fmt: skip
 
