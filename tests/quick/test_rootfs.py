@@ -414,7 +414,7 @@ def test_many_small_files_in_many_directories_fit(world: World) -> None:
 
 # Each would add to every warm rebuild's start (python -X importtime, on top of the rootfs
 # step's own ~50 ms): requests 50 ms, securesystemslib 30, cryptography 22, concurrent.futures 12,
-# zstandard 10, tarfile 8; the python-like warm rebuild's floor (mke2fs in RAM) is ~240 ms.
+# zstandard 10, tarfile 8; the python-like warm rebuild's floor (mke2fs in RAM) is 200-240 ms.
 # dataclasses: 13 ms to import (inspect, ast, dis, tokenize) and 0.5 ms per class made; the records
 # a start makes are NamedTuples (0.08 ms) or plain classes: the step's imports went from 72 to 48 ms.
 WARM_NEVER_IMPORTS = {"requests", "urllib3", "securesystemslib", "cryptography", "concurrent", "zstandard", "tarfile",
