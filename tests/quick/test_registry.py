@@ -274,19 +274,24 @@ def test_oras_pulls_what_we_publish_and_we_pull_what_oras_pushes(
     shutil.copy(built.out / "images/python.squashfs", src / "python.squashfs")
     shutil.copy(built.out / "images/python.manifest.json", src / "python.manifest.json")
     (src / "config.json").write_text("{}")
-    cwd = Path.cwd()
-    os.chdir(src)
-    try:
-        client.push(
-            target=f"{registry.host}/{REPO_NAME}:by-oras",
-            files=["python.squashfs:application/vnd.vulcan.rootfs.squashfs.v1",
-                   "python.manifest.json:application/vnd.vulcan.rootfs.manifest.v1+json"],
-            manifest_annotations={"vnd.vulcan.runtime": "python"},
-            manifest_config="config.json:application/vnd.vulcan.rootfs.v1",
-            disable_path_validation=True,
-        )  # fmt: skip
-    finally:
-        os.chdir(cwd)
+
+    def push(tag: str, *files: str) -> None:
+        """``src``'s files pushed by oras as a python runtime artifact (oras takes paths relative to the cwd)."""
+        cwd = Path.cwd()
+        os.chdir(src)
+        try:
+            client.push(
+                target=f"{registry.host}/{REPO_NAME}:{tag}",
+                files=list(files),
+                manifest_annotations={"vnd.vulcan.runtime": "python"},
+                manifest_config="config.json:application/vnd.vulcan.rootfs.v1",
+                disable_path_validation=True,
+            )
+        finally:
+            os.chdir(cwd)
+
+    push("by-oras", "python.squashfs:application/vnd.vulcan.rootfs.squashfs.v1",
+         "python.manifest.json:application/vnd.vulcan.rootfs.manifest.v1+json")  # fmt: skip
     m = _manifest(registry, "by-oras")
     assert (m.get("artifactType") or m["config"]["mediaType"]) == "application/vnd.vulcan.rootfs.v1"
     dest = tmp_path / "dest"
@@ -301,17 +306,7 @@ def test_oras_pulls_what_we_publish_and_we_pull_what_oras_pushes(
     # a layer typed as zstd that is not: its digest is right (the publisher's very bytes), so the
     # error says it does not decompress, and nothing of it is placed or kept to resume from
     (src / "python.ext4").write_bytes(b"not zstd at all, " * 1000)
-    os.chdir(src)
-    try:
-        client.push(
-            target=f"{registry.host}/{REPO_NAME}:not-zstd",
-            files=["python.ext4:application/vnd.vulcan.rootfs.ext4.v1+zstd"],
-            manifest_annotations={"vnd.vulcan.runtime": "python"},
-            manifest_config="config.json:application/vnd.vulcan.rootfs.v1",
-            disable_path_validation=True,
-        )
-    finally:
-        os.chdir(cwd)
+    push("not-zstd", "python.ext4:application/vnd.vulcan.rootfs.ext4.v1+zstd")
     bad = _pull(built, f"{registry.host}/{REPO_NAME}:not-zstd", tmp_path / "bad", "--no-verify", "--insecure")
     assert bad.returncode == 6 and "python.ext4: the blob does not decompress as zstd" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
@@ -321,18 +316,8 @@ def test_oras_pulls_what_we_publish_and_we_pull_what_oras_pushes(
     image = bytearray((built.out / "images/python.ext4").read_bytes())
     image[len(image) // 2] ^= 0x01
     (src / "python.ext4").write_bytes(zstandard.ZstdCompressor().compress(bytes(image)))
-    os.chdir(src)
-    try:
-        client.push(
-            target=f"{registry.host}/{REPO_NAME}:not-as-built",
-            files=["python.ext4:application/vnd.vulcan.rootfs.ext4.v1+zstd",
-                   "python.manifest.json:application/vnd.vulcan.rootfs.manifest.v1+json"],
-            manifest_annotations={"vnd.vulcan.runtime": "python"},
-            manifest_config="config.json:application/vnd.vulcan.rootfs.v1",
-            disable_path_validation=True,
-        )  # fmt: skip
-    finally:
-        os.chdir(cwd)
+    push("not-as-built", "python.ext4:application/vnd.vulcan.rootfs.ext4.v1+zstd",
+         "python.manifest.json:application/vnd.vulcan.rootfs.manifest.v1+json")  # fmt: skip
     other = _pull(built, f"{registry.host}/{REPO_NAME}:not-as-built", tmp_path / "other", "--no-verify", "--insecure")
     named = json.loads((built.out / "images/python.manifest.json").read_text())["images"][0]["sha256"]
     assert other.returncode == 6 and f"python.ext4 arrived as sha256 {hashlib.sha256(image).hexdigest()}" in \
