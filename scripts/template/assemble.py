@@ -27,20 +27,24 @@ def fetched(image: source.LockedImage) -> tuple[dict[str, Any], list[Path]]:
     only when something is missing). Every byte is checked against its digest whatever served it;
     the manifest must list the layers the lock does."""
     src = source.Source(image.reference)
+    urls = source.upstream_urls(image)  # every digest the image needs: manifest, config, layers
+    have: set[str] = set()  # each checked once here (a layer may be hundreds of MiB to hash)
     if settings.mirror():  # by digest through VULCAN_MIRROR first (nox -s mirror wrote them there)
         from ..errors import DownloadError
         from ..fetch import cached
 
-        for digest, url in source.upstream_urls(image).items():
-            if source._cached(digest) is None:
-                try:
-                    cached(url, digest.removeprefix("sha256:"))
-                except DownloadError as exc:
-                    if exc.status != 404:
-                        raise
-                    log.info(f"{digest} is not in VULCAN_MIRROR: asking the registry")
-    missing = [x for x in image.layers if source._cached(x.digest) is None]
-    need = missing or source._cached(image.config) is None or source._cached(image.manifest) is None
+        for digest, url in urls.items():
+            try:
+                cached(url, digest.removeprefix("sha256:"))  # the cache entry if good, else the mirror's
+                have.add(digest)
+            except DownloadError as exc:
+                if exc.status != 404:
+                    raise
+                log.info(f"{digest} is not in VULCAN_MIRROR: asking the registry")
+    else:
+        have = {digest for digest in urls if source._cached(digest) is not None}
+    missing = [x for x in image.layers if x.digest not in have]
+    need = missing or image.config not in have or image.manifest not in have
     if not need:
         _check_manifest(image, json.loads(source.cache_path(image.manifest).read_bytes()))
         return source.config_of(image), [source.cache_path(x.digest) for x in image.layers]
