@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,9 @@ from .. import atomic, errors, log, paths, settings, sparse, stamps, workspace
 from ..background import Task, quick_handoff, wait_all
 from ..errors import VulcanError, no_space
 from ..formats import Job, Writer, Written
-from ..hashing import sha256_file
+from ..hashing import copy_and_hash, sha256_file
 from . import AGENT, cache, manifest, sbom, stream
-from .plan import Image, Output, Plan, make_plan
+from .plan import Image, Plan, make_plan
 from .splice import splice_agent
 from .stream import Stream
 from .tarwalk import Facts
@@ -136,15 +138,15 @@ def _timed(name: str, fn: Any, *args: Any) -> Any:
         return fn(*args)
 
 
-def _write_all(plan: Plan, s: Stream, scratch: Path, stack: contextlib.ExitStack) -> list[Image]:
+def _write_all(plan: Plan, s: Stream, scratch: Path) -> list[Image]:
     results: list[Image] = []
     for out in plan.outputs:
         final = scratch / out.image.name
         job = Job(s.tar, s.sha256, s.shape, plan.epoch, f"vulcan-{plan.runtime}", plan.headroom_mib)
-        # written in RAM when it fits (mke2fs is ~25% faster there); then this thread hashes it
-        # while the other core checks it and copies it next to the output (one task, not two:
-        # three threads on two cores slowed the hash, which is what a build waits for)
-        in_ram = contextlib.ExitStack()  # the RAM it was written in: released once it is copied out
+        # written in RAM when it fits (mke2fs is ~25% faster there); then the other core checks it
+        # and copies it next to the output while this thread hashes it (one task, not two: three
+        # threads on two cores slowed the hash, which is what a build waits for)
+        in_ram = contextlib.ExitStack()  # the RAM it was written in: given back once it is copied out
         ram = in_ram.enter_context(
             workspace.ram_scratch(settings.ram_dir(), f"{plan.runtime}-{out.format}", out.writer.room(job))
         )
@@ -152,28 +154,31 @@ def _write_all(plan: Plan, s: Stream, scratch: Path, stack: contextlib.ExitStack
             built = ram / out.image.name if ram is not None else final
             with log.phase(f"write {out.format}"):
                 written, built = _write(out.writer, job, built, final)
-            checking = Task(_check_and_copy, out, built, final)
-            try:
-                with log.phase(f"hash {out.format}"):
-                    digest = sha256_file(built)
-            finally:
-                wait_all([checking])
-        except BaseException:
-            in_ram.close()
-            raise
-        # the image is copied out of RAM: giving the pages back (~7 ms for 68 MiB) runs in the background
-        release = Task(in_ram.close)
-        stack.callback(release.exception)  # waited for before the build returns, whatever happens meanwhile
+            check = functools.partial(_timed, f"check {out.format}", out.writer.check, built)
+            with log.phase(f"hash {out.format}"):
+                digest = _hashed(out.format, built, final, check, in_ram.close)
+        finally:
+            in_ram.close()  # (where the copy has not already)
         results.append(Image(out, written, digest))
     return results
 
 
-def _check_and_copy(out: Output, built: Path, final: Path) -> None:
-    with log.phase(f"check {out.format}"):
-        out.writer.check(built)
-    if built != final:
-        with log.phase(f"copy {out.format} out of RAM"):
-            _copy_out(built, final)
+def _hashed(fmt: str, built: Path, final: Path, check: Callable[[], None], free: Callable[[], None]) -> str:
+    """The image's sha256, taken while ``check`` runs on the other core and, for an image
+    written in RAM, while it is copied to ``final`` there (then ``free`` gives the RAM back
+    while the hash ends: hashing.copy_and_hash)."""
+    if built == final:
+        checking = Task(check)
+        try:
+            return sha256_file(built)
+        finally:
+            wait_all([checking])
+    try:
+        return copy_and_hash(built, final, check, free, f"copy {fmt} out of RAM")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise no_space(final, sparse.allocated_bytes(built), "copying the image to") from None
+        raise
 
 
 def _write(writer: Writer, job: Job, built: Path, final: Path) -> tuple[Written, Path]:
@@ -200,22 +205,13 @@ def _write(writer: Writer, job: Job, built: Path, final: Path) -> tuple[Written,
     return _write(writer, job, final, final)
 
 
-def _copy_out(src: Path, dest: Path) -> None:
-    try:
-        sparse.sparse_copy(src, dest)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise no_space(dest, sparse.allocated_bytes(src), "copying the image to") from None
-        raise
-
-
 def _build(plan: Plan, scratch: Path, stack: contextlib.ExitStack) -> tuple[Plan, Stream, list[Image]]:
     """The stream and every image written from it, checked and hashed."""
     background: list[Task[Any]] = []  # what runs meanwhile on the other core (storing the stream)
     stack.callback(lambda: [t.exception() for t in background])  # after an error too: before scratch goes
     plan, s, pending = _stream(plan, scratch, stack, background)
     try:
-        images = _write_all(plan, s, scratch, stack)
+        images = _write_all(plan, s, scratch)
         failed: VulcanError | None = None
     except VulcanError as exc:  # a corrupt cached stream can make a writer fail: judge the stream first
         images, failed = [], exc
@@ -224,7 +220,7 @@ def _build(plan: Plan, scratch: Path, stack: contextlib.ExitStack) -> tuple[Plan
         log.warn(f"cached tar stream {s.tar} is corrupt ({problem}); assembling it again")
         s.tar.unlink(missing_ok=True)
         plan, s = _assemble(plan, scratch, background)
-        images = _write_all(plan, s, scratch, stack)
+        images = _write_all(plan, s, scratch)
     elif failed is not None:
         raise failed
     wait_all(background)

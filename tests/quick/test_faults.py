@@ -503,6 +503,46 @@ def test_hashing_a_sparse_file_in_ram_leaves_its_holes_alone(tmp_path: Path) -> 
         assert (tmp_path / "out.img").stat().st_blocks * 512 <= 3 * 4096 * 4  # three pages of data, a few blocks
 
 
+def test_an_image_copied_out_of_ram_is_hashed_as_copied_and_ram_freed_only_after(tmp_path: Path) -> None:
+    """The copy out of RAM and the hash run at once (hashing.copy_and_hash): the digest is the
+    bytes', the copy keeps the holes, RAM is given back only once the check passed and the
+    copy is whole, and a failed check gives no digest and leaves RAM to the caller."""
+    from scripts.hashing import copy_and_hash
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    with tempfile.TemporaryDirectory(dir=shm) as d:
+        img = Path(d) / "sparse.img"
+        with open(img, "wb") as f:
+            f.truncate(40 << 20)
+            for at in (0, 9 << 20, (40 << 20) - 4096):  # data across several 8 MiB hash windows
+                f.seek(at)
+                f.write(os.urandom(3 << 20) if at == 9 << 20 else b"data" * 1024)
+        want = hashlib.sha256(img.read_bytes()).hexdigest()
+        seen: list[str] = []
+
+        def free() -> None:
+            seen.append(f"free:{(tmp_path / 'out.img').stat().st_blocks * 512 >= 3 << 20}")
+            img.unlink()
+
+        assert copy_and_hash(img, tmp_path / "out.img", lambda: seen.append("check"), free) == want
+        assert seen == ["check", "free:True"] and not img.exists()
+        copied = tmp_path / "out.img"
+        assert hashlib.sha256(copied.read_bytes()).hexdigest() == want
+        assert copied.stat().st_size == 40 << 20 and copied.stat().st_blocks * 512 < 5 << 20  # holes stayed
+
+        copied.write_bytes(b"")
+        img.write_bytes(b"x" * 4096)
+
+        def bad() -> None:
+            raise RuntimeError("e2fsck found problems")
+
+        with pytest.raises(RuntimeError, match="e2fsck found problems"):
+            copy_and_hash(img, copied, bad, lambda: seen.append("freed a failed image"))
+        assert "freed a failed image" not in seen and img.exists()
+
+
 def test_a_ram_file_system_without_room_is_passed_over(ready: World, tmp_path: Path) -> None:
     out = fresh_out(ready, tmp_path)
     with tmpfs(tmp_path / "ram", "1m") as ram:
