@@ -1,3 +1,3 @@
 """Vulcan image tooling: the logic behind the nox sessions (see noxfile.py)."""
 
-TOOL_VERSION = "0.2.0"  # bumped whenever what an image holds changes: stamps and cached streams follow
+TOOL_VERSION = "0.3.0"  # bumped whenever what an image holds changes: stamps and cached streams follow

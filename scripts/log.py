@@ -8,10 +8,12 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import TextIO
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO, TypeVar
 
 from .text import human as human  # log.human: what callers format sizes with
+
+T = TypeVar("T")
 
 
 def _stream() -> TextIO:
@@ -151,6 +153,12 @@ def phase(name: str) -> Iterator[None]:
         if phases is not None:
             with _phase_lock:
                 phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def timed(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` timed as the phase ``name`` (for work handed to another thread)."""
+    with phase(name):
+        return fn(*args)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ class Shape(NamedTuple):
 
 class Job(NamedTuple):
     tar: Path
-    tar_sha256: str
+    seed: str  # the file system's UUID and hash seed derive from it: the stream's inputs (Plan.stream_digest)
     shape: Shape
     epoch: int
     label: str

@@ -99,7 +99,8 @@ def layout(file_blocks: int, dirs: int, entries: int, headroom_mib: int) -> Layo
 
 
 def derived_uuid(seed: str, purpose: str) -> str:
-    """A UUID from the content: same tar stream -> same filesystem UUID and hash seed."""
+    """A UUID from the stream's inputs (Job.seed): same pins, lock and agent -> same file system
+    UUID and hash seed, known before the stream is written, so mke2fs need not wait for its hash."""
     raw = bytearray(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:16])
     raw[6] = raw[6] & 0x0F | 0x40  # version 4 (what uuid.UUID(bytes=..., version=4) sets; the
     raw[8] = raw[8] & 0x3F | 0x80  # uuid module imports platform: 3 ms of every build's start)
@@ -184,7 +185,7 @@ class Ext4Writer:
     def write(self, job: Job, image: Path) -> Written:
         s = job.shape
         lay = layout(s.file_blocks, s.dirs, s.entries, job.headroom_mib)
-        fs_uuid, hash_seed = derived_uuid(job.tar_sha256, "uuid"), derived_uuid(job.tar_sha256, "hash_seed")
+        fs_uuid, hash_seed = derived_uuid(job.seed, "uuid"), derived_uuid(job.seed, "hash_seed")
         used = make_image(job.tar, image, lay, fs_uuid, hash_seed, job.epoch, job.label[:16])
         reproducible = used == "tar"
         return Written(

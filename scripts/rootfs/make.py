@@ -42,7 +42,7 @@ def _stream(
         if found is not None:
             log.info(f"{plan.what}: same packages, agent and config as a cached build: reusing its tar")
             cache.sweep(_cache_keys(plan))  # what a build killed while storing them left
-            return plan, found, Task(_timed, "verify cached stream", cache.verify, found)
+            return plan, found, Task(log.timed, "verify cached stream", cache.verify, found)
         base = None if settings.reassemble() else cache.cached(plan.base_digest, "base")
     except cache.Corrupt as exc:  # assembled again, which stores both names: the entry is repaired
         log.warn(f"a cached tar stream of {plan.what} is corrupt ({exc}); assembling it again")
@@ -85,7 +85,7 @@ def _store_in_cache(plan: Plan, fresh: Stream) -> Task[None]:
     """Store the stream for the next build (hard links and sidecars, ~30 ms), on the other core
     while the writers run. A build killed meanwhile leaves at most a tar without its sidecar,
     which is never used (``cache.cached`` needs both)."""
-    return Task(_timed, "store stream", cache.store, fresh, _cache_keys(plan))
+    return Task(log.timed, "store stream", cache.store, fresh, _cache_keys(plan))
 
 
 def _cache_keys(plan: Plan) -> list[tuple[str, str]]:
@@ -133,16 +133,11 @@ def _merged(plan: Plan, scratch: Path) -> Stream:
         raise
 
 
-def _timed(name: str, fn: Any, *args: Any) -> Any:
-    with log.phase(name):
-        return fn(*args)
-
-
 def _write_all(plan: Plan, s: Stream, scratch: Path) -> list[Image]:
     results: list[Image] = []
     for out in plan.outputs:
         final = scratch / out.image.name
-        job = Job(s.tar, s.sha256, s.shape, plan.epoch, f"vulcan-{plan.runtime}", plan.headroom_mib)
+        job = Job(s.tar, plan.stream_digest, s.shape, plan.epoch, f"vulcan-{plan.runtime}", plan.headroom_mib)
         # written in RAM when it fits (mke2fs is ~25% faster there); then the other core checks it
         # and copies it next to the output while this thread hashes it (one task, not two: three
         # threads on two cores slowed the hash, which is what a build waits for)
@@ -154,7 +149,7 @@ def _write_all(plan: Plan, s: Stream, scratch: Path) -> list[Image]:
             built = ram / out.image.name if ram is not None else final
             with log.phase(f"write {out.format}"):
                 written, built = _write(out.writer, job, built, final)
-            check = functools.partial(_timed, f"check {out.format}", out.writer.check, built)
+            check = functools.partial(log.timed, f"check {out.format}", out.writer.check, built)
             with log.phase(f"hash {out.format}"):
                 digest = _hashed(out.format, built, final, check, in_ram.close)
         finally:
