@@ -44,6 +44,23 @@ class Task(Generic[T]):
         return self._value  # type: ignore[return-value]
 
 
+def once(fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn()`` computed once, whichever thread asks first; the others wait for that answer
+    rather than run it again, as functools.lru_cache would on each thread that comes while it
+    runs (an error is not kept: the next caller tries again). For what a build asks early, on
+    another thread."""
+    lock = threading.Lock()
+    done: list[T] = []
+
+    def first() -> T:
+        with lock:
+            if not done:
+                done.append(fn())
+            return done[0]
+
+    return first
+
+
 def wait_all(tasks: list[Task[Any]]) -> None:
     """Wait for every task, then raise the first error (none is left running behind an error)."""
     errors = [e for t in tasks if (e := t.exception()) is not None]

@@ -19,11 +19,11 @@ import os
 import re
 import shutil
 import sys
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .. import settings
+from ..background import once
 from ..errors import BuildError, ToolFailed, ToolMissing
 from ..run import minimal_env, run_tool, which
 from . import Job, Written
@@ -55,7 +55,7 @@ MKE2FS_CONF = """\
 TAR_INPUT_VERSION = (1, 47, 1)
 
 
-@lru_cache(maxsize=1)
+@once
 def e2fsprogs_version() -> tuple[int, int, int]:
     proc = run_tool(["mke2fs", "-V"], quiet=True, check=False, merge_stderr=True)
     m = re.search(r"mke2fs (\d+)\.(\d+)(?:\.(\d+))?", proc.stdout.decode(errors="replace"))

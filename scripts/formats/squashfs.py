@@ -14,10 +14,10 @@ EROFS (a third record in formats/__init__.py can add it). Reading images back: s
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..background import once
 from ..errors import BuildError, ToolFailed, ToolMissing
 from ..run import minimal_env, run_tool
 from . import Job, Written
@@ -36,7 +36,7 @@ BLOCK_SIZE = 131072
 HINT = "install squashfs-tools-ng (Debian 12: apt-get install squashfs-tools-ng), or drop squashfs from alpine.formats"
 
 
-@lru_cache(maxsize=1)
+@once
 def version_text() -> str:
     try:
         proc = run_tool(["tar2sqfs", "--version"], quiet=True, check=False, merge_stderr=True)
