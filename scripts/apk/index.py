@@ -206,14 +206,3 @@ def parse_index(text: str, repo: str = "", repo_index: int = 0) -> ParsedIndex:
         fields.append((line[0], line[2:]))
     flush()
     return ParsedIndex(tuple(packages), tuple(unusable))
-
-
-def parse_pkginfo(text: str) -> dict[str, list[str]]:
-    """``.PKGINFO``: ``key = value`` lines; keys like depend/provides repeat."""
-    out: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#") or " = " not in line:
-            continue
-        key, value = line.split(" = ", 1)
-        out.setdefault(key.strip(), []).append(value)
-    return out

@@ -16,23 +16,24 @@ import hashlib
 import io
 import tarfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
-from .index import Package, parse_pkginfo
 from .trust import Keyring, TrustError, read_signatures, verify
+
+if TYPE_CHECKING:
+    from .index import Package
+    from .lockfile import Locked
 
 CHUNK = 1 << 20
 
 
-@dataclass
 class _Member:
-    start: int
-    end: int = 0
-    sha1: hashlib._Hash | None = None
-    sha256: hashlib._Hash | None = None
-    out: io.BytesIO | None = None
+    __slots__ = ("end", "out", "sha1", "sha256", "start")
+
+    def __init__(self, start: int, sha1: hashlib._Hash | None = None, sha256: hashlib._Hash | None = None,
+                 out: io.BytesIO | None = None) -> None:  # fmt: skip
+        self.start, self.end, self.sha1, self.sha256, self.out = start, 0, sha1, sha256, out
 
 
 def _scan(f: BinaryIO, decompress: int, what: str, rest_sha1: bool = True) -> list[_Member]:
@@ -120,8 +121,7 @@ def read_index(data: bytes, keyring: Keyring | None, what: str) -> tuple[str, st
         raise TrustError(f"{what}: signed, but no readable APKINDEX inside ({exc})") from None
 
 
-@dataclass(frozen=True)
-class Verified:
+class Verified(NamedTuple):
     """A package whose chain held: where its data member starts, and what .PKGINFO says."""
 
     path: Path
@@ -133,11 +133,22 @@ class Verified:
     files: dict[str, bytes]  # the control tar's files (.PKGINFO, install scripts), read once
 
 
+def parse_pkginfo(text: str) -> dict[str, list[str]]:
+    """``.PKGINFO``: ``key = value`` lines; keys like depend/provides repeat."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or " = " not in line:
+            continue
+        key, value = line.split(" = ", 1)
+        out.setdefault(key.strip(), []).append(value)
+    return out
+
+
 def q1(sha1_digest: bytes) -> str:
     return "Q1" + base64.b64encode(sha1_digest).decode()
 
 
-def verify_package(path: Path, expected: Package | None, keyring: Keyring | None, what: str) -> Verified:
+def verify_package(path: Path, expected: Package | Locked | None, keyring: Keyring | None, what: str) -> Verified:
     """Check one .apk: control checksum against the index's C:, data against .PKGINFO datahash,
     size against S:; and its own signature with ``keyring`` when one is given (the keys of its
     repository; without an index record, a keyring is required)."""

@@ -10,7 +10,6 @@ import base64
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,30 +76,29 @@ def fetch_one(pins: Pins, p: Locked, arch: str, runtime: str | None = None) -> V
 
     repo = repository_of(pins, p, runtime)
     path = package_cache_path(p)
-    record = p.as_package(0)
     what = f"{p.filename} ({repo.name}: {repo.location}/{arch})"
     url = f"{repo.arch_url(arch)}/{p.filename}"
     try:  # the usual case, cached and sound: no lock needed to read it (a fetch renames a whole file into place)
-        return verify_package(path, record, None, what)
+        return verify_package(path, p, None, what)
     except (OSError, TrustError):
         pass  # missing, unreadable or failing: judged again below (under the lock), and said there
     if not writable(path):  # a read-only cache without a sound copy (just checked above)
         if repo.local is None:
             raise read_only_cache(path, url) from None
-        return verify_package(Path(url), record, _keyring(repo), what)  # straight from the local repository
+        return verify_package(Path(url), p, _keyring(repo), what)  # straight from the local repository
     with file_lock(path):
         if path.exists():
             try:
-                return verify_package(path, record, None, what)
+                return verify_package(path, p, None, what)
             except TrustError as exc:
                 log.warn(f"cached {what} fails verification ({exc.message}); fetching it again")
                 path.unlink()
         keys = _keyring(repo)  # only what comes in is checked against its repository's keys
         if repo.local is not None:
-            return _copy_local(Path(url), path, lambda part: verify_package(part, record, keys, what), what)
+            return _copy_local(Path(url), path, lambda part: verify_package(part, p, keys, what), what)
         verified: list[Verified] = []
-        fetch(url, path, verify=lambda part: verified.append(verify_package(part, record, keys, what)))
-        return replace(verified[0], path=path)  # it was checked as <name>.part, then renamed
+        fetch(url, path, verify=lambda part: verified.append(verify_package(part, p, keys, what)))
+        return verified[0]._replace(path=path)  # it was checked as <name>.part, then renamed
 
 
 def _copy_local(src: Path, dest: Path, check: Callable[[Path], Verified], what: str) -> Verified:
@@ -119,7 +117,7 @@ def _copy_local(src: Path, dest: Path, check: Callable[[Path], Verified], what: 
     with atomic.replacing(dest) as part:
         shutil.copyfile(src, part)
         verified = check(part)
-    return replace(verified, path=dest)
+    return verified._replace(path=dest)
 
 
 class PackageGone(LockError):

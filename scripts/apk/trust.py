@@ -16,8 +16,7 @@ import io
 import re
 import tarfile
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import VulcanError
 
@@ -65,8 +64,7 @@ def has_fingerprint(pem: bytes, sha256: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Keyring:
+class Keyring(NamedTuple):
     keys: Mapping[str, rsa.RSAPublicKey]  # key file name -> key
 
     @classmethod
@@ -83,8 +81,7 @@ class Keyring:
         return cls(loaded)
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(NamedTuple):
     algorithm: str  # "RSA" (SHA-1) or "RSA256"
     key_name: str
     blob: bytes

@@ -14,7 +14,8 @@ import base64
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 from . import AGENT, OVERLAY_INIT
 from .tree import Tree
@@ -107,8 +108,7 @@ exec /sbin/init
 """
 
 
-@dataclass(frozen=True)
-class ScriptReport:
+class ScriptReport(NamedTuple):
     package: str
     script: str
     action: str  # replicated, not needed, not supported
@@ -227,8 +227,7 @@ def vulcan(tree: Tree, runtime_check: Sequence[str], runtime: str, guest: bytes)
     tree.put_generated("dev/null", "char", 0o666, devmajor=1, devminor=3)
 
 
-@dataclass(frozen=True)
-class InstalledPackage:
+class InstalledPackage(NamedTuple):
     """What lib/apk/db/installed says of one package."""
 
     checksum: str
@@ -236,7 +235,7 @@ class InstalledPackage:
     repo: str
     size: int  # of the .apk file: the index's S:, which apk also writes as S:
     arch: str  # the index's A: (apk writes it; .PKGINFO may say noarch where the index says x86_64)
-    scripts: Mapping[str, bytes] = field(default_factory=dict)  # ".post-install": its text (control tar)
+    scripts: Mapping[str, bytes] = MappingProxyType({})  # ".post-install": its text (control tar)
     tag: str = ""  # its repository's tag: apk writes s:TAG (a name@tag world entry, or what it brought in)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -65,13 +64,14 @@ class _Budget:
 BUDGET = _Budget(MEMORY)
 
 
-@dataclass
 class Data:
     """One package's data tar: its bytes, or the scratch file they were written to."""
 
-    buf: bytes | None
-    path: Path | None
-    held: int = 0  # bytes of BUDGET that ``buf`` holds
+    __slots__ = ("buf", "held", "path")
+
+    def __init__(self, buf: bytes | None, path: Path | None, held: int = 0) -> None:
+        self.buf, self.path = buf, path
+        self.held = held  # bytes of BUDGET that ``buf`` holds
 
     def release(self) -> None:
         BUDGET.give(self.held)

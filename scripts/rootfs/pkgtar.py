@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import mmap
 import tarfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .tarwalk import pax_records
@@ -30,22 +29,23 @@ class Unusual(Exception):
     """Something this reader leaves to tarfile."""
 
 
-@dataclass
 class Member:
-    """What the merge reads of a member (tarfile.TarInfo's names, so either can be merged)."""
+    """What the merge reads of a member (tarfile.TarInfo's names, so either can be merged).
+    A plain class: the merge's records are not dataclasses (see docs/architecture.md)."""
 
-    name: str
-    type: bytes
-    mode: int
-    uid: int
-    gid: int
-    mtime: float
-    size: int
-    linkname: str
-    devmajor: int
-    devminor: int
-    offset_data: int
-    pax_headers: dict[str, str] = field(default_factory=dict)
+    __slots__ = ("devmajor", "devminor", "gid", "linkname", "mode", "mtime", "name", "offset_data", "pax_headers",
+                 "size", "type", "uid")  # fmt: skip
+
+    def __init__(
+        self, name: str, type: bytes, mode: int, uid: int, gid: int, mtime: float, size: int, linkname: str,
+        devmajor: int, devminor: int, offset_data: int, pax_headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.name, self.type, self.mode, self.uid, self.gid, self.mtime = name, type, mode, uid, gid, mtime
+        self.size, self.linkname, self.devmajor, self.devminor = size, linkname, devmajor, devminor
+        self.offset_data, self.pax_headers = offset_data, pax_headers if pax_headers is not None else {}
+
+    def __repr__(self) -> str:
+        return f"Member({self.name!r}, {self.type!r}, size={self.size})"
 
     def isreg(self) -> bool:
         return self.type == tarfile.REGTYPE

@@ -177,7 +177,7 @@ def assemble(plan: Plan, verified: Iterator[Any], scratch: Path) -> Stream:
             sha256=sha256,
             shape=shape,
             files={k: dict(sorted(v.items())) for k, v in per_package.items()},
-            install_scripts=[r.__dict__ for r in report],
+            install_scripts=[r._asdict() for r in report],
             busybox_links=links,
             os_release=os_release.owner if os_release else None,
         )

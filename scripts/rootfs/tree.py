@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -36,39 +35,56 @@ class UnsafePackage(BuildError):
     exit_code = 6
 
 
-@dataclass
 class Node:
-    path: str  # "usr/bin/python3" (no leading "/" or "./")
-    kind: str  # file, dir, symlink, hardlink, char, block, fifo
-    mode: int
-    uid: int = 0
-    gid: int = 0
-    mtime: int = 0
-    size: int = 0
-    linkname: str = ""
-    devmajor: int = 0
-    devminor: int = 0
-    xattrs: dict[str, str] = field(default_factory=dict)
-    owner: str = ""  # package name, or "vulcan" for what we generate
-    pkg: str = ""  # the package apk records as its owner (kept when we generate over its file)
-    source: tuple[int, int] | bytes | None = None  # (package index, data offset) or literal bytes
-    sha1: str = ""  # hex, from the package's APK-TOOLS.checksum.SHA1 header when present
+    """One path of the tree. Plain classes, here and below: the merge's records are not
+    dataclasses, whose import and class building cost the assembly ~9 ms (docs/architecture.md)."""
+
+    __slots__ = ("devmajor", "devminor", "gid", "kind", "linkname", "mode", "mtime", "owner", "path", "pkg", "sha1",
+                 "size", "source", "uid", "xattrs")  # fmt: skip
+
+    def __init__(
+        self,
+        path: str,  # "usr/bin/python3" (no leading "/" or "./")
+        kind: str,  # file, dir, symlink, hardlink, char, block, fifo
+        mode: int,
+        uid: int = 0,
+        gid: int = 0,
+        mtime: int = 0,
+        size: int = 0,
+        linkname: str = "",
+        devmajor: int = 0,
+        devminor: int = 0,
+        xattrs: dict[str, str] | None = None,
+        owner: str = "",  # package name, or "vulcan" for what we generate
+        pkg: str = "",  # the package apk records as its owner (kept when we generate over its file)
+        source: tuple[int, int] | bytes | None = None,  # (package index, data offset) or literal bytes
+        sha1: str = "",  # hex, from the package's APK-TOOLS.checksum.SHA1 header when present
+    ) -> None:
+        self.path, self.kind, self.mode, self.uid, self.gid, self.mtime = path, kind, mode, uid, gid, mtime
+        self.size, self.linkname, self.devmajor, self.devminor = size, linkname, devmajor, devminor
+        self.xattrs = xattrs if xattrs is not None else {}
+        self.owner, self.pkg, self.source, self.sha1 = owner, pkg, source, sha1
+
+    def __repr__(self) -> str:
+        return f"Node({self.path!r}, {self.kind!r}, {self.mode:#o}, owner={self.owner!r})"
 
 
-@dataclass
 class _Pkg:
-    name: str
-    replaces: frozenset[str]
-    data: Data
+    __slots__ = ("data", "name", "replaces")
+
+    def __init__(self, name: str, replaces: frozenset[str], data: Data) -> None:
+        self.name, self.replaces, self.data = name, replaces, data
 
 
-@dataclass
 class DirRecord:
     """One directory of a package's apk database record (``F:``), and its files (``R:``)."""
 
-    path: str
-    acl: tuple[int, int, int] | None = None  # (uid, gid, mode) of an explicit entry; None: the default
-    files: list[tuple[str, tuple[int, int, int], str]] = field(default_factory=list)  # (name, acl, sha1 hex)
+    __slots__ = ("acl", "files", "path")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.acl: tuple[int, int, int] | None = None  # (uid, gid, mode) of an explicit entry; None: the default
+        self.files: list[tuple[str, tuple[int, int, int], str]] = []  # (name, acl, sha1 hex)
 
 
 class Tree:

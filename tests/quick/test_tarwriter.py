@@ -122,7 +122,7 @@ NODES = [
 def test_members_of_every_kind_and_shape_stream_as_tarfile_wrote_them(epoch: int, tmp_path: Path) -> None:
     tree = Tree(tmp_path)
     for n in NODES:
-        tree.nodes[n.path] = Node(**{**n.__dict__, "mtime": n.mtime or 1_600_000_000})
+        tree.nodes[n.path] = Node(**{k: getattr(n, k) for k in Node.__slots__} | {"mtime": n.mtime or 1_600_000_000})
     assert ours(tree, epoch) == tarfile_stream(tree, epoch)
 
 
