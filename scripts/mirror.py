@@ -142,11 +142,10 @@ def _packages(m: Mirror, pins: Pins, runtime: str, arch: str, frozen: bool) -> i
         if repo.local is not None:
             continue  # already local: nothing from outside
         url = f"{repo.arch_url(arch)}/{p.filename}"
-        record = p.as_package(0)
 
-        def good(path: Path, record: object = record, what: str = p.filename) -> bool:
+        def good(path: Path, record: lockfile.Locked = p, what: str = p.filename) -> bool:
             try:
-                verify_package(path, record, None, what)  # type: ignore[arg-type]
+                verify_package(path, record, None, what)  # the lock's C: and size
                 return True
             except (OSError, TrustError):
                 return False
