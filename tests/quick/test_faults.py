@@ -5,6 +5,7 @@ systems (small tmpfs mounts: these tests need root, as CI has, and skip otherwis
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -18,6 +19,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -480,22 +482,32 @@ def test_an_image_is_written_in_ram_first_and_nothing_is_left_there(ready: World
     assert (ram / f"vulcan-images-{os.getuid()}").stat().st_mode & 0o777 == 0o700  # /dev/shm is shared
 
 
-def test_hashing_a_sparse_file_in_ram_leaves_its_holes_alone(tmp_path: Path) -> None:
-    """Hashing an image still in /dev/shm must not allocate its holes (mapping a tmpfs hole
-    does): they would then be copied out as data, and the published image would lose them."""
-    from scripts.hashing import sha256_file
-    from scripts.sparse import sparse_copy
-
+@contextlib.contextmanager
+def _sparse_in_ram(size: int, data: dict[int, bytes]) -> Iterator[Path]:
+    """A sparse file of ``size`` bytes in /dev/shm (an image as a build writes it there), with
+    ``data`` written at each offset and holes between; skips where there is no /dev/shm."""
     shm = Path("/dev/shm")
     if not shm.is_dir():
         pytest.skip("no /dev/shm here")
     with tempfile.TemporaryDirectory(dir=shm) as d:
         img = Path(d) / "sparse.img"
         with open(img, "wb") as f:
-            f.truncate(64 << 20)
-            for at in (0, 20 << 20, (64 << 20) - 4096):
+            f.truncate(size)
+            for at, chunk in data.items():
                 f.seek(at)
-                f.write(b"data" * 1024)
+                f.write(chunk)
+        yield img
+
+
+def test_hashing_a_sparse_file_in_ram_leaves_its_holes_alone(tmp_path: Path) -> None:
+    """Hashing an image still in /dev/shm must not allocate its holes (mapping a tmpfs hole
+    does): they would then be copied out as data, and the published image would lose them."""
+    from scripts.hashing import sha256_file
+    from scripts.sparse import sparse_copy
+
+    with _sparse_in_ram(
+        64 << 20, {0: b"data" * 1024, 20 << 20: b"data" * 1024, (64 << 20) - 4096: b"data" * 1024}
+    ) as img:
         before = img.stat().st_blocks
         assert sha256_file(img) == hashlib.sha256(img.read_bytes()).hexdigest()
         assert img.stat().st_blocks == before
@@ -509,16 +521,10 @@ def test_an_image_copied_out_of_ram_is_hashed_as_copied_and_ram_freed_only_after
     copy is whole, and a failed check gives no digest and leaves RAM to the caller."""
     from scripts.hashing import copy_and_hash
 
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        pytest.skip("no /dev/shm here")
-    with tempfile.TemporaryDirectory(dir=shm) as d:
-        img = Path(d) / "sparse.img"
-        with open(img, "wb") as f:
-            f.truncate(40 << 20)
-            for at in (0, 9 << 20, (40 << 20) - 4096):  # data across several 8 MiB hash windows
-                f.seek(at)
-                f.write(os.urandom(3 << 20) if at == 9 << 20 else b"data" * 1024)
+    # data across several 8 MiB hash windows
+    with _sparse_in_ram(
+        40 << 20, {0: b"data" * 1024, 9 << 20: os.urandom(3 << 20), (40 << 20) - 4096: b"data" * 1024}
+    ) as img:
         want = hashlib.sha256(img.read_bytes()).hexdigest()
         seen: list[str] = []
 
