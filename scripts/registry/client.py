@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
-import requests
-
 from .. import atomic, log
 from ..errors import VulcanError
 from . import oci
 from .auth import CREDENTIALS_HINT, challenge, origin
+from .transport import Response, Transport, TransportError
 
 CHUNK = 16 << 20  # bytes per PATCH of a large blob (and the largest monolithic PUT)
 # The largest manifest, index or referrers list read (distribution and most registries refuse a
@@ -126,9 +125,7 @@ class Registry:
         self.credentials = credentials
         self.deadline = time.monotonic() + deadline
         self.deadline_seconds = deadline
-        self.session = requests.Session()
-        # given with every request: a session's own verify loses to REQUESTS_CA_BUNDLE (requests#3829)
-        self.verify: str | bool = str(ca) if ca else True
+        self.transport = Transport(ca)
         self.timeout = timeout
         self.tokens: dict[str, str] = {}
         self.basic = False  # the registry asked for Basic: send it from now on
@@ -140,24 +137,23 @@ class Registry:
     # -- requests and auth -------------------------------------------------------------------
 
     def request(self, method: str, path: str, scope: str, *, ok: tuple[int, ...] = (200,),
-                headers: dict[str, str] | None = None, data: Any = None, stream: bool = False,
-                allow: tuple[int, ...] = ()) -> requests.Response:  # fmt: skip
+                headers: dict[str, str] | None = None, data: bytes | None = None, stream: bool = False,
+                allow: tuple[int, ...] = ()) -> Response:  # fmt: skip
         """``path`` (or an absolute URL the registry gave) with auth for ``scope``; a status
         outside ``ok`` + ``allow`` is a RegistryError in the registry's own words."""
         url = path if path.startswith(("http://", "https://")) else urljoin(self.base, path)
         for attempt in range(3):
             resp = self._send(method, url, scope, headers, data, stream)
             if resp.status_code == 401 and attempt < 2 and self._authenticate(resp, scope):
-                if hasattr(data, "seek"):
-                    data.seek(0)
+                resp.close()
                 continue
             break
         if resp.status_code in ok or resp.status_code in allow:
             return resp
         raise self._refused(method, url, resp)
 
-    def _send(self, method: str, url: str, scope: str, headers: dict[str, str] | None, data: Any,
-              stream: bool) -> requests.Response:  # fmt: skip
+    def _send(self, method: str, url: str, scope: str, headers: dict[str, str] | None, data: bytes | None,
+              stream: bool) -> Response:  # fmt: skip
         h = dict(headers or {})
         target = origin(url)
         ours = target == self.origin  # credentials and tokens go to the registry's own origin only
@@ -172,30 +168,30 @@ class Registry:
         if remaining <= 0:
             raise self._late(f"{method} {url.removeprefix(self.base)}")
         try:
-            # requests drops the Authorization header itself on a redirect to another host
-            # (Session.rebuild_auth), and on one from HTTPS to HTTP of the same host
-            return self.session.request(method, url, headers=h, data=data, stream=stream, auth=auth,
-                                        timeout=min(self.timeout, remaining), allow_redirects=True,
-                                        verify=self.verify)  # fmt: skip
-        except requests.exceptions.SSLError as exc:
-            raise RegistryError(f"TLS with {self.name} failed: {exc}",
-                                hint="pass --ca FILE for a registry with a private CA (or --insecure for plain "
-                                "HTTP on a trusted network)") from None  # fmt: skip
-        except requests.exceptions.Timeout:
-            raise RegistryError(
-                f"registry {self.name} did not answer {method} within {self.timeout:g} s",
-                hint="is it up? VULCAN_REGISTRY_TIMEOUT allows a slower registry more",
-            ) from None
-        except requests.exceptions.RequestException as exc:
-            raise RegistryError(f"registry {self.name} is not reachable: {type(exc).__name__}: {exc}",
-                                hint="is it up, and is the address right?") from None  # fmt: skip
+            # the transport sends Authorization (and Basic credentials) to this URL's origin only,
+            # not to where it redirects elsewhere
+            return self.transport.request(method, url, headers=h, body=data, stream=stream, auth=auth,
+                                          timeout=min(self.timeout, remaining))  # fmt: skip
+        except TransportError as exc:
+            raise self._unanswered(method, exc) from None
+
+    def _unanswered(self, method: str, exc: TransportError) -> RegistryError:
+        if exc.kind == "tls":
+            return RegistryError(f"TLS with {self.name} failed: {exc}",
+                                 hint="pass --ca FILE for a registry with a private CA (or --insecure for plain "
+                                 "HTTP on a trusted network)")  # fmt: skip
+        if exc.kind == "timeout":
+            return RegistryError(f"registry {self.name} did not answer {method} within {self.timeout:g} s",
+                                 hint="is it up? VULCAN_REGISTRY_TIMEOUT allows a slower registry more")  # fmt: skip
+        return RegistryError(f"registry {self.name} is not reachable: {exc}",
+                             hint="is it up, and is the address right?")  # fmt: skip
 
     def _late(self, what: str) -> RegistryError:
         return RegistryError(f"{self.name}: {what}: not done within the deadline of {self.deadline_seconds:g} s",
                              hint="a registry or link that slow is cut off; VULCAN_REGISTRY_DEADLINE gives it "
                              "longer")  # fmt: skip
 
-    def chunks(self, resp: requests.Response, limit: int, what: str) -> Iterator[bytes]:
+    def chunks(self, resp: Response, limit: int, what: str) -> Iterator[bytes]:
         """The body of a streamed answer as it arrives, refused past ``limit`` bytes or the deadline
         (each read returns what one receive brought: a trickle cannot hold a read past either)."""
         got = 0
@@ -203,9 +199,9 @@ class Registry:
             if time.monotonic() > self.deadline:
                 raise self._late(what)
             try:
-                chunk = resp.raw.read1(1 << 20)
-            except Exception as exc:  # urllib3's ReadTimeoutError, ProtocolError, a reset socket
-                raise RegistryError(f"{self.name}: {what}: the transfer failed: {type(exc).__name__}: {exc}",
+                chunk = resp.read1(1 << 20)
+            except TransportError as exc:  # a timeout, a reset socket, a broken chunked encoding
+                raise RegistryError(f"{self.name}: {what}: the transfer failed: {exc}",
                                     hint="is the registry up? VULCAN_REGISTRY_TIMEOUT allows a slower one more"
                                     ) from None  # fmt: skip
             if not chunk:
@@ -215,7 +211,7 @@ class Registry:
                 raise RegistryError(f"{self.name}: {what}: more than {limit:,} bytes: refused")
             yield chunk
 
-    def read_bounded(self, resp: requests.Response, limit: int, what: str) -> bytes:
+    def read_bounded(self, resp: Response, limit: int, what: str) -> bytes:
         declared = resp.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
             resp.close()
@@ -225,7 +221,7 @@ class Registry:
         finally:
             resp.close()
 
-    def _authenticate(self, resp: requests.Response, scope: str) -> bool:
+    def _authenticate(self, resp: Response, scope: str) -> bool:
         """Answer a 401's challenge; False when there is nothing more to try."""
         scheme, params = challenge(resp.headers.get("WWW-Authenticate", ""))
         if scheme == "basic":
@@ -245,11 +241,11 @@ class Registry:
         query: list[tuple[str, str]] = [("service", params["service"])] if "service" in params else []
         query += [("scope", s) for s in (params.get("scope") or scope).split(" ") if s]
         try:
-            got = self.session.get(realm + "?" + urlencode(query), auth=self.credentials, stream=True,
-                                   timeout=self.timeout, verify=self.verify, allow_redirects=False)  # fmt: skip
-            text = self.read_bounded(got, MAX_DOCUMENT, f"the token service's answer ({realm})")
-        except requests.exceptions.RequestException as exc:
+            got = self.transport.request("GET", realm + "?" + urlencode(query), auth=self.credentials, stream=True,
+                                         timeout=self.timeout, redirects=False)  # fmt: skip
+        except TransportError as exc:
             raise RegistryError(f"the token service of {self.name} ({realm}) is not reachable: {exc}") from None
+        text = self.read_bounded(got, MAX_DOCUMENT, f"the token service's answer ({realm})")
         if got.status_code in (401, 403):
             raise RegistryError(f"{self.name}'s token service refused "
                                 f"{'the credentials' if self.credentials else 'an anonymous request'} "
@@ -264,7 +260,7 @@ class Registry:
         self.tokens[scope] = str(token)
         return True
 
-    def _refused(self, method: str, url: str, resp: requests.Response) -> RegistryError:
+    def _refused(self, method: str, url: str, resp: Response) -> RegistryError:
         try:
             text = self.read_bounded(resp, 64 << 10, "an error answer")
         except RegistryError:
@@ -358,14 +354,14 @@ class Registry:
         d.mkdir(parents=True, exist_ok=True)
         return d / f"{digest.replace(':', '-')}.upload.json"
 
-    def _location(self, resp: requests.Response) -> str:
+    def _location(self, resp: Response) -> str:
         loc = resp.headers.get("Location")
         if not loc:
             raise RegistryError(f"{self.name}: an upload answer without a Location header (HTTP {resp.status_code})")
         return urljoin(self.base, loc)
 
     @contextlib.contextmanager
-    def blob(self, repo: str, digest: str, offset: int = 0) -> Iterator[requests.Response]:
+    def blob(self, repo: str, digest: str, offset: int = 0) -> Iterator[Response]:
         """A streamed GET of a blob from ``offset`` (HTTP Range: a resumed download)."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         r = self.request("GET", f"/v2/{repo}/blobs/{digest}", _scope(repo, "pull"), ok=(200, 206),
@@ -415,7 +411,7 @@ class Registry:
                          allow=(404,))  # fmt: skip
         return r.headers.get("Docker-Content-Digest") if r.status_code == 200 else None
 
-    def put_manifest(self, repo: str, ref: str, body: bytes, media_type: str) -> requests.Response:
+    def put_manifest(self, repo: str, ref: str, body: bytes, media_type: str) -> Response:
         return self.request("PUT", f"/v2/{repo}/manifests/{ref}", _scope(repo, "pull,push"), ok=(201,), data=body,
                             headers={"Content-Type": media_type})  # fmt: skip
 

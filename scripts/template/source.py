@@ -158,7 +158,7 @@ class Source:
         try:
             yield reg, repo
         finally:
-            reg.session.close()
+            reg.transport.close()
 
 
 def upstream_urls(image: LockedImage) -> dict[str, str]:

@@ -26,6 +26,7 @@ from tests.support.registry import (
     ReferrersProxy,
     RunningRegistry,
     require_registry,
+    running_proxy,
     running_registry,
 )
 from tests.support.world import World, built_world
@@ -528,6 +529,7 @@ def test_an_upload_interrupted_mid_blob_resumes_where_the_registry_stands(
 ) -> None:
     from scripts.registry import client as client_mod
     from scripts.registry import oci
+    from scripts.registry.transport import Response, TransportError
 
     monkeypatch.setattr(client_mod, "CHUNK", 1 << 20)
     data = os.urandom(5 << 20)
@@ -537,16 +539,16 @@ def test_an_upload_interrupted_mid_blob_resumes_where_the_registry_stands(
     state = tmp_path / "state"
     first = client_mod.Registry(registry.host, insecure=True, state_dir=state)
     sent = {"n": 0}
-    real = first.session.request
+    real = first.transport.request
 
-    def cut_after_two_chunks(method: str, url: str, **kw: Any) -> requests.Response:
+    def cut_after_two_chunks(method: str, url: str, **kw: Any) -> Response:
         if method == "PATCH":
             sent["n"] += 1
             if sent["n"] == 3:
-                raise requests.exceptions.ConnectionError("the link went down")
+                raise TransportError("unreachable", "ConnectionResetError: the link went down")
         return real(method, url, **kw)
 
-    monkeypatch.setattr(first.session, "request", cut_after_two_chunks)
+    monkeypatch.setattr(first.transport, "request", cut_after_two_chunks)
     with pytest.raises(RegistryError, match="not reachable"):
         first.push_blob("acme/resume", blob)
     assert list(state.rglob("*.upload.json"))  # where it stood is remembered
@@ -581,3 +583,41 @@ def test_a_second_repository_of_the_same_registry_mounts_the_blobs_instead_of_up
     # the images and host files were mounted; only what differs by repository (signatures name it) is sent
     assert doc["uploaded_bytes"] < 0.01 * doc["payload_bytes"], doc
     assert doc["published"]["python"]["digest"] == published["published"]["python"]["digest"]
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+                   "no_proxy")  # fmt: skip
+
+
+def test_the_registry_client_goes_through_the_proxy_the_environment_names_but_not_for_no_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scripts.registry import oci
+    from scripts.registry.client import Registry
+
+    data = os.urandom(300_000)
+    blob = oci.Blob("application/octet-stream", oci.digest_of(data), len(data), data=data, title="small.bin")
+    desc = {"digest": blob.digest, "size": blob.size}
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with running_registry(tmp_path / "tls", tls=True) as tls, running_registry(tmp_path / "plain") as plain, \
+            running_proxy(tmp_path / "proxy") as proxy:  # fmt: skip
+        assert tls.ca is not None
+        # HTTPS: a CONNECT tunnel (the proxy's credentials from its URL), TLS to the registry inside it
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        assert Registry(tls.host, ca=tls.ca.cert).push_blob("acme/proxied", blob) == len(data)
+        assert Registry(tls.host, ca=tls.ca.cert).small_blob("acme/proxied", desc, "the blob") == data
+        tunnels = proxy.requests()
+        assert tunnels and set(tunnels) == {f"CONNECT {tls.host}"}
+        # plain HTTP: the request itself, in absolute form, to the proxy
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        assert Registry(plain.host, insecure=True).push_blob("acme/proxied", blob) == len(data)
+        relayed = proxy.requests()[len(tunnels) :]
+        assert f"HEAD http://{plain.host}/v2/acme/proxied/blobs/{blob.digest}" in relayed
+        assert any(r.startswith(f"PUT http://{plain.host}/v2/acme/proxied/blobs/uploads/") for r in relayed)
+        # NO_PROXY: straight to the registry; the proxy sees nothing more
+        monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+        seen = len(proxy.requests())
+        assert Registry(tls.host, ca=tls.ca.cert).has_blob("acme/proxied", blob.digest)
+        assert Registry(plain.host, insecure=True).has_blob("acme/proxied", blob.digest)
+        assert len(proxy.requests()) == seen

@@ -9,6 +9,7 @@ import base64
 import datetime
 import hashlib
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -234,6 +235,55 @@ def running_registry(workdir: Path, auth: str = "none", tls: bool = False) -> It
             proc.kill()
         if issuer is not None:
             issuer.close()
+
+
+PROXY_USER, PROXY_PASSWORD = "fleet", "proxy-pass"
+
+
+@dataclass
+class RunningProxy:
+    """Debian's tinyproxy on 127.0.0.1, asking for Basic credentials (in ``url``)."""
+
+    url: str  # http://USER:PASSWORD@127.0.0.1:PORT
+    log: Path
+
+    def requests(self) -> list[str]:
+        """The request lines it took, in order: ``CONNECT host:port`` for a tunnel, ``GET
+        http://...`` for a plain HTTP request it relayed."""
+        return re.findall(r"Request \(file descriptor \d+\): (.+?) HTTP/1\.[01]", self.log.read_text())
+
+
+@contextmanager
+def running_proxy(workdir: Path) -> Iterator[RunningProxy]:
+    binary = shutil.which("tinyproxy")
+    if binary is None:
+        pytest.skip("tinyproxy is not installed (Debian: tinyproxy; .ci/setup-debian installs it)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = workdir / "tinyproxy.conf"
+    conf.write_text(f"Port {port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 50\nAllow 127.0.0.1\n"
+                    f"LogLevel Connect\nBasicAuth {PROXY_USER} {PROXY_PASSWORD}\n")  # fmt: skip
+    log = workdir / "tinyproxy.log"
+    with open(log, "wb") as out:  # -d: in the foreground, its log on standard output
+        proc = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"tinyproxy did not start: {log.read_text()[-2000:]}") from None
+            time.sleep(0.05)
+    try:
+        yield RunningProxy(f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{port}", log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 class ReferrersProxy:

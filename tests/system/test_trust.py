@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from scripts.registry import attest, oci
-from scripts.registry.client import Registry
+from scripts.registry.client import Registry, RegistryError
 from scripts.registry.publish import Publisher
 from tests.support.imagerepo import RUNTIMES
 from tests.support.registry import Interposer, RunningRegistry, require_registry, running_registry
@@ -375,6 +375,33 @@ def test_an_upload_location_on_another_host_gets_no_credentials(
                 assert "plain HTTP: refused" in proc.stderr
         assert proxy.authorized(), "the registry itself got the credentials"
         assert sniffer.authorized() == []
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_a_blob_redirected_to_another_host_is_fetched_there_without_credentials(
+    tmp_path_factory: pytest.TempPathFactory, scheme: str
+) -> None:
+    from tests.support.registry import PASSWORD, USER
+
+    with _behind_a_proxy(tmp_path_factory.mktemp("redirect"), "htpasswd") as (reg, proxy, sniffer):
+        assert reg.ca is not None
+        there = Interposer(None, ca=reg.ca) if scheme == "https" else sniffer
+        try:
+            client = Registry(proxy.host, credentials=(USER, PASSWORD), ca=reg.ca.cert)
+            data = os.urandom(50_000)
+            blob = oci.Blob("application/octet-stream", oci.digest_of(data), len(data), data=data, title="b")
+            client.push_blob("acme/redirected", blob)
+            # as registries send blob downloads to their storage: a redirect to a (signed) URL elsewhere
+            proxy.answer = lambda seen: (307, {"Location": f"{scheme}://{there.host}/storage{seen.path}"}, [], 0.0) \
+                if seen.method == "GET" and "/blobs/sha256:" in seen.path else None  # fmt: skip
+            with pytest.raises(RegistryError):  # the other host serves nothing
+                client.small_blob("acme/redirected", {"digest": blob.digest, "size": blob.size}, "the blob")
+            assert [s.path for s in there.seen] == [f"/storage/v2/acme/redirected/blobs/{blob.digest}"]
+            assert there.authorized() == []
+            assert proxy.authorized(), "the registry itself got the credentials"
+        finally:
+            if there is not sniffer:
+                there.close()
 
 
 def test_a_token_service_over_plain_http_on_another_host_gets_no_credentials(
