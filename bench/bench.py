@@ -767,23 +767,28 @@ def registry(b: Bench) -> dict[str, Any]:
         manifests = [doc["published"][name]["manifests"][b.arch] for name in RUNTIMES]
         pull = ["pull", *refs, "--trust", str(pub), "--insecure"]
         ours, floor, floor_oras = [], [], []
+        last = b.work / f"pulled-{b.args.runs - 1}"  # stays for the second pull
         for run in range(b.args.runs):  # ours and the floor in turn, each into a directory of its own
             dest = b.work / f"pulled-{run}"
+            # each starts with what the one before wrote removed and the removal written out
+            # (os.sync), not with the file system still at it: that fell on whichever ran next
+            os.sync()
             secs, proc = b.build(*pull, "--dest", str(dest))
             ours.append(secs)
             line = next(x for x in proc.stderr.splitlines() if "received" in x)
             received = _bytes(line.split("received ")[1].split(" in ")[0])
+            if dest != last:
+                shutil.rmtree(dest)
+            os.sync()
             floor_run = _oras_and_zstd(reg.host, manifests, b.work / f"oras-{run}")
             if floor_run is not None:
                 floor_oras.append(floor_run[0])
                 floor.append(floor_run[1])
             shutil.rmtree(b.work / f"oras-{run}", ignore_errors=True)
-            if run:  # the first stays for the second pull
-                shutil.rmtree(dest)
         out["pull_first_s"], out["pull_first_received"] = median(ours), received
         out["oras_pull_s"] = median(floor_oras) if floor_oras else None
         out["oras_and_zstd_s"] = median(floor) if floor else None
-        secs, proc = b.build(*pull, "--dest", str(b.work / "pulled-0"))
+        secs, proc = b.build(*pull, "--dest", str(last))
         out["pull_second_s"] = secs
         out["pull_second_received"] = 0 if all("up to date" in x for x in proc.stderr.splitlines() if "pull" in x) \
             else -1  # fmt: skip
