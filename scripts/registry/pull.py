@@ -88,6 +88,7 @@ class Puller:
         self.reg, self.ref, self.keys, self.arch = reg, ref, keys, arch
         self.repo = ref.repository
         self.warned: set[str] = set()
+        self.listed: dict[str, list[dict[str, Any]]] = {}  # referrers by subject: asked once
 
     def warn(self, text: str) -> None:
         if text not in self.warned:
@@ -127,7 +128,9 @@ class Puller:
         """(digest, manifest) of each referrer of ``digest`` of that type whose ``subject`` is
         ``digest``; one whose subject is another manifest is ignored, with a warning."""
         found = []
-        for r in self.reg.referrers_of(self.repo, digest):
+        if digest not in self.listed:  # the signature's and the SBOM's: one round trip
+            self.listed[digest] = self.reg.referrers_of(self.repo, digest)
+        for r in self.listed[digest]:
             if r.get("artifactType") != artifact_type:
                 continue
             try:
