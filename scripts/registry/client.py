@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,12 +114,26 @@ def parse_json(body: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
+class Auth:
+    """What a registry asked of one user: Basic from now on, or a token per scope. Shared by the
+    clients of a command that talk to one registry at once (a pull's blobs, each on a connection
+    of its own), so that the registry is asked, and a token fetched, once, not once per
+    connection: each new one sends what works from its first request."""
+
+    __slots__ = ("basic", "lock", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, str] = {}
+        self.basic = False  # the registry asked for Basic: send it from now on
+        self.lock = threading.Lock()  # one token request at a time: the others wait and use it
+
+
 class Registry:
     """One registry, as one user (or anonymously)."""
 
     def __init__(self, registry: str, *, credentials: tuple[str, str] | None = None, insecure: bool = False,
                  ca: Path | None = None, timeout: float = 60.0, deadline: float = 3600.0,
-                 state_dir: Path | None = None) -> None:  # fmt: skip
+                 state_dir: Path | None = None, auth: Auth | None = None) -> None:  # fmt: skip
         self.name = registry
         self.base = f"{'http' if insecure else 'https'}://{registry}"
         self.origin = origin(self.base)
@@ -127,8 +142,7 @@ class Registry:
         self.deadline_seconds = deadline
         self.transport = Transport(ca)
         self.timeout = timeout
-        self.tokens: dict[str, str] = {}
-        self.basic = False  # the registry asked for Basic: send it from now on
+        self.auth = auth or Auth()
         self.state_dir = state_dir  # where interrupted uploads are remembered
         self.sent = 0  # blob bytes uploaded
         self.received = 0  # blob and manifest bytes downloaded
@@ -143,8 +157,9 @@ class Registry:
         outside ``ok`` + ``allow`` is a RegistryError in the registry's own words."""
         url = path if path.startswith(("http://", "https://")) else urljoin(self.base, path)
         for attempt in range(3):
+            sent = (self.auth.basic, self.auth.tokens.get(scope))  # what this request carries
             resp = self._send(method, url, scope, headers, data, stream)
-            if resp.status_code == 401 and attempt < 2 and self._authenticate(resp, scope):
+            if resp.status_code == 401 and attempt < 2 and self._authenticate(resp, scope, *sent):
                 resp.close()
                 continue
             break
@@ -160,9 +175,10 @@ class Registry:
         if target[0] == "http" and self.origin[0] == "https":
             raise RegistryError(f"{self.name} sent this client to {url.split('?')[0]}, plain HTTP: refused",
                                 hint="a registry over HTTPS must keep its uploads and downloads on HTTPS")  # fmt: skip
-        if ours and scope in self.tokens:
-            h["Authorization"] = f"Bearer {self.tokens[scope]}"
-        auth = self.credentials if ours and self.basic and scope not in self.tokens else None
+        token = self.auth.tokens.get(scope)
+        if ours and token is not None:
+            h["Authorization"] = f"Bearer {token}"
+        auth = self.credentials if ours and self.auth.basic and token is None else None
         self.requests += 1
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
@@ -221,17 +237,24 @@ class Registry:
         finally:
             resp.close()
 
-    def _authenticate(self, resp: Response, scope: str) -> bool:
-        """Answer a 401's challenge; False when there is nothing more to try."""
+    def _authenticate(self, resp: Response, scope: str, sent_basic: bool, sent_token: str | None) -> bool:
+        """Answer a 401's challenge to a request that carried ``sent_basic``/``sent_token``;
+        False when there is nothing more to try."""
         scheme, params = challenge(resp.headers.get("WWW-Authenticate", ""))
         if scheme == "basic":
-            if self.credentials is None or self.basic:
+            if self.credentials is None or sent_basic:
                 return False
-            self.basic = True
+            self.auth.basic = True
             return True
         if scheme != "bearer" or "realm" not in params:
             return False
-        self.tokens.pop(scope, None)  # a token it refused may have expired: ask for a new one
+        with self.auth.lock:
+            if self.auth.tokens.get(scope) not in (None, sent_token):
+                return True  # another connection fetched a new one meanwhile
+            self.auth.tokens.pop(scope, None)  # a token it refused may have expired: ask for a new one
+            return self._fetch_token(scope, params)
+
+    def _fetch_token(self, scope: str, params: dict[str, str]) -> bool:
         realm = params["realm"]
         scheme = origin(realm)[0]
         if scheme != "https" and not (scheme == "http" and origin(realm) == self.origin):
@@ -257,7 +280,7 @@ class Registry:
             token = None
         if got.status_code != 200 or not token:
             raise RegistryError(f"{self.name}'s token service answered HTTP {got.status_code} without a token")
-        self.tokens[scope] = str(token)
+        self.auth.tokens[scope] = str(token)
         return True
 
     def _refused(self, method: str, url: str, resp: Response) -> RegistryError:

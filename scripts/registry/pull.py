@@ -29,7 +29,7 @@ from ..arch import ARCHES, host_arch
 from ..background import quick_handoff
 from ..steps import prog
 from . import attest, auth, blobs, oci
-from .client import Reference, Refused, Registry, RegistryError, parse_json
+from .client import Auth, Reference, Refused, Registry, RegistryError, parse_json
 
 # Blobs (and references being resolved) at once: the three runtimes' images land together
 PARALLEL = 4
@@ -464,10 +464,12 @@ def main(argv: list[str]) -> int:
     # what an earlier pull placed counts only if a key trusted now signed it (or nothing is checked now)
     trusted = None if keys is None else {attest.keyid(k) for k in keys}
     opened: list[Registry] = []
+    asked: dict[str, Auth] = {}  # per registry: its tokens, shared by every connection to it
 
     def connect(registry: str) -> Registry:
         reg = Registry(registry, credentials=auth.credentials_for(registry), insecure=args.insecure, ca=args.ca,
-                       timeout=settings.registry_timeout(), deadline=settings.registry_deadline())  # fmt: skip
+                       timeout=settings.registry_timeout(), deadline=settings.registry_deadline(),
+                       auth=asked.setdefault(registry, Auth()))  # fmt: skip
         opened.append(reg)
         return reg
 

@@ -481,9 +481,12 @@ def test_credentials_basic_over_tls_and_the_bearer_token_flow(
         auth_b64 = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         (docker / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth_b64}}}))
         ref = json.loads(out.read_text())["published"]["python"]["reference"]
+        issued = len(reg.issuer.issued) if reg.issuer is not None else 0
         proc = built.run("pull", ref, "--dest", str(tmp_path / "host"), "--trust", str(keys["ours.pub"]), *reg.flags(),
                          DOCKER_CONFIG=str(docker))  # fmt: skip
         assert proc.returncode == 0, proc.stderr
+        if reg.issuer is not None:  # one token, used by each of the pull's connections (one per blob)
+            assert len(reg.issuer.issued) - issued == 1, reg.issuer.issued[issued:]
         assert _sha(tmp_path / "host/images/python.squashfs") == _sha(built.out / "images/python.squashfs")
         if reg.ca is not None:  # the system CAs do not know the test's CA: said, with what to do
             no_ca = built.run("pull", ref, "--dest", str(tmp_path / "h2"), "--trust", str(keys["ours.pub"]),
