@@ -149,7 +149,9 @@ class Transport:
                 raise TransportError("timeout", f"no answer within {timeout:g} s") from None
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 conn.close()
-                if reused and attempt == 0:  # the server closed a kept-alive connection: a new one
+                # the server closed a kept-alive connection as it was reused: a read asks again on
+                # a new one (a write may have been taken before the close: said, not repeated)
+                if reused and attempt == 0 and method in ("GET", "HEAD"):
                     continue
                 raise TransportError("unreachable", f"{type(exc).__name__}: {exc}") from None
             except (OSError, http.client.HTTPException) as exc:
