@@ -4,8 +4,8 @@ What client.py asks of it, and no more: a request with headers and a body of byt
 credentials when it says so, redirects followed (at most 10; the ``Authorization`` header goes
 with a redirect only to the origin the request was sent to, never elsewhere), a body read as it
 arrives (``read1``) or whole, TLS checked against the system's CAs or a given CA file, every
-connect and read bounded by a timeout, one kept-alive connection per origin and thread at a time,
-and ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``/``NO_PROXY`` as curl and pip read them (HTTPS
+connect and read bounded by a timeout, connections kept alive per origin (each used by one request
+at a time), and ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``/``NO_PROXY`` as curl and pip read them (HTTPS
 through a proxy's ``CONNECT`` tunnel). No ``.netrc``, no compressed answers: the bytes a digest
 covers are the bytes on the wire.
 
