@@ -190,6 +190,15 @@ class RunningRegistry:
         return sum(p.stat().st_size for p in self.storage.rglob("data") if p.is_file())
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """A server the test started: asked to stop, killed if it has not within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @contextmanager
 def running_registry(workdir: Path, auth: str = "none", tls: bool = False) -> Iterator[RunningRegistry]:
     binary = require_registry()
@@ -228,11 +237,7 @@ def running_registry(workdir: Path, auth: str = "none", tls: bool = False) -> It
     try:
         yield reg
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
         if issuer is not None:
             issuer.close()
 
@@ -279,11 +284,7 @@ def running_proxy(workdir: Path) -> Iterator[RunningProxy]:
     try:
         yield RunningProxy(f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{port}", log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 class ReferrersProxy:
