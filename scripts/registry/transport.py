@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
+from .auth import origin
+
 REDIRECTS = 10
 USER_AGENT = "vulcan-images"
 
@@ -107,12 +109,12 @@ class Transport:
                 stream: bool = False) -> Response:  # fmt: skip
         """``method`` ``url``; ``auth`` (Basic) and an ``Authorization`` header go to ``url``'s
         origin only, not to where it redirects elsewhere."""
-        first = _origin(url)
+        first = origin(url)
         h = {"User-Agent": USER_AGENT, **(headers or {})}
         if auth is not None:
-            h["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            h["Authorization"] = _basic(*auth)
         for _ in range(REDIRECTS + 1):
-            sent = {k: v for k, v in h.items() if _origin(url) == first or k.lower() != "authorization"}
+            sent = {k: v for k, v in h.items() if origin(url) == first or k.lower() != "authorization"}
             resp = self._once(method, url, sent, body, timeout)
             location = resp.headers.get("Location")
             if not redirects or resp.status_code not in (301, 302, 303, 307, 308) or not location:
@@ -130,7 +132,10 @@ class Transport:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise TransportError("unreachable", f"not an http(s) URL: {url}")
-        key = _origin(url)
+        scheme, host, port = origin(url)
+        if port is None or port < 0:
+            raise TransportError("unreachable", f"a URL with a bad port: {url}")
+        key = (scheme, host, port)
         proxy = _proxy_for(parts.scheme, parts.hostname, key[2])
         target = url if proxy is not None and parts.scheme == "http" else (parts.path or "/") + (
             f"?{parts.query}" if parts.query else "")  # fmt: skip
@@ -200,15 +205,6 @@ class Transport:
             self._idle.clear()
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        raise TransportError("unreachable", f"a URL with a bad port: {url}") from None
-    return parts.scheme, (parts.hostname or "").lower(), port or (443 if parts.scheme == "https" else 80)
-
-
 def _dropped(sock: socket.socket) -> bool:
     """A kept-alive connection the server closed (or that has bytes nobody asked for)."""
     try:
@@ -234,6 +230,10 @@ def _proxy_for(scheme: str, host: str, port: int) -> tuple[str, str] | None:
     parts = urlsplit(url)
     header = ""
     if parts.username is not None:
-        user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        header = "Basic " + base64.b64encode(user.encode()).decode()
+        header = _basic(unquote(parts.username), unquote(parts.password or ""))
     return url, header
+
+
+def _basic(user: str, password: str) -> str:
+    """An Authorization (or Proxy-Authorization) header's value for Basic credentials."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
