@@ -22,6 +22,11 @@ INDEX = "application/vnd.oci.image.index.v1+json"
 EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY_DATA = b"{}"
 TITLE = "org.opencontainers.image.title"
+# On a compressed layer: the sha256 of what it decompresses to, measured by publish from the bytes
+# it compressed (what containerd's "containerd.io/uncompressed" label says of a layer); a pull
+# that finds it in a signed manifest, equal to the sha256 manifest.json names, need not hash the
+# image it decompresses (registry/blobs.py)
+CONTENT = "vnd.vulcan.content.digest"
 
 # Ours (vnd.vulcan.*). An image manifest per runtime and architecture holds the images and their
 # manifest; a host manifest per architecture holds Firecracker, the jailer and the kernel.
@@ -70,11 +75,13 @@ class Blob:
     data: bytes | None = None
     path: str | None = None
     title: str | None = None
+    content: str | None = None  # a compressed blob: "sha256:<hex>" of what it decompresses to
 
     def descriptor(self) -> dict[str, Any]:
         d: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.title:
-            d["annotations"] = {TITLE: self.title}
+        notes = {**({TITLE: self.title} if self.title else {}), **({CONTENT: self.content} if self.content else {})}
+        if notes:
+            d["annotations"] = notes
         return d
 
 

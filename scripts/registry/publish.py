@@ -106,10 +106,10 @@ def compressed(image: Path, media_type: str, cache: Path, prints: Fingerprints) 
 
     import zstandard
 
-    known = prints.get(image, "zstd")
-    if known is not None and (cache / known["digest"].replace(":", "-")).is_file():
-        return oci.Blob(media_type, known["digest"], known["size"],
-                        path=str(cache / known["digest"].replace(":", "-")), title=image.name)  # fmt: skip
+    known, content = prints.get(image, "zstd"), prints.get(image, "sha256")
+    if known is not None and content is not None and (cache / known["digest"].replace(":", "-")).is_file():
+        return oci.Blob(media_type, known["digest"], known["size"], path=str(cache / known["digest"].replace(":", "-")),
+                        title=image.name, content=content)  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     with workspace.directory_lock(cache):  # a publish killed while compressing left its file: swept here
         for dead in cache.glob(".zstd-*.tmp"):
@@ -132,9 +132,11 @@ def compressed(image: Path, media_type: str, cache: Path, prints: Fingerprints) 
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
-    prints.put(image, "sha256", "sha256:" + raw.hexdigest())
+    content = "sha256:" + raw.hexdigest()
+    prints.put(image, "sha256", content)
     prints.put(image, "zstd", {"digest": digest, "size": size})
-    return oci.Blob(media_type, digest, size, path=str(cache / digest.replace(":", "-")), title=image.name)
+    return oci.Blob(media_type, digest, size, path=str(cache / digest.replace(":", "-")), title=image.name,
+                    content=content)  # fmt: skip
 
 
 class _Hashing:

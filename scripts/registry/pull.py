@@ -27,6 +27,7 @@ from typing import Any
 from .. import atomic, log, names, ownership, paths, settings, workspace
 from ..arch import ARCHES, host_arch
 from ..background import quick_handoff
+from ..hashing import sha256_file
 from ..steps import prog
 from . import attest, auth, blobs, oci
 from .client import Auth, Reference, Refused, Registry, RegistryError, parse_json
@@ -305,7 +306,7 @@ class Landed:
     planned: Planned
     blob: dict[str, Any]
     staged: Path
-    sha256: str
+    sha256: str | None  # None: an image zstd checked as it decoded it (blobs.py); as_built sets it
 
 
 def land(plans: list[Planned], stages: dict[Path, Path], connect: Callable[[Planned], Registry]) -> list[Landed]:
@@ -327,7 +328,8 @@ def land(plans: list[Planned], stages: dict[Path, Path], connect: Callable[[Plan
         title, digest = _title(blob), blob["digest"]
         part = p.directory / f".{title}.{digest[7:19]}.part"  # kept across an interrupted pull
         staged = stages[p.directory] / title
-        got = blobs.fetch(connect(p), p.puller.repo, blob, part, staged, blob["mediaType"] in oci.COMPRESSED)
+        named = p.kind == oci.RUNTIME_ARTIFACT and _content(blob) is not None  # as_built holds it to manifest.json
+        got = blobs.fetch(connect(p), p.puller.repo, blob, part, staged, blob["mediaType"] in oci.COMPRESSED, named)
         return Landed(p, blob, staged, got)
 
     # the threads hand the GIL over within 20 us, not 5 ms: each returns from C code (zstd, a
@@ -346,14 +348,18 @@ def land(plans: list[Planned], stages: dict[Path, Path], connect: Callable[[Plan
 
 def as_built(p: Planned, landed: list[Landed]) -> None:
     """Each image that landed is the one its runtime's manifest.json (a layer of the same, signed,
-    manifest) names: sha256 and size, taken as it was written. The compressed blob was checked
-    against its digest; this checks what it decompressed to against what the build measured,
-    so the sha256 a host records (and ``verify`` holds the file to) is the build's, not the pull's."""
+    manifest) names: sha256 and size. The sha256 is the one taken as it was written, or for an
+    image zstd checked as it decoded it (blobs.py), the one its layer names (``oci.CONTENT``,
+    which publish measured from the bytes it compressed). So the sha256 a host records (and
+    ``verify`` holds the file to) is the build's, not the pull's."""
     if p.kind != oci.RUNTIME_ARTIFACT:
         return
     mine = [x for x in landed if x.planned is p]
     named = next((b for b in p.blobs if b["mediaType"] == oci.IMAGE_MANIFEST), None)
     images = [x for x in mine if x.blob["mediaType"] in oci.FORMAT_LAYER.values()]
+    if named is None:  # (our publish always sends one) nothing names them: hashed here
+        for x in images:
+            x.sha256 = x.sha256 or sha256_file(x.staged)
     if named is None or not images:
         return
     staged = next((x.staged for x in mine if x.blob is named), p.directory / _title(named))
@@ -365,12 +371,23 @@ def as_built(p: Planned, landed: list[Landed]) -> None:
                       "nothing placed") from None  # fmt: skip
     for x in images:
         title = _title(x.blob)
+        hashed = x.sha256 is not None
+        x.sha256 = x.sha256 or _content(x.blob)
         got = (x.sha256, x.staged.stat().st_size)
         if built.get(title) != got:
-            raise Refused(f"{p.puller.ref}: {title} arrived as sha256 {got[0]}, {got[1]:,} bytes, but the "
+            how = "arrived as" if hashed else "is published as"
+            raise Refused(f"{p.puller.ref}: {title} {how} sha256 {got[0]}, {got[1]:,} bytes, but the "
                           f"{_title(named)} that came with it names {built.get(title, 'no such image')}: "
                           "refused, nothing placed",
                           hint="the publisher's image and manifest do not belong together: publish again")  # fmt: skip
+
+
+def _content(blob: dict[str, Any]) -> str | None:
+    """The hex sha256 a compressed layer says it decompresses to (``oci.CONTENT``), if it says one."""
+    notes = blob.get("annotations")
+    value = notes.get(oci.CONTENT) if isinstance(notes, dict) else None
+    hexa = value.removeprefix("sha256:") if isinstance(value, str) and value.startswith("sha256:") else ""
+    return hexa if len(hexa) == 64 and all(c in "0123456789abcdef" for c in hexa) else None
 
 
 def _in_place(directory: Path, blob: dict[str, Any], old: object) -> bool:

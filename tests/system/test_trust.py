@@ -116,12 +116,18 @@ def _manifest(reg: Registry, ref: str) -> dict[str, Any]:
 def _push_host_manifest(reg: Registry, like: str, firecracker: bytes, key: Path | None) -> str:
     """A host manifest like ``like`` but for its firecracker layer (and so its digest); signed
     with ``key`` as publish signs, or unsigned. Its digest."""
-    doc = _manifest(reg, like)
     blob = oci.Blob(
         oci.HOST_LAYER["firecracker"], oci.digest_of(firecracker), len(firecracker), firecracker, title="firecracker"
     )
+    return _push_replacing(reg, like, blob, key)
+
+
+def _push_replacing(reg: Registry, like: str, blob: oci.Blob, key: Path | None) -> str:
+    """A manifest like ``like`` but for the layer titled as ``blob`` is; signed with ``key`` as
+    publish signs, or unsigned. Its digest."""
+    doc = _manifest(reg, like)
     reg.push_blob(REPO_NAME, blob)
-    doc["layers"] = [blob.descriptor() if x["annotations"][oci.TITLE] == "firecracker" else x for x in doc["layers"]]
+    doc["layers"] = [blob.descriptor() if x["annotations"][oci.TITLE] == blob.title else x for x in doc["layers"]]
     body = oci.canonical(doc)
     reg.put_manifest(REPO_NAME, oci.digest_of(body), body, oci.MANIFEST)
     desc = {"mediaType": oci.MANIFEST, "digest": oci.digest_of(body), "size": len(body)}
@@ -133,6 +139,47 @@ def _push_host_manifest(reg: Registry, like: str, firecracker: bytes, key: Path 
 
 
 # -- a host keeps only what a trusted key vouched for ----------------------------------------------
+
+
+@pytest.mark.parametrize("frame", ["without a checksum", "without its size", "with a wrong checksum", "naming another"])
+def test_an_image_is_hashed_unless_its_frame_and_layer_vouch_for_it(
+    built: World, registry: RunningRegistry, published: dict[str, Any], keys: dict[str, Path], tmp_path: Path,
+    frame: str,
+) -> None:  # fmt: skip
+    """A pull takes an image's sha256 from its signed layer (what publish measured) without
+    hashing it only when zstd checks what it decodes (a checksum and the size in the frame) and
+    the layer's sha256 is the one manifest.json names; otherwise it hashes what it writes. Each
+    image here is one byte off what its manifest.json names, signed by the trusted key."""
+    import zstandard
+
+    reg = _client(registry)
+    like = published["python"]["manifests"]["x86_64"]
+    layer = next(x for x in _manifest(reg, like)["layers"] if x["annotations"][oci.TITLE] == "python.ext4")
+    named = json.loads((built.out / "images/python.manifest.json").read_text())["images"][0]["sha256"]
+    assert layer["annotations"][oci.CONTENT] == f"sha256:{named}"  # publish says what it measured
+    image = bytearray((built.out / "images/python.ext4").read_bytes())
+    image[len(image) // 2] ^= 0x01
+    content = layer["annotations"][oci.CONTENT]
+    if frame == "without a checksum":
+        data = zstandard.ZstdCompressor(write_checksum=False).compress(bytes(image))
+    elif frame == "without its size":
+        data = zstandard.ZstdCompressor(write_checksum=True, write_content_size=False).compress(bytes(image))
+    elif frame == "with a wrong checksum":  # the very image, but the frame's checksum (its last 4 bytes) off by one bit
+        raw = zstandard.ZstdCompressor(write_checksum=True).compress((built.out / "images/python.ext4").read_bytes())
+        data = raw[:-1] + bytes([raw[-1] ^ 0x01])
+    else:  # zstd checks it, but the layer names what it decompresses to, not what manifest.json names
+        data = zstandard.ZstdCompressor(write_checksum=True).compress(bytes(image))
+        content = "sha256:" + hashlib.sha256(image).hexdigest()
+    blob = oci.Blob(layer["mediaType"], oci.digest_of(data), len(data), data, title="python.ext4", content=content)
+    digest = _push_replacing(reg, like, blob, keys["ours"])
+    dest = tmp_path / "host"
+    proc = _pull(built, f"{registry.host}/{REPO_NAME}@{digest}", dest, "--trust", str(keys["ours.pub"]), "--insecure")
+    want = {
+        "with a wrong checksum": "python.ext4: the blob does not decompress as zstd",
+        "naming another": f"python.ext4 is published as sha256 {hashlib.sha256(image).hexdigest()}",
+    }.get(frame, f"python.ext4 arrived as sha256 {hashlib.sha256(image).hexdigest()}")
+    assert proc.returncode == 6 and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (dest / "images").exists()
 
 
 @pytest.mark.parametrize("second", ["unsigned", "signed"])
