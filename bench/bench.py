@@ -32,6 +32,7 @@ Prints a table and writes bench/results/latest.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,12 +40,13 @@ import os
 import platform
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -792,7 +794,39 @@ def registry(b: Bench) -> dict[str, Any]:
         out["pull_second_s"] = secs
         out["pull_second_received"] = 0 if all("up to date" in x for x in proc.stderr.splitlines() if "pull" in x) \
             else -1  # fmt: skip
+        # the same through a link with round trips (a delay line in front of the registry): what a
+        # host far from its registry waits for is the round trips before the bytes flow
+        out["link_rtt_ms"] = b.args.latency_ms
+        with _delay_line(reg.host, b.args.latency_ms / 2000) as far:
+            far_pull = ["pull", *[r.replace(reg.host, far) for r in refs], "--trust", str(pub), "--insecure"]
+            ours, floor = [], []
+            for run in range(b.args.runs):
+                os.sync()
+                ours.append(b.build(*far_pull, "--dest", str(b.work / f"far-{run}"))[0])
+                shutil.rmtree(b.work / f"far-{run}")
+                os.sync()
+                floor_run = _oras_and_zstd(far, manifests, b.work / f"far-oras-{run}")
+                if floor_run is not None:
+                    floor.append(floor_run[1])
+                shutil.rmtree(b.work / f"far-oras-{run}", ignore_errors=True)
+            out["pull_far_s"], out["oras_and_zstd_far_s"] = median(ours), median(floor) if floor else None
     return out
+
+
+@contextlib.contextmanager
+def _delay_line(host: str, one_way_s: float) -> Iterator[str]:
+    """``host:port`` of a delay line (bench/delayline.py) in front of ``host``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    line = subprocess.Popen([sys.executable, str(ROOT / "bench/delayline.py"), str(port), host.rsplit(":", 1)[1],
+                             str(one_way_s)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert line.stdout is not None and line.stdout.readline().strip() == "ready"
+        yield f"127.0.0.1:{port}"
+    finally:
+        line.kill()
+        line.wait()
 
 
 # a world of real packages (62 with their dependencies, ~38 MiB, meta packages included)
@@ -1061,6 +1095,10 @@ def registry_rows(r: dict[str, Any]) -> list[str]:
                    f"{r['payload_bytes'] / mib:.0f}Mi", f"{r['pull_first_received'] / r['payload_bytes']:.2f}", ""),
         ROW.format("pull again: bytes received, seconds", str(r["pull_second_received"]),
                    _s(r["pull_second_s"]), "", "0 B, <= 0.3 s"),
+        *([ROW.format(f"pull the 3 over a link of {r['link_rtt_ms']:.0f} ms round trips", _s(r["pull_far_s"]),
+                      _s(r["oras_and_zstd_far_s"]), f"{r['pull_far_s'] / r['oras_and_zstd_far_s']:.2f}x",
+                      "oras pull + zstd -d --sparse through the same delay line")]
+          if r.get("oras_and_zstd_far_s") else []),
     ]  # fmt: skip
 
 

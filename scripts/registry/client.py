@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import urlencode, urljoin
 
 from .. import atomic, log
+from ..background import Task
 from ..errors import VulcanError
 from . import oci
 from .auth import CREDENTIALS_HINT, challenge, origin
@@ -133,14 +134,15 @@ class Registry:
 
     def __init__(self, registry: str, *, credentials: tuple[str, str] | None = None, insecure: bool = False,
                  ca: Path | None = None, timeout: float = 60.0, deadline: float = 3600.0,
-                 state_dir: Path | None = None, auth: Auth | None = None) -> None:  # fmt: skip
+                 state_dir: Path | None = None, auth: Auth | None = None,
+                 transport: Transport | None = None) -> None:  # fmt: skip
         self.name = registry
         self.base = f"{'http' if insecure else 'https'}://{registry}"
         self.origin = origin(self.base)
         self.credentials = credentials
         self.deadline = time.monotonic() + deadline
         self.deadline_seconds = deadline
-        self.transport = Transport(ca)
+        self.transport = transport or Transport(ca)  # (a pull's clients of one registry share one)
         self.timeout = timeout
         self.auth = auth or Auth()
         self.state_dir = state_dir  # where interrupted uploads are remembered
@@ -438,17 +440,26 @@ class Registry:
         return self.request("PUT", f"/v2/{repo}/manifests/{ref}", _scope(repo, "pull,push"), ok=(201,), data=body,
                             headers={"Content-Type": media_type})  # fmt: skip
 
+    def warm(self, count: int) -> None:
+        """``count`` connections opened now, in the background, for requests made at once later."""
+        self.transport.warm(self.base, count, self.timeout)
+
     def referrers_of(self, repo: str, digest: str) -> list[dict[str, Any]]:
-        """The referrers of ``digest``: through the API, else the referrers tag schema's index."""
-        found = self.referrers(repo, digest)
+        """The referrers of ``digest``: through the API, else the referrers tag schema's index.
+        Both are asked at once: a registry without the API (distribution 2.8, and others) then
+        answers in one round trip, not two."""
+        tagged = Task(self.manifest, repo, oci.referrers_tag(digest))
+        try:
+            found = self.referrers(repo, digest)
+        finally:
+            error = tagged.exception()
         if found is not None:
             return found
-        try:
-            body = self.manifest(repo, oci.referrers_tag(digest))[0]
-        except RegistryError as exc:
-            if "HTTP 404" not in exc.message:
-                log.warn(f"the referrers of {digest} could not be read: {exc.message}")
+        if isinstance(error, RegistryError):
+            if "HTTP 404" not in error.message:
+                log.warn(f"the referrers of {digest} could not be read: {error.message}")
             return []
+        body = tagged.result()[0]
         return _entries(parse_json(body, f"{self.name}/{repo}: the referrers index of {digest}"))
 
     def referrers(self, repo: str, digest: str) -> list[dict[str, Any]] | None:

@@ -26,11 +26,12 @@ from typing import Any
 
 from .. import atomic, log, names, ownership, paths, settings, workspace
 from ..arch import ARCHES, host_arch
-from ..background import quick_handoff
+from ..background import Task, quick_handoff
 from ..hashing import sha256_file
 from ..steps import prog
 from . import attest, auth, blobs, oci
 from .client import Auth, Reference, Refused, Registry, RegistryError, parse_json
+from .transport import Transport
 
 # Blobs (and references being resolved) at once: the three runtimes' images land together
 PARALLEL = 4
@@ -89,7 +90,8 @@ class Puller:
         self.reg, self.ref, self.keys, self.arch = reg, ref, keys, arch
         self.repo = ref.repository
         self.warned: set[str] = set()
-        self.listed: dict[str, list[dict[str, Any]]] = {}  # referrers by subject: asked once
+        self.listed: dict[str, Task[list[dict[str, Any]]]] = {}  # referrers by subject: asked once
+        self.fetched: dict[str, Task[tuple[dict[str, Any], str, str]]] = {}  # their documents, asked at once
 
     def warn(self, text: str) -> None:
         if text not in self.warned:
@@ -116,6 +118,7 @@ class Puller:
                                 hint=f"pull on a {self.arch} host for a published architecture, or --arch")  # fmt: skip
             if not isinstance(entry.get("digest"), str) or not oci.DIGEST.fullmatch(entry["digest"]):
                 raise PullError(f"{self.ref}: its {want['architecture']} entry has no sha256 digest")
+            self.list_referrers(entry["digest"])  # (while the manifest is read: one round trip for both)
             manifest, mmedia, mdigest = self.document(entry["digest"], "manifest")
             if mdigest == digest or mmedia == oci.INDEX or manifest.get("mediaType") == oci.INDEX:
                 raise PullError(f"{self.ref}: its {want['architecture']} entry {entry['digest']} is an index, "
@@ -125,17 +128,32 @@ class Puller:
             raise PullError(f"{self.ref} is a {doc.get('mediaType') or media!r}, not an OCI image manifest or index")
         return digest, doc, digest
 
+    def list_referrers(self, digest: str) -> None:
+        """Ask for ``digest``'s referrers on another thread (once), and as soon as they are
+        listed, for the documents of the first signatures and SBOMs among them, at once: the
+        signature's and the SBOM's are then read in one round trip, not one after the other."""
+
+        def listing() -> list[dict[str, Any]]:
+            listed = self.reg.referrers_of(self.repo, digest)
+            wanted = [r["digest"] for r in listed if r.get("artifactType") in (oci.ATTESTATION, oci.SBOM)]
+            for rdigest in list(dict.fromkeys(wanted))[:PARALLEL]:  # (any further one: when it is needed)
+                self.fetched[rdigest] = Task(self.document, rdigest, "referrer")
+            return listed
+
+        if digest not in self.listed:
+            self.listed[digest] = Task(listing)
+
     def referrers(self, digest: str, artifact_type: str) -> list[tuple[str, dict[str, Any]]]:
         """(digest, manifest) of each referrer of ``digest`` of that type whose ``subject`` is
         ``digest``; one whose subject is another manifest is ignored, with a warning."""
         found = []
-        if digest not in self.listed:  # the signature's and the SBOM's: one round trip
-            self.listed[digest] = self.reg.referrers_of(self.repo, digest)
-        for r in self.listed[digest]:
+        self.list_referrers(digest)  # the signature's and the SBOM's: one listing
+        for r in self.listed[digest].result():
             if r.get("artifactType") != artifact_type:
                 continue
             try:
-                doc, _, rdigest = self.document(r["digest"], "referrer")
+                asked = self.fetched.get(r["digest"])
+                doc, _, rdigest = asked.result() if asked is not None else self.document(r["digest"], "referrer")
             except RegistryError as exc:
                 self.warn(f"a referrer of {digest} cannot be read, ignored: {exc.message}")
                 continue
@@ -482,11 +500,13 @@ def main(argv: list[str]) -> int:
     trusted = None if keys is None else {attest.keyid(k) for k in keys}
     opened: list[Registry] = []
     asked: dict[str, Auth] = {}  # per registry: its tokens, shared by every connection to it
+    pools: dict[str, Transport] = {}  # per registry: its connections, kept alive for the next request
 
     def connect(registry: str) -> Registry:
         reg = Registry(registry, credentials=auth.credentials_for(registry), insecure=args.insecure, ca=args.ca,
                        timeout=settings.registry_timeout(), deadline=settings.registry_deadline(),
-                       auth=asked.setdefault(registry, Auth()))  # fmt: skip
+                       auth=asked.setdefault(registry, Auth()),
+                       transport=pools.setdefault(registry, Transport(args.ca)))  # fmt: skip
         opened.append(reg)
         return reg
 
@@ -495,6 +515,8 @@ def main(argv: list[str]) -> int:
         if not todo:
             return 0
         pullers = [Puller(connect(ref.registry), ref, keys, args.arch) for ref in todo]
+        for first in {p.ref.registry: p for p in pullers}.values():  # (the documents' requests, then the blobs')
+            first.reg.warm(PARALLEL)
         plans = pull_all(pullers, out_root, not args.no_verify, lambda p: connect(p.puller.ref.registry))
     for p in plans:
         log.info(f"pull {p.puller.ref}: {', '.join(sorted(_title(b) for b in p.blobs))} in {p.directory}; "

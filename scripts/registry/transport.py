@@ -165,6 +165,31 @@ class Transport:
             return Response(url, resp, lambda keep, c=conn: self._release(key, c, keep))
         raise AssertionError("unreachable")
 
+    def warm(self, url: str, count: int, timeout: float) -> None:
+        """Open ``count`` connections to ``url``'s origin, each on a thread of its own, and keep
+        them idle: requests made at once later (a pull's documents, then its blobs) then start
+        without a TCP and a TLS handshake each (a round trip or two on a real link). One that
+        cannot be opened is left to the request that needs it to say so."""
+        scheme, host, port = origin(url)
+        if port is None or port < 0 or scheme not in ("http", "https") or not host:
+            return
+        key, proxy = (scheme, host, port), _proxy_for(scheme, host, port)
+
+        def one() -> None:
+            try:
+                conn = self._new(key, proxy, timeout)
+            except TransportError:  # (a proxy URL it cannot use)
+                return
+            try:
+                conn.connect()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                return
+            self._release(key, conn, True)
+
+        for _ in range(count):
+            threading.Thread(target=one, name="warm", daemon=True).start()
+
     def _connection(self, key: tuple[str, str, int], proxy: tuple[str, str] | None,
                     timeout: float) -> tuple[http.client.HTTPConnection, bool]:  # fmt: skip
         with self._lock:
@@ -175,20 +200,24 @@ class Transport:
                     conn.sock.settimeout(timeout)
                     return conn, True
                 conn.close()
+        return self._new(key, proxy, timeout), False
+
+    def _new(self, key: tuple[str, str, int], proxy: tuple[str, str] | None,
+             timeout: float) -> http.client.HTTPConnection:  # fmt: skip
         scheme, host, port = key
         if proxy is None:
             if scheme == "https":
-                return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.context()), False
-            return http.client.HTTPConnection(host, port, timeout=timeout), False
+                return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.context())
+            return http.client.HTTPConnection(host, port, timeout=timeout)
         where = urlsplit(proxy[0])
         if where.scheme != "http" or not where.hostname:
             raise TransportError("unreachable", f"proxy {proxy[0]}: only an http:// proxy is supported")
         proxy_port = where.port or 80
         if scheme == "http":
-            return http.client.HTTPConnection(where.hostname, proxy_port, timeout=timeout), False
+            return http.client.HTTPConnection(where.hostname, proxy_port, timeout=timeout)
         conn = http.client.HTTPSConnection(where.hostname, proxy_port, timeout=timeout, context=self.context())
         conn.set_tunnel(host, port, headers={"Proxy-Authorization": proxy[1]} if proxy[1] else None)
-        return conn, False
+        return conn
 
     def _release(self, key: tuple[str, str, int], conn: http.client.HTTPConnection, keep: bool) -> None:
         if not keep:
