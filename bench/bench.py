@@ -20,7 +20,8 @@ is the median of several runs, next to its floor, measured in the same run:
 9. snapshot create and load + resume with the real Firecracker 1.12.1 of ../shared (median of
    10 single restores; 4 at once vs one alone; bytes copied)
 10. publish and pull through a real registry (docker-registry): seconds, bytes on the wire, the
-   second publish and pull, ours vs ``oras pull``
+   second publish and pull, ours vs ``oras pull``; the pull again through a delay line of
+   ``--latency-ms`` round trips (bench/delayline.py)
 11. assembly from cached real packages (VULCAN_REASSEMBLE=1) vs real apk 2.14 ``--initdb add`` +
    ``mke2fs -d`` of the same packages (root only), one run of each in turn
 12. the same on the synthetic runtimes
@@ -1196,7 +1197,12 @@ def setup(args: argparse.Namespace) -> Bench:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (median; default 3)")
-    ap.add_argument("--latency-ms", type=float, default=30.0, help="simulated link latency per request")
+    ap.add_argument(
+        "--latency-ms",
+        type=float,
+        default=30.0,
+        help="simulated latency per request (cold builds; the registry's delay line: its round trip)",
+    )
     ap.add_argument("--mbps", type=float, default=200.0, help="simulated bandwidth per connection, Mbit/s")
     ap.add_argument("--no-boot", action="store_true")
     ap.add_argument("--only-setup", action="store_true", help="build once, print the environment, keep it (profiling)")
