@@ -404,8 +404,7 @@ def _content(blob: dict[str, Any]) -> str | None:
     """The hex sha256 a compressed layer says it decompresses to (``oci.CONTENT``), if it says one."""
     notes = blob.get("annotations")
     value = notes.get(oci.CONTENT) if isinstance(notes, dict) else None
-    hexa = value.removeprefix("sha256:") if isinstance(value, str) and value.startswith("sha256:") else ""
-    return hexa if len(hexa) == 64 and all(c in "0123456789abcdef" for c in hexa) else None
+    return value.removeprefix("sha256:") if isinstance(value, str) and oci.DIGEST.fullmatch(value) else None
 
 
 def _in_place(directory: Path, blob: dict[str, Any], old: object) -> bool:

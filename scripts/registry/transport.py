@@ -130,13 +130,7 @@ class Transport:
 
     def _once(self, method: str, url: str, headers: dict[str, str], body: bytes | None, timeout: float) -> Response:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise TransportError("unreachable", f"not an http(s) URL: {url}")
-        scheme, host, port = origin(url)
-        if port is None or port < 0:
-            raise TransportError("unreachable", f"a URL with a bad port: {url}")
-        key = (scheme, host, port)
-        proxy = _proxy_for(parts.scheme, parts.hostname, key[2])
+        key, proxy = _route(url)
         target = url if proxy is not None and parts.scheme == "http" else (parts.path or "/") + (
             f"?{parts.query}" if parts.query else "")  # fmt: skip
         for attempt in (0, 1):
@@ -170,10 +164,10 @@ class Transport:
         them idle: requests made at once later (a pull's documents, then its blobs) then start
         without a TCP and a TLS handshake each (a round trip or two on a real link). One that
         cannot be opened is left to the request that needs it to say so."""
-        scheme, host, port = origin(url)
-        if port is None or port < 0 or scheme not in ("http", "https") or not host:
+        try:
+            key, proxy = _route(url)
+        except TransportError:
             return
-        key, proxy = (scheme, host, port), _proxy_for(scheme, host, port)
 
         def one() -> None:
             try:
@@ -232,6 +226,18 @@ class Transport:
                 for conn in conns:
                     conn.close()
             self._idle.clear()
+
+
+def _route(url: str) -> tuple[tuple[str, str, int], tuple[str, str] | None]:
+    """(the origin a connection to ``url`` is kept under, the proxy it goes through or None);
+    TransportError for a URL no request can be sent to."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TransportError("unreachable", f"not an http(s) URL: {url}")
+    scheme, host, port = origin(url)
+    if port is None or port < 0:
+        raise TransportError("unreachable", f"a URL with a bad port: {url}")
+    return (scheme, host, port), _proxy_for(parts.scheme, parts.hostname, port)
 
 
 def _dropped(sock: socket.socket) -> bool:
