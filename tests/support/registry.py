@@ -301,6 +301,7 @@ class ReferrersProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as web servers do (mirror.py says why)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -386,6 +387,7 @@ class Interposer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as web servers do (mirror.py says why)
 
             def log_message(self, *args: object) -> None:
                 pass
