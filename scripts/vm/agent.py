@@ -10,17 +10,28 @@ import base64
 import json
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import VulcanError
 from . import connect_unix
+
+T = TypeVar("T")
 
 
 class AgentError(VulcanError):
     """The agent could not be reached or answered with an error."""
 
     exit_code = 8
+
+
+class AgentUnreachable(AgentError):
+    """No connection to the agent could be made."""
+
+
+class AgentClosed(AgentError):
+    """The agent's end of the connection closed before it answered."""
 
 
 def vsock_connect(uds_path: str, port: int, timeout: float) -> socket.socket:
@@ -41,7 +52,30 @@ def vsock_connect(uds_path: str, port: int, timeout: float) -> socket.socket:
             last = str(exc)
         sock.close()
         time.sleep(0.1)
-    raise AgentError(f"cannot reach the agent on vsock port {port} via {uds_path}: {last}")
+    raise AgentUnreachable(f"cannot reach the agent on vsock port {port} via {uds_path}: {last}")
+
+
+def settled(uds_path: str, port: int, timeout: float, opening: Callable[[AgentClient], T]) -> tuple[AgentClient, T]:
+    """A connection to a restored clone's agent, and what ``opening`` (idempotent requests:
+    a ping, the clock) got on it. The guest resets its vsock transport when it gets to the
+    restore's reset event after the resume, closing every connection it has then; one the host
+    made before that is closed under its first requests ("the agent closed the connection", seen
+    on a loaded host with a slow guest). Such a connection is made again and ``opening`` sent
+    again, until ``timeout``; a request after ``opening`` (a program) is never sent twice."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client = AgentClient(vsock_connect(uds_path, port, deadline - time.monotonic()),
+                             timeout=max(1.0, deadline - time.monotonic()))  # fmt: skip
+        try:
+            return client, opening(client)
+        except (AgentClosed, ConnectionError):
+            client.close()
+            if time.monotonic() >= deadline:
+                raise
+        except BaseException:
+            client.close()
+            raise
+        time.sleep(0.01)
 
 
 def _readline(sock: socket.socket, limit: int) -> bytes:
@@ -77,7 +111,7 @@ class AgentClient:
         self.file.flush()
         line = self.file.readline()
         if not line:
-            raise AgentError("the agent closed the connection")
+            raise AgentClosed("the agent closed the connection")
         reply: dict[str, Any] = json.loads(line)
         if not reply.get("ok"):
             raise AgentError(f"the agent refused {obj.get('op')}: {reply.get('error')}")

@@ -27,7 +27,7 @@ from typing import Any
 from .. import formats, log, paths, sparse, workspace
 from ..pins import Runtime
 from . import AGENT_PORT, BootResult, Console, Target, host_kvm, kvm_caveat, running
-from .agent import AgentClient, AgentError, vsock_connect
+from .agent import AgentClient, AgentClosed, AgentError, AgentUnreachable, settled
 from .api import ApiError, put, wait_for_socket
 from .firecracker import Jail, cgroup_v2_problem
 from .snapshot import (
@@ -186,8 +186,8 @@ class Started:
     load_ms: float
 
     def agent(self, timeout: float = 30.0) -> AgentClient:
-        """A connection to the clone's agent over its vsock socket."""
-        return AgentClient(vsock_connect(str(self.here / VSOCK), AGENT_PORT, timeout=timeout))
+        """A connection to the clone's agent over its vsock socket (one past the restore's reset)."""
+        return settled(str(self.here / VSOCK), AGENT_PORT, timeout, AgentClient.ping)[0]
 
 
 @contextlib.contextmanager
@@ -259,17 +259,19 @@ def _session(rt: Runtime, d: Path, base: Clone, start: float, timeout: float) ->
     stage the clone had reached."""
     deadline = start + timeout
     late = f"raise VULCAN_RESTORE_TIMEOUT or --timeout (now {timeout:g} s) on a slow host"
-    try:
-        sock = vsock_connect(str(d / VSOCK), AGENT_PORT, timeout=deadline - time.monotonic())
-    except AgentError as exc:
+    try:  # the clock first: a clone resumes with its snapshot's time (sent again on a new connection)
+        client, offset = settled(str(d / VSOCK), AGENT_PORT, deadline - time.monotonic(),
+                                 lambda c: c.clock(time.time_ns()))  # fmt: skip
+    except (AgentUnreachable, AgentClosed, OSError) as exc:  # (closed: every connection, until the deadline)
+        why = exc.message if isinstance(exc, AgentError) else str(exc)
         return replace(base, detail=f"restored and resumed, but the agent did not answer within {timeout:g} s of the "
-                       f"start: {exc.message}; {late}")  # fmt: skip
-    client = AgentClient(sock, timeout=max(1.0, deadline - time.monotonic()) + 5)
-    stage = "the agent answered"
+                       f"start: {why}; {late}")  # fmt: skip
+    except AgentError as exc:
+        return replace(base, detail=f"restored; the agent refused the clock: {exc.message}")
+    client.sock.settimeout(max(1.0, deadline - time.monotonic()) + 5)
+    base = replace(base, clock_offset_ms=offset)
+    stage = "its clock was set"
     try:
-        offset = client.clock(time.time_ns())
-        base = replace(base, clock_offset_ms=offset)
-        stage = "its clock was set"
         left_ms = max(1, int((deadline - time.monotonic()) * 1000))
         prog = client.exec(list(rt.program or rt.check), timeout_ms=left_ms)
         if prog.timed_out:

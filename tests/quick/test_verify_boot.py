@@ -180,13 +180,16 @@ def test_firecracker_config_of_a_read_only_root_with_a_scratch_drive(tmp_path: P
 
 class FakeVsockMuxer:
     """Firecracker's host side of vsock, for the test: a Unix socket that answers
-    ``CONNECT <port>`` with ``OK <n>`` and then relays to the (real) agent over TCP."""
+    ``CONNECT <port>`` with ``OK <n>`` and then relays to the (real) agent over TCP. The first
+    ``reset`` connections are closed once the host has sent its first request, unanswered: what
+    a restored guest's vsock reset does to a connection accepted before it handled the reset."""
 
-    def __init__(self, path: Path, agent_port: int) -> None:
+    def __init__(self, path: Path, agent_port: int, reset: int = 0) -> None:
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
         self.server.listen(4)
         self.agent_port = agent_port
+        self.reset = reset
         self.seen: list[bytes] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -205,6 +208,11 @@ class FakeVsockMuxer:
                 conn.close()
                 continue
             conn.sendall(b"OK 1073741824\n")
+            if self.reset:
+                self.reset -= 1
+                conn.recv(65536)  # the request, lost with the connection
+                conn.close()
+                continue
             upstream = socket.create_connection(("127.0.0.1", self.agent_port))
             for a, b in ((conn, upstream), (upstream, conn)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -231,6 +239,31 @@ def test_vsock_handshake_and_agent_protocol(full: World, tmp_path: Path) -> None
         r = client.exec(["sh", "-c", "echo $((6*7))"])
         assert (r.exit_code, r.stdout) == (0, b"42\n")
         assert mux.seen == [b"CONNECT 52\n"]
+        client.close()
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_a_restored_clones_connection_closed_by_the_reset_is_made_again(full: World, tmp_path: Path) -> None:
+    """A clone's first requests (a ping, the clock) are sent again on a new connection when the
+    restore's vsock reset closed the first one under them; the program after them runs once."""
+    from scripts.vm.agent import settled
+
+    agent = subprocess.Popen(
+        [full.out / "bin/vulcan-guest", "-listen", "tcp:127.0.0.1:0", "-cmdline", "/dev/null"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert agent.stdout is not None
+        port = int(agent.stdout.readline().split("port=")[1])
+        mux = FakeVsockMuxer(tmp_path / "v.sock", port, reset=2)
+        client, pong = settled(str(tmp_path / "v.sock"), 52, 30, lambda c: c.ping())
+        assert pong["ok"] and mux.seen == [b"CONNECT 52\n"] * 3
+        runs = tmp_path / "runs"
+        r = client.exec(["sh", "-c", f"echo ran >> {runs}; cat {runs}"], user="root")
+        assert (r.exit_code, r.stdout) == (0, b"ran\n")
         client.close()
     finally:
         agent.kill()
