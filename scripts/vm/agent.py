@@ -68,13 +68,10 @@ def settled(uds_path: str, port: int, timeout: float, opening: Callable[[AgentCl
                              timeout=max(1.0, deadline - time.monotonic()))  # fmt: skip
         try:
             return client, opening(client)
-        except (AgentClosed, ConnectionError):
+        except BaseException as exc:
             client.close()
-            if time.monotonic() >= deadline:
+            if not isinstance(exc, (AgentClosed, ConnectionError)) or time.monotonic() >= deadline:
                 raise
-        except BaseException:
-            client.close()
-            raise
         time.sleep(0.01)
 
 

@@ -4,6 +4,7 @@ cannot boot a normal guest on these machines (their /dev/kvm runs only patched k
 
 from __future__ import annotations
 
+import contextlib
 import json
 import lzma
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -224,7 +226,9 @@ class FakeVsockMuxer:
         b.shutdown(socket.SHUT_WR)
 
 
-def test_vsock_handshake_and_agent_protocol(full: World, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def agent_behind_a_muxer(full: World, sock: Path, reset: int = 0) -> Iterator[FakeVsockMuxer]:
+    """The built agent on a TCP port of this host, behind a FakeVsockMuxer at ``sock``."""
     agent = subprocess.Popen(
         [full.out / "bin/vulcan-guest", "-listen", "tcp:127.0.0.1:0", "-cmdline", "/dev/null"],
         stdout=subprocess.PIPE,
@@ -233,16 +237,20 @@ def test_vsock_handshake_and_agent_protocol(full: World, tmp_path: Path) -> None
     try:
         assert agent.stdout is not None
         port = int(agent.stdout.readline().split("port=")[1])
-        mux = FakeVsockMuxer(tmp_path / "v.sock", port)
+        yield FakeVsockMuxer(sock, port, reset)
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_vsock_handshake_and_agent_protocol(full: World, tmp_path: Path) -> None:
+    with agent_behind_a_muxer(full, tmp_path / "v.sock") as mux:
         client = AgentClient(vsock_connect(str(tmp_path / "v.sock"), 52, timeout=10))
         assert client.ping()["version"] == "0.1.0"
         r = client.exec(["sh", "-c", "echo $((6*7))"])
         assert (r.exit_code, r.stdout) == (0, b"42\n")
         assert mux.seen == [b"CONNECT 52\n"]
         client.close()
-    finally:
-        agent.kill()
-        agent.wait()
 
 
 def test_a_restored_clones_connection_closed_by_the_reset_is_made_again(full: World, tmp_path: Path) -> None:
@@ -250,24 +258,13 @@ def test_a_restored_clones_connection_closed_by_the_reset_is_made_again(full: Wo
     restore's vsock reset closed the first one under them; the program after them runs once."""
     from scripts.vm.agent import settled
 
-    agent = subprocess.Popen(
-        [full.out / "bin/vulcan-guest", "-listen", "tcp:127.0.0.1:0", "-cmdline", "/dev/null"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert agent.stdout is not None
-        port = int(agent.stdout.readline().split("port=")[1])
-        mux = FakeVsockMuxer(tmp_path / "v.sock", port, reset=2)
-        client, pong = settled(str(tmp_path / "v.sock"), 52, 30, lambda c: c.ping())
+    with agent_behind_a_muxer(full, tmp_path / "v.sock", reset=2) as mux:
+        client, pong = settled(str(tmp_path / "v.sock"), 52, 30, AgentClient.ping)
         assert pong["ok"] and mux.seen == [b"CONNECT 52\n"] * 3
         runs = tmp_path / "runs"
         r = client.exec(["sh", "-c", f"echo ran >> {runs}; cat {runs}"], user="root")
         assert (r.exit_code, r.stdout) == (0, b"ran\n")
         client.close()
-    finally:
-        agent.kill()
-        agent.wait()
 
 
 def test_firecracker_without_kvm_or_binary_says_what_is_missing(full: World, tmp_path: Path) -> None:
