@@ -268,7 +268,11 @@ int main(int argc, char **argv) {
   a.family = 40; a.cid = (unsigned)strtoul(argv[1], 0, 10); a.port = (unsigned)strtoul(argv[2], 0, 10);
   if (connect(s, (struct sockaddr *)&a, sizeof a) < 0) { printf("connect: %s\n", strerror(errno)); return 4; }
   const char *ping = "{\"op\":\"ping\"}\n";
-  if (write(s, ping, strlen(ping)) < 0) { printf("write: %s\n", strerror(errno)); return 5; }
+  /* a peer that refuses may close before or after the ping is written: both are "no reply" */
+  if (send(s, ping, strlen(ping), MSG_NOSIGNAL) < 0) {
+    if (errno == EPIPE || errno == ECONNRESET) { printf("closed without a reply: %s\n", strerror(errno)); return 6; }
+    printf("write: %s\n", strerror(errno)); return 5;
+  }
   char buf[512];
   ssize_t n = read(s, buf, sizeof buf - 1);
   if (n <= 0) { printf("closed without a reply%s%s\n", n < 0 ? ": " : "", n < 0 ? strerror(errno) : ""); return 6; }

@@ -288,7 +288,7 @@ def test_the_guest_keeps_its_promises_in_a_real_clone(inside: Guest) -> None:
             code, out, _ = _run(client, "ls", "-A", "/.vulcan/ro")
             assert out.strip() == "", out  # an empty mount point, not the image
             code, out, _ = _run(client, "vsock-probe", "1", "52")
-            assert (code, out) == (6, "closed without a reply\n"), out
+            assert code == 6 and out.startswith("closed without a reply"), out  # refused: before or after the ping
             assert vm.console.wait_for(("vulcan-guest: refused a connection from vsock:1:",), vm.start + 600)
             code, out, timed_out = _run(client, "sh", "-c", "setsid sleep 600 & sleep 600", timeout_ms=3000)
             assert timed_out, out
